@@ -1,0 +1,147 @@
+"""The `mailrelay` command: serve, check-config, openapi."""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import uvicorn
+
+from app.config import DEFAULT_SOURCE, LoadedConfig, load_config
+from app.main import create_app
+from relays.registry import open_relays
+from schemas.config import ConfigError
+
+logger = logging.getLogger("mailrelay")
+
+CONFIG_HELP = "configuration file (YAML, slimta's `relay:` section); default: $MAILRELAY_CONFIG, else the embedded default (one `blackhole` relay)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.command
+    return command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailrelay",
+        description="Deliver mail synchronously over HTTP through slimta-style relays.",
+        epilog="Run `mailrelay COMMAND --help` for a command's options.",
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP service",
+        description="Run the HTTP service. Without --config or $MAILRELAY_CONFIG it serves the embedded default: "
+        "one relay named `blackhole` that accepts and discards every message.",
+    )
+    serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: %(default)s)"
+    )
+    serve.set_defaults(command=_serve)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration file. Exit 0 with one line per relay when valid; exit 1 with one line "
+        "per problem, each naming its key path (relay.NAME.OPTION), when not. Warnings go to standard error.",
+    )
+    check.add_argument("path", nargs="?", metavar="PATH", help=CONFIG_HELP)
+    check.set_defaults(command=_check_config)
+
+    openapi = commands.add_parser(
+        "openapi", help="print the OpenAPI document", description="Print the service's OpenAPI document as JSON."
+    )
+    openapi.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    openapi.set_defaults(command=_openapi)
+    return parser
+
+
+def _load(path: str | None) -> LoadedConfig | None:
+    """The configuration, or None after printing every problem."""
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return None
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return loaded
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(str(problem), file=sys.stderr)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args.path)
+    if loaded is None:
+        return 1
+    relays = loaded.config.relay
+    print(f"{loaded.source}: valid, {len(relays)} relay(s)")
+    for name, options in relays.items():
+        print(f"{name}: {options.type}: {options.describe()}")
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    # The document does not depend on the configuration: build it from the default.
+    text = json.dumps(create_app(load_config(None).config).openapi(), indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    logger.info("configuration from %s: %d relay(s)", loaded.source, len(loaded.config.relay))
+    if loaded.source == DEFAULT_SOURCE:
+        logger.info("no --config or $MAILRELAY_CONFIG: serving the embedded default (relay `blackhole`)")
+    try:
+        return _run(loaded, args)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
+    async def serve() -> int:
+        # Relays are built before the server starts, so a failing custom factory
+        # is one clear line and exit 1 instead of a lifespan traceback.
+        try:
+            relays = await open_relays(loaded.config.relay)
+        except ConfigError as exc:
+            _print_problems(exc)
+            return 1
+        app = create_app(loaded.config, relays)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on", server_header=False)
+        )
+        await server.serve()
+        return 0 if server.started else 1
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(serve())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
+        return None
+    return uvloop.new_event_loop
+

@@ -1,0 +1,125 @@
+"""Turn a deliver request, in either form, into a validated Envelope, or refuse it."""
+
+import ipaddress
+
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from app.problems import ProblemError
+from schemas.config import ServiceSettings, format_path
+from schemas.delivery import ClientInfo, DeliveryRequest, Envelope, check_address, decode_base64
+from schemas.problem import FieldError
+
+JSON = "application/json"
+RFC822 = "message/rfc822"
+#: JSON escapes and base64 make the body larger than the message it carries;
+#: the decoded message is then held to the exact limit.
+_JSON_OVERHEAD_FACTOR = 2
+_JSON_OVERHEAD_BYTES = 64 * 1024
+#: slimta's HTTP edge split recipient headers on commas and semicolons.
+_RECIPIENT_SEPARATORS = str.maketrans(";", ",")
+
+
+async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope:
+    """Read and validate the whole request before anything is delivered."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == JSON:
+        body = await _read_body(request, settings.max_message_size * _JSON_OVERHEAD_FACTOR + _JSON_OVERHEAD_BYTES, settings)
+        envelope = _from_json(body)
+    elif media_type == RFC822:
+        body = await _read_body(request, settings.max_message_size, settings)
+        envelope = _from_raw(request, body)
+    else:
+        raise ProblemError(
+            415,
+            f"Content-Type must be {JSON} or {RFC822}, not {media_type or 'absent'}",
+            headers={"Accept-Post": f"{JSON}, {RFC822}"},
+        )
+    if len(envelope.message) > settings.max_message_size:
+        raise _too_large(settings)
+    if len(envelope.recipients) > settings.max_recipients:
+        raise _invalid(
+            [FieldError(loc="recipients", message=f"{len(envelope.recipients)} recipients; the limit is {settings.max_recipients}")]
+        )
+    return envelope
+
+
+def _too_large(settings: ServiceSettings) -> ProblemError:
+    return ProblemError(413, f"the message is larger than the limit of {settings.max_message_size} bytes; nothing was delivered")
+
+
+def _invalid(errors: list[FieldError]) -> ProblemError:
+    return ProblemError(422, "the request is invalid; nothing was delivered", errors=errors)
+
+
+async def _read_body(request: Request, limit: int, settings: ServiceSettings) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit`, not after reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(settings)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(settings)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _from_json(body: bytes) -> Envelope:
+    try:
+        parsed = DeliveryRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise _invalid(
+            [FieldError(loc=format_path(list(e["loc"])) or "body", message=e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        ) from None
+    return Envelope(sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client)
+
+
+def _peer_ip(request: Request) -> str | None:
+    """The HTTP peer's address, which slimta's edge recorded as the client IP."""
+    host = request.client.host if request.client else None
+    try:
+        return str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        return None  # not an IP (a unix socket, or a test client)
+
+
+def _from_raw(request: Request, body: bytes) -> Envelope:
+    """slimta's wire format: base64 envelope headers, the message as the body."""
+    errors: list[FieldError] = []
+
+    def address(header: str, value: str, *, allow_empty: bool) -> str:
+        try:
+            return check_address(decode_base64(value.strip(), what="value").decode("utf-8"), allow_empty=allow_empty)
+        except UnicodeDecodeError:
+            errors.append(FieldError(loc=header, message="decoded value is not UTF-8"))
+        except ValueError as exc:
+            errors.append(FieldError(loc=header, message=str(exc)))
+        return ""
+
+    sender = ""
+    sender_values = request.headers.getlist("x-envelope-sender")
+    if len(sender_values) != 1:
+        errors.append(
+            FieldError(loc="X-Envelope-Sender", message="exactly one header is required: base64 of the sender, empty for <>")
+        )
+    else:
+        sender = address("X-Envelope-Sender", sender_values[0], allow_empty=True)
+
+    pieces = [p for v in request.headers.getlist("x-envelope-recipient") for p in v.translate(_RECIPIENT_SEPARATORS).split(",")]
+    recipients = [address(f"X-Envelope-Recipient[{i}]", p, allow_empty=False) for i, p in enumerate(pieces)]
+    if not recipients:
+        errors.append(FieldError(loc="X-Envelope-Recipient", message="at least one header is required: base64 of a recipient"))
+
+    client = None
+    try:
+        client = ClientInfo(ehlo=request.headers.get("x-ehlo"), ip=_peer_ip(request))
+    except ValidationError:
+        errors.append(FieldError(loc="X-Ehlo", message="must be one line of at most 255 characters"))
+    if not body:
+        errors.append(FieldError(loc="body", message="the message is empty"))
+    if errors:
+        raise _invalid(errors)
+    return Envelope(sender=sender, recipients=recipients, message=body, client=client)

@@ -1,0 +1,172 @@
+"""`/relays`: the configured relays, and delivery through one of them."""
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+
+from app.deps import RelayDep, RelayName, RuntimeDep, unknown_relay
+from app.intake import JSON, RFC822, read_envelope
+from app.problems import PROBLEM_JSON
+from relays.base import check_results
+from schemas.delivery import DeliveryResult
+from schemas.relay_options import public_options
+from schemas.reply import Reply
+
+router = APIRouter(prefix="/relays", tags=["relays"])
+
+
+class RelayInfo(BaseModel):
+    name: str = Field(examples=["outbound"])
+    type: str = Field(examples=["static"])
+    options: dict[str, Any] = Field(description="every option with its default filled in; secrets shown as ***")
+
+
+class RelayList(BaseModel):
+    relays: list[RelayInfo]
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _result(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    smtp_reply = {
+        "X-Smtp-Reply": {
+            "description": 'the outcome in slimta\'s format: `<code>; message="<text>"[; command="<cmd>"]`',
+            "schema": {"type": "string"},
+            "example": '250; message="2.0.0 Ok: queued as 4F1C"; command="[SEND_DATA]"',
+        }
+    }
+    return {"description": description, "model": DeliveryResult, "headers": {**smtp_reply, **(headers or {})}}
+
+
+@router.get("", name="list_relays", response_model=RelayList)
+async def list_relays(runtime: RuntimeDep) -> RelayList:
+    """Every configured relay with its options, defaults filled in and secrets masked."""
+    return RelayList(relays=[_info(name, opts) for name, opts in runtime.config.relay.items()])
+
+
+@router.get("/{name}", name="get_relay", response_model=RelayInfo, responses={404: _problem("no relay of that name")})
+async def get_relay(name: RelayName, runtime: RuntimeDep) -> RelayInfo:
+    """One relay, in the same shape as in the list."""
+    options = runtime.config.relay.get(name)
+    if options is None:
+        raise unknown_relay(name, runtime.config.relay)
+    return _info(name, options)
+
+
+def _info(name: str, options: Any) -> RelayInfo:
+    shown = public_options(options)
+    return RelayInfo(name=name, type=shown["type"], options=shown)
+
+
+_DELIVER_BODY = {
+    "required": True,
+    "content": {
+        JSON: {"schema": {"$ref": "#/components/schemas/DeliveryRequest"}},
+        RFC822: {
+            "schema": {"type": "string", "format": "binary", "description": "the raw message; the envelope is in X-Envelope-* headers"},
+            "example": "From: alice@example.com\r\nSubject: hi\r\n\r\nHello\r\n",
+        },
+    },
+}
+_RAW_HEADERS = [
+    {
+        "name": "X-Envelope-Sender",
+        "in": "header",
+        "required": False,
+        "description": "message/rfc822 form only, required there: base64 of the UTF-8 sender (empty for the null sender)",
+        "schema": {"type": "string"},
+        "example": "YWxpY2VAZXhhbXBsZS5jb20=",
+    },
+    {
+        "name": "X-Envelope-Recipient",
+        "in": "header",
+        "required": False,
+        "description": "message/rfc822 form only, required there: base64 of a UTF-8 recipient; repeat the header "
+        "or separate values with commas",
+        "schema": {"type": "string"},
+        "example": "Ym9iQGV4YW1wbGUubmV0",
+    },
+    {
+        "name": "X-Ehlo",
+        "in": "header",
+        "required": False,
+        "description": "message/rfc822 form only: the original client's EHLO name",
+        "schema": {"type": "string"},
+    },
+]
+
+
+@router.post(
+    "/{name}/deliver",
+    name="deliver",
+    response_model=DeliveryResult,
+    status_code=200,
+    openapi_extra={"requestBody": _DELIVER_BODY, "parameters": _RAW_HEADERS},
+    responses={
+        200: _result("every recipient delivered"),
+        207: _result("partial: some recipients delivered, some not"),
+        400: _result("permanent failure: no recipient delivered, and retrying will not help"),
+        503: _result(
+            "transient failure (no recipient delivered; retry later) — or a problem document when the service is not ready",
+            {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+        ),
+        404: _problem("no relay of that name"),
+        413: _problem("the message is larger than the configured limit; nothing was delivered"),
+        415: _problem("the Content-Type is neither application/json nor message/rfc822"),
+        422: _problem("the request is invalid (addresses, recipients, message, base64, unknown fields); nothing was delivered"),
+    },
+)
+async def deliver(name: RelayName, relay: RelayDep, runtime: RuntimeDep, request: Request) -> Response:
+    """Deliver one message through the relay, synchronously.
+
+    The answer holds one result per recipient, in request order, each with
+    the next hop's reply. The HTTP status summarises the whole: 200 all
+    delivered, 207 partial, 503 transient failure (retry later; see
+    Retry-After), 400 permanent failure. The whole request is validated
+    before anything is delivered.
+    """
+    settings = runtime.config.mailrelay
+    envelope = await read_envelope(request, settings)
+    started = time.perf_counter()
+    results = await relay.deliver(envelope)
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+    check_results(name, envelope, results)
+    result = DeliveryResult(relay=name, message_id=envelope.message_id, elapsed_ms=elapsed_ms, recipients=results)
+
+    status = _HTTP_STATUS[result.status]
+    headers = {"X-Smtp-Reply": format_smtp_reply(summary_reply(result))}
+    if status == 503:
+        headers["Retry-After"] = str(settings.retry_after)
+    return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers)
+
+
+_HTTP_STATUS = {"delivered": 200, "partial": 207, "transient_failure": 503, "permanent_failure": 400}
+
+
+def summary_reply(result: DeliveryResult) -> Reply:
+    """The reply that speaks for the whole delivery: the first one of the outcome's class.
+
+    For a partial outcome that is the first failed recipient's reply.
+    """
+    wanted = {"partial": ("transient_failure", "permanent_failure")}.get(result.status, (result.status,))
+    return next(r.reply for r in result.recipients if r.status in wanted)
+
+
+def format_smtp_reply(reply: Reply) -> str:
+    """slimta's `X-Smtp-Reply` header: `<code>; message="<text>"[; command="<cmd>"]`.
+
+    slimta's parser reads a quoted value up to the next `"` and knows no
+    escapes, so quotes inside become `'`; the value is kept to printable ASCII.
+    """
+    value = f'{reply.code}; message="{_header_text(reply.message)}"'
+    if reply.command:
+        value += f'; command="{_header_text(reply.command)}"'
+    return value
+
+
+def _header_text(text: str) -> str:
+    return "".join(c if " " <= c <= "~" and c != '"' else ("'" if c == '"' else " " if c in "\r\n\t" else "?") for c in text)

@@ -1,0 +1,1 @@
+"""The relay implementations, one module per configuration `type`."""

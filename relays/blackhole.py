@@ -1,0 +1,22 @@
+"""`blackhole`: accepts every message and discards it."""
+
+import uuid
+
+from relays.base import same_result
+from schemas.delivery import Envelope, RecipientResult
+from schemas.relay_options import BlackholeOptions
+from schemas.reply import Reply
+
+
+class BlackholeRelay:
+    """Delivers every recipient with `250 2.0.0 Message Delivered; <id>`, one id per message."""
+
+    def __init__(self, name: str, options: BlackholeOptions) -> None:
+        self.name = name
+
+    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+        reply = Reply(code=250, enhanced_status="2.0.0", message=f"2.0.0 Message Delivered; {uuid.uuid4().hex}")
+        return same_result(envelope, reply)
+
+    async def aclose(self) -> None:
+        return None

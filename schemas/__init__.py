@@ -1,0 +1,1 @@
+"""Pydantic models: relay options, delivery requests and results, replies."""

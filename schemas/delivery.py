@@ -1,0 +1,263 @@
+"""Delivery request, envelope and per-recipient result models."""
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    computed_field,
+    model_validator,
+)
+
+from schemas.reply import Reply
+
+#: RFC 5321 4.5.3.1.3: a path is at most 256 octets, angle brackets included.
+MAX_ADDRESS_OCTETS = 254
+
+RecipientStatus = Literal["delivered", "transient_failure", "permanent_failure"]
+DeliveryStatus = Literal["delivered", "partial", "transient_failure", "permanent_failure"]
+
+
+def check_address(value: str, *, allow_empty: bool = False) -> str:
+    """Return `value` if it is safe to use as an SMTP envelope address.
+
+    This is a safety check, not a full RFC 5321 parser: it refuses what could
+    inject a command or header (control characters, angle brackets), stray
+    whitespace outside a quoted local part, and malformed quoting or `@`s.
+    Internationalised (UTF-8) addresses are accepted; whether the next hop
+    takes them is the relay's business. Raises ValueError with the reason.
+    """
+    if not value:
+        if allow_empty:
+            return value
+        raise ValueError("address must not be empty")
+    try:
+        octets = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("address is not valid Unicode (lone surrogate)") from None
+    if octets > MAX_ADDRESS_OCTETS:
+        raise ValueError(f"address is longer than {MAX_ADDRESS_OCTETS} octets")
+    for char in value:
+        if char < " " or char == "\x7f":
+            raise ValueError(f"address contains a control character ({char!r})")
+    if "<" in value or ">" in value:
+        raise ValueError("address contains angle brackets; give the bare address")
+
+    if value.startswith('"'):
+        end = _closing_quote(value)
+        quoted, rest = value[1:end], value[end + 1 :]
+        if any(c.isspace() and c != " " for c in quoted):
+            raise ValueError("quoted local part contains whitespace other than a space")
+        if rest and not rest.startswith("@"):
+            raise ValueError("unexpected characters after the quoted local part")
+        local, domain = None, rest[1:] if rest else None
+    else:
+        if any(c.isspace() for c in value):
+            raise ValueError("address contains whitespace outside a quoted local part")
+        if value.count("@") > 1:
+            raise ValueError("address contains more than one '@' outside a quoted local part")
+        if '"' in value:
+            raise ValueError("address contains a '\"' outside a quoted local part")
+        local, at, rest_domain = value.partition("@")
+        domain = rest_domain if at else None
+
+    if local == "":
+        raise ValueError("address has an empty local part")
+    if domain is not None:
+        if not domain:
+            raise ValueError("address has an empty domain after '@'")
+        if any(c.isspace() or c in '@"' for c in domain):
+            raise ValueError("address domain contains whitespace, '@' or '\"'")
+    return value
+
+
+def _closing_quote(value: str) -> int:
+    """Index of the quote closing a quoted local part that starts at 0."""
+    i = 1
+    while i < len(value):
+        if value[i] == "\\":
+            i += 2
+            continue
+        if value[i] == '"':
+            return i
+        i += 1
+    raise ValueError("address has an unterminated quoted local part")
+
+
+def _check_sender(value: str) -> str:
+    return check_address(value, allow_empty=True)
+
+
+def _check_recipient(value: str) -> str:
+    return check_address(value)
+
+
+def _check_ip(value: str) -> str:
+    ipaddress.ip_address(value)
+    return value
+
+
+Sender = Annotated[
+    str,
+    AfterValidator(_check_sender),
+    Field(description='envelope sender (MAIL FROM); "" is the null reverse-path used by bounces', examples=["alice@example.com"]),
+]
+Recipient = Annotated[str, AfterValidator(_check_recipient), Field(examples=["bob@example.net"])]
+#: Free text that ends up in process arguments and logs: one line, bounded.
+ClientText = Annotated[str, Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+class ClientInfo(BaseModel):
+    """Facts about the original client, used by `pipe` macros and logs only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ip: Annotated[str, AfterValidator(_check_ip)] | None = Field(default=None, examples=["192.0.2.1"])
+    host: ClientText | None = Field(default=None, examples=["client.example.com"])
+    ehlo: ClientText | None = Field(default=None, examples=["client.example.com"])
+    protocol: ClientText | None = Field(default=None, examples=["ESMTPA"])
+    auth: ClientText | None = Field(default=None, examples=["alice"])
+
+
+class DeliveryRequest(BaseModel):
+    """The JSON request form of `POST /relays/{name}/deliver`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "sender": "alice@example.com",
+                    "recipients": ["bob@example.net", "carol@example.org"],
+                    "message": "From: alice@example.com\r\nSubject: hi\r\n\r\nHello\r\n",
+                }
+            ]
+        },
+    )
+
+    sender: Sender
+    recipients: list[Recipient] = Field(min_length=1, description="one or more envelope recipients (RCPT TO)")
+    message: str | None = Field(default=None, description="the raw RFC 5322 message as text; sent as UTF-8")
+    message_base64: str | None = Field(
+        default=None, description="the raw message, base64-encoded, for 8-bit or binary content (instead of `message`)"
+    )
+    client: ClientInfo | None = None
+
+    _raw: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _decode_message(self) -> Self:
+        if (self.message is None) == (self.message_base64 is None):
+            raise ValueError("give exactly one of `message` and `message_base64`")
+        if self.message is not None:
+            try:
+                raw = self.message.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("`message` is not valid Unicode (lone surrogate)") from None
+        else:
+            assert self.message_base64 is not None  # noqa: S101 - narrowed by the check above
+            raw = decode_base64(self.message_base64, what="`message_base64`")
+        if not raw:
+            raise ValueError("the message is empty")
+        self._raw = raw
+        return self
+
+    @property
+    def raw_message(self) -> bytes:
+        return self._raw
+
+
+def decode_base64(value: str, *, what: str) -> bytes:
+    """Strict standard base64 (padding required, no stray characters)."""
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise ValueError(f"{what} is not valid base64") from None
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+
+
+def find_message_id(message: bytes) -> str | None:
+    """The Message-Id header's value, unfolded, or None when there is none."""
+    end = _HEADER_END.search(message)
+    match = _MESSAGE_ID.search(message, 0, end.start() if end else len(message))
+    if not match:
+        return None
+    value = " ".join(match.group(1).decode("utf-8", "replace").split())
+    return value or None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a relay delivers: sender, recipients, the raw message, client facts.
+
+    Built only from validated input (`DeliveryRequest` or the raw form), so
+    relays may trust every address.
+    """
+
+    sender: str
+    recipients: Sequence[str]
+    message: bytes = field(repr=False)
+    client: ClientInfo | None = None
+
+    @cached_property
+    def message_id(self) -> str | None:
+        return find_message_id(self.message)
+
+
+class RecipientResult(BaseModel):
+    """The outcome for one recipient: the reply that decided it, and from where."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recipient: str
+    reply: Reply
+    host: str | None = Field(default=None, description="the next hop that gave the reply, as host:port", examples=["mx1.example.net:25"])
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status(self) -> RecipientStatus:
+        """Follows the reply code's class, so a 250 can never be a failure."""
+        klass = self.reply.code // 100
+        if klass == 2:
+            return "delivered"
+        return "transient_failure" if klass == 4 else "permanent_failure"
+
+
+def delivery_status(results: Sequence[RecipientResult]) -> DeliveryStatus:
+    """The whole delivery's status from its per-recipient results."""
+    statuses = {r.status for r in results}
+    if statuses == {"delivered"}:
+        return "delivered"
+    if "delivered" in statuses:
+        return "partial"
+    return "transient_failure" if "transient_failure" in statuses else "permanent_failure"
+
+
+class DeliveryResult(BaseModel):
+    """The response body of a delivery: one entry per recipient, in request order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    relay: str = Field(examples=["outbound"])
+    message_id: str | None = Field(description="the message's Message-Id header, if it has one", examples=["<abc@example.com>"])
+    elapsed_ms: float = Field(description="time the relay took, in milliseconds", examples=[41.7])
+    recipients: list[RecipientResult]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status(self) -> DeliveryStatus:
+        """delivered (all), partial (some), transient_failure (none, one or more transient), permanent_failure (all permanent)."""
+        return delivery_status(self.recipients)

@@ -1,0 +1,411 @@
+"""One options model per relay type, combined in a union on `type`.
+
+Field names, types and defaults follow the `relay:` section of a slimta
+configuration file; what slimta lacked is marked "beyond slimta".
+"""
+
+import ipaddress
+import os
+import re
+import socket
+import string
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    field_validator,
+)
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+NonNegativeSeconds = Annotated[float, Field(ge=0, le=86400)]
+#: A secret: masked in repr, dumped as "***" by GET /relays and logs.
+Secret = Annotated[SecretStr, PlainSerializer(lambda _: "***", return_type=str)]
+
+_NO_SPACE = re.compile(r"^[^\s\x00-\x1f\x7f]+$")
+
+
+@cache
+def machine_fqdn() -> str:
+    """The default EHLO name, looked up once per process."""
+    return socket.getfqdn()
+
+
+def fill_hostname_template(value: str) -> str:
+    """Substitute `{fqdn}` and `{hostname}`, as slimta did."""
+    filled = value.replace("{fqdn}", machine_fqdn()).replace("{hostname}", socket.gethostname())
+    if "{" in filled or "}" in filled:
+        raise ValueError("unknown placeholder; only {fqdn} and {hostname} are substituted")
+    if not _NO_SPACE.match(filled) or len(filled) > 255:
+        raise ValueError("must be one host name of at most 255 characters, without whitespace")
+    return filled
+
+
+def ehlo_warning(ehlo: str) -> str | None:
+    """Why mail services would refuse this EHLO name, or None when it looks fine."""
+    bare = ehlo.strip("[]")
+    if bare.lower().startswith("ipv6:"):
+        bare = bare[5:]
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    else:
+        return f"ehlo_as {ehlo!r} is an IP literal; receiving servers often refuse it, give a host name"
+    labels = ehlo.lower().rstrip(".").split(".")
+    if labels[0] == "localhost" or labels[-1] in ("localhost", "localdomain"):
+        return f"ehlo_as {ehlo!r} is a local name; receiving servers often refuse it, give the public host name"
+    return None
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """Parse `host`, `host:port`, `[v6]` or `[v6]:port`. Raises ValueError."""
+    host, port_text = value, None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError("unterminated '[' in host")
+        host, rest = value[1:end], value[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected ':port' after ']'")
+            port_text = rest[1:]
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    if not host or not _NO_SPACE.match(host):
+        raise ValueError("host must be a non-empty name or address without whitespace")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _expand_path(value: str) -> str:
+    path = os.path.expanduser(os.path.expandvars(value))
+    if not os.path.isfile(path):
+        raise ValueError(f"file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file is not readable: {path}")
+    return path
+
+
+def _check_host(value: str) -> str:
+    split_host_port(value, 25)
+    if value.count(":") == 1 and not value.startswith("["):
+        raise ValueError("give the port in the `port` option, not in `host`")
+    return value
+
+
+def _check_host_port(value: str) -> str:
+    split_host_port(value, 25)
+    return value
+
+
+def _cert_reqs_name(value: Any) -> Any:
+    # ssl.wrap_socket took the ssl.CERT_* integers; YAML files may hold either.
+    names = {0: "CERT_NONE", 1: "CERT_OPTIONAL", 2: "CERT_REQUIRED"}
+    if isinstance(value, int) and not isinstance(value, bool):
+        return names.get(value, value)
+    return value
+
+
+EhloName = Annotated[str, AfterValidator(fill_hostname_template)]
+HostName = Annotated[str, AfterValidator(_check_host)]
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+TlsPath = Annotated[str, AfterValidator(_expand_path)]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsOptions(_Options):
+    """TLS settings: the keyword arguments of the old `ssl.wrap_socket`, made into an SSLContext."""
+
+    certfile: TlsPath | None = Field(default=None, description="client certificate (PEM); `~` and `$VARS` expand")
+    keyfile: TlsPath | None = Field(default=None, description="private key of `certfile` (PEM)")
+    ca_certs: TlsPath | None = Field(default=None, description="CA bundle to verify the server with; default: the system's")
+    cert_reqs: Annotated[Literal["CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED"], BeforeValidator(_cert_reqs_name)] = Field(
+        default="CERT_REQUIRED", description="server certificate verification"
+    )
+    ciphers: str | None = Field(default=None, description="OpenSSL cipher list")
+    ssl_version: (
+        Literal["PROTOCOL_TLS", "PROTOCOL_TLS_CLIENT", "PROTOCOL_SSLv23", "PROTOCOL_TLSv1", "PROTOCOL_TLSv1_1", "PROTOCOL_TLSv1_2"] | None
+    ) = Field(default=None, description="lowest protocol version, by its old `ssl.PROTOCOL_*` name; default: the library's")
+    # Accepted so that old slimta files load; they have no effect on a client context.
+    server_side: Literal[False] | None = Field(default=None, description="accepted for slimta compatibility; must be false")
+    do_handshake_on_connect: bool | None = Field(default=None, description="accepted for slimta compatibility; no effect")
+    suppress_ragged_eofs: bool | None = Field(default=None, description="accepted for slimta compatibility; no effect")
+
+
+class SmtpTlsOptions(TlsOptions):
+    mode: Literal["starttls", "implicit", "opportunistic"] = Field(
+        default="starttls",
+        description="beyond slimta: `starttls` (required), `implicit` (SMTPS, port 465), `opportunistic` (STARTTLS when offered)",
+    )
+
+
+class Credentials(_Options):
+    """SMTP AUTH credentials; the password is never shown back."""
+
+    username: str = Field(min_length=1)
+    password: Secret
+
+
+class SmtpOptions(_Options):
+    """Options shared by the SMTP relays (`mx`, `static`, `lmtp`)."""
+
+    connect_timeout: Seconds = Field(default=30, description="TCP connect (and TLS handshake for implicit TLS), seconds")
+    command_timeout: Seconds = Field(default=30, description="each SMTP command's reply, seconds")
+    data_timeout: Seconds = Field(default=60, description="reply to the end of message data, seconds")
+    idle_timeout: NonNegativeSeconds = Field(default=10, description="keep an idle connection for reuse this long; 0 = QUIT at once")
+    concurrent_connections: int = Field(default=5, ge=1, le=10000, description="most simultaneous connections to one destination")
+    ehlo_as: EhloName = Field(default_factory=machine_fqdn, description="EHLO/HELO name; `{fqdn}` and `{hostname}` are filled in")
+    tls: SmtpTlsOptions | None = Field(default=None, description="present = STARTTLS is used")
+    credentials: Credentials | None = Field(default=None, description="SMTP AUTH after EHLO (and STARTTLS)")
+    ipv4_only: bool = Field(default=False, description="connect over IPv4 only")
+
+
+def _smtp_extras(options: SmtpOptions) -> str:
+    tls = options.tls.mode if options.tls else "no"
+    auth = "yes" if options.credentials else "no"
+    return f" (tls: {tls}, auth: {auth}, {options.concurrent_connections} connections)"
+
+
+class MxOptions(SmtpOptions):
+    """SMTP to each recipient domain's MX hosts."""
+
+    type: Literal["mx"]
+    force_mx: dict[Annotated[str, AfterValidator(str.lower)], HostPort] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("force_mx", "override_mx"),
+        description="domain -> `host` or `host:port` used instead of DNS (slimta's validator spelled it `override_mx`)",
+    )
+    port: Port = Field(default=25, description="beyond slimta: port of every MX host")
+
+    def describe(self) -> str:
+        forced = f", {len(self.force_mx)} forced domain(s)" if self.force_mx else ""
+        return f"SMTP to each domain's MX hosts, port {self.port}{forced}{_smtp_extras(self)}"
+
+    @field_validator("force_mx")
+    @classmethod
+    def _domains(cls, value: dict[str, str]) -> dict[str, str]:
+        for domain in value:
+            if not _NO_SPACE.match(domain):
+                raise ValueError(f"domain {domain!r} must be non-empty, without whitespace")
+        return value
+
+
+class StaticOptions(SmtpOptions):
+    """SMTP to one host."""
+
+    type: Literal["static"]
+    host: HostName
+    port: Port = 25
+
+    def describe(self) -> str:
+        return f"SMTP to {self.host}:{self.port}{_smtp_extras(self)}"
+
+
+class LmtpOptions(SmtpOptions):
+    """LMTP (RFC 2033) to one host: one reply per recipient after the data."""
+
+    type: Literal["lmtp"]
+    host: HostName = "localhost"
+    port: Port = 24
+
+    def describe(self) -> str:
+        return f"LMTP to {self.host}:{self.port}{_smtp_extras(self)}"
+
+
+class ProcessOptions(_Options):
+    """Beyond slimta: how the local delivery relays run their command."""
+
+    timeout: Seconds = Field(default=300, description="kill the process group after this many seconds (transient 4.4.2)")
+    concurrent_processes: int = Field(default=10, ge=1, le=10000, description="most processes of this relay at once; others wait")
+    cwd: str | None = Field(default=None, description="working directory of the command")
+    env: dict[str, str] | None = Field(default=None, description="environment of the command; default: the service's")
+    user: str | None = Field(default=None, description="run the command as this user (the service must run as root)")
+
+
+#: The macros a `pipe` argument may contain.
+PIPE_MACROS = frozenset(
+    ["sender", "recipient", "message_id", "client_ip", "client_host", "client_ehlo", "client_protocol", "client_auth"]
+)
+
+
+def _check_pipe_arg(arg: str) -> str:
+    try:
+        parsed = list(string.Formatter().parse(arg))
+    except ValueError as exc:
+        raise ValueError(f"bad macro syntax in {arg!r}: {exc}; write {{{{ and }}}} for literal braces") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in PIPE_MACROS or spec or conversion:
+            valid = ", ".join(f"{{{m}}}" for m in sorted(PIPE_MACROS))
+            raise ValueError(f"unknown macro {{{name}}} in {arg!r}; valid macros: {valid}")
+    return arg
+
+
+class PipeOptions(ProcessOptions):
+    """The message on a command's standard input, like Postfix pipe(8)."""
+
+    type: Literal["pipe"]
+    args: list[Annotated[str, AfterValidator(_check_pipe_arg)]] = Field(
+        min_length=1, description="command and arguments, run without a shell; macros such as {recipient} are one argument each"
+    )
+    error_pattern: str | None = Field(default=None, description="regular expression that picks the error text out of the output")
+
+    def describe(self) -> str:
+        return f"runs {' '.join(self.args)} per recipient"
+
+    @field_validator("args")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise ValueError("the command (first argument) must not be empty")
+        return value
+
+    @field_validator("error_pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class MaildropOptions(ProcessOptions):
+    """Local delivery with courier maildrop."""
+
+    type: Literal["maildrop"]
+    path: str = Field(default="maildrop", min_length=1, description="the maildrop binary; default: found on $PATH")
+    extra_args: list[str] = Field(default_factory=list, description="beyond slimta: arguments after `-f sender`, such as a filter file")
+
+    def describe(self) -> str:
+        return f"maildrop delivery with {' '.join([self.path, *self.extra_args])}"
+
+
+class DovecotOptions(ProcessOptions):
+    """Local delivery with dovecot's LDA."""
+
+    type: Literal["dovecot"]
+    path: str = Field(
+        default="dovecot-lda", min_length=1, description="the dovecot-lda binary; default: $PATH, then /usr/lib/dovecot/dovecot-lda"
+    )
+    extra_args: list[str] = Field(default_factory=list, description="beyond slimta: more arguments, such as `-c /etc/dovecot/x.conf`")
+
+    def describe(self) -> str:
+        return f"dovecot LDA delivery with {' '.join([self.path, *self.extra_args])}"
+
+
+def _check_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    return value
+
+
+class HttpOptions(_Options):
+    """POST to another HTTP endpoint in slimta's wire format."""
+
+    type: Literal["http"]
+    url: Annotated[str, AfterValidator(_check_url)] = Field(description="where to POST the message")
+    ehlo_as: EhloName = Field(default_factory=machine_fqdn, description="sent as the X-Ehlo header")
+    timeout: Seconds = Field(default=60, description="whole request and response, seconds")
+    idle_timeout: NonNegativeSeconds | None = Field(default=None, description="keep connections for reuse this long; none = close after each")
+    tls: TlsOptions | None = Field(default=None, description="present = HTTPS; an https:// URL alone means default verification")
+    concurrent_connections: int = Field(default=100, ge=1, le=10000, description="beyond slimta: most simultaneous connections")
+
+    def describe(self) -> str:
+        return f"HTTP POST to {self.url}"
+
+
+class BlackholeOptions(_Options):
+    """Accepts every message and does nothing with it."""
+
+    type: Literal["blackhole"]
+
+    def describe(self) -> str:
+        return "accepts every message and discards it"
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+#: Keys of a custom relay whose values are shown as "***".
+_SECRET_KEY = re.compile(r"pass|secret|token|api_?key|credential|private", re.IGNORECASE)
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if _SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+class CustomOptions(BaseModel):
+    """A relay built by an importable factory, called with all these options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: Literal["custom"]
+    factory: str = Field(description='"package.module:symbol" of a callable that returns the relay')
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, value: str) -> str:
+        if not _FACTORY.match(value):
+            raise ValueError(f'{value!r} is not of the form "package.module:symbol"')
+        return value
+
+    def describe(self) -> str:
+        return f"custom relay from {self.factory}"
+
+    def public_options(self) -> dict[str, Any]:
+        """The options for display, with values of secret-looking keys masked."""
+        return {k: _redact(v, k) for k, v in self.model_dump(mode="json").items()}
+
+
+RelayOptions = Annotated[
+    MxOptions
+    | StaticOptions
+    | LmtpOptions
+    | PipeOptions
+    | MaildropOptions
+    | DovecotOptions
+    | HttpOptions
+    | BlackholeOptions
+    | CustomOptions,
+    Field(discriminator="type"),
+]
+
+#: Every relay options model by its `type`, read off the union so the two never disagree.
+OPTIONS_BY_TYPE: dict[str, type[BaseModel]] = {
+    get_args(model.model_fields["type"].annotation)[0]: model for model in get_args(get_args(RelayOptions)[0])
+}
+
+
+def public_options(options: BaseModel) -> dict[str, Any]:
+    """Options as `GET /relays` shows them: every default filled in, secrets masked."""
+    dumped = options.public_options() if isinstance(options, CustomOptions) else options.model_dump(mode="json")
+    return {"type": dumped.pop("type"), **dumped}

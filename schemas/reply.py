@@ -1,0 +1,57 @@
+"""The SMTP-style reply every outcome carries."""
+
+import re
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+class Reply(BaseModel):
+    """A reply as the next hop sent it, or as mailrelay synthesised it.
+
+    `code` decides the outcome class (2xx delivered, 4xx transient, 5xx
+    permanent); `enhanced_status` is the RFC 3463 code read off the front of
+    `message`, which is kept exactly as sent; `command` is what it answered.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    code: int = Field(ge=200, le=599, description="3-digit SMTP reply code", examples=[250])
+    enhanced_status: str | None = Field(
+        default=None, description="RFC 3463 enhanced status code, when the text starts with one", examples=["2.0.0"]
+    )
+    message: str = Field(description="reply text as sent by the next hop", examples=["2.0.0 Ok: queued as 4F1C"])
+    command: str | None = Field(
+        default=None,
+        description="the command this reply answered: MAIL, RCPT, DATA, or a step such as [CONNECT], [SEND_DATA], [TIMEOUT]",
+        examples=["[SEND_DATA]"],
+    )
+
+    @field_validator("code")
+    @classmethod
+    def _final_class(cls, code: int) -> int:
+        # An outcome is final: 1xx/3xx replies are steps inside a session.
+        if code // 100 not in (2, 4, 5):
+            raise ValueError("a final reply code is 2xx, 4xx or 5xx")
+        return code
+
+    @classmethod
+    def parse(cls, code: int, message: str, command: str | None = None) -> Self:
+        """Build a reply, reading an enhanced status code off the front of `message`.
+
+        The enhanced code only counts when its class matches the reply code's
+        first digit, as RFC 3463 requires.
+        """
+        match = _ENHANCED.match(message)
+        enhanced = match.group(0) if match and match.group(1) == str(code)[0] else None
+        return cls(code=code, enhanced_status=enhanced, message=message, command=command)
+
+    @property
+    def is_success(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
