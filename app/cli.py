@@ -41,10 +41,22 @@ def _parser() -> argparse.ArgumentParser:
         "one relay named `blackhole` that accepts and discards every message.",
     )
     serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: %(default)s)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8080,
+        help="port to listen on (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(default: %(default)s)",
     )
     serve.set_defaults(command=_serve)
 
@@ -58,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(command=_check_config)
 
     openapi = commands.add_parser(
-        "openapi", help="print the OpenAPI document", description="Print the service's OpenAPI document as JSON."
+        "openapi",
+        help="print the OpenAPI document",
+        description="Print the service's OpenAPI document as JSON.",
     )
     openapi.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     openapi.set_defaults(command=_openapi)
@@ -129,7 +143,14 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             return 1
         app = create_app(loaded.config, relays)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on", server_header=False)
+            uvicorn.Config(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                lifespan="on",
+                server_header=False,
+            )
         )
         await server.serve()
         return 0 if server.started else 1
@@ -144,4 +165,3 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
         return None
     return uvloop.new_event_loop
-

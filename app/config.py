@@ -63,7 +63,10 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
     if document is None:
         raise ConfigError.at("", f"{source}: the file is empty; it needs a `relay:` section")
     if not isinstance(document, dict):
-        raise ConfigError.at("", f"{source}: the top level must be a mapping of sections such as `relay:`")
+        raise ConfigError.at(
+            "",
+            f"{source}: the top level must be a mapping of sections such as `relay:`",
+        )
     for section in document:
         if section not in OWN_SECTIONS:
             warnings.append(ConfigProblem(path=str(section), message="section not used by mailrelay; ignored"))
@@ -94,6 +97,8 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
     for name, options in config.relay.items():
         ehlo = getattr(options, "ehlo_as", None)
         if ehlo and (warning := ehlo_warning(ehlo)):
+            if "ehlo_as" not in relays[name]:
+                warning = f"not set, so this machine's FQDN is used: {warning}"
             warnings.append(ConfigProblem(path=f"relay.{name}.ehlo_as", message=warning))
     return LoadedConfig(config=config, source=source, warnings=warnings)
 
@@ -108,7 +113,12 @@ def _drop_unknown_keys(path: str, options: Any, warnings: list[ConfigProblem]) -
     known = _known_keys(model)
     for key in options:
         if key not in known:
-            warnings.append(ConfigProblem(path=f"{path}.{key}", message=f"unknown option for type {options['type']!r}; ignored"))
+            warnings.append(
+                ConfigProblem(
+                    path=f"{path}.{key}",
+                    message=f"unknown option for type {options['type']!r}; ignored",
+                )
+            )
     return {k: v for k, v in options.items() if k in known}
 
 
@@ -169,7 +179,7 @@ def _parse_yaml(text: str, source: str, warnings: list[ConfigProblem]) -> Any:
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node)
             if isinstance(key, str) and key in seen:
                 where = f"{source}, line {key_node.start_mark.line + 1}"
                 warnings.append(ConfigProblem(path=key, message=f"duplicate key ({where}); the last one wins"))
@@ -177,7 +187,7 @@ def _parse_yaml(text: str, source: str, warnings: list[ConfigProblem]) -> Any:
         return loader.construct_mapping(node, deep=True)
 
     Loader.add_multi_constructor("!", tagged)
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)  # type: ignore[arg-type]
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
         return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -192,14 +202,19 @@ def _resolve_tags(value: Any, path: str, base_dir: Path, warnings: list[ConfigPr
     """Replace `!include FILE` (relative to the including file) by the file's content."""
     if isinstance(value, _Tagged):
         if value.tag != "!include" or not isinstance(value.value, str):
-            raise ConfigError.at(path, f"YAML tag {value.tag} (line {value.line}) is not supported; only `!include FILE`")
+            raise ConfigError.at(
+                path,
+                f"YAML tag {value.tag} (line {value.line}) is not supported; only `!include FILE`",
+            )
         if depth >= _MAX_INCLUDE_DEPTH:
             raise ConfigError.at(path, f"!include nested more than {_MAX_INCLUDE_DEPTH} deep")
         target = base_dir / value.value
         included = _parse_yaml(_read(target), str(target), warnings)
         return _resolve_tags(included, path, target.parent, warnings, depth + 1)
     if isinstance(value, dict):
-        return {k: _resolve_tags(v, f"{path}.{k}" if path else str(k), base_dir, warnings, depth) for k, v in value.items()}
+        return {
+            k: _resolve_tags(v, f"{path}.{k}" if path else str(k), base_dir, warnings, depth) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_resolve_tags(v, f"{path}[{i}]", base_dir, warnings, depth) for i, v in enumerate(value)]
     return value

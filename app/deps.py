@@ -20,7 +20,10 @@ RelayName = Annotated[str, Path(description="a relay name from the configuration
 
 
 def unknown_relay(name: str, configured: Iterable[str]) -> ProblemError:
-    return ProblemError(404, f"no relay named {name!r}; configured: {', '.join(sorted(configured)) or 'none'}")
+    return ProblemError(
+        404,
+        f"no relay named {name!r}; configured: {', '.join(sorted(configured)) or 'none'}",
+    )
 
 
 def get_relay(name: RelayName, runtime: RuntimeDep) -> Relay:

@@ -7,7 +7,13 @@ from starlette.requests import Request
 
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
-from schemas.delivery import ClientInfo, DeliveryRequest, Envelope, check_address, decode_base64
+from schemas.delivery import (
+    ClientInfo,
+    DeliveryRequest,
+    Envelope,
+    check_address,
+    decode_base64,
+)
 from schemas.problem import FieldError
 
 JSON = "application/json"
@@ -24,7 +30,11 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
     """Read and validate the whole request before anything is delivered."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type == JSON:
-        body = await _read_body(request, settings.max_message_size * _JSON_OVERHEAD_FACTOR + _JSON_OVERHEAD_BYTES, settings)
+        body = await _read_body(
+            request,
+            settings.max_message_size * _JSON_OVERHEAD_FACTOR + _JSON_OVERHEAD_BYTES,
+            settings,
+        )
         envelope = _from_json(body)
     elif media_type == RFC822:
         body = await _read_body(request, settings.max_message_size, settings)
@@ -39,13 +49,21 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
         raise _too_large(settings)
     if len(envelope.recipients) > settings.max_recipients:
         raise _invalid(
-            [FieldError(loc="recipients", message=f"{len(envelope.recipients)} recipients; the limit is {settings.max_recipients}")]
+            [
+                FieldError(
+                    loc="recipients",
+                    message=f"{len(envelope.recipients)} recipients; the limit is {settings.max_recipients}",
+                )
+            ]
         )
     return envelope
 
 
 def _too_large(settings: ServiceSettings) -> ProblemError:
-    return ProblemError(413, f"the message is larger than the limit of {settings.max_message_size} bytes; nothing was delivered")
+    return ProblemError(
+        413,
+        f"the message is larger than the limit of {settings.max_message_size} bytes; nothing was delivered",
+    )
 
 
 def _invalid(errors: list[FieldError]) -> ProblemError:
@@ -72,9 +90,20 @@ def _from_json(body: bytes) -> Envelope:
         parsed = DeliveryRequest.model_validate_json(body)
     except ValidationError as exc:
         raise _invalid(
-            [FieldError(loc=format_path(list(e["loc"])) or "body", message=e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+            [
+                FieldError(
+                    loc=format_path(list(e["loc"])) or "body",
+                    message=e["msg"].removeprefix("Value error, "),
+                )
+                for e in exc.errors()
+            ]
         ) from None
-    return Envelope(sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client)
+    return Envelope(
+        sender=parsed.sender,
+        recipients=parsed.recipients,
+        message=parsed.raw_message,
+        client=parsed.client,
+    )
 
 
 def _peer_ip(request: Request) -> str | None:
@@ -92,7 +121,10 @@ def _from_raw(request: Request, body: bytes) -> Envelope:
 
     def address(header: str, value: str, *, allow_empty: bool) -> str:
         try:
-            return check_address(decode_base64(value.strip(), what="value").decode("utf-8"), allow_empty=allow_empty)
+            return check_address(
+                decode_base64(value.strip(), what="value").decode("utf-8"),
+                allow_empty=allow_empty,
+            )
         except UnicodeDecodeError:
             errors.append(FieldError(loc=header, message="decoded value is not UTF-8"))
         except ValueError as exc:
@@ -103,15 +135,27 @@ def _from_raw(request: Request, body: bytes) -> Envelope:
     sender_values = request.headers.getlist("x-envelope-sender")
     if len(sender_values) != 1:
         errors.append(
-            FieldError(loc="X-Envelope-Sender", message="exactly one header is required: base64 of the sender, empty for <>")
+            FieldError(
+                loc="X-Envelope-Sender",
+                message="exactly one header is required: base64 of the sender, empty for <>",
+            )
         )
     else:
         sender = address("X-Envelope-Sender", sender_values[0], allow_empty=True)
 
-    pieces = [p for v in request.headers.getlist("x-envelope-recipient") for p in v.translate(_RECIPIENT_SEPARATORS).split(",")]
+    pieces = [
+        p
+        for v in request.headers.getlist("x-envelope-recipient")
+        for p in v.translate(_RECIPIENT_SEPARATORS).split(",")
+    ]
     recipients = [address(f"X-Envelope-Recipient[{i}]", p, allow_empty=False) for i, p in enumerate(pieces)]
     if not recipients:
-        errors.append(FieldError(loc="X-Envelope-Recipient", message="at least one header is required: base64 of a recipient"))
+        errors.append(
+            FieldError(
+                loc="X-Envelope-Recipient",
+                message="at least one header is required: base64 of a recipient",
+            )
+        )
 
     client = None
     try:

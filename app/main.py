@@ -48,11 +48,16 @@ def create_app(config: ServiceConfig, relays: Mapping[str, Relay] | None = None)
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes, tags=app.openapi_tags
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+                tags=app.openapi_tags,
             )
             # The deliver body is read by hand (two media types), so its models are added here.
             _, extra = models_json_schema(
-                [(DeliveryRequest, "validation"), (Problem, "serialization")], ref_template="#/components/schemas/{model}"
+                [(DeliveryRequest, "validation"), (Problem, "serialization")],
+                ref_template="#/components/schemas/{model}",
             )
             document.setdefault("components", {}).setdefault("schemas", {}).update(extra["$defs"])
             app.openapi_schema = document

@@ -1,6 +1,7 @@
 """Errors that are not delivery outcomes, rendered as application/problem+json."""
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -19,17 +20,43 @@ class ProblemError(Exception):
     """Raise anywhere in a request to answer with a problem document."""
 
     def __init__(
-        self, status: int, detail: str, *, headers: dict[str, str] | None = None, errors: list[FieldError] | None = None
+        self,
+        status: int,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        errors: list[FieldError] | None = None,
     ) -> None:
         super().__init__(detail)
-        self.status, self.detail, self.headers, self.errors = status, detail, headers, errors
+        self.status, self.detail, self.headers, self.errors = (
+            status,
+            detail,
+            headers,
+            errors,
+        )
 
 
 def problem_response(
-    request: Request, status: int, detail: str, *, headers: dict[str, str] | None = None, errors: list[FieldError] | None = None
+    request: Request,
+    status: int,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    errors: list[FieldError] | None = None,
 ) -> Response:
-    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, instance=request.url.path, errors=errors)
-    return Response(body.model_dump_json(exclude_none=True), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    body = Problem(
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        errors=errors,
+    )
+    return Response(
+        body.model_dump_json(exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
 
 
 async def _problem_error(request: Request, exc: Exception) -> Response:
@@ -50,7 +77,11 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(request, 500, "internal error; the delivery outcome is unknown, see the service log")
+    return problem_response(
+        request,
+        500,
+        "internal error; the delivery outcome is unknown, see the service log",
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -14,7 +14,10 @@ class UnavailableRelay:
 
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
         text = f"5.3.3 relay type {self.type!r} is not available in this version of mailrelay"
-        return same_result(envelope, Reply(code=554, enhanced_status="5.3.3", message=text, command="[RELAY]"))
+        return same_result(
+            envelope,
+            Reply(code=554, enhanced_status="5.3.3", message=text, command="[RELAY]"),
+        )
 
     async def aclose(self) -> None:
         return None

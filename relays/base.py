@@ -4,6 +4,8 @@ import inspect
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from typing_extensions import TypeIs
+
 from schemas.delivery import Envelope, RecipientResult
 from schemas.reply import Reply
 
@@ -24,9 +26,11 @@ class Relay(Protocol):
     async def aclose(self) -> None: ...
 
 
-def is_relay(obj: object) -> bool:
+def is_relay(obj: object) -> TypeIs[Relay]:
     """True when `obj` has the Relay methods, and both are coroutine functions."""
-    return isinstance(obj, Relay) and inspect.iscoroutinefunction(obj.deliver) and inspect.iscoroutinefunction(obj.aclose)
+    return (
+        isinstance(obj, Relay) and inspect.iscoroutinefunction(obj.deliver) and inspect.iscoroutinefunction(obj.aclose)
+    )
 
 
 class RelayError(Exception):
@@ -63,6 +67,8 @@ def check_results(relay_name: str, envelope: Envelope, results: Sequence[Recipie
     """Refuse results that do not answer each recipient once, in order."""
     # Counts only: recipient addresses do not belong in error logs.
     if len(results) != len(envelope.recipients):
-        raise RelayContractError(f"relay {relay_name!r} returned {len(results)} results for {len(envelope.recipients)} recipients")
+        raise RelayContractError(
+            f"relay {relay_name!r} returned {len(results)} results for {len(envelope.recipients)} recipients"
+        )
     if any(r.recipient != rcpt for r, rcpt in zip(results, envelope.recipients, strict=True)):
         raise RelayContractError(f"relay {relay_name!r} returned results out of recipient order")

@@ -15,7 +15,11 @@ class BlackholeRelay:
         self.name = name
 
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
-        reply = Reply(code=250, enhanced_status="2.0.0", message=f"2.0.0 Message Delivered; {uuid.uuid4().hex}")
+        reply = Reply(
+            code=250,
+            enhanced_status="2.0.0",
+            message=f"2.0.0 Message Delivered; {uuid.uuid4().hex}",
+        )
         return same_result(envelope, reply)
 
     async def aclose(self) -> None:

@@ -15,9 +15,22 @@ class ServiceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_recipients: int = Field(default=100, ge=1, le=100_000, description="most recipients in one delivery request")
-    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1, description="largest message in bytes; larger requests get 413")
-    retry_after: int = Field(default=60, ge=0, description="seconds put in Retry-After on a transient failure (503)")
+    max_recipients: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="most recipients in one delivery request",
+    )
+    max_message_size: int = Field(
+        default=25 * 1024 * 1024,
+        ge=1,
+        description="largest message in bytes; larger requests get 413",
+    )
+    retry_after: int = Field(
+        default=60,
+        ge=0,
+        description="seconds put in Retry-After on a transient failure (503)",
+    )
 
 
 class ServiceConfig(BaseModel):

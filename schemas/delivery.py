@@ -110,7 +110,10 @@ def _check_ip(value: str) -> str:
 Sender = Annotated[
     str,
     AfterValidator(_check_sender),
-    Field(description='envelope sender (MAIL FROM); "" is the null reverse-path used by bounces', examples=["alice@example.com"]),
+    Field(
+        description='envelope sender (MAIL FROM); "" is the null reverse-path used by bounces',
+        examples=["alice@example.com"],
+    ),
 ]
 Recipient = Annotated[str, AfterValidator(_check_recipient), Field(examples=["bob@example.net"])]
 #: Free text that ends up in process arguments and logs: one line, bounded.
@@ -149,7 +152,8 @@ class DeliveryRequest(BaseModel):
     recipients: list[Recipient] = Field(min_length=1, description="one or more envelope recipients (RCPT TO)")
     message: str | None = Field(default=None, description="the raw RFC 5322 message as text; sent as UTF-8")
     message_base64: str | None = Field(
-        default=None, description="the raw message, base64-encoded, for 8-bit or binary content (instead of `message`)"
+        default=None,
+        description="the raw message, base64-encoded, for 8-bit or binary content (instead of `message`)",
     )
     client: ClientInfo | None = None
 
@@ -224,7 +228,11 @@ class RecipientResult(BaseModel):
 
     recipient: str
     reply: Reply
-    host: str | None = Field(default=None, description="the next hop that gave the reply, as host:port", examples=["mx1.example.net:25"])
+    host: str | None = Field(
+        default=None,
+        description="the next hop that gave the reply, as host:port",
+        examples=["mx1.example.net:25"],
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -252,7 +260,10 @@ class DeliveryResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     relay: str = Field(examples=["outbound"])
-    message_id: str | None = Field(description="the message's Message-Id header, if it has one", examples=["<abc@example.com>"])
+    message_id: str | None = Field(
+        description="the message's Message-Id header, if it has one",
+        examples=["<abc@example.com>"],
+    )
     elapsed_ms: float = Field(description="time the relay took, in milliseconds", examples=[41.7])
     recipients: list[RecipientResult]
 

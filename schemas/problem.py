@@ -16,7 +16,12 @@ class Problem(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no relay named 'outbnd'; configured: outbound"}
+                {
+                    "type": "about:blank",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "no relay named 'outbnd'; configured: outbound",
+                }
             ]
         }
     )

@@ -133,17 +133,36 @@ class TlsOptions(_Options):
 
     certfile: TlsPath | None = Field(default=None, description="client certificate (PEM); `~` and `$VARS` expand")
     keyfile: TlsPath | None = Field(default=None, description="private key of `certfile` (PEM)")
-    ca_certs: TlsPath | None = Field(default=None, description="CA bundle to verify the server with; default: the system's")
-    cert_reqs: Annotated[Literal["CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED"], BeforeValidator(_cert_reqs_name)] = Field(
-        default="CERT_REQUIRED", description="server certificate verification"
+    ca_certs: TlsPath | None = Field(
+        default=None,
+        description="CA bundle to verify the server with; default: the system's",
     )
+    cert_reqs: Annotated[
+        Literal["CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED"],
+        BeforeValidator(_cert_reqs_name),
+    ] = Field(default="CERT_REQUIRED", description="server certificate verification")
     ciphers: str | None = Field(default=None, description="OpenSSL cipher list")
     ssl_version: (
-        Literal["PROTOCOL_TLS", "PROTOCOL_TLS_CLIENT", "PROTOCOL_SSLv23", "PROTOCOL_TLSv1", "PROTOCOL_TLSv1_1", "PROTOCOL_TLSv1_2"] | None
-    ) = Field(default=None, description="lowest protocol version, by its old `ssl.PROTOCOL_*` name; default: the library's")
+        Literal[
+            "PROTOCOL_TLS",
+            "PROTOCOL_TLS_CLIENT",
+            "PROTOCOL_SSLv23",
+            "PROTOCOL_TLSv1",
+            "PROTOCOL_TLSv1_1",
+            "PROTOCOL_TLSv1_2",
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="lowest protocol version, by its old `ssl.PROTOCOL_*` name; default: the library's",
+    )
     # Accepted so that old slimta files load; they have no effect on a client context.
-    server_side: Literal[False] | None = Field(default=None, description="accepted for slimta compatibility; must be false")
-    do_handshake_on_connect: bool | None = Field(default=None, description="accepted for slimta compatibility; no effect")
+    server_side: Literal[False] | None = Field(
+        default=None, description="accepted for slimta compatibility; must be false"
+    )
+    do_handshake_on_connect: bool | None = Field(
+        default=None, description="accepted for slimta compatibility; no effect"
+    )
     suppress_ragged_eofs: bool | None = Field(default=None, description="accepted for slimta compatibility; no effect")
 
 
@@ -164,12 +183,26 @@ class Credentials(_Options):
 class SmtpOptions(_Options):
     """Options shared by the SMTP relays (`mx`, `static`, `lmtp`)."""
 
-    connect_timeout: Seconds = Field(default=30, description="TCP connect (and TLS handshake for implicit TLS), seconds")
+    connect_timeout: Seconds = Field(
+        default=30,
+        description="TCP connect (and TLS handshake for implicit TLS), seconds",
+    )
     command_timeout: Seconds = Field(default=30, description="each SMTP command's reply, seconds")
     data_timeout: Seconds = Field(default=60, description="reply to the end of message data, seconds")
-    idle_timeout: NonNegativeSeconds = Field(default=10, description="keep an idle connection for reuse this long; 0 = QUIT at once")
-    concurrent_connections: int = Field(default=5, ge=1, le=10000, description="most simultaneous connections to one destination")
-    ehlo_as: EhloName = Field(default_factory=machine_fqdn, description="EHLO/HELO name; `{fqdn}` and `{hostname}` are filled in")
+    idle_timeout: NonNegativeSeconds = Field(
+        default=10,
+        description="keep an idle connection for reuse this long; 0 = QUIT at once",
+    )
+    concurrent_connections: int = Field(
+        default=5,
+        ge=1,
+        le=10000,
+        description="most simultaneous connections to one destination",
+    )
+    ehlo_as: EhloName = Field(
+        default_factory=machine_fqdn,
+        description="EHLO/HELO name; `{fqdn}` and `{hostname}` are filled in",
+    )
     tls: SmtpTlsOptions | None = Field(default=None, description="present = STARTTLS is used")
     credentials: Credentials | None = Field(default=None, description="SMTP AUTH after EHLO (and STARTTLS)")
     ipv4_only: bool = Field(default=False, description="connect over IPv4 only")
@@ -230,16 +263,36 @@ class LmtpOptions(SmtpOptions):
 class ProcessOptions(_Options):
     """Beyond slimta: how the local delivery relays run their command."""
 
-    timeout: Seconds = Field(default=300, description="kill the process group after this many seconds (transient 4.4.2)")
-    concurrent_processes: int = Field(default=10, ge=1, le=10000, description="most processes of this relay at once; others wait")
+    timeout: Seconds = Field(
+        default=300,
+        description="kill the process group after this many seconds (transient 4.4.2)",
+    )
+    concurrent_processes: int = Field(
+        default=10,
+        ge=1,
+        le=10000,
+        description="most processes of this relay at once; others wait",
+    )
     cwd: str | None = Field(default=None, description="working directory of the command")
     env: dict[str, str] | None = Field(default=None, description="environment of the command; default: the service's")
-    user: str | None = Field(default=None, description="run the command as this user (the service must run as root)")
+    user: str | None = Field(
+        default=None,
+        description="run the command as this user (the service must run as root)",
+    )
 
 
 #: The macros a `pipe` argument may contain.
 PIPE_MACROS = frozenset(
-    ["sender", "recipient", "message_id", "client_ip", "client_host", "client_ehlo", "client_protocol", "client_auth"]
+    [
+        "sender",
+        "recipient",
+        "message_id",
+        "client_ip",
+        "client_host",
+        "client_ehlo",
+        "client_protocol",
+        "client_auth",
+    ]
 )
 
 
@@ -262,9 +315,13 @@ class PipeOptions(ProcessOptions):
 
     type: Literal["pipe"]
     args: list[Annotated[str, AfterValidator(_check_pipe_arg)]] = Field(
-        min_length=1, description="command and arguments, run without a shell; macros such as {recipient} are one argument each"
+        min_length=1,
+        description="command and arguments, run without a shell; macros such as {recipient} are one argument each",
     )
-    error_pattern: str | None = Field(default=None, description="regular expression that picks the error text out of the output")
+    error_pattern: str | None = Field(
+        default=None,
+        description="regular expression that picks the error text out of the output",
+    )
 
     def describe(self) -> str:
         return f"runs {' '.join(self.args)} per recipient"
@@ -291,8 +348,15 @@ class MaildropOptions(ProcessOptions):
     """Local delivery with courier maildrop."""
 
     type: Literal["maildrop"]
-    path: str = Field(default="maildrop", min_length=1, description="the maildrop binary; default: found on $PATH")
-    extra_args: list[str] = Field(default_factory=list, description="beyond slimta: arguments after `-f sender`, such as a filter file")
+    path: str = Field(
+        default="maildrop",
+        min_length=1,
+        description="the maildrop binary; default: found on $PATH",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="beyond slimta: arguments after `-f sender`, such as a filter file",
+    )
 
     def describe(self) -> str:
         return f"maildrop delivery with {' '.join([self.path, *self.extra_args])}"
@@ -303,9 +367,14 @@ class DovecotOptions(ProcessOptions):
 
     type: Literal["dovecot"]
     path: str = Field(
-        default="dovecot-lda", min_length=1, description="the dovecot-lda binary; default: $PATH, then /usr/lib/dovecot/dovecot-lda"
+        default="dovecot-lda",
+        min_length=1,
+        description="the dovecot-lda binary; default: $PATH, then /usr/lib/dovecot/dovecot-lda",
     )
-    extra_args: list[str] = Field(default_factory=list, description="beyond slimta: more arguments, such as `-c /etc/dovecot/x.conf`")
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="beyond slimta: more arguments, such as `-c /etc/dovecot/x.conf`",
+    )
 
     def describe(self) -> str:
         return f"dovecot LDA delivery with {' '.join([self.path, *self.extra_args])}"
@@ -331,9 +400,20 @@ class HttpOptions(_Options):
     url: Annotated[str, AfterValidator(_check_url)] = Field(description="where to POST the message")
     ehlo_as: EhloName = Field(default_factory=machine_fqdn, description="sent as the X-Ehlo header")
     timeout: Seconds = Field(default=60, description="whole request and response, seconds")
-    idle_timeout: NonNegativeSeconds | None = Field(default=None, description="keep connections for reuse this long; none = close after each")
-    tls: TlsOptions | None = Field(default=None, description="present = HTTPS; an https:// URL alone means default verification")
-    concurrent_connections: int = Field(default=100, ge=1, le=10000, description="beyond slimta: most simultaneous connections")
+    idle_timeout: NonNegativeSeconds | None = Field(
+        default=None,
+        description="keep connections for reuse this long; none = close after each",
+    )
+    tls: TlsOptions | None = Field(
+        default=None,
+        description="present = HTTPS; an https:// URL alone means default verification",
+    )
+    concurrent_connections: int = Field(
+        default=100,
+        ge=1,
+        le=10000,
+        description="beyond slimta: most simultaneous connections",
+    )
 
     def describe(self) -> str:
         return f"HTTP POST to {self.url}"

@@ -20,9 +20,14 @@ class Reply(BaseModel):
 
     code: int = Field(ge=200, le=599, description="3-digit SMTP reply code", examples=[250])
     enhanced_status: str | None = Field(
-        default=None, description="RFC 3463 enhanced status code, when the text starts with one", examples=["2.0.0"]
+        default=None,
+        description="RFC 3463 enhanced status code, when the text starts with one",
+        examples=["2.0.0"],
     )
-    message: str = Field(description="reply text as sent by the next hop", examples=["2.0.0 Ok: queued as 4F1C"])
+    message: str = Field(
+        description="reply text as sent by the next hop",
+        examples=["2.0.0 Ok: queued as 4F1C"],
+    )
     command: str | None = Field(
         default=None,
         description="the command this reply answered: MAIL, RCPT, DATA, or a step such as [CONNECT], [SEND_DATA], [TIMEOUT]",

@@ -25,10 +25,19 @@ async def healthz() -> Health:
     "/readyz",
     name="readyz",
     response_model=Health,
-    responses={503: {"description": "draining for shutdown", "content": {"application/problem+json": {}}}},
+    responses={
+        503: {
+            "description": "draining for shutdown",
+            "content": {"application/problem+json": {}},
+        }
+    },
 )
 async def readyz(runtime: RuntimeDep) -> Health:
     """Readiness: 200 when configured and accepting deliveries; 503 while draining on shutdown."""
     if runtime.draining:
-        raise ProblemError(503, "draining for shutdown; not accepting deliveries", headers={"Retry-After": "5"})
+        raise ProblemError(
+            503,
+            "draining for shutdown; not accepting deliveries",
+            headers={"Retry-After": "5"},
+        )
     return Health()

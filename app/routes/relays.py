@@ -28,7 +28,10 @@ class RelayList(BaseModel):
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 
 
 def _result(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -39,7 +42,11 @@ def _result(description: str, headers: dict[str, Any] | None = None) -> dict[str
             "example": '250; message="2.0.0 Ok: queued as 4F1C"; command="[SEND_DATA]"',
         }
     }
-    return {"description": description, "model": DeliveryResult, "headers": {**smtp_reply, **(headers or {})}}
+    return {
+        "description": description,
+        "model": DeliveryResult,
+        "headers": {**smtp_reply, **(headers or {})},
+    }
 
 
 @router.get("", name="list_relays", response_model=RelayList)
@@ -48,7 +55,12 @@ async def list_relays(runtime: RuntimeDep) -> RelayList:
     return RelayList(relays=[_info(name, opts) for name, opts in runtime.config.relay.items()])
 
 
-@router.get("/{name}", name="get_relay", response_model=RelayInfo, responses={404: _problem("no relay of that name")})
+@router.get(
+    "/{name}",
+    name="get_relay",
+    response_model=RelayInfo,
+    responses={404: _problem("no relay of that name")},
+)
 async def get_relay(name: RelayName, runtime: RuntimeDep) -> RelayInfo:
     """One relay, in the same shape as in the list."""
     options = runtime.config.relay.get(name)
@@ -67,7 +79,11 @@ _DELIVER_BODY = {
     "content": {
         JSON: {"schema": {"$ref": "#/components/schemas/DeliveryRequest"}},
         RFC822: {
-            "schema": {"type": "string", "format": "binary", "description": "the raw message; the envelope is in X-Envelope-* headers"},
+            "schema": {
+                "type": "string",
+                "format": "binary",
+                "description": "the raw message; the envelope is in X-Envelope-* headers",
+            },
             "example": "From: alice@example.com\r\nSubject: hi\r\n\r\nHello\r\n",
         },
     },
@@ -112,12 +128,19 @@ _RAW_HEADERS = [
         400: _result("permanent failure: no recipient delivered, and retrying will not help"),
         503: _result(
             "transient failure (no recipient delivered; retry later) — or a problem document when the service is not ready",
-            {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+            {
+                "Retry-After": {
+                    "description": "seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                }
+            },
         ),
         404: _problem("no relay of that name"),
         413: _problem("the message is larger than the configured limit; nothing was delivered"),
         415: _problem("the Content-Type is neither application/json nor message/rfc822"),
-        422: _problem("the request is invalid (addresses, recipients, message, base64, unknown fields); nothing was delivered"),
+        422: _problem(
+            "the request is invalid (addresses, recipients, message, base64, unknown fields); nothing was delivered"
+        ),
     },
 )
 async def deliver(name: RelayName, relay: RelayDep, runtime: RuntimeDep, request: Request) -> Response:
@@ -135,7 +158,12 @@ async def deliver(name: RelayName, relay: RelayDep, runtime: RuntimeDep, request
     results = await relay.deliver(envelope)
     elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
     check_results(name, envelope, results)
-    result = DeliveryResult(relay=name, message_id=envelope.message_id, elapsed_ms=elapsed_ms, recipients=results)
+    result = DeliveryResult(
+        relay=name,
+        message_id=envelope.message_id,
+        elapsed_ms=elapsed_ms,
+        recipients=results,
+    )
 
     status = _HTTP_STATUS[result.status]
     headers = {"X-Smtp-Reply": format_smtp_reply(summary_reply(result))}
@@ -144,7 +172,12 @@ async def deliver(name: RelayName, relay: RelayDep, runtime: RuntimeDep, request
     return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers)
 
 
-_HTTP_STATUS = {"delivered": 200, "partial": 207, "transient_failure": 503, "permanent_failure": 400}
+_HTTP_STATUS = {
+    "delivered": 200,
+    "partial": 207,
+    "transient_failure": 503,
+    "permanent_failure": 400,
+}
 
 
 def summary_reply(result: DeliveryResult) -> Reply:
@@ -169,4 +202,6 @@ def format_smtp_reply(reply: Reply) -> str:
 
 
 def _header_text(text: str) -> str:
-    return "".join(c if " " <= c <= "~" and c != '"' else ("'" if c == '"' else " " if c in "\r\n\t" else "?") for c in text)
+    return "".join(
+        c if " " <= c <= "~" and c != '"' else ("'" if c == '"' else " " if c in "\r\n\t" else "?") for c in text
+    )
