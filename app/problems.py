@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,13 @@ from schemas.problem import FieldError, Problem
 
 logger = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
+
+
+def problem_doc(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 
 
 class ProblemError(Exception):

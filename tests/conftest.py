@@ -48,8 +48,8 @@ def make_client() -> Iterator[Callable[[str], TestClient]]:
     """Clients that run the app's lifespan (a bare ASGI transport would skip it)."""
     clients: list[TestClient] = []
 
-    def make(text: str = SCRIPTED_YAML, **kwargs: bool) -> TestClient:
-        client = TestClient(create_app(config_from(text)), **kwargs)
+    def make(text: str = SCRIPTED_YAML, raise_server_exceptions: bool = True) -> TestClient:
+        client = TestClient(create_app(config_from(text)), raise_server_exceptions=raise_server_exceptions)
         client.__enter__()
         clients.append(client)
         return client
@@ -72,11 +72,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def write_config(tmp_path: Path) -> Callable[[str], Path]:
+def write_config(tmp_path: Path) -> Callable[..., Path]:
     def write(text: str, name: str = "mailrelay.yaml") -> Path:
         path = tmp_path / name
         path.write_text(textwrap.dedent(text), encoding="utf-8")
         return path
 
     return write
-

@@ -27,7 +27,9 @@ class ScriptedRelay:
         for rcpt in envelope.recipients:
             code, _, text = self.replies.get(rcpt, "250 2.0.0 Ok: queued").partition(" ")
             command = "[SEND_DATA]" if code.startswith("2") else self.command
-            results.append(RecipientResult(recipient=rcpt, reply=Reply.parse(int(code), text, command), host="sink.test:25"))
+            results.append(
+                RecipientResult(recipient=rcpt, reply=Reply.parse(int(code), text, command), host="sink.test:25")
+            )
         return results[1:] if self.misbehave == "drop_one" else results
 
     async def aclose(self) -> None:

@@ -24,14 +24,26 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "credentials": None,
     "ipv4_only": False,
 }
-PROCESS_DEFAULTS: dict[str, Any] = {"timeout": 300.0, "concurrent_processes": 10, "cwd": None, "env": None, "user": None}
+PROCESS_DEFAULTS: dict[str, Any] = {
+    "timeout": 300.0,
+    "concurrent_processes": 10,
+    "cwd": None,
+    "env": None,
+    "user": None,
+}
 
 # (the relay's mapping in the file, every option GET /relays must show)
 DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"type": "mx"}, {"type": "mx", **SMTP_DEFAULTS, "force_mx": {}, "port": 25}),
-    ({"type": "static", "host": "smtp.example.com"}, {"type": "static", **SMTP_DEFAULTS, "host": "smtp.example.com", "port": 25}),
+    (
+        {"type": "static", "host": "smtp.example.com"},
+        {"type": "static", **SMTP_DEFAULTS, "host": "smtp.example.com", "port": 25},
+    ),
     ({"type": "lmtp"}, {"type": "lmtp", **SMTP_DEFAULTS, "host": "localhost", "port": 24}),
-    ({"type": "pipe", "args": ["/bin/cat"]}, {"type": "pipe", **PROCESS_DEFAULTS, "args": ["/bin/cat"], "error_pattern": None}),
+    (
+        {"type": "pipe", "args": ["/bin/cat"]},
+        {"type": "pipe", **PROCESS_DEFAULTS, "args": ["/bin/cat"], "error_pattern": None},
+    ),
     ({"type": "maildrop"}, {"type": "maildrop", **PROCESS_DEFAULTS, "path": "maildrop", "extra_args": []}),
     ({"type": "dovecot"}, {"type": "dovecot", **PROCESS_DEFAULTS, "path": "dovecot-lda", "extra_args": []}),
     (
@@ -52,7 +64,9 @@ DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
 
 
 def relay_config(options: dict[str, Any]) -> str:
-    lines = ["relay:", "  r:"] + [f"    {k}: {v!r}" if isinstance(v, str) else f"    {k}: {v}" for k, v in options.items()]
+    lines = ["relay:", "  r:"] + [
+        f"    {k}: {v!r}" if isinstance(v, str) else f"    {k}: {v}" for k, v in options.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +96,7 @@ def test_embedded_default_is_one_blackhole(monkeypatch: pytest.MonkeyPatch) -> N
     assert loaded.config.mailrelay.max_message_size == 25 * 1024 * 1024
 
 
-def test_config_path_from_environment(monkeypatch: pytest.MonkeyPatch, write_config: Callable[[str], Path]) -> None:
+def test_config_path_from_environment(monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path]) -> None:
     path = write_config("relay:\n  from_env: {type: blackhole}\n")
     monkeypatch.setenv("MAILRELAY_CONFIG", str(path))
     assert list(load_config(None).config.relay) == ["from_env"]
@@ -127,7 +141,10 @@ def test_tls_paths_expand_home_and_variables(monkeypatch: pytest.MonkeyPatch, tm
         (tmp_path / "certs" / name).write_text("x")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CERTS", str(tmp_path / "certs"))
-    text = relay_config({"type": "static", "host": "h"}) + "    tls: {certfile: ~/certs/client.pem, keyfile: $CERTS/client.key}\n"
+    text = (
+        relay_config({"type": "static", "host": "h"})
+        + "    tls: {certfile: ~/certs/client.pem, keyfile: $CERTS/client.key}\n"
+    )
     tls = public_options(parse_config(text, "<test>").config.relay["r"])["tls"]
     assert tls["certfile"] == str(tmp_path / "certs" / "client.pem")
     assert tls["keyfile"] == str(tmp_path / "certs" / "client.key")
@@ -138,27 +155,57 @@ def test_tls_paths_expand_home_and_variables(monkeypatch: pytest.MonkeyPatch, tm
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("relay:\n  outbound: {type: static, host: h, port: abc}\n", ["relay.outbound.port: Input should be a valid integer"]),
+        (
+            "relay:\n  outbound: {type: static, host: h, port: abc}\n",
+            ["relay.outbound.port: Input should be a valid integer"],
+        ),
         ("relay:\n  outbound: {type: static}\n", ["relay.outbound.host: Field required"]),
-        ("relay:\n  o: {type: static, host: h, port: 70000}\n", ["relay.o.port: Input should be less than or equal to 65535"]),
+        (
+            "relay:\n  o: {type: static, host: h, port: 70000}\n",
+            ["relay.o.port: Input should be less than or equal to 65535"],
+        ),
         ("relay:\n  o: {type: mx, connect_timeout: 0}\n", ["relay.o.connect_timeout: Input should be greater than 0"]),
-        ("relay:\n  o: {type: pipe, args: [/bin/x, '{rcpt}']}\n", ["relay.o.args[1]: unknown macro {rcpt} in '{rcpt}'"]),
+        (
+            "relay:\n  o: {type: pipe, args: [/bin/x, '{rcpt}']}\n",
+            ["relay.o.args[1]: unknown macro {rcpt} in '{rcpt}'"],
+        ),
         ("relay:\n  o: {type: pipe, args: []}\n", ["relay.o.args: List should have at least 1 item"]),
-        ("relay:\n  o: {type: pipe, args: [x], error_pattern: '('}\n", ["relay.o.error_pattern: not a valid regular expression"]),
+        (
+            "relay:\n  o: {type: pipe, args: [x], error_pattern: '('}\n",
+            ["relay.o.error_pattern: not a valid regular expression"],
+        ),
         ("relay:\n  o: {type: http, url: 'ftp://x/'}\n", ["relay.o.url: must be an absolute http:// or https:// URL"]),
-        ("relay:\n  o: {type: mx, force_mx: {a.test: 'h:99999'}}\n", ["relay.o.force_mx.a.test: port '99999' is not a number"]),
+        (
+            "relay:\n  o: {type: mx, force_mx: {a.test: 'h:99999'}}\n",
+            ["relay.o.force_mx.a.test: port '99999' is not a number"],
+        ),
         ("relay:\n  o: {type: static, host: h, ehlo_as: '{domain}'}\n", ["relay.o.ehlo_as: unknown placeholder"]),
-        ("relay:\n  o: {type: static, host: h, credentials: {username: u}}\n", ["relay.o.credentials.password: Field required"]),
+        (
+            "relay:\n  o: {type: static, host: h, credentials: {username: u}}\n",
+            ["relay.o.credentials.password: Field required"],
+        ),
         ("relay:\n  o: {type: static, host: h, tls: {ca_cert: x}}\n", ["relay.o.tls.ca_cert: unknown key"]),
-        ("relay:\n  o: {type: static, host: h, tls: {cert_reqs: 7}}\n", ["relay.o.tls.cert_reqs: Input should be 'CERT_NONE'"]),
-        ("relay:\n  o: {type: nope}\n", ["relay.o.type: unknown relay type 'nope'; valid types: blackhole, custom, dovecot"]),
+        (
+            "relay:\n  o: {type: static, host: h, tls: {cert_reqs: 7}}\n",
+            ["relay.o.tls.cert_reqs: Input should be 'CERT_NONE'"],
+        ),
+        (
+            "relay:\n  o: {type: nope}\n",
+            ["relay.o.type: unknown relay type 'nope'; valid types: blackhole, custom, dovecot"],
+        ),
         ("relay:\n  o: {host: h}\n", ["relay.o.type: missing; valid types: blackhole"]),
         ("relay:\n  o: 5\n", ["relay.o: must be a mapping of options with a `type`"]),
         ("relay:\n  'a/b': {type: blackhole}\n", ["relay.a/b: relay names may use letters, digits and . _ ~ -"]),
-        ("relay:\n  o: {type: blackhole}\nmailrelay: {max_recipients: 0}\n", ["mailrelay.max_recipients: Input should be greater"]),
+        (
+            "relay:\n  o: {type: blackhole}\nmailrelay: {max_recipients: 0}\n",
+            ["mailrelay.max_recipients: Input should be greater"],
+        ),
         ("relay:\n  o: {type: blackhole}\nmailrelay: {max_recipient: 5}\n", ["mailrelay.max_recipient: unknown key"]),
         ("relay:\n  o: {type: custom}\n", ["relay.o.factory: Field required"]),
-        ("relay:\n  o: {type: blackhole}\n  p: {type: static, host: h, tls: !secret x}\n", ["relay.p.tls: YAML tag !secret"]),
+        (
+            "relay:\n  o: {type: blackhole}\n  p: {type: static, host: h, tls: !secret x}\n",
+            ["relay.p.tls: YAML tag !secret"],
+        ),
     ],
 )
 def test_errors_name_the_key_path(text: str, expected: list[str]) -> None:
@@ -176,7 +223,12 @@ relay:
   c: {type: pipe, args: ['{bad}']}
   d: {type: custom, factory: "no_such_module_here:make"}
 """
-    assert [p.split(":")[0] for p in problems(text)] == ["relay.a.port", "relay.b.type", "relay.c.args[0]", "relay.d.factory"]
+    assert [p.split(":")[0] for p in problems(text)] == [
+        "relay.a.port",
+        "relay.b.type",
+        "relay.c.args[0]",
+        "relay.d.factory",
+    ]
 
 
 def test_unknown_keys_are_dropped_with_a_warning() -> None:
@@ -187,7 +239,9 @@ def test_unknown_keys_are_dropped_with_a_warning() -> None:
         ("relay.o.pool_size", "unknown option for type 'static'; ignored"),
     ]
     assert "bogus" not in public_options(loaded.config.relay["o"])
-    assert not any(w.path.startswith("relay.m") and "unknown" in w.message for w in loaded.warnings)  # an alias is known
+    assert not any(
+        w.path.startswith("relay.m") and "unknown" in w.message for w in loaded.warnings
+    )  # an alias is known
 
 
 @pytest.mark.parametrize(
@@ -209,7 +263,9 @@ def test_ehlo_as_that_servers_refuse_warns(ehlo: str, warned: bool) -> None:
 
 
 def test_ehlo_templates_are_filled() -> None:
-    loaded = parse_config("relay:\n  o: {type: http, url: 'http://x/', ehlo_as: 'relay.{hostname}.example'}\n", "<test>")
+    loaded = parse_config(
+        "relay:\n  o: {type: http, url: 'http://x/', ehlo_as: 'relay.{hostname}.example'}\n", "<test>"
+    )
     assert public_options(loaded.config.relay["o"])["ehlo_as"] == f"relay.{socket.gethostname()}.example"
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from app.deps import RuntimeDep
-from app.problems import ProblemError
+from app.problems import ProblemError, problem_doc
 
 router = APIRouter(tags=["health"])
 
@@ -25,12 +25,7 @@ async def healthz() -> Health:
     "/readyz",
     name="readyz",
     response_model=Health,
-    responses={
-        503: {
-            "description": "draining for shutdown",
-            "content": {"application/problem+json": {}},
-        }
-    },
+    responses={503: problem_doc("draining for shutdown")},
 )
 async def readyz(runtime: RuntimeDep) -> Health:
     """Readiness: 200 when configured and accepting deliveries; 503 while draining on shutdown."""

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from app.deps import RelayDep, RelayName, RuntimeDep, unknown_relay
 from app.intake import JSON, RFC822, read_envelope
-from app.problems import PROBLEM_JSON
+from app.problems import problem_doc
 from relays.base import check_results
 from schemas.delivery import DeliveryResult
 from schemas.relay_options import public_options
@@ -25,13 +25,6 @@ class RelayInfo(BaseModel):
 
 class RelayList(BaseModel):
     relays: list[RelayInfo]
-
-
-def _problem(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-    }
 
 
 def _result(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -59,7 +52,7 @@ async def list_relays(runtime: RuntimeDep) -> RelayList:
     "/{name}",
     name="get_relay",
     response_model=RelayInfo,
-    responses={404: _problem("no relay of that name")},
+    responses={404: problem_doc("no relay of that name"), 422: problem_doc("the request is invalid")},
 )
 async def get_relay(name: RelayName, runtime: RuntimeDep) -> RelayInfo:
     """One relay, in the same shape as in the list."""
@@ -135,10 +128,10 @@ _RAW_HEADERS = [
                 }
             },
         ),
-        404: _problem("no relay of that name"),
-        413: _problem("the message is larger than the configured limit; nothing was delivered"),
-        415: _problem("the Content-Type is neither application/json nor message/rfc822"),
-        422: _problem(
+        404: problem_doc("no relay of that name"),
+        413: problem_doc("the message is larger than the configured limit; nothing was delivered"),
+        415: problem_doc("the Content-Type is neither application/json nor message/rfc822"),
+        422: problem_doc(
             "the request is invalid (addresses, recipients, message, base64, unknown fields); nothing was delivered"
         ),
     },

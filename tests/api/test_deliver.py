@@ -29,10 +29,10 @@ def post_json(client: TestClient, body: dict[str, Any], relay: str = "scripted")
     return client.post(f"/relays/{relay}/deliver", json=body)
 
 
-def post_raw(client: TestClient, headers: list[tuple[str, str]], body: bytes = MESSAGE.encode(), relay: str = "scripted") -> Any:
-    return client.post(
-        f"/relays/{relay}/deliver", content=body, headers=[("Content-Type", "message/rfc822"), *headers]
-    )
+def post_raw(
+    client: TestClient, headers: list[tuple[str, str]], body: bytes = MESSAGE.encode(), relay: str = "scripted"
+) -> Any:
+    return client.post(f"/relays/{relay}/deliver", content=body, headers=[("Content-Type", "message/rfc822"), *headers])
 
 
 def problem_locs(response: Any) -> list[str]:
@@ -41,7 +41,10 @@ def problem_locs(response: Any) -> list[str]:
 
 
 def test_json_form_delivers_and_reports_each_recipient(client: TestClient) -> None:
-    response = post_json(client, {"sender": "alice@example.com", "recipients": ["bob@example.net", "eve@example.org"], "message": MESSAGE})
+    response = post_json(
+        client,
+        {"sender": "alice@example.com", "recipients": ["bob@example.net", "eve@example.org"], "message": MESSAGE},
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["relay"] == "scripted"
@@ -76,8 +79,16 @@ def test_json_form_takes_base64_for_binary_messages(client: TestClient) -> None:
 
 
 def test_json_form_passes_client_facts(client: TestClient) -> None:
-    facts = {"ip": "192.0.2.1", "host": "client.example.com", "ehlo": "client.example.com", "protocol": "ESMTPA", "auth": "alice"}
-    response = post_json(client, {"sender": "a@example.com", "recipients": ["b@example.net"], "message": MESSAGE, "client": facts})
+    facts = {
+        "ip": "192.0.2.1",
+        "host": "client.example.com",
+        "ehlo": "client.example.com",
+        "protocol": "ESMTPA",
+        "auth": "alice",
+    }
+    response = post_json(
+        client, {"sender": "a@example.com", "recipients": ["b@example.net"], "message": MESSAGE, "client": facts}
+    )
     assert response.status_code == 200
     (envelope,) = scripted(client).delivered
     assert envelope.client is not None
@@ -107,7 +118,10 @@ def test_raw_form_repeated_and_comma_separated_recipients(client: TestClient) ->
 
 
 def test_raw_form_empty_sender_and_ehlo(client: TestClient) -> None:
-    response = post_raw(client, [("X-Envelope-Sender", ""), ("X-Envelope-Recipient", b64("b@example.net")), ("X-Ehlo", "edge.example.com")])
+    response = post_raw(
+        client,
+        [("X-Envelope-Sender", ""), ("X-Envelope-Recipient", b64("b@example.net")), ("X-Ehlo", "edge.example.com")],
+    )
     assert response.status_code == 200
     (envelope,) = scripted(client).delivered
     assert envelope.sender == ""
@@ -136,7 +150,7 @@ def test_raw_form_empty_sender_and_ehlo(client: TestClient) -> None:
             ["quota@example.net", "bad@example.net"],
             400,
             "permanent_failure",
-            "552; message=\"5.2.2 Mailbox 'full'\"; command=\"RCPT\"",
+            '552; message="5.2.2 Mailbox \'full\'"; command="RCPT"',
         ),
     ],
 )
@@ -145,7 +159,10 @@ def test_status_mapping(
 ) -> None:
     for response in (
         post_json(client, {"sender": "a@example.com", "recipients": recipients, "message": MESSAGE}),
-        post_raw(client, [("X-Envelope-Sender", b64("a@example.com")), *[("X-Envelope-Recipient", b64(r)) for r in recipients]]),
+        post_raw(
+            client,
+            [("X-Envelope-Sender", b64("a@example.com")), *[("X-Envelope-Recipient", b64(r)) for r in recipients]],
+        ),
     ):
         assert response.status_code == http_status
         assert response.headers["content-type"] == "application/json"
@@ -158,7 +175,9 @@ def test_status_mapping(
 
 
 def test_per_recipient_results_keep_enhanced_codes(client: TestClient) -> None:
-    response = post_json(client, {"sender": "a@x.test", "recipients": ["ok@example.net", "bad@example.net"], "message": MESSAGE})
+    response = post_json(
+        client, {"sender": "a@x.test", "recipients": ["ok@example.net", "bad@example.net"], "message": MESSAGE}
+    )
     ok, bad = response.json()["recipients"]
     assert (ok["status"], bad["status"]) == ("delivered", "permanent_failure")
     assert bad["reply"] == {
@@ -216,7 +235,9 @@ def test_addresses_that_are_accepted(client: TestClient, address: str) -> None:
 
 
 def test_invalid_json_is_422(client: TestClient) -> None:
-    response = client.post("/relays/scripted/deliver", content=b"{not json", headers={"Content-Type": "application/json"})
+    response = client.post(
+        "/relays/scripted/deliver", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
 
@@ -226,7 +247,11 @@ def test_invalid_json_is_422(client: TestClient) -> None:
     [
         ([("X-Envelope-Recipient", b64("b@example.net"))], MESSAGE.encode(), "X-Envelope-Sender"),
         ([("X-Envelope-Sender", b64("a@example.com"))], MESSAGE.encode(), "X-Envelope-Recipient"),
-        ([("X-Envelope-Sender", "%%%"), ("X-Envelope-Recipient", b64("b@example.net"))], MESSAGE.encode(), "X-Envelope-Sender"),
+        (
+            [("X-Envelope-Sender", "%%%"), ("X-Envelope-Recipient", b64("b@example.net"))],
+            MESSAGE.encode(),
+            "X-Envelope-Sender",
+        ),
         (
             [("X-Envelope-Sender", b64("a@example.com")), ("X-Envelope-Recipient", "YQ")],  # missing padding
             MESSAGE.encode(),
@@ -244,7 +269,10 @@ def test_invalid_json_is_422(client: TestClient) -> None:
         ),
         ([("X-Envelope-Sender", b64("a@example.com")), ("X-Envelope-Recipient", b64("b@x.test"))], b"", "body"),
         (
-            [("X-Envelope-Sender", b64("a@x.test")), *[("X-Envelope-Recipient", b64(f"r{i}@x.test")) for i in range(6)]],
+            [
+                ("X-Envelope-Sender", b64("a@x.test")),
+                *[("X-Envelope-Recipient", b64(f"r{i}@x.test")) for i in range(6)],
+            ],
             MESSAGE.encode(),
             "recipients",
         ),
@@ -269,7 +297,9 @@ def test_message_over_the_size_limit_is_413(client: TestClient) -> None:
     for response in (
         post_json(client, {**GOOD, "message": big}),
         post_json(client, {**GOOD, "message": None, "message_base64": base64.b64encode(big.encode()).decode()}),
-        post_raw(client, [("X-Envelope-Sender", b64("a@x.test")), ("X-Envelope-Recipient", b64("b@x.test"))], big.encode()),
+        post_raw(
+            client, [("X-Envelope-Sender", b64("a@x.test")), ("X-Envelope-Recipient", b64("b@x.test"))], big.encode()
+        ),
     ):
         assert response.status_code == 413
         assert response.headers["content-type"] == "application/problem+json"
@@ -295,7 +325,9 @@ def test_other_media_types_are_415(client: TestClient, content_type: str | None)
 
 def test_content_type_parameters_are_accepted(client: TestClient) -> None:
     response = client.post(
-        "/relays/scripted/deliver", content=json.dumps(GOOD).encode(), headers={"Content-Type": "Application/JSON; charset=utf-8"}
+        "/relays/scripted/deliver",
+        content=json.dumps(GOOD).encode(),
+        headers={"Content-Type": "Application/JSON; charset=utf-8"},
     )
     assert response.status_code == 200
 
