@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -92,6 +93,8 @@ def _load(path: str | None) -> LoadedConfig | None:
 
 
 def _print_problems(exc: ConfigError) -> None:
+    for warning in exc.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for problem in exc.problems:
         print(str(problem), file=sys.stderr)
 
@@ -155,6 +158,9 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         await server.serve()
         return 0 if server.started else 1
 
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the
+    # previous handler; a no-op one lets the process exit 0 after a clean stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(serve())
 

@@ -93,7 +93,7 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
             except ValueError as exc:
                 problems.append(ConfigProblem(path=path, message=str(exc)))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, warnings)
     for name, options in config.relay.items():
         ehlo = getattr(options, "ehlo_as", None)
         if ehlo and (warning := ehlo_warning(ehlo)):

@@ -57,9 +57,10 @@ class ConfigProblem(BaseModel):
 class ConfigError(Exception):
     """A configuration that cannot be used; carries every problem found, not just the first."""
 
-    def __init__(self, problems: list[ConfigProblem]) -> None:
+    def __init__(self, problems: list[ConfigProblem], warnings: list[ConfigProblem] | None = None) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+        self.warnings = warnings or []
 
     @classmethod
     def at(cls, path: str, message: str) -> "ConfigError":

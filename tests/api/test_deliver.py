@@ -2,7 +2,7 @@
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, cast
 
 import pytest
@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.lifespan import Runtime
 from app.main import create_app
+from relays.registry import open_relays
 from tests.conftest import config_from
 from tests.scripted import ScriptedRelay
 
@@ -413,3 +414,43 @@ def test_relays_are_closed_at_shutdown() -> None:
         relay = scripted(client, "s")
         assert not relay.closed
     assert relay.closed
+
+
+async def test_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
+    """No Content-Length (chunked): the service stops pulling the body at the limit."""
+    config = config_from("relay:\n  b: {type: blackhole}\nmailrelay: {max_message_size: 1000}\n")
+    relays = await open_relays(config.relay)
+    pulled = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b"x" * 100, "more_body": pulled < 1000}
+
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/relays/b/deliver",
+        "raw_path": b"/relays/b/deliver",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"message/rfc822"),
+            (b"x-envelope-sender", b""),
+            (b"x-envelope-recipient", b64("b@example.net").encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8080),
+        "state": {"runtime": Runtime(config=config, relays=relays)},
+    }
+    await create_app(config)(scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert pulled == 11  # 1100 bytes: the first chunk past 1000

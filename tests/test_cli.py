@@ -1,0 +1,266 @@
+"""The `mailrelay` command run for real: check-config, openapi, serve as a subprocess."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.cli import main
+from app.config import load_config
+from app.main import create_app
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_YAML = """\
+relay:
+  outbound:
+    type: static
+    host: smtp.example.com
+    credentials: {username: u, password: do-not-print}
+  discard:
+    type: blackhole
+  scripted:
+    type: custom
+    factory: tests.scripted:factory
+    replies: {"bad@example.net": "550 5.1.1 User unknown"}
+mailrelay:
+  max_message_size: 2000
+"""
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - our own CLI with test arguments
+        [sys.executable, "-m", "app", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_config_valid(write_config: Callable[..., Path]) -> None:
+    path = write_config(GOOD_YAML)
+    result = run("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}: valid, 3 relay(s)",
+        "outbound: static: SMTP to smtp.example.com:25 (tls: no, auth: yes, 5 connections)",
+        "discard: blackhole: accepts every message and discards it",
+        "scripted: custom: custom relay from tests.scripted:factory",
+    ]
+    assert "do-not-print" not in result.stdout + result.stderr
+
+
+def test_check_config_invalid_lists_every_problem(write_config: Callable[..., Path]) -> None:
+    path = write_config("edge: {}\nrelay:\n  outbound: {type: static, host: h, port: abc}\n  x: {type: nope}\n")
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "warning: edge: section not used by mailrelay; ignored"
+    assert lines[1].startswith("relay.outbound.port: Input should be a valid integer")
+    assert lines[2].startswith("relay.x.type: unknown relay type 'nope'; valid types: blackhole, custom")
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "no such file"), ("relay: [\n", "invalid YAML"), ("relay: {}\n", "relay: missing or empty")],
+)
+def test_check_config_file_problems_are_one_line(tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_uses_the_environment_then_the_default(write_config: Callable[..., Path]) -> None:
+    path = write_config("relay:\n  env_relay: {type: blackhole}\n")
+    assert "env_relay: blackhole" in run("check-config", env={"MAILRELAY_CONFIG": str(path)}).stdout
+    env = {k: v for k, v in os.environ.items() if k != "MAILRELAY_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "check-config"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.stdout.splitlines()[0] == "<embedded default>: valid, 1 relay(s)"
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["check-config"], ["openapi"]])
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage: mailrelay" in capsys.readouterr().out
+
+
+def test_committed_openapi_document_is_current() -> None:
+    committed = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+    assert create_app(load_config(None).config).openapi() == committed, (
+        "openapi/openapi.json is stale: run `mailrelay openapi --output openapi/openapi.json`"
+    )
+
+
+def test_openapi_command_prints_the_document() -> None:
+    result = run("openapi")
+    assert result.returncode == 0
+    document = json.loads(result.stdout)
+    assert document["paths"]["/relays/{name}/deliver"]["post"]["operationId"] == "deliver"
+    assert set(document["paths"]["/relays/{name}/deliver"]["post"]["requestBody"]["content"]) == {
+        "application/json",
+        "message/rfc822",
+    }
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process, self.url = process, f"http://127.0.0.1:{port}"
+
+
+def start_server(config: Path | None, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    args = [sys.executable, "-m", "app", "serve", "--port", str(port)]
+    if config:
+        args += ["--config", str(config)]
+    process = subprocess.Popen(  # noqa: S603
+        args,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, port
+
+
+def wait_ready(url: str, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.communicate()[1]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError("server did not become ready within 20 s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    config = tmp_path_factory.mktemp("serve") / "mailrelay.yaml"
+    config.write_text(GOOD_YAML)
+    process, port = start_server(config)
+    served = Server(process, port)
+    try:
+        wait_ready(served.url, process)
+        yield served
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert process.returncode == 0
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_served_json_and_raw_forms(server: Server) -> None:
+    message = "Subject: e2e\r\n\r\nhello\r\n"
+    response = httpx.post(
+        f"{server.url}/relays/scripted/deliver",
+        json={"sender": "a@example.com", "recipients": ["ok@example.net", "bad@example.net"], "message": message},
+    )
+    assert response.status_code == 207
+    assert [r["status"] for r in response.json()["recipients"]] == ["delivered", "permanent_failure"]
+    assert response.headers["x-smtp-reply"] == '550; message="5.1.1 User unknown"; command="RCPT"'
+    response = httpx.post(
+        f"{server.url}/relays/discard/deliver",
+        content=message.encode(),
+        headers={
+            "Content-Type": "message/rfc822",
+            "X-Envelope-Sender": b64("a@example.com"),
+            "X-Envelope-Recipient": b64("b@example.net"),
+        },
+    )
+    assert response.status_code == 200
+    assert response.json()["status"] == "delivered"
+
+
+def test_served_relays_hide_secrets(server: Server) -> None:
+    response = httpx.get(f"{server.url}/relays")
+    assert response.status_code == 200
+    assert "do-not-print" not in response.text
+    assert [r["name"] for r in response.json()["relays"]] == ["outbound", "discard", "scripted"]
+
+
+def test_served_size_limit_with_a_chunked_body(server: Server) -> None:
+    def body() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = httpx.post(
+        f"{server.url}/relays/discard/deliver",
+        content=body(),
+        headers={
+            "Content-Type": "message/rfc822",
+            "X-Envelope-Sender": b64("a@example.com"),
+            "X-Envelope-Recipient": b64("b@example.net"),
+        },
+    )
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_serve_refuses_a_bad_custom_factory_in_one_line(write_config: Callable[..., Path]) -> None:
+    path = write_config("relay:\n  plugin: {type: custom, factory: 'tests.scripted:not_a_relay'}\n")
+    process, _ = start_server(path)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert 'relay.plugin.factory: factory "tests.scripted:not_a_relay" returned object, which is not a relay' in stderr
+    assert "Traceback" not in stderr
+
+
+def test_serve_refuses_an_invalid_config(write_config: Callable[..., Path]) -> None:
+    process, _ = start_server(write_config("relay:\n  o: {type: static}\n"))
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert stderr.strip() == "relay.o.host: Field required"
+
+
+def test_serve_without_config_runs_the_embedded_blackhole() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MAILRELAY_CONFIG"}
+    port = free_port()
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        assert [r["name"] for r in httpx.get(f"{url}/relays").json()["relays"]] == ["blackhole"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
+    assert process.returncode == 0
