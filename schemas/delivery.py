@@ -15,7 +15,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     computed_field,
+    model_serializer,
     model_validator,
 )
 
@@ -234,6 +236,13 @@ class RecipientResult(BaseModel):
         examples=["mx1.example.net:25"],
     )
 
+    @model_serializer(mode="wrap")
+    def _contract_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # The API documents `status` right after `recipient`. No return annotation:
+        # pydantic would take it as the serialization schema.
+        data = handler(self)
+        return {"recipient": data["recipient"], "status": data["status"], "reply": data["reply"], "host": data["host"]}
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def status(self) -> RecipientStatus:
@@ -266,6 +275,11 @@ class DeliveryResult(BaseModel):
     )
     elapsed_ms: float = Field(description="time the relay took, in milliseconds", examples=[41.7])
     recipients: list[RecipientResult]
+
+    @model_serializer(mode="wrap")
+    def _contract_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        data = handler(self)
+        return {"relay": data.pop("relay"), "status": data.pop("status"), **data}
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -248,8 +248,9 @@ def test_serve_refuses_an_invalid_config(write_config: Callable[..., Path]) -> N
 def test_serve_without_config_runs_the_embedded_blackhole() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MAILRELAY_CONFIG"}
     port = free_port()
+    # The installed console script, as a user runs it.
     process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        [str(Path(sys.executable).parent / "mailrelay"), "serve", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

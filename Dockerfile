@@ -1,0 +1,28 @@
+# mailrelay container image: `docker build -t mailrelay .`
+# Configuration: mount a file and point MAILRELAY_CONFIG at it, e.g.
+#   -v $PWD/mailrelay.yaml:/etc/mailrelay/mailrelay.yaml:ro -e MAILRELAY_CONFIG=/etc/mailrelay/mailrelay.yaml;
+# without one the image serves the embedded default (one `blackhole` relay).
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+RUN python -m venv /opt/mailrelay
+COPY requirements.lock ./
+RUN /opt/mailrelay/bin/pip install --no-cache-dir --disable-pip-version-check -r requirements.lock
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY schemas ./schemas
+COPY relays ./relays
+RUN /opt/mailrelay/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps .
+
+FROM python:3.11-slim
+COPY --from=build /opt/mailrelay /opt/mailrelay
+ENV PATH=/opt/mailrelay/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN mkdir -p /etc/mailrelay
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2)"]
+ENTRYPOINT ["mailrelay"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]
