@@ -27,6 +27,8 @@ from pydantic import (
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 NonNegativeSeconds = Annotated[float, Field(ge=0, le=86400)]
+#: A bound on simultaneous connections or processes.
+Concurrency = Annotated[int, Field(ge=1, le=10000)]
 #: A secret: masked in repr, dumped as "***" by GET /relays and logs.
 Secret = Annotated[SecretStr, PlainSerializer(lambda _: "***", return_type=str)]
 
@@ -193,10 +195,8 @@ class SmtpOptions(_Options):
         default=10,
         description="keep an idle connection for reuse this long; 0 = QUIT at once",
     )
-    concurrent_connections: int = Field(
+    concurrent_connections: Concurrency = Field(
         default=5,
-        ge=1,
-        le=10000,
         description="most simultaneous connections to one destination",
     )
     ehlo_as: EhloName = Field(
@@ -267,10 +267,8 @@ class ProcessOptions(_Options):
         default=300,
         description="kill the process group after this many seconds (transient 4.4.2)",
     )
-    concurrent_processes: int = Field(
+    concurrent_processes: Concurrency = Field(
         default=10,
-        ge=1,
-        le=10000,
         description="most processes of this relay at once; others wait",
     )
     cwd: str | None = Field(default=None, description="working directory of the command")
@@ -408,10 +406,8 @@ class HttpOptions(_Options):
         default=None,
         description="present = HTTPS; an https:// URL alone means default verification",
     )
-    concurrent_connections: int = Field(
+    concurrent_connections: Concurrency = Field(
         default=100,
-        ge=1,
-        le=10000,
         description="beyond slimta: most simultaneous connections",
     )
 
