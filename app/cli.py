@@ -140,7 +140,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         # Relays are built before the server starts, so a failing custom factory
         # is one clear line and exit 1 instead of a lifespan traceback.
         try:
-            relays = await open_relays(loaded.config.relay)
+            relays = await open_relays(loaded.config)
         except ConfigError as exc:
             _print_problems(exc)
             return 1

@@ -79,6 +79,12 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
 
     relays = {name: _drop_unknown_keys(f"relay.{name}", options, warnings) for name, options in relays.items()}
     candidate = {**ours, "relay": relays}
+    if env_nameservers := os.environ.get("MAILRELAY_DNS_NAMESERVERS", "").strip():
+        # The environment wins over the file: containers set it per deployment.
+        section = candidate.get("mailrelay")
+        settings = dict(section) if isinstance(section, dict) else {}
+        settings["dns_nameservers"] = [ns.strip() for ns in env_nameservers.split(",") if ns.strip()]
+        candidate["mailrelay"] = settings
     problems: list[ConfigProblem] = []
     try:
         config = ServiceConfig.model_validate(candidate)

@@ -33,7 +33,7 @@ def make_lifespan(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        relays = prebuilt if prebuilt is not None else await open_relays(config.relay)
+        relays = prebuilt if prebuilt is not None else await open_relays(config)
         runtime = Runtime(config=config, relays=relays)
         try:
             yield {"runtime": runtime}

@@ -8,7 +8,7 @@ from schemas.reply import Reply
 class UnavailableRelay:
     """Answers every recipient with a permanent 554 saying the type is not available yet."""
 
-    def __init__(self, name: str, options: object) -> None:
+    def __init__(self, name: str, options: object, context: object = None) -> None:
         self.name = name
         self.type = str(getattr(options, "type", "unknown"))
 

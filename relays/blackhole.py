@@ -11,7 +11,7 @@ from schemas.reply import Reply
 class BlackholeRelay:
     """Delivers every recipient with `250 2.0.0 Message Delivered; <id>`, one id per message."""
 
-    def __init__(self, name: str, options: BlackholeOptions) -> None:
+    def __init__(self, name: str, options: BlackholeOptions, context: object = None) -> None:
         self.name = name
 
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:

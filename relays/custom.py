@@ -33,7 +33,7 @@ def import_factory(spec: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def load_custom_relay(name: str, options: CustomOptions) -> Relay:
+def load_custom_relay(name: str, options: CustomOptions, context: object = None) -> Relay:
     """Call the factory once with every option of the relay; its result must be a Relay."""
     path = f"relay.{name}.factory"
     try:

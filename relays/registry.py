@@ -7,19 +7,23 @@ from typing import Any, Final
 from relays._unavailable import UnavailableRelay
 from relays.base import Relay
 from relays.blackhole import BlackholeRelay
+from relays.context import RelayContext
 from relays.custom import load_custom_relay
-from schemas.config import ConfigError, ConfigProblem
+from relays.lmtp import LmtpRelay
+from relays.mx import MxRelay
+from relays.static import StaticRelay
+from schemas.config import ConfigError, ConfigProblem, ServiceConfig
 from schemas.relay_options import RelayOptions
 
 logger = logging.getLogger(__name__)
 
-#: (relay name, its options model) -> a relay
-RelayFactory = Callable[[str, Any], Relay]
+#: (relay name, its options model, what relays share) -> a relay
+RelayFactory = Callable[[str, Any, RelayContext], Relay]
 
 RELAY_TYPES: Final[Mapping[str, RelayFactory]] = {
-    "mx": UnavailableRelay,
-    "static": UnavailableRelay,
-    "lmtp": UnavailableRelay,
+    "mx": MxRelay,
+    "static": StaticRelay,
+    "lmtp": LmtpRelay,
     "pipe": UnavailableRelay,
     "maildrop": UnavailableRelay,
     "dovecot": UnavailableRelay,
@@ -29,21 +33,22 @@ RELAY_TYPES: Final[Mapping[str, RelayFactory]] = {
 }
 
 
-def build_relay(name: str, options: RelayOptions) -> Relay:
-    """Build one relay; may raise ConfigError (a `custom` factory that fails)."""
-    return RELAY_TYPES[options.type](name, options)
+def build_relay(name: str, options: RelayOptions, context: RelayContext) -> Relay:
+    """Build one relay; may raise ConfigError (unusable TLS files, a `custom` factory that fails)."""
+    return RELAY_TYPES[options.type](name, options, context)
 
 
-async def open_relays(relays: Mapping[str, RelayOptions]) -> dict[str, Relay]:
+async def open_relays(config: ServiceConfig) -> dict[str, Relay]:
     """Build every configured relay, reporting all failures at once.
 
     On failure the relays already built are closed before ConfigError is raised.
     """
     built: dict[str, Relay] = {}
     problems: list[ConfigProblem] = []
-    for name, options in relays.items():
+    context = RelayContext.from_settings(config.mailrelay)
+    for name, options in config.relay.items():
         try:
-            built[name] = build_relay(name, options)
+            built[name] = build_relay(name, options, context)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:

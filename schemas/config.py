@@ -4,7 +4,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas.relay_options import RelayOptions
+from schemas.relay_options import HostPort, RelayOptions, split_host_port
 
 #: Relay names appear in URLs (/relays/<name>/deliver): unreserved URL characters only.
 RelayName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")]
@@ -31,6 +31,14 @@ class ServiceSettings(BaseModel):
         ge=0,
         description="seconds put in Retry-After on a transient failure (503)",
     )
+    dns_nameservers: list[HostPort] | None = Field(
+        default=None,
+        description="`host` or `host:port` of the nameservers the `mx` relay asks; default: the system's "
+        "(/etc/resolv.conf). $MAILRELAY_DNS_NAMESERVERS (comma-separated) overrides this.",
+    )
+
+    def nameservers(self) -> list[tuple[str, int]]:
+        return [split_host_port(ns, 53) for ns in self.dns_nameservers or []]
 
 
 class ServiceConfig(BaseModel):

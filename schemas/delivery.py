@@ -83,6 +83,13 @@ def check_address(value: str, *, allow_empty: bool = False) -> str:
     return value
 
 
+def domain_of(address: str) -> str | None:
+    """The domain of a validated address, lower-cased; None when it has none (`postmaster`)."""
+    start = _closing_quote(address) + 1 if address.startswith('"') else 0
+    at = address.rfind("@", start)
+    return address[at + 1 :].lower() if at >= 0 else None
+
+
 def _closing_quote(value: str) -> int:
     """Index of the quote closing a quoted local part that starts at 0."""
     i = 1

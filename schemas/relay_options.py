@@ -10,7 +10,7 @@ import re
 import socket
 import string
 from functools import cache
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
@@ -22,6 +22,7 @@ from pydantic import (
     PlainSerializer,
     SecretStr,
     field_validator,
+    model_validator,
 )
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -139,10 +140,12 @@ class TlsOptions(_Options):
         default=None,
         description="CA bundle to verify the server with; default: the system's",
     )
-    cert_reqs: Annotated[
-        Literal["CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED"],
-        BeforeValidator(_cert_reqs_name),
-    ] = Field(default="CERT_REQUIRED", description="server certificate verification")
+    cert_reqs: (
+        Annotated[Literal["CERT_NONE", "CERT_OPTIONAL", "CERT_REQUIRED"], BeforeValidator(_cert_reqs_name)] | None
+    ) = Field(
+        default=None,
+        description="server certificate verification; default: CERT_REQUIRED, except CERT_NONE in opportunistic mode",
+    )
     ciphers: str | None = Field(default=None, description="OpenSSL cipher list")
     ssl_version: (
         Literal[
@@ -166,6 +169,12 @@ class TlsOptions(_Options):
         default=None, description="accepted for slimta compatibility; no effect"
     )
     suppress_ragged_eofs: bool | None = Field(default=None, description="accepted for slimta compatibility; no effect")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> Self:
+        if self.keyfile and not self.certfile:
+            raise ValueError("`keyfile` is given without `certfile`")
+        return self
 
 
 class SmtpTlsOptions(TlsOptions):
@@ -228,6 +237,13 @@ class MxOptions(SmtpOptions):
     def describe(self) -> str:
         forced = f", {len(self.force_mx)} forced domain(s)" if self.force_mx else ""
         return f"SMTP to each domain's MX hosts, port {self.port}{forced}{_smtp_extras(self)}"
+
+    @model_validator(mode="after")
+    def _no_implicit_tls(self) -> Self:
+        # MX hosts speak STARTTLS on port 25; implicit TLS is for a submission host (`static`).
+        if self.tls and self.tls.mode == "implicit":
+            raise ValueError("tls.mode `implicit` is for `static` and `lmtp` relays; MX hosts use STARTTLS")
+        return self
 
     @field_validator("force_mx")
     @classmethod

@@ -149,7 +149,7 @@ def test_tls_paths_expand_home_and_variables(monkeypatch: pytest.MonkeyPatch, tm
     assert tls["certfile"] == str(tmp_path / "certs" / "client.pem")
     assert tls["keyfile"] == str(tmp_path / "certs" / "client.key")
     assert tls["mode"] == "starttls"
-    assert tls["cert_reqs"] == "CERT_REQUIRED"
+    assert tls["cert_reqs"] is None  # CERT_REQUIRED unless opportunistic
 
 
 @pytest.mark.parametrize(

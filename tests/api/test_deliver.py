@@ -394,13 +394,13 @@ def test_get_relays_masks_secrets(make_client: Callable[[str], TestClient]) -> N
 
 
 def test_types_not_built_yet_fail_permanently_without_crashing(make_client: Callable[[str], TestClient]) -> None:
-    client = make_client(SECRET_YAML)
-    response = post_json(client, GOOD, relay="smarthost")
+    client = make_client("relay:\n  archive: {type: pipe, args: [/bin/cat]}\n")
+    response = post_json(client, GOOD, relay="archive")
     assert response.status_code == 400
     (result,) = response.json()["recipients"]
     assert result["status"] == "permanent_failure"
     assert result["reply"]["code"] == 554
-    assert "relay type 'static' is not available" in result["reply"]["message"]
+    assert "relay type 'pipe' is not available" in result["reply"]["message"]
 
 
 def test_health_endpoints(client: TestClient) -> None:
@@ -419,7 +419,7 @@ def test_relays_are_closed_at_shutdown() -> None:
 async def test_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
     """No Content-Length (chunked): the service stops pulling the body at the limit."""
     config = config_from("relay:\n  b: {type: blackhole}\nmailrelay: {max_message_size: 1000}\n")
-    relays = await open_relays(config.relay)
+    relays = await open_relays(config)
     pulled = 0
 
     async def receive() -> dict[str, Any]:

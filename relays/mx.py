@@ -1,0 +1,129 @@
+"""`mx`: SMTP to each recipient domain's mail exchangers, found in DNS."""
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+
+from relays import replies
+from relays.base import PermanentRelayError, RelayError, TransientRelayError
+from relays.context import RelayContext
+from relays.dns import DnsFailure, NoSuchDomain
+from relays.smtp.pool import SmtpPool
+from relays.smtp.session import Destination, SessionSettings, Transaction
+from schemas.delivery import Envelope, RecipientResult, domain_of
+from schemas.relay_options import MxOptions, split_host_port
+from schemas.reply import Reply
+
+#: Addresses tried for one domain within one delivery (RFC 5321 asks for at least two).
+MAX_ATTEMPTS = 5
+
+
+class MxRelay:
+    """Groups recipients by domain; each group is one transaction, the groups run concurrently.
+
+    Within a delivery, a connection failure, a timeout or a 4xx before the
+    message data moves on to the next exchanger; a 5xx, or anything after the
+    data went out, is final.
+    """
+
+    def __init__(self, name: str, options: MxOptions, context: RelayContext) -> None:
+        self.name = name
+        self.options = options
+        self.dns = context.dns
+        self.settings = SessionSettings.from_options(options, name, lmtp=False)
+        self._pools: dict[Destination, SmtpPool] = {}
+
+    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+        results: list[RecipientResult | None] = [None] * len(envelope.recipients)
+        groups: dict[str, list[int]] = {}
+        for i, rcpt in enumerate(envelope.recipients):
+            domain = domain_of(rcpt)
+            if domain:
+                groups.setdefault(domain, []).append(i)
+            else:
+                results[i] = RecipientResult(recipient=rcpt, reply=replies.no_domain())
+        async with asyncio.TaskGroup() as group:
+            for domain, indexes in groups.items():
+                group.create_task(self._deliver_domain(envelope, domain, indexes, results))
+        return [r for r in results if r is not None]
+
+    async def _deliver_domain(
+        self, envelope: Envelope, domain: str, indexes: Sequence[int], results: list[RecipientResult | None]
+    ) -> None:
+        recipients = [envelope.recipients[i] for i in indexes]
+        transaction: Transaction | None = None
+        destination: Destination | None = None
+        try:
+            attempts = 0
+            async with aclosing(self._destinations(domain)) as destinations:
+                async for destination in destinations:
+                    transaction = await self._pool(destination).deliver(envelope, recipients)
+                    attempts += 1
+                    if transaction.data_sent or not all(r.is_transient for r in transaction.replies):
+                        break
+                    if attempts >= MAX_ATTEMPTS:
+                        break
+        except RelayError as exc:
+            if transaction is None:
+                for i in indexes:
+                    results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
+                return
+        # _destinations either yields or raises, so an attempt was made.
+        assert transaction is not None  # noqa: S101
+        assert destination is not None  # noqa: S101
+        for i, reply in zip(indexes, transaction.replies, strict=True):
+            results[i] = RecipientResult(recipient=envelope.recipients[i], reply=reply, host=destination.label)
+
+    async def _destinations(self, domain: str) -> AsyncGenerator[Destination]:
+        """Where to try, in order; looked up lazily, so backups cost nothing while the first answers.
+        Raises RelayError when there is nowhere to try."""
+        port = self.options.port
+        if domain.startswith("[") and domain.endswith("]"):
+            literal = domain[1:-1].removeprefix("IPv6:").removeprefix("ipv6:")
+            try:
+                ipaddress.ip_address(literal)
+            except ValueError:
+                raise PermanentRelayError(replies.no_such_domain(domain)) from None
+            yield Destination(literal, port, literal)
+            return
+        if forced := self.options.force_mx.get(domain):
+            host, forced_port = split_host_port(forced, port)
+            yield Destination(host, forced_port, host)
+            return
+        try:
+            exchangers = await self.dns.mx(domain)
+        except NoSuchDomain:
+            raise PermanentRelayError(replies.no_such_domain(domain)) from None
+        except DnsFailure as exc:
+            raise TransientRelayError(replies.dns_failure(domain, str(exc))) from None
+        if exchangers == []:
+            raise PermanentRelayError(replies.null_mx(domain))
+        names = [mx.name for mx in exchangers] if exchangers else [domain]  # no MX: the domain itself
+        found = False
+        failure: Reply | None = None
+        for name in names:
+            try:
+                addresses = await self.dns.addresses(name, ipv4_only=self.options.ipv4_only)
+            except DnsFailure as exc:
+                failure = replies.dns_failure(name, str(exc))
+                continue
+            for address in addresses:
+                found = True
+                yield Destination(address, port, name)
+        if not found:
+            if failure is not None:
+                raise TransientRelayError(failure)
+            if exchangers is None:
+                raise PermanentRelayError(replies.no_mail_host(domain))
+            raise TransientRelayError(replies.dns_failure(domain, "no MX host has an address"))
+
+    def _pool(self, destination: Destination) -> SmtpPool:
+        pool = self._pools.get(destination)
+        if pool is None:
+            pool = SmtpPool(destination, self.settings, self.options.concurrent_connections, self.options.idle_timeout)
+            self._pools[destination] = pool
+        return pool
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(pool.aclose() for pool in self._pools.values()))

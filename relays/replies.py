@@ -1,0 +1,64 @@
+"""Replies mailrelay synthesises when the next hop gave none: functions, never shared constants."""
+
+from schemas.reply import Reply
+
+
+def _reply(code: int, enhanced: str, text: str, command: str | None) -> Reply:
+    return Reply(code=code, enhanced_status=enhanced, message=f"{enhanced} {text}", command=command)
+
+
+def timed_out(command: str, what: str) -> Reply:
+    return _reply(451, "4.4.2", f"Timed out waiting for {what}", command)
+
+
+def connection_failed(target: str, reason: str) -> Reply:
+    return _reply(451, "4.4.1", f"Connection to {target} failed: {reason}", "[CONNECT]")
+
+
+def connection_lost(command: str, maybe_delivered: bool = False) -> Reply:
+    tail = "; the message may have been delivered" if maybe_delivered else ""
+    return _reply(451, "4.4.2", f"Connection lost during {command}{tail}", command)
+
+
+def tls_failed(command: str, reason: str) -> Reply:
+    return _reply(451, "4.7.5", f"TLS with the server failed: {reason}", command)
+
+
+def not_offered(command: str, extension: str) -> Reply:
+    return _reply(
+        451, "4.7.4", f"{extension} is required by the configuration but the server does not offer it", command
+    )
+
+
+def protocol_error(command: str, detail: str) -> Reply:
+    return _reply(451, "4.5.0", f"Unexpected reply from the server: {detail}", command)
+
+
+def eight_bit_refused() -> Reply:
+    return _reply(554, "5.6.3", "The message has 8-bit data and the server does not support 8BITMIME", "MAIL")
+
+
+def utf8_refused() -> Reply:
+    return _reply(553, "5.6.7", "Non-ASCII address and the server does not support SMTPUTF8", "MAIL")
+
+
+def dns_failure(domain: str, reason: str) -> Reply:
+    return _reply(451, "4.4.3", f"DNS lookup for {domain} failed: {reason}", "[DNS]")
+
+
+def no_such_domain(domain: str) -> Reply:
+    return _reply(550, "5.1.2", f"Domain {domain} does not exist", "[DNS]")
+
+
+def no_mail_host(domain: str) -> Reply:
+    return _reply(550, "5.1.2", f"Domain {domain} has no MX and no address", "[DNS]")
+
+
+def null_mx(domain: str) -> Reply:
+    return Reply(
+        code=556, enhanced_status="5.1.10", message=f"5.1.10 Domain {domain} accepts no mail (null MX)", command="[DNS]"
+    )
+
+
+def no_domain() -> Reply:
+    return _reply(550, "5.1.3", "Recipient address has no domain", "[ROUTE]")

@@ -1,0 +1,1 @@
+"""The SMTP session layer and connection pool shared by `static`, `lmtp` and `mx`."""

@@ -1,0 +1,423 @@
+"""One SMTP or LMTP connection on aiosmtplib: every step under its timeout, every failure a Reply."""
+
+import asyncio
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal, NoReturn, Self
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from relays import replies
+from relays.base import RelayError
+from relays.tls import client_context
+from schemas.delivery import Envelope
+from schemas.relay_options import SmtpOptions
+from schemas.reply import Reply
+
+TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
+#: A reply longer than this is garbage, not SMTP.
+_MAX_REPLY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a session goes: the address to connect to and the server's name.
+
+    `name` is what TLS verifies and what results report; `address` may be an
+    IP that DNS gave for that name.
+    """
+
+    address: str
+    port: int
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The options of one SMTP or LMTP relay, ready for sessions to use."""
+
+    ehlo_as: str
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    tls_mode: TlsMode
+    tls_context: ssl.SSLContext | None
+    credentials: tuple[str, str] | None
+    ipv4_only: bool
+    lmtp: bool
+
+    @classmethod
+    def from_options(cls, options: SmtpOptions, relay_name: str, *, lmtp: bool) -> Self:
+        """Raises ConfigError (at relay.<name>.tls) when the TLS files cannot be used."""
+        tls = options.tls
+        context = None
+        if tls is not None:
+            context = client_context(tls, f"relay.{relay_name}.tls", verify_by_default=tls.mode != "opportunistic")
+        credentials = None
+        if options.credentials is not None:
+            credentials = (options.credentials.username, options.credentials.password.get_secret_value())
+        return cls(
+            ehlo_as=options.ehlo_as,
+            connect_timeout=options.connect_timeout,
+            command_timeout=options.command_timeout,
+            data_timeout=options.data_timeout,
+            tls_mode=tls.mode if tls else "none",
+            tls_context=context,
+            credentials=credentials,
+            ipv4_only=options.ipv4_only,
+            lmtp=lmtp,
+        )
+
+
+@dataclass
+class Transaction:
+    """One reply per recipient, and whether the message data went out (then never retry elsewhere)."""
+
+    replies: list[Reply]
+    data_sent: bool
+
+
+class StaleSessionError(Exception):
+    """A reused connection was found dead at the start of a transaction: nothing was sent."""
+
+
+class SmtpSession:
+    """A connection to one server. Not safe for concurrent use: the pool hands it to one delivery at a time."""
+
+    def __init__(self, destination: Destination, settings: SessionSettings) -> None:
+        self.destination = destination
+        self.settings = settings
+        implicit = settings.tls_mode == "implicit"
+        self.smtp = aiosmtplib.SMTP(
+            hostname=destination.address,
+            port=destination.port,
+            local_hostname=settings.ehlo_as,
+            timeout=settings.command_timeout,
+            use_tls=implicit,
+            start_tls=False,
+            tls_context=settings.tls_context if implicit else None,
+            # An IPv4 local address makes the connect use IPv4 addresses only.
+            source_address=("0.0.0.0", 0) if settings.ipv4_only else None,  # noqa: S104 - a local bind, not a listener
+        )
+        self.created = time.monotonic()
+        self.transactions = 0
+        self._broken = False
+
+    @property
+    def usable(self) -> bool:
+        """Connected and in step with the server (aiosmtplib closes on 421 and on read timeouts)."""
+        return not self._broken and self.smtp.is_connected
+
+    async def open(self) -> None:
+        """Connect, read the banner, greet, STARTTLS and AUTH as configured. Raises RelayError."""
+        async with self._step("[CONNECT]"):
+            await self.smtp.connect(timeout=self.settings.connect_timeout)
+        await self._greet()
+        mode = self.settings.tls_mode
+        if mode in ("starttls", "opportunistic"):
+            if self.smtp.supports_extension("starttls"):
+                async with self._step("STARTTLS"):
+                    await self.smtp.starttls(
+                        server_hostname=self.destination.name,
+                        tls_context=self.settings.tls_context,
+                        timeout=self.settings.command_timeout,
+                    )
+                await self._greet()
+            elif mode == "starttls":
+                self._fail(replies.not_offered("STARTTLS", "STARTTLS"))
+        if self.settings.credentials is not None:
+            if not self.smtp.supports_extension("auth"):
+                self._fail(replies.not_offered("AUTH", "AUTH"))
+            username, password = self.settings.credentials
+            async with self._step("AUTH"):
+                await self.smtp.login(username, password, timeout=self.settings.command_timeout)
+
+    async def _greet(self) -> None:
+        name = self.settings.ehlo_as.encode("ascii")
+        if self.settings.lmtp:
+            response = await self._command("LHLO", b"LHLO", name)
+            if response.code != 250:
+                self._fail(_reply(response, "LHLO"))
+            self.smtp.last_ehlo_response = response
+            return
+        response = await self._command("EHLO", b"EHLO", name)
+        if response.code == 250:
+            self.smtp.last_ehlo_response = response
+            return
+        if response.code not in (500, 502):  # 500/502: no ESMTP here, so HELO
+            self._fail(_reply(response, "EHLO"))
+        response = await self._command("HELO", b"HELO", name)
+        if response.code != 250:
+            self._fail(_reply(response, "HELO"))
+        self.smtp.last_helo_response = response
+
+    async def transaction(self, envelope: Envelope, recipients: Sequence[str]) -> Transaction:
+        """MAIL, one RCPT per recipient, DATA and the message; one reply per recipient.
+
+        Raises StaleSessionError when a reused connection turns out dead at
+        MAIL; every other failure becomes the replies of the recipients it hit.
+        """
+        reused = self.transactions > 0
+        self.transactions += 1
+        results: list[Reply | None] = [None] * len(recipients)
+        data_sent = False
+        try:
+            options, encoding = self._mail_options(envelope, recipients, results)
+            if all(r is not None for r in results):
+                return Transaction([r for r in results if r is not None], False)
+            try:
+                response = await self._command(
+                    "MAIL", b"MAIL", b"FROM:<" + envelope.sender.encode(encoding) + b">", *options
+                )
+            except RelayError:
+                if reused:
+                    raise StaleSessionError from None
+                raise
+            if response.code != 250:
+                if reused and response.code == 421:
+                    raise StaleSessionError
+                self._fail(_reply(response, "MAIL"))
+
+            accepted: list[int] = []
+            for i, rcpt in enumerate(recipients):
+                if results[i] is not None:
+                    continue
+                response = await self._command("RCPT", b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+                if response.code in (250, 251):
+                    accepted.append(i)
+                else:
+                    results[i] = _reply(response, "RCPT")
+            if not accepted:
+                await self._reset()
+                return Transaction([r for r in results if r is not None], False)
+
+            response = await self._command("DATA", b"DATA")
+            if response.code != 354:
+                failed = _reply(response, "DATA")
+                for i in accepted:
+                    results[i] = failed
+                await self._reset()
+                return Transaction([r for r in results if r is not None], False)
+
+            data_sent = True
+            finals = await self._send_data(encode_data(envelope.message), len(accepted) if self.settings.lmtp else 1)
+            for n, i in enumerate(accepted):
+                results[i] = _reply(finals[n if self.settings.lmtp else 0], "[SEND_DATA]")
+        except RelayError as exc:
+            results = [r if r is not None else exc.reply for r in results]
+        return Transaction([r for r in results if r is not None], data_sent)
+
+    def _mail_options(
+        self, envelope: Envelope, recipients: Sequence[str], results: list[Reply | None]
+    ) -> tuple[list[bytes], str]:
+        """MAIL parameters for 8-bit data and UTF-8 addresses; fills `results` for what cannot go."""
+        options: list[bytes] = []
+        if not envelope.message.isascii():
+            if not self.smtp.supports_extension("8bitmime"):
+                results[:] = [replies.eight_bit_refused()] * len(results)
+                return options, "ascii"
+            options.append(b"BODY=8BITMIME")
+        utf8_needed = not envelope.sender.isascii() or not all(r.isascii() for r in recipients)
+        if not utf8_needed:
+            return options, "ascii"
+        if self.smtp.supports_extension("smtputf8"):
+            options.append(b"SMTPUTF8")
+            return options, "utf-8"
+        if not envelope.sender.isascii():
+            results[:] = [replies.utf8_refused()] * len(results)
+        else:
+            for i, rcpt in enumerate(recipients):
+                if not rcpt.isascii():
+                    results[i] = replies.utf8_refused()
+        return options, "ascii"
+
+    async def _command(self, step: str, *args: bytes) -> SMTPResponse:
+        async with self._step(step):
+            response = await self.smtp.execute_command(*args, timeout=self.settings.command_timeout)
+        if response.code == 421:  # the server is closing this connection
+            self._broken = True
+        return response
+
+    async def _send_data(self, data: bytes, count: int) -> list[SMTPResponse]:
+        """Write the message and read `count` replies (LMTP: one per accepted recipient).
+
+        aiosmtplib reads one reply per command and drops data it did not ask
+        for, so for the replies after the data our own reader takes over the
+        transport and hands it back afterwards.
+        """
+        transport = self.smtp.transport
+        if not isinstance(transport, asyncio.Transport):
+            self._fail(replies.connection_lost("[SEND_DATA]"))
+        async with self._step("[SEND_DATA]", after_data=True):
+            original = transport.get_protocol()
+            reader = _ReplyReader()
+            transport.set_protocol(reader)
+            try:
+                transport.write(data)
+                async with asyncio.timeout(self.settings.data_timeout):
+                    finals = await reader.read(count)
+            finally:
+                transport.set_protocol(original)
+                if not reader.clean:
+                    self.close()
+        return finals
+
+    async def _reset(self) -> None:
+        """RSET after a refused transaction, so the connection can serve the next one."""
+        try:
+            response = await self._command("RSET", b"RSET")
+            if response.code != 250:
+                self._broken = True
+        except RelayError:
+            self._broken = True
+
+    async def quit(self) -> None:
+        """QUIT politely (bounded by command_timeout), then close."""
+        try:
+            if self.smtp.is_connected:
+                async with asyncio.timeout(self.settings.command_timeout):
+                    await self.smtp.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._broken = True
+        self.smtp.close()
+
+    def _fail(self, reply: Reply) -> NoReturn:
+        raise RelayError.from_reply(reply)
+
+    @asynccontextmanager
+    async def _step(self, command: str, *, after_data: bool = False) -> AsyncIterator[None]:
+        """The one place where aiosmtplib, OS, TLS and timeout errors become replies.
+
+        A connection that failed this way is closed: after a timeout a late
+        reply could be paired with the next command (aiosmtplib's desync rule).
+        """
+        try:
+            yield
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+            self.close()
+            raise RelayError.from_reply(self._translate(exc, command, after_data)) from exc
+
+    def _translate(self, exc: BaseException, command: str, after_data: bool) -> Reply:
+        target = self.destination.label
+        cause = exc.__cause__
+        if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            return _reply(SMTPResponse(exc.code, exc.message), "[BANNER]")
+        if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
+            reason = getattr(exc if isinstance(exc, ssl.SSLError) else cause, "reason", None) or str(exc)
+            return replies.tls_failed(command, f"{reason} ({target})")
+        if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) or (
+            command == "[CONNECT]" and isinstance(exc, TimeoutError)
+        ):
+            return replies.connection_failed(target, "timed out")
+        if isinstance(exc, aiosmtplib.SMTPConnectError):
+            return replies.connection_failed(target, _os_reason(cause) if isinstance(cause, OSError) else str(exc))
+        if isinstance(exc, TimeoutError):
+            what = (
+                "the reply to the message data; the message may have been delivered"
+                if after_data
+                else f"the reply to {command}"
+            )
+            return replies.timed_out(command, what)
+        if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
+            return replies.connection_lost(command, maybe_delivered=after_data)
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            return _reply(SMTPResponse(exc.code, exc.message), command)
+        if isinstance(exc, OSError):
+            return replies.connection_failed(target, _os_reason(exc))
+        if isinstance(exc, ValueError):  # aiosmtplib's command-injection guard: never reached with validated input
+            return Reply.parse(501, "5.5.4 Invalid characters in command arguments", command)
+        return replies.protocol_error(command, str(exc))
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _reply(response: SMTPResponse, command: str) -> Reply:
+    """The server's reply as sent; a code that cannot end a step is a protocol error."""
+    if response.code // 100 in (2, 4, 5):
+        return Reply.parse(response.code, response.message, command)
+    return replies.protocol_error(command, f"{response.code} {response.message}"[:200])
+
+
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+def encode_data(message: bytes) -> bytes:
+    """The message as DATA content: CRLF line ends, dot-stuffed, terminated by `.` (RFC 5321 4.5.2)."""
+    data = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", message))
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Collects complete replies from the transport while the message data is answered."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._replies: deque[SMTPResponse] = deque()
+        self._lines: list[str] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def clean(self) -> bool:
+        """Nothing left over and nothing wrong: the connection may go back to aiosmtplib."""
+        return self._error is None and not self._buffer and not self._replies
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if len(line) < 3 or not line[:3].isdigit():
+                self._set_error(aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:80]!r}"))
+                return
+            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
+            if line[3:4] != b"-":
+                self._replies.append(SMTPResponse(int(line[:3]), "\n".join(self._lines)))
+                self._lines = []
+        if len(self._buffer) > _MAX_REPLY_BYTES:
+            self._set_error(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._set_error(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+
+    def eof_received(self) -> bool:
+        self._set_error(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
+
+    def _set_error(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, count: int) -> list[SMTPResponse]:
+        while len(self._replies) < count:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return [self._replies.popleft() for _ in range(count)]

@@ -1,0 +1,31 @@
+"""`static`: SMTP to one host, through a pool of reused connections."""
+
+from relays.context import RelayContext
+from relays.smtp.pool import SmtpPool
+from relays.smtp.session import Destination, SessionSettings
+from schemas.delivery import Envelope, RecipientResult
+from schemas.relay_options import LmtpOptions, StaticOptions
+
+
+class StaticRelay:
+    """Every envelope goes to `host:port` in one transaction."""
+
+    lmtp = False
+
+    def __init__(self, name: str, options: StaticOptions | LmtpOptions, context: RelayContext) -> None:
+        self.name = name
+        settings = SessionSettings.from_options(options, name, lmtp=self.lmtp)
+        destination = Destination(address=options.host, port=options.port, name=options.host)
+        self.pool = SmtpPool(destination, settings, options.concurrent_connections, options.idle_timeout)
+
+    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+        recipients = list(envelope.recipients)
+        transaction = await self.pool.deliver(envelope, recipients)
+        host = self.pool.destination.label
+        return [
+            RecipientResult(recipient=rcpt, reply=reply, host=host)
+            for rcpt, reply in zip(recipients, transaction.replies, strict=True)
+        ]
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
