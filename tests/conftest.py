@@ -1,8 +1,8 @@
 """Shared fixtures: configurations, in-process clients, free ports."""
 
-import socket
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,10 @@ from fastapi.testclient import TestClient
 
 from app.config import parse_config
 from app.main import create_app
+from relays.base import Relay
+from relays.registry import close_relays, open_relays
 from schemas.config import ServiceConfig
+from schemas.delivery import Envelope
 
 #: A configuration with a scripted relay (mixed outcomes) beside the blackhole.
 SCRIPTED_YAML = """\
@@ -64,13 +67,6 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client(SCRIPTED_YAML, raise_server_exceptions=False)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     def write(text: str, name: str = "mailrelay.yaml") -> Path:
@@ -79,3 +75,18 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@asynccontextmanager
+async def opened(text: str) -> AsyncIterator[dict[str, Relay]]:
+    """The relays of a configuration, built as at start-up and closed afterwards."""
+    relays = await open_relays(config_from(text))
+    try:
+        yield relays
+    finally:
+        await close_relays(relays)
+
+
+def envelope(*recipients: str, sender: str = "alice@example.com", message: bytes | None = None) -> Envelope:
+    body = message or b"From: alice@example.com\r\nSubject: test\r\nMessage-Id: <t1@example.com>\r\n\r\nHello\r\n"
+    return Envelope(sender=sender, recipients=list(recipients), message=body)

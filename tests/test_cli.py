@@ -16,7 +16,7 @@ import pytest
 from app.cli import main
 from app.config import load_config
 from app.main import create_app
-from tests.conftest import free_port
+from tests.servers.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_YAML = """\

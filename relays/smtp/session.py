@@ -1,6 +1,7 @@
 """One SMTP or LMTP connection on aiosmtplib: every step under its timeout, every failure a Reply."""
 
 import asyncio
+import os
 import re
 import ssl
 import time
@@ -345,7 +346,10 @@ class SmtpSession:
 
 
 def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
+    # asyncio words a refused connect as "Connect call failed (addr)"; the errno says what happened.
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 def _reply(response: SMTPResponse, command: str) -> Reply:

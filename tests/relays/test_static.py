@@ -1,0 +1,263 @@
+"""`static` against real servers: aiosmtpd (scripted replies, TLS, AUTH) and Postfix's smtp-sink."""
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import envelope, opened
+from tests.servers.process import free_port
+from tests.servers.sink import smtp_sink
+from tests.servers.smtp import Script, smtp_server, tls_material
+
+
+def static(port: int, *extra: str, host: str = "127.0.0.1") -> str:
+    lines = [f"    {e}" for e in extra]
+    return "\n".join(["relay:", "  out:", "    type: static", f"    host: {host}", f"    port: {port}", *lines]) + "\n"
+
+
+async def test_delivers_and_reports_each_recipient() -> None:
+    message = b"Subject: dots\r\n\r\n.leading dot\r\nbare LF\nend"
+    with smtp_server() as server:
+        async with opened(static(server.port)) as relays:
+            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.org", message=message))
+    assert [r.status for r in results] == ["delivered", "delivered"]
+    assert results[0].reply.code == 250
+    assert results[0].reply.command == "[SEND_DATA]"
+    assert results[0].reply.message == "2.0.0 OK queued as TEST"
+    assert results[0].host == f"127.0.0.1:{server.port}"
+    (received,) = server.received
+    assert received.sender == "alice@example.com"
+    assert received.recipients == ["bob@example.net", "carol@example.org"]
+    # CRLF line ends and dot-stuffing on the wire; the server un-stuffs it.
+    assert received.content == b"Subject: dots\r\n\r\n.leading dot\r\nbare LF\r\nend\r\n"
+
+
+def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], TestClient]) -> None:
+    script = Script(
+        rcpt={"later@example.net": "451 4.3.0 Try again later", "bad@example.net": "550 5.1.1 No such user"}
+    )
+    with smtp_server(script) as server:
+        client = make_client(static(server.port))
+        response = client.post(
+            "/relays/out/deliver",
+            json={
+                "sender": "a@example.com",
+                "recipients": ["ok@example.net", "later@example.net", "bad@example.net"],
+                "message": "Subject: x\r\n\r\nhi\r\n",
+            },
+        )
+    assert response.status_code == 207
+    body = response.json()
+    assert [r["status"] for r in body["recipients"]] == ["delivered", "transient_failure", "permanent_failure"]
+    assert body["recipients"][2]["reply"] == {
+        "code": 550,
+        "enhanced_status": "5.1.1",
+        "message": "5.1.1 No such user",
+        "command": "RCPT",
+    }
+    assert response.headers["X-Smtp-Reply"] == '451; message="4.3.0 Try again later"; command="RCPT"'
+    assert server.received[0].recipients == ["ok@example.net"]
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "command"),
+    [
+        (Script(mail_reply="451 4.3.2 System not accepting messages"), 451, "MAIL"),
+        (Script(mail_reply="553 5.7.1 Sender rejected"), 553, "MAIL"),
+        (Script(data_reply="451 4.3.0 Queue full"), 451, "[SEND_DATA]"),
+        (Script(data_reply="554 5.6.0 Message rejected"), 554, "[SEND_DATA]"),
+    ],
+)
+async def test_mail_and_data_failures_apply_to_every_accepted_recipient(
+    script: Script, code: int, command: str
+) -> None:
+    script.rcpt["refused@example.net"] = "550 5.1.1 No such user"
+    with smtp_server(script) as server:
+        async with opened(static(server.port)) as relays:
+            results = await relays["out"].deliver(envelope("a@example.net", "refused@example.net", "b@example.net"))
+    codes = [(r.reply.code, r.reply.command) for r in results]
+    if command == "MAIL":
+        assert codes == [(code, "MAIL")] * 3
+    else:
+        assert codes == [(code, command), (550, "RCPT"), (code, command)]
+
+
+async def test_a_stalled_server_is_a_bounded_transient_failure() -> None:
+    with smtp_server(Script(rcpt_delay=5)) as server:
+        async with opened(static(server.port, "command_timeout: 0.5")) as relays:
+            started = time.monotonic()
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            elapsed = time.monotonic() - started
+    assert result.status == "transient_failure"
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.4.2", "RCPT")
+    assert elapsed < 4  # gave up at command_timeout, did not wait for the server
+    assert server.received == []
+
+
+async def test_a_connection_dropped_during_data_is_never_delivered() -> None:
+    with smtp_server(Script(drop_in_data=True)) as server:
+        async with opened(static(server.port)) as relays:
+            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"))
+    assert [r.status for r in results] == ["transient_failure"] * 2
+    assert results[0].reply.command == "[SEND_DATA]"
+    assert "may have been delivered" in results[0].reply.message
+
+
+async def test_connection_refused_is_transient() -> None:
+    async with opened(static(free_port())) as relays:
+        (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.4.1", "[CONNECT]")
+    assert "refused" in result.reply.message.lower()
+
+
+async def test_starttls_with_a_verified_certificate(tmp_path: Path) -> None:
+    with tls_material(tmp_path) as tls, smtp_server(tls=tls) as server:
+        async with opened(static(server.port, f"tls: {{ca_certs: '{tls.ca_file}'}}")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert result.status == "delivered"
+    assert server.received[0].tls
+
+
+async def test_starttls_failing_verification_is_transient(tmp_path: Path) -> None:
+    with tls_material(tmp_path) as tls, smtp_server(tls=tls) as server:
+        async with opened(static(server.port, "tls: {}")) as relays:  # system CAs: the test CA is unknown
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.7.5", "STARTTLS")
+    assert "CERTIFICATE_VERIFY_FAILED" in result.reply.message
+    assert server.received == []
+
+
+async def test_starttls_required_but_not_offered() -> None:
+    with smtp_server() as server:
+        async with opened(static(server.port, "tls: {mode: starttls}")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.7.4", "STARTTLS")
+
+
+async def test_opportunistic_tls(tmp_path: Path) -> None:
+    with tls_material(tmp_path) as tls, smtp_server(tls=tls) as with_tls, smtp_server() as plain:
+        for server, encrypted in ((with_tls, True), (plain, False)):
+            async with opened(static(server.port, "tls: {mode: opportunistic}")) as relays:
+                (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            assert result.status == "delivered"
+            assert server.received[0].tls is encrypted
+
+
+async def test_implicit_tls(tmp_path: Path) -> None:
+    with tls_material(tmp_path) as tls, smtp_server(tls=tls, implicit_tls=True) as server:
+        async with opened(static(server.port, f"tls: {{mode: implicit, ca_certs: '{tls.ca_file}'}}")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert result.status == "delivered"
+    assert server.received[0].tls
+
+
+@pytest.mark.parametrize(("password", "status"), [("relay-pass", "delivered"), ("wrong", "permanent_failure")])
+async def test_auth(password: str, status: str) -> None:
+    with smtp_server(auth=True) as server:
+        config = static(server.port, f"credentials: {{username: relay-user, password: {password}}}")
+        async with opened(config) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert result.status == status
+    if status == "delivered":
+        assert server.received[0].login == b"relay-user"
+    else:
+        assert (result.reply.code, result.reply.command) == (535, "AUTH")
+        assert server.received == []
+
+
+def test_smtp_sink_through_the_api(make_client: Callable[[str], TestClient]) -> None:
+    with smtp_sink() as sink:
+        client = make_client(static(sink.port))
+        response = client.post(
+            "/relays/out/deliver",
+            json={
+                "sender": "a@example.com",
+                "recipients": ["b@example.net", "c@example.net"],
+                "message": "Subject: sink\r\n\r\nhi\r\n",
+            },
+        )
+        assert response.status_code == 200
+        assert response.json()["recipients"][0]["host"] == f"127.0.0.1:{sink.port}"
+        (dump,) = sink.messages()
+    assert "X-Rcpt-Args: <b@example.net>" in dump
+    assert "X-Rcpt-Args: <c@example.net>" in dump
+    assert "Subject: sink" in dump
+
+
+async def test_helo_fallback_when_ehlo_is_refused() -> None:
+    with smtp_sink("-e") as sink:
+        async with opened(static(sink.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert result.status == "delivered"
+    assert any(line.endswith(": HELO localhost\n") for line in sink.log)
+
+
+async def test_eight_bit_message() -> None:
+    message = "Subject: café\r\n\r\nnaïve\r\n".encode()
+    with smtp_sink("-8") as without, smtp_sink() as with_8bit:
+        async with opened(static(without.port)) as relays:
+            (refused,) = await relays["out"].deliver(envelope("bob@example.net", message=message))
+        async with opened(static(with_8bit.port)) as relays:
+            (sent,) = await relays["out"].deliver(envelope("bob@example.net", message=message))
+        dumps = with_8bit.messages()
+        assert without.messages() == []
+    assert (refused.reply.code, refused.reply.enhanced_status) == (554, "5.6.3")
+    assert sent.status == "delivered"
+    assert "BODY=8BITMIME" in dumps[0]
+
+
+async def test_sequential_deliveries_reuse_one_connection() -> None:
+    with smtp_sink() as sink:
+        async with opened(static(sink.port)) as relays:
+            for _ in range(5):
+                (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+                assert result.status == "delivered"
+        # closed at shutdown with QUIT
+        await asyncio.sleep(0.2)
+        assert sink.connects == 1
+        assert sink.disconnects == 1
+        assert any(line.rstrip().endswith(": QUIT") for line in sink.log)
+        assert len(sink.messages()) == 5
+
+
+async def test_concurrent_deliveries_stay_within_concurrent_connections() -> None:
+    with smtp_sink() as sink:
+        async with opened(static(sink.port, "concurrent_connections: 3")) as relays:
+            results = await asyncio.gather(*(relays["out"].deliver(envelope(f"r{i}@example.net")) for i in range(30)))
+        assert all(r[0].status == "delivered" for r in results)
+        assert sink.most_at_once <= 3
+        assert sink.connects <= 3
+        assert len(sink.messages()) == 30
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    with smtp_sink("-t", "1") as sink:  # the sink drops connections idle for 1 s
+        async with opened(static(sink.port, "idle_timeout: 30")) as relays:
+            (first,) = await relays["out"].deliver(envelope("bob@example.net"))
+            await asyncio.sleep(1.6)
+            (second,) = await relays["out"].deliver(envelope("bob@example.net"))
+        assert (first.status, second.status) == ("delivered", "delivered")
+        assert sink.connects == 2
+
+
+async def test_idle_connections_are_closed_after_idle_timeout() -> None:
+    with smtp_sink() as sink:
+        async with opened(static(sink.port, "idle_timeout: 0.2")) as relays:
+            await relays["out"].deliver(envelope("bob@example.net"))
+            await asyncio.sleep(0.8)
+            assert sink.disconnects == 1  # QUIT sent by the pool, not at shutdown
+            await relays["out"].deliver(envelope("bob@example.net"))
+        await asyncio.sleep(0.2)
+        assert sink.connects == 2
+
+
+async def test_a_refusing_banner_is_the_reply() -> None:
+    with smtp_sink("-r", "CONNECT") as sink:
+        async with opened(static(sink.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert (result.reply.code, result.reply.command) == (450, "[BANNER]")
+    assert result.status == "transient_failure"
