@@ -137,10 +137,10 @@ def smtp_server(
     connections: list[int] = []
     handler = _Handler(script, received)
     protocol_class = LMTP if lmtp else SMTP
-    transports: list[asyncio.BaseTransport] = []
+    transports: list[asyncio.Transport] = []
 
     class Counting(protocol_class):  # type: ignore[misc, valid-type]
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:
             connections.append(1)
             transports.append(transport)
             super().connection_made(transport)
