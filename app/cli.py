@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import uvicorn
 
 from app.config import DEFAULT_SOURCE, LoadedConfig, load_config
-from app.main import create_app
+from app.main import create_app, openapi_document
 from relays.registry import open_relays
 from schemas.config import ConfigError
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=8080,
         help="port to listen on (default: %(default)s)",
     )
@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     openapi.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     openapi.set_defaults(command=_openapi)
     return parser
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
+    return int(text)
 
 
 def _load(path: str | None) -> LoadedConfig | None:
@@ -111,13 +117,16 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _openapi(args: argparse.Namespace) -> int:
-    # The document does not depend on the configuration: build it from the default.
-    text = json.dumps(create_app(load_config(None).config).openapi(), indent=2) + "\n"
-    if args.output:
+    text = json.dumps(openapi_document(), indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
         with open(args.output, "w", encoding="utf-8") as out:
             out.write(text)
-    else:
-        sys.stdout.write(text)
+    except OSError as exc:
+        print(f"{args.output}: cannot write: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,5 +1,6 @@
 """Load a configuration file: YAML, slimta's `relay:` section, key-path errors."""
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,17 @@ def _read(path: Path) -> str:
 
 
 def parse_config(text: str, source: str, base_dir: Path | None = None) -> LoadedConfig:
-    """Validate a configuration document. Raises ConfigError listing every problem."""
+    """Validate a configuration document. Raises ConfigError listing every problem
+    (and the warnings found before it)."""
     warnings: list[ConfigProblem] = []
+    try:
+        return _parse(text, source, base_dir or Path.cwd(), warnings)
+    except ConfigError as exc:
+        exc.warnings = exc.warnings or warnings
+        raise
+
+
+def _parse(text: str, source: str, base_dir: Path, warnings: list[ConfigProblem]) -> LoadedConfig:
     document = _parse_yaml(text, source, warnings)
     if document is None:
         raise ConfigError.at("", f"{source}: the file is empty; it needs a `relay:` section")
@@ -70,7 +80,7 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
     for section in document:
         if section not in OWN_SECTIONS:
             warnings.append(ConfigProblem(path=str(section), message="section not used by mailrelay; ignored"))
-    ours = {k: _resolve_tags(document[k], k, base_dir or Path.cwd(), warnings) for k in OWN_SECTIONS if k in document}
+    ours = {k: _resolve_tags(document[k], k, base_dir, warnings) for k in OWN_SECTIONS if k in document}
     relays = ours.get("relay")
     if not relays:
         raise ConfigError.at("relay", "missing or empty; configure at least one relay")
@@ -98,6 +108,14 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
                 import_factory(str(options.get("factory")))
             except ValueError as exc:
                 problems.append(ConfigProblem(path=path, message=str(exc)))
+    for name, options in relays.items():
+        if isinstance(options, dict) and options.get("type") == "custom":
+            try:
+                json.dumps(options)
+            except (TypeError, ValueError) as exc:
+                problems.append(
+                    ConfigProblem(path=f"relay.{name}", message=f"options must be plain YAML values: {exc}")
+                )
     if problems:
         raise ConfigError(problems, warnings)
     for name, options in config.relay.items():
@@ -113,7 +131,8 @@ def _drop_unknown_keys(path: str, options: Any, warnings: list[ConfigProblem]) -
     """slimta ignored keys it did not know; we drop them too, but say so."""
     if not isinstance(options, dict):
         return options
-    model = OPTIONS_BY_TYPE.get(options.get("type"))  # type: ignore[arg-type]
+    relay_type = options.get("type")
+    model = OPTIONS_BY_TYPE.get(relay_type) if isinstance(relay_type, str) else None
     if model is None or model is CustomOptions:
         return options
     known = _known_keys(model)
@@ -171,6 +190,9 @@ class _Tagged:
     def __init__(self, tag: str, value: Any, line: int) -> None:
         self.tag, self.value, self.line = tag, value, line
 
+    def __str__(self) -> str:
+        return f"{self.tag} {self.value}" if self.value is not None else self.tag
+
 
 def _parse_yaml(text: str, source: str, warnings: list[ConfigProblem]) -> Any:
     """yaml.safe_load, keeping tagged values as _Tagged and warning on duplicate keys."""
@@ -183,10 +205,13 @@ def _parse_yaml(text: str, source: str, warnings: list[ConfigProblem]) -> Any:
         return _Tagged(node.tag, value, node.start_mark.line + 1)
 
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        seen: set[str] = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node)
-            if isinstance(key, str) and key in seen:
+            # Plain scalar keys only; `<<` merge keys are YAML's, and their keys may be overridden.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value
+            if key in seen:
                 where = f"{source}, line {key_node.start_mark.line + 1}"
                 warnings.append(ConfigProblem(path=key, message=f"duplicate key ({where}); the last one wins"))
             seen.add(key)
@@ -215,7 +240,10 @@ def _resolve_tags(value: Any, path: str, base_dir: Path, warnings: list[ConfigPr
         if depth >= _MAX_INCLUDE_DEPTH:
             raise ConfigError.at(path, f"!include nested more than {_MAX_INCLUDE_DEPTH} deep")
         target = base_dir / value.value
-        included = _parse_yaml(_read(target), str(target), warnings)
+        try:
+            included = _parse_yaml(_read(target), str(target), warnings)
+        except ConfigError as exc:
+            raise ConfigError.at(path, f"!include {value.value}: {exc}") from None
         return _resolve_tags(included, path, target.parent, warnings, depth + 1)
     if isinstance(value, dict):
         return {

@@ -18,9 +18,9 @@ from schemas.problem import FieldError
 
 JSON = "application/json"
 RFC822 = "message/rfc822"
-#: JSON escapes and base64 make the body larger than the message it carries;
-#: the decoded message is then held to the exact limit.
-_JSON_OVERHEAD_FACTOR = 2
+#: JSON escapes make the body up to 6 times the message it carries (`\u00e9` for a
+#: byte of `é`); the decoded message is then held to the exact limit.
+_JSON_OVERHEAD_FACTOR = 6
 _JSON_OVERHEAD_BYTES = 64 * 1024
 #: slimta's HTTP edge split recipient headers on commas and semicolons.
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
@@ -35,10 +35,10 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
             settings.max_message_size * _JSON_OVERHEAD_FACTOR + _JSON_OVERHEAD_BYTES,
             settings,
         )
-        envelope = _from_json(body)
+        envelope, recipients_loc = _from_json(body), "recipients"
     elif media_type == RFC822:
         body = await _read_body(request, settings.max_message_size, settings)
-        envelope = _from_raw(request, body)
+        envelope, recipients_loc = _from_raw(request, body), "X-Envelope-Recipient"
     else:
         raise ProblemError(
             415,
@@ -51,7 +51,7 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
         raise _invalid(
             [
                 FieldError(
-                    loc="recipients",
+                    loc=recipients_loc,
                     message=f"{len(envelope.recipients)} recipients; the limit is {settings.max_recipients}",
                 )
             ]

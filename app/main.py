@@ -8,6 +8,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
+from app.config import DEFAULT_CONFIG_YAML, DEFAULT_SOURCE, parse_config
 from app.lifespan import make_lifespan
 from app.problems import install_problem_handlers
 from app.routes import health
@@ -65,3 +66,8 @@ def create_app(config: ServiceConfig, relays: Mapping[str, Relay] | None = None)
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document; it does not depend on the configuration, so the embedded default builds it."""
+    return create_app(parse_config(DEFAULT_CONFIG_YAML, DEFAULT_SOURCE).config).openapi()

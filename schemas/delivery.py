@@ -4,6 +4,7 @@ import base64
 import binascii
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,6 +26,11 @@ from schemas.reply import Reply
 
 #: RFC 5321 4.5.3.1.3: a path is at most 256 octets, angle brackets included.
 MAX_ADDRESS_OCTETS = 254
+
+#: Bidirectional overrides and isolates (they make an address display as another,
+#: "Trojan Source") and the byte-order mark; other format characters such as the
+#: zero-width joiners are legitimate in internationalised names.
+_INVISIBLE = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff")
 
 RecipientStatus = Literal["delivered", "transient_failure", "permanent_failure"]
 DeliveryStatus = Literal["delivered", "partial", "transient_failure", "permanent_failure"]
@@ -49,9 +55,10 @@ def check_address(value: str, *, allow_empty: bool = False) -> str:
         raise ValueError("address is not valid Unicode (lone surrogate)") from None
     if octets > MAX_ADDRESS_OCTETS:
         raise ValueError(f"address is longer than {MAX_ADDRESS_OCTETS} octets")
-    for char in value:
-        if char < " " or char == "\x7f":
-            raise ValueError(f"address contains a control character ({char!r})")
+    if not value.isprintable():  # fast path: printable text has no control or format characters
+        for char in value:
+            if unicodedata.category(char) == "Cc" or char in _INVISIBLE:
+                raise ValueError(f"address contains a control or invisible formatting character ({char!r})")
     if "<" in value or ">" in value:
         raise ValueError("address contains angle brackets; give the bare address")
 
@@ -126,7 +133,7 @@ Sender = Annotated[
 ]
 Recipient = Annotated[str, AfterValidator(_check_recipient), Field(examples=["bob@example.net"])]
 #: Free text that ends up in process arguments and logs: one line, bounded.
-ClientText = Annotated[str, Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
+ClientText = Annotated[str, Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
 
 
 class ClientInfo(BaseModel):

@@ -25,11 +25,20 @@ from pydantic import (
     model_validator,
 )
 
-Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(gt=0, le=86400)]
-NonNegativeSeconds = Annotated[float, Field(ge=0, le=86400)]
+
+def _not_bool(value: Any) -> Any:
+    # YAML `yes`/`true` is a bool, and pydantic would take it as 1: refuse it for numbers.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+Port = Annotated[int, NotBool, Field(ge=1, le=65535)]
+Seconds = Annotated[float, NotBool, Field(gt=0, le=86400)]
+NonNegativeSeconds = Annotated[float, NotBool, Field(ge=0, le=86400)]
 #: A bound on simultaneous connections or processes.
-Concurrency = Annotated[int, Field(ge=1, le=10000)]
+Concurrency = Annotated[int, NotBool, Field(ge=1, le=10000)]
 #: A secret: masked in repr, dumped as "***" by GET /relays and logs.
 Secret = Annotated[SecretStr, PlainSerializer(lambda _: "***", return_type=str)]
 
@@ -442,16 +451,22 @@ class BlackholeOptions(_Options):
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 #: Keys of a custom relay whose values are shown as "***".
-_SECRET_KEY = re.compile(r"pass|secret|token|api_?key|credential|private", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"pass|secret|token|api_?key|credential|private|auth|dsn|cookie|session|signature", re.IGNORECASE
+)
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")
 
 
 def _redact(value: Any, key: str = "") -> Any:
-    if _SECRET_KEY.search(key):
-        return "***"
+    """Mask values of secret-looking keys and passwords in URLs, at any depth."""
     if isinstance(value, dict):
         return {k: _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact(v) for v in value]
+        return [_redact(v, key) for v in value]
+    if value is not None and _SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
     return value
 
 
@@ -472,10 +487,6 @@ class CustomOptions(BaseModel):
 
     def describe(self) -> str:
         return f"custom relay from {self.factory}"
-
-    def public_options(self) -> dict[str, Any]:
-        """The options for display, with values of secret-looking keys masked."""
-        return {k: _redact(v, k) for k, v in self.model_dump(mode="json").items()}
 
 
 RelayOptions = Annotated[
@@ -499,5 +510,8 @@ OPTIONS_BY_TYPE: dict[str, type[BaseModel]] = {
 
 def public_options(options: BaseModel) -> dict[str, Any]:
     """Options as `GET /relays` shows them: every default filled in, secrets masked."""
-    dumped = options.public_options() if isinstance(options, CustomOptions) else options.model_dump(mode="json")
+    dumped = options.model_dump(mode="json")
+    if isinstance(dumped.get("env"), dict):  # a command's environment often carries secrets under any name
+        dumped["env"] = dict.fromkeys(dumped["env"], "***")
+    dumped = _redact(dumped)
     return {"type": dumped.pop("type"), **dumped}

@@ -320,3 +320,57 @@ def test_include_inside_relay_section(write_config: Callable[[str, str], Path]) 
     path = write_config("relay:\n  smarthost: !include smarthost.yaml\n", "main.yaml")
     options = public_options(load_config(str(path)).config.relay["smarthost"])
     assert options["host"] == "included.example"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("relay:\n  x: {type: [a]}\n", "relay.x.type: unknown relay type \"['a']\""),
+        ("relay:\n  x: {type: static, host: h, connect_timeout: true}\n", "relay.x.connect_timeout: must be a number"),
+        (
+            "relay:\n  x: {type: custom, factory: 'tests.scripted:factory', blob: !!binary /w==}\n",
+            "relay.x: options must be",
+        ),
+        ("relay:\n  x: !include nofile.yaml\n", "relay.x: !include nofile.yaml: "),
+    ],
+)
+def test_odd_values_are_problems_not_crashes(text: str, expected: str) -> None:
+    (found,) = problems(text)
+    assert found.startswith(expected), found
+
+
+def test_yaml_merge_keys_work_as_in_slimta() -> None:
+    text = "defaults: &smtp {host: h.example, port: 25}\nrelay:\n  x:\n    <<: *smtp\n    type: static\n    port: 26\n"
+    loaded = parse_config(text, "<test>")
+    assert public_options(loaded.config.relay["x"])["port"] == 26
+    assert not any("duplicate" in w.message for w in loaded.warnings)
+
+
+def test_warnings_come_with_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("process: {}\n", "<test>")
+    assert [w.path for w in info.value.warnings] == ["process"]
+
+
+def test_secrets_are_masked_wherever_they_are() -> None:
+    text = """\
+relay:
+  p: {type: pipe, args: [/bin/cat], env: {DB_PASSWORD: hunter2, PATH: /usr/bin}}
+  h: {type: http, url: 'https://user:s3cr3t@relay.example/deliver'}
+  c: {type: custom, factory: 'tests.scripted:factory', auth_header: 'Bearer abc', dsn: 'postgres://u:pw@h/db', note: 'x://a:b@c'}
+"""
+    relays = parse_config(text, "<test>").config.relay
+    shown = {name: public_options(options) for name, options in relays.items()}
+    assert shown["p"]["env"] == {"DB_PASSWORD": "***", "PATH": "***"}
+    assert shown["h"]["url"] == "https://user:***@relay.example/deliver"
+    assert (shown["c"]["auth_header"], shown["c"]["dsn"], shown["c"]["note"]) == ("***", "***", "x://a:***@c")
+    for secret in ("hunter2", "s3cr3t", "Bearer abc", ":pw@"):
+        assert secret not in str(shown)
+
+
+def test_dns_nameservers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILRELAY_DNS_NAMESERVERS", "127.0.0.1:5353, 192.0.2.53")
+    settings = parse_config(
+        "relay:\n  b: {type: blackhole}\nmailrelay: {dns_nameservers: [10.0.0.1]}\n", "<t>"
+    ).config.mailrelay
+    assert settings.nameservers() == [("127.0.0.1", 5353), ("192.0.2.53", 53)]

@@ -275,7 +275,7 @@ def test_invalid_json_is_422(client: TestClient) -> None:
                 *[("X-Envelope-Recipient", b64(f"r{i}@x.test")) for i in range(6)],
             ],
             MESSAGE.encode(),
-            "recipients",
+            "X-Envelope-Recipient",
         ),
     ],
 )
@@ -454,3 +454,12 @@ async def test_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
     await create_app(config)(scope, receive, send)
     assert sent[0]["status"] == 413
     assert pulled == 11  # 1100 bytes: the first chunk past 1000
+
+
+def test_json_escapes_do_not_count_against_the_size_limit(make_client: Callable[[str], TestClient]) -> None:
+    client = make_client("relay:\n  b: {type: blackhole}\nmailrelay: {max_message_size: 10000}\n")
+    message = "Subject: x\r\n\r\n" + "é" * 4990  # 9994 bytes as UTF-8, 30000 bytes as \u00e9 escapes
+    body = json.dumps({"sender": "", "recipients": ["a@x.test"], "message": message})
+    assert len(body) > 3 * 10000
+    response = client.post("/relays/b/deliver", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
