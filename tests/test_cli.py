@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from app.cli import main
 from app.main import openapi_document
+from tests.servers.mailrelay import Server, start_server, wait_ready
 from tests.servers.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,40 +122,6 @@ def test_openapi_command_prints_the_document(tmp_path: Path) -> None:
         "application/json",
         "message/rfc822",
     }
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
-        self.process, self.url = process, f"http://127.0.0.1:{port}"
-
-
-def start_server(config: Path | None, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    port = free_port()
-    args = [sys.executable, "-m", "app", "serve", "--port", str(port)]
-    if config:
-        args += ["--config", str(config)]
-    process = subprocess.Popen(  # noqa: S603
-        args,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return process, port
-
-
-def wait_ready(url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.communicate()[1]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise AssertionError("server did not become ready within 20 s")
 
 
 @pytest.fixture(scope="module")

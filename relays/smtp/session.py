@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, NoReturn, Self
+from typing import Literal, NoReturn, Self, cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -22,6 +22,8 @@ from schemas.relay_options import SmtpOptions
 from schemas.reply import Reply
 
 TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
+#: Most seconds to wait for the reply to QUIT.
+QUIT_TIMEOUT = 5.0
 #: A reply longer than this is garbage, not SMTP.
 _MAX_REPLY_BYTES = 64 * 1024
 
@@ -256,10 +258,11 @@ class SmtpSession:
         for, so for the replies after the data our own reader takes over the
         transport and hands it back afterwards.
         """
-        transport = self.smtp.transport
-        if not isinstance(transport, asyncio.Transport):
-            self._fail(replies.connection_lost("[SEND_DATA]"))
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        transport = cast(asyncio.Transport | None, self.smtp.transport)
         async with self._step("[SEND_DATA]", after_data=True):
+            if transport is None or transport.is_closing():
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
             original = transport.get_protocol()
             reader = _ReplyReader()
             transport.set_protocol(reader)
@@ -283,10 +286,10 @@ class SmtpSession:
             self._broken = True
 
     async def quit(self) -> None:
-        """QUIT politely (bounded by command_timeout), then close."""
+        """QUIT politely, then close; a server slow to answer QUIT does not hold up a shutdown."""
         try:
             if self.smtp.is_connected:
-                async with asyncio.timeout(self.settings.command_timeout):
+                async with asyncio.timeout(min(self.settings.command_timeout, QUIT_TIMEOUT)):
                     await self.smtp.quit()
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             pass

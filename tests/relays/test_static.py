@@ -1,14 +1,17 @@
 """`static` against real servers: aiosmtpd (scripted replies, TLS, AUTH) and Postfix's smtp-sink."""
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import envelope, opened
+from tests.servers.mailrelay import start_server, wait_ready
 from tests.servers.process import free_port
 from tests.servers.sink import smtp_sink
 from tests.servers.smtp import Script, smtp_server, tls_material
@@ -261,3 +264,31 @@ async def test_a_refusing_banner_is_the_reply() -> None:
             (result,) = await relays["out"].deliver(envelope("bob@example.net"))
     assert (result.reply.code, result.reply.command) == (450, "[BANNER]")
     assert result.status == "transient_failure"
+
+
+def test_served_by_mailrelay_on_uvloop(tmp_path: Path) -> None:
+    """The real service (uvloop underneath, unlike the tests' own loop) relays to smtp-sink."""
+    with smtp_sink() as sink:
+        config = tmp_path / "mailrelay.yaml"
+        config.write_text(static(sink.port))
+        process, port = start_server(config)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, process)
+            for _ in range(3):
+                response = httpx.post(
+                    f"{url}/relays/out/deliver",
+                    json={
+                        "sender": "a@example.com",
+                        "recipients": ["b@example.net"],
+                        "message": "Subject: uv\r\n\r\nhi\r\n",
+                    },
+                )
+                assert response.status_code == 200, response.text
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=15)
+        assert process.returncode == 0
+        assert len(sink.messages()) == 3
+        assert sink.connects == 1
+        assert sink.disconnects == 1  # QUIT at shutdown
