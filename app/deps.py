@@ -1,4 +1,5 @@
 """Dependencies shared by the routes."""
+# Dependencies are `async def`: FastAPI runs plain `def` ones in a worker thread, a hop per request.
 
 from collections.abc import Iterable
 from typing import Annotated
@@ -10,7 +11,7 @@ from app.problems import ProblemError
 from relays.base import Relay
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.state.runtime
     return runtime
 
@@ -26,11 +27,8 @@ def unknown_relay(name: str, configured: Iterable[str]) -> ProblemError:
     )
 
 
-def get_relay(name: RelayName, runtime: RuntimeDep) -> Relay:
+def find_relay(name: str, runtime: Runtime) -> Relay:
     relay = runtime.relays.get(name)
     if relay is None:
         raise unknown_relay(name, runtime.relays)
     return relay
-
-
-RelayDep = Annotated[Relay, Depends(get_relay)]

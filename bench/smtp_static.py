@@ -147,7 +147,11 @@ def main() -> int:
 
     sink_port, service_port = free_port(), free_port()
     user = ["-u", "root"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen([*pin(1), "smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"])  # noqa: S603
+    sink = subprocess.Popen(  # noqa: S603
+        [*pin(1), "smtp-sink", *user, f"127.0.0.1:{sink_port}", "1024"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench"))
     config = workdir / "bench.yaml"
     config.write_text(

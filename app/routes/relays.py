@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from app.deps import RelayDep, RelayName, RuntimeDep, unknown_relay
+from app.deps import RelayName, RuntimeDep, find_relay, get_runtime, unknown_relay
 from app.intake import JSON, RFC822, read_envelope
 from app.problems import problem_doc
 from relays.base import check_results
@@ -136,7 +136,7 @@ _RAW_HEADERS = [
         ),
     },
 )
-async def deliver(name: RelayName, relay: RelayDep, runtime: RuntimeDep, request: Request) -> Response:
+async def deliver(name: RelayName, request: Request) -> Response:
     """Deliver one message through the relay, synchronously.
 
     The answer holds one result per recipient, in request order, each with
@@ -145,6 +145,10 @@ async def deliver(name: RelayName, relay: RelayDep, runtime: RuntimeDep, request
     Retry-After), 400 permanent failure. The whole request is validated
     before anything is delivered.
     """
+    # The hot path looks the relay up itself: FastAPI's dependency solving costs
+    # more per request than the lookup (see bench/smtp_static.py).
+    runtime = await get_runtime(request)
+    relay = find_relay(name, runtime)
     settings = runtime.config.mailrelay
     envelope = await read_envelope(request, settings)
     started = time.perf_counter()

@@ -368,7 +368,11 @@ _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 def encode_data(message: bytes) -> bytes:
     """The message as DATA content: CRLF line ends, dot-stuffed, terminated by `.` (RFC 5321 4.5.2)."""
-    data = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", message))
+    # Most messages are already CRLF-only with no line starting with ".": then no copy is made.
+    crlf = message.count(b"\r\n")
+    data = message if message.count(b"\r") == crlf == message.count(b"\n") else _LINE_ENDS.sub(b"\r\n", message)
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from relays.smtp.session import encode_data
 from tests.conftest import envelope, opened
 from tests.servers.mailrelay import start_server, wait_ready
 from tests.servers.process import free_port
@@ -292,3 +293,17 @@ def test_served_by_mailrelay_on_uvloop(tmp_path: Path) -> None:
         assert len(sink.messages()) == 3
         assert sink.connects == 1
         assert sink.disconnects == 1  # QUIT at shutdown
+
+
+@pytest.mark.parametrize(
+    ("message", "data"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b"a\nb", b"a\r\nb\r\n.\r\n"),
+        (b"a\rb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b".a\r\n..b\r\nc.\r\n", b"..a\r\n...b\r\nc.\r\n.\r\n"),
+        (b"x\n.\n", b"x\r\n..\r\n.\r\n"),
+    ],
+)
+def test_message_data_is_crlf_and_dot_stuffed(message: bytes, data: bytes) -> None:
+    assert encode_data(message) == data
