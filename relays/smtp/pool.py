@@ -54,6 +54,9 @@ class SmtpPool:
                     except RelayError as exc:
                         session.close()
                         return Transaction([exc.reply] * len(recipients), False)
+                    except BaseException:  # cancelled (a deadline): never leave the socket open
+                        session.close()
+                        raise
                 try:
                     transaction = await session.transaction(envelope, recipients)
                 except StaleSessionError:

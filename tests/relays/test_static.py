@@ -307,3 +307,19 @@ def test_served_by_mailrelay_on_uvloop(tmp_path: Path) -> None:
 )
 def test_message_data_is_crlf_and_dot_stuffed(message: bytes, data: bytes) -> None:
     assert encode_data(message) == data
+
+
+async def test_a_cancelled_delivery_never_leaves_its_connection_in_the_pool() -> None:
+    script = Script(rcpt_delay=1.0)
+    with smtp_server(script) as server:
+        async with opened(static(server.port)) as relays:
+            task = asyncio.ensure_future(relays["out"].deliver(envelope("bob@example.net")))
+            await asyncio.sleep(0.3)  # stalled at RCPT
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            script.rcpt_delay = 0
+            (result,) = await relays["out"].deliver(envelope("carol@example.net"))
+    assert result.status == "delivered"
+    assert server.connection_count == 2  # the interrupted connection was closed, not reused
+    assert [r.recipients for r in server.received] == [["carol@example.net"]]
