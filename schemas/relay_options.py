@@ -10,7 +10,7 @@ import re
 import socket
 import string
 from functools import cache
-from typing import Annotated, Any, Literal, Self, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
@@ -367,40 +367,38 @@ class PipeOptions(ProcessOptions):
         return value
 
 
-class MaildropOptions(ProcessOptions):
+class DeliveryAgentOptions(ProcessOptions):
+    """A local delivery agent run once per delivery: its binary and extra arguments."""
+
+    path: str = Field(min_length=1)
+    extra_args: list[str] = Field(
+        default_factory=list, description="beyond slimta: more arguments, such as a filter file"
+    )
+
+    label: ClassVar[str]
+
+    def describe(self) -> str:
+        return f"{self.label} with {' '.join([self.path, *self.extra_args])}"
+
+
+class MaildropOptions(DeliveryAgentOptions):
     """Local delivery with courier maildrop."""
 
     type: Literal["maildrop"]
-    path: str = Field(
-        default="maildrop",
-        min_length=1,
-        description="the maildrop binary; default: found on $PATH",
-    )
-    extra_args: list[str] = Field(
-        default_factory=list,
-        description="beyond slimta: arguments after `-f sender`, such as a filter file",
-    )
-
-    def describe(self) -> str:
-        return f"maildrop delivery with {' '.join([self.path, *self.extra_args])}"
+    label = "maildrop delivery"
+    path: str = Field(default="maildrop", min_length=1, description="the maildrop binary; default: found on $PATH")
 
 
-class DovecotOptions(ProcessOptions):
+class DovecotOptions(DeliveryAgentOptions):
     """Local delivery with dovecot's LDA."""
 
     type: Literal["dovecot"]
+    label = "dovecot LDA delivery"
     path: str = Field(
         default="dovecot-lda",
         min_length=1,
         description="the dovecot-lda binary; default: $PATH, then /usr/lib/dovecot/dovecot-lda",
     )
-    extra_args: list[str] = Field(
-        default_factory=list,
-        description="beyond slimta: more arguments, such as `-c /etc/dovecot/x.conf`",
-    )
-
-    def describe(self) -> str:
-        return f"dovecot LDA delivery with {' '.join([self.path, *self.extra_args])}"
 
 
 def _check_url(value: str) -> str:
