@@ -15,6 +15,8 @@ import dns.resolver
 
 #: Cap on how long any answer is kept, whatever its TTL says.
 MAX_TTL = 3600.0
+#: Most answers kept; past it, expired ones go first, then the oldest.
+MAX_ENTRIES = 10_000
 #: How long "no such name" / "no such record" is kept when the answer carries no SOA.
 DEFAULT_NEGATIVE_TTL = 60.0
 MAX_NEGATIVE_TTL = 900.0
@@ -117,11 +119,25 @@ class DnsResolver:
         if future is None:
             future = asyncio.ensure_future(self._query(*key))
             self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+            future.add_done_callback(lambda f: self._lookup_done(key, f))
         else:
             self.cache_hits += 1
         # shield: one caller giving up (its deadline) must not cancel the others' lookup.
         return await asyncio.shield(future)
+
+    def _lookup_done(self, key: tuple[str, dns.rdatatype.RdataType], future: asyncio.Future[_Entry]) -> None:
+        self._inflight.pop(key, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: every waiter may have given up on it
+
+    def _store(self, key: tuple[str, dns.rdatatype.RdataType], entry: _Entry) -> None:
+        if len(self._cache) >= MAX_ENTRIES:
+            now = time.monotonic()
+            for stale in [k for k, e in self._cache.items() if e.expires <= now]:
+                del self._cache[stale]
+            while len(self._cache) >= MAX_ENTRIES:
+                del self._cache[next(iter(self._cache))]  # the oldest stored
+        self._cache[key] = entry
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Entry:
         self.queries += 1
@@ -141,7 +157,7 @@ class DnsResolver:
         else:
             ttl = min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else DEFAULT_NEGATIVE_TTL
             entry = _Entry(now + ttl, tuple(answer))
-        self._cache[(name, rdtype)] = entry
+        self._store((name, rdtype), entry)
         return entry
 
     def clear(self) -> None:

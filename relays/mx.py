@@ -17,6 +17,8 @@ from schemas.reply import Reply
 
 #: Addresses tried for one domain within one delivery (RFC 5321 asks for at least two).
 MAX_ATTEMPTS = 5
+#: Pools kept before the empty ones are dropped.
+_PRUNE_AT = 256
 
 
 class MxRelay:
@@ -121,6 +123,9 @@ class MxRelay:
     def _pool(self, destination: Destination) -> SmtpPool:
         pool = self._pools.get(destination)
         if pool is None:
+            if len(self._pools) >= _PRUNE_AT:
+                # A pool with no connection left costs nothing to make again.
+                self._pools = {d: p for d, p in self._pools.items() if p.open_count > 0}
             pool = SmtpPool(destination, self.settings, self.options.concurrent_connections, self.options.idle_timeout)
             self._pools[destination] = pool
         return pool

@@ -30,6 +30,10 @@ def not_offered(command: str, extension: str) -> Reply:
     )
 
 
+def tls_refused(detail: str) -> Reply:
+    return _reply(451, "4.7.4", f"The server refused STARTTLS, which the configuration requires: {detail}", "STARTTLS")
+
+
 def protocol_error(command: str, detail: str) -> Reply:
     return _reply(451, "4.5.0", f"Unexpected reply from the server: {detail}", command)
 

@@ -5,6 +5,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+_ESCAPED_ONLY = re.compile(r"[^\ud800-\udc7f\udd00-\udfff]*", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 
@@ -41,6 +42,21 @@ class Reply(BaseModel):
         if code // 100 not in (2, 4, 5):
             raise ValueError("a final reply code is 2xx, 4xx or 5xx")
         return code
+
+    @field_validator("message", "command")
+    @classmethod
+    def _valid_text(cls, text: str | None) -> str | None:
+        # Servers send any bytes; aiosmtplib keeps undecodable ones as lone
+        # surrogates, which no JSON encoder takes. Make them U+FFFD.
+        if text is None or text.isascii():
+            return text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "surrogateescape" if _ESCAPED_ONLY.fullmatch(text) else "surrogatepass").decode(
+                "utf-8", "replace"
+            )
+        return text
 
     @classmethod
     def parse(cls, code: int, message: str, command: str | None = None) -> Self:

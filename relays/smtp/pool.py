@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 from relays.base import RelayError
@@ -13,7 +14,8 @@ MAX_CONNECTION_AGE = 300.0
 
 
 class SmtpPool:
-    """At most `size` connections to `destination`, open or idle; further deliveries wait.
+    """At most `size` connections to `destination` open at once, counting those in
+    use, idle, and still saying QUIT; further deliveries wait for one.
 
     An idle connection is kept `idle_timeout` seconds, then closed with QUIT.
     A connection that failed, timed out, or got a 421 is closed, never reused.
@@ -29,10 +31,12 @@ class SmtpPool:
     ) -> None:
         self.destination = destination
         self.settings = settings
+        self.size = size
         self.idle_timeout = idle_timeout
-        self._limit = asyncio.Semaphore(size)
+        self.open_count = 0
         self._idle: list[SmtpSession] = []
         self._expiry: dict[SmtpSession, asyncio.TimerHandle] = {}
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
         self._closed = False
@@ -43,65 +47,104 @@ class SmtpPool:
 
     async def deliver(self, envelope: Envelope, recipients: list[str]) -> Transaction:
         """One transaction on a pooled connection. A reused connection found dead
-        before anything was sent is replaced once, so a stale socket never fails a delivery."""
-        async with self._limit:
-            session = self._take_idle()
-            for _ in range(2):
-                if session is None:
-                    session = self._session_factory(self.destination, self.settings)
-                    try:
-                        await session.open()
-                    except RelayError as exc:
-                        session.close()
-                        return Transaction([exc.reply] * len(recipients), False)
-                    except BaseException:  # cancelled (a deadline): never leave the socket open
-                        session.close()
-                        raise
+        before anything was sent is replaced by a fresh one, so a stale socket never fails a delivery."""
+        session = await self._acquire(reuse=True)
+        while True:
+            if session is None:
+                session = self._session_factory(self.destination, self.settings)
                 try:
-                    transaction = await session.transaction(envelope, recipients)
-                except StaleSessionError:
-                    session.close()
-                    session = None
-                    continue
-                except BaseException:
-                    session.close()
+                    await session.open()
+                except RelayError as exc:
+                    self._discard(session)
+                    return Transaction([exc.reply] * len(recipients), False)
+                except BaseException:  # cancelled (a deadline): never leave the socket open
+                    self._discard(session)
                     raise
-                self._release(session)
-                return transaction
-        raise AssertionError("unreachable: a fresh connection never raises StaleSessionError")
+            try:
+                transaction = await session.transaction(envelope, recipients)
+            except StaleSessionError:
+                self._discard(session)
+                session = await self._acquire(reuse=False)  # a fresh connection never raises it again
+                continue
+            except BaseException:
+                self._discard(session)
+                raise
+            self._release(session)
+            return transaction
+
+    async def _acquire(self, *, reuse: bool) -> SmtpSession | None:
+        """An idle connection, or None with a slot reserved for opening one."""
+        while True:
+            if reuse and (session := self._take_idle()):
+                return session
+            if self.open_count < self.size:
+                self.open_count += 1
+                return None
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # we were woken but will not use it: pass it on
+                raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _take_idle(self) -> SmtpSession | None:
-        now = time.monotonic()
         while self._idle:
             session = self._idle.pop()
             self._expiry.pop(session).cancel()
-            if session.usable and now - session.created < MAX_CONNECTION_AGE:
+            if session.usable and time.monotonic() - session.created < MAX_CONNECTION_AGE:
                 return session
-            self._quit_later(session)
+            self._discard(session)
         return None
 
     def _release(self, session: SmtpSession) -> None:
         fresh = time.monotonic() - session.created < MAX_CONNECTION_AGE
         if self._closed or not session.usable or not fresh or self.idle_timeout <= 0:
-            self._quit_later(session)
+            self._discard(session, quit=True)
             return
         self._idle.append(session)
         loop = asyncio.get_running_loop()
         self._expiry[session] = loop.call_later(self.idle_timeout, self._expire, session)
+        self._wake()
 
     def _expire(self, session: SmtpSession) -> None:
         if session in self._expiry:
             del self._expiry[session]
             self._idle.remove(session)
-            self._quit_later(session)
+            self._discard(session, quit=True)
 
-    def _quit_later(self, session: SmtpSession) -> None:
-        if not session.usable:
+    def _discard(self, session: SmtpSession, *, quit: bool = False) -> None:
+        """Close a connection (politely with QUIT when asked and possible); its slot
+        frees once it is really closed."""
+        if not (quit and session.usable):
             session.close()
+            self._closed_one()
             return
-        task = asyncio.get_running_loop().create_task(session.quit())
+
+        async def say_quit() -> None:
+            try:
+                await session.quit()
+            finally:
+                self._closed_one()
+
+        task = asyncio.get_running_loop().create_task(say_quit())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def _closed_one(self) -> None:
+        self.open_count -= 1
+        self._wake()
 
     async def aclose(self) -> None:
         """QUIT every idle connection and wait for the QUITs under way."""
@@ -111,6 +154,6 @@ class SmtpPool:
         self._expiry.clear()
         idle, self._idle = self._idle, []
         for session in idle:
-            self._quit_later(session)
+            self._discard(session, quit=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -5,7 +5,6 @@ import os
 import re
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from schemas.reply import Reply
 TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
 #: Most seconds to wait for the reply to QUIT.
 QUIT_TIMEOUT = 5.0
+#: The message is written in pieces this size, each waiting until the server takes the last.
+_DATA_CHUNK = 256 * 1024
 #: A reply longer than this is garbage, not SMTP.
 _MAX_REPLY_BYTES = 64 * 1024
 
@@ -129,13 +130,21 @@ class SmtpSession:
         mode = self.settings.tls_mode
         if mode in ("starttls", "opportunistic"):
             if self.smtp.supports_extension("starttls"):
-                async with self._step("STARTTLS"):
-                    await self.smtp.starttls(
-                        server_hostname=self.destination.name,
-                        tls_context=self.settings.tls_context,
-                        timeout=self.settings.command_timeout,
-                    )
-                await self._greet()
+                try:
+                    async with self._step("STARTTLS"):
+                        await self.smtp.starttls(
+                            server_hostname=self.destination.name,
+                            tls_context=self.settings.tls_context,
+                            timeout=self.settings.command_timeout,
+                        )
+                except RelayError as exc:
+                    if not self.usable:  # the handshake failed: the connection is gone
+                        raise
+                    if mode == "starttls":  # refused: our configuration and theirs disagree, so not permanent
+                        self._fail(replies.tls_refused(exc.reply.message))
+                    # opportunistic: refused, so carry on in plain text
+                else:
+                    await self._greet()
             elif mode == "starttls":
                 self._fail(replies.not_offered("STARTTLS", "STARTTLS"))
         if self.settings.credentials is not None:
@@ -150,7 +159,7 @@ class SmtpSession:
         if self.settings.lmtp:
             response = await self._command("LHLO", b"LHLO", name)
             if response.code != 250:
-                self._fail(_reply(response, "LHLO"))
+                self._fail(_refusal(response, "LHLO"))
             self.smtp.last_ehlo_response = response
             return
         response = await self._command("EHLO", b"EHLO", name)
@@ -158,10 +167,10 @@ class SmtpSession:
             self.smtp.last_ehlo_response = response
             return
         if response.code not in (500, 502):  # 500/502: no ESMTP here, so HELO
-            self._fail(_reply(response, "EHLO"))
+            self._fail(_refusal(response, "EHLO"))
         response = await self._command("HELO", b"HELO", name)
         if response.code != 250:
-            self._fail(_reply(response, "HELO"))
+            self._fail(_refusal(response, "HELO"))
         self.smtp.last_helo_response = response
 
     async def transaction(self, envelope: Envelope, recipients: Sequence[str]) -> Transaction:
@@ -186,36 +195,41 @@ class SmtpSession:
                 if reused:
                     raise StaleSessionError from None
                 raise
-            if response.code != 250:
+            if response.code // 100 != 2:
                 if reused and response.code == 421:
                     raise StaleSessionError
-                self._fail(_reply(response, "MAIL"))
+                self._fail(_refusal(response, "MAIL"))
 
             accepted: list[int] = []
             for i, rcpt in enumerate(recipients):
                 if results[i] is not None:
                     continue
                 response = await self._command("RCPT", b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
-                if response.code in (250, 251):
+                if response.code // 100 == 2:
                     accepted.append(i)
                 else:
-                    results[i] = _reply(response, "RCPT")
+                    results[i] = _refusal(response, "RCPT")
             if not accepted:
                 await self._reset()
                 return Transaction([r for r in results if r is not None], False)
 
             response = await self._command("DATA", b"DATA")
             if response.code != 354:
-                failed = _reply(response, "DATA")
+                failed = _refusal(response, "DATA")
                 for i in accepted:
                     results[i] = failed
                 await self._reset()
                 return Transaction([r for r in results if r is not None], False)
 
             data_sent = True
-            finals = await self._send_data(encode_data(envelope.message), len(accepted) if self.settings.lmtp else 1)
+            finals, failure = await self._send_data(
+                encode_data(envelope.message), len(accepted) if self.settings.lmtp else 1
+            )
+            if not self.settings.lmtp:
+                finals = finals * len(accepted)
+            # LMTP: replies that came before a failure stand; only the rest get the failure.
             for n, i in enumerate(accepted):
-                results[i] = _reply(finals[n if self.settings.lmtp else 0], "[SEND_DATA]")
+                results[i] = _final(finals[n], "[SEND_DATA]") if n < len(finals) else failure
         except RelayError as exc:
             results = [r if r is not None else exc.reply for r in results]
         return Transaction([r for r in results if r is not None], data_sent)
@@ -251,30 +265,48 @@ class SmtpSession:
             self._broken = True
         return response
 
-    async def _send_data(self, data: bytes, count: int) -> list[SMTPResponse]:
-        """Write the message and read `count` replies (LMTP: one per accepted recipient).
+    async def _send_data(self, data: bytes, count: int) -> tuple[list[SMTPResponse], Reply]:
+        """Write the message and read up to `count` replies (LMTP: one per accepted recipient).
 
+        Returns the replies that came and the reply for those that did not (a
+        timeout or a lost connection: the message may have been delivered).
         aiosmtplib reads one reply per command and drops data it did not ask
-        for, so for the replies after the data our own reader takes over the
-        transport and hands it back afterwards.
+        for, so our own reader takes over the transport for this phase and
+        hands it back afterwards. `data_timeout` bounds each wait: for the
+        server to take the next chunk, and for the replies after the last.
         """
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         transport = cast(asyncio.Transport | None, self.smtp.transport)
-        async with self._step("[SEND_DATA]", after_data=True):
-            if transport is None or transport.is_closing():
-                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            original = transport.get_protocol()
-            reader = _ReplyReader()
-            transport.set_protocol(reader)
-            try:
-                transport.write(data)
+        if transport is None or transport.is_closing():
+            self.close()
+            return [], replies.connection_lost("[SEND_DATA]")
+        original = transport.get_protocol()
+        reader = _ReplyReader()
+        transport.set_protocol(reader)
+        failure: Reply | None = None
+        try:
+            view = memoryview(data)
+            for offset in range(0, len(view), _DATA_CHUNK):
+                transport.write(view[offset : offset + _DATA_CHUNK])
                 async with asyncio.timeout(self.settings.data_timeout):
-                    finals = await reader.read(count)
-            finally:
-                transport.set_protocol(original)
-                if not reader.clean:
-                    self.close()
-        return finals
+                    await reader.writable()
+            async with asyncio.timeout(self.settings.data_timeout):
+                await reader.read(count)
+        except TimeoutError:
+            failure = replies.timed_out(
+                "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
+            )
+        except (aiosmtplib.SMTPException, OSError):
+            failure = replies.connection_lost("[SEND_DATA]", maybe_delivered=True)
+        finally:
+            transport.set_protocol(original)
+            if failure is not None or not reader.clean:
+                # abort, not close: close would still send the buffered rest of the message.
+                self.close()
+        finals = reader.replies
+        if any(r.code == 421 for r in finals):
+            self._broken = True
+        return finals, failure or replies.protocol_error("[SEND_DATA]", "fewer replies than recipients")
 
     async def _reset(self) -> None:
         """RSET after a refused transaction, so the connection can serve the next one."""
@@ -297,7 +329,11 @@ class SmtpSession:
             self.close()
 
     def close(self) -> None:
+        """Drop the connection at once: nothing still buffered is sent (after QUIT, nothing is)."""
         self._broken = True
+        transport = self.smtp.transport
+        if transport is not None:
+            transport.abort()  # type: ignore[attr-defined]
         self.smtp.close()
 
     def _fail(self, reply: Reply) -> NoReturn:
@@ -312,6 +348,11 @@ class SmtpSession:
         """
         try:
             yield
+        except aiosmtplib.SMTPResponseException as exc:
+            # The server answered: the connection is in step, unless it was the banner.
+            if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+                self.close()
+            raise RelayError.from_reply(self._translate(exc, command, after_data)) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
             self.close()
             raise RelayError.from_reply(self._translate(exc, command, after_data)) from exc
@@ -320,7 +361,7 @@ class SmtpSession:
         target = self.destination.label
         cause = exc.__cause__
         if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
-            return _reply(SMTPResponse(exc.code, exc.message), "[BANNER]")
+            return _refusal(SMTPResponse(exc.code, exc.message), "[BANNER]")
         if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
             reason = getattr(exc if isinstance(exc, ssl.SSLError) else cause, "reason", None) or str(exc)
             return replies.tls_failed(command, f"{reason} ({target})")
@@ -340,7 +381,7 @@ class SmtpSession:
         if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
             return replies.connection_lost(command, maybe_delivered=after_data)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
-            return _reply(SMTPResponse(exc.code, exc.message), command)
+            return _refusal(SMTPResponse(exc.code, exc.message), command)
         if isinstance(exc, OSError):
             return replies.connection_failed(target, _os_reason(exc))
         if isinstance(exc, ValueError):  # aiosmtplib's command-injection guard: never reached with validated input
@@ -355,9 +396,17 @@ def _os_reason(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _reply(response: SMTPResponse, command: str) -> Reply:
-    """The server's reply as sent; a code that cannot end a step is a protocol error."""
+def _final(response: SMTPResponse, command: str) -> Reply:
+    """A reply that ends a recipient's delivery, as the server sent it."""
     if response.code // 100 in (2, 4, 5):
+        return Reply.parse(response.code, response.message, command)
+    return replies.protocol_error(command, f"{response.code} {response.message}"[:200])
+
+
+def _refusal(response: SMTPResponse, command: str) -> Reply:
+    """The reply of a step that did not succeed. A 2xx or 3xx here is a server
+    out of protocol (DATA answered 250, EHLO answered 220): never a delivery."""
+    if response.code // 100 in (4, 5):
         return Reply.parse(response.code, response.message, command)
     return replies.protocol_error(command, f"{response.code} {response.message}"[:200])
 
@@ -379,19 +428,28 @@ def encode_data(message: bytes) -> bytes:
 
 
 class _ReplyReader(asyncio.Protocol):
-    """Collects complete replies from the transport while the message data is answered."""
+    """Collects complete replies from the transport while the message data is sent and answered."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._replies: deque[SMTPResponse] = deque()
+        self.replies: list[SMTPResponse] = []
         self._lines: list[str] = []
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
+        self._paused = False
+        self._expected = 0
 
     @property
     def clean(self) -> bool:
         """Nothing left over and nothing wrong: the connection may go back to aiosmtplib."""
-        return self._error is None and not self._buffer and not self._replies
+        return self._error is None and not self._buffer and not self._lines and len(self.replies) == self._expected
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -403,7 +461,7 @@ class _ReplyReader(asyncio.Protocol):
                 return
             self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
             if line[3:4] != b"-":
-                self._replies.append(SMTPResponse(int(line[:3]), "\n".join(self._lines)))
+                self.replies.append(SMTPResponse(int(line[:3]), "\n".join(self._lines)))
                 self._lines = []
         if len(self._buffer) > _MAX_REPLY_BYTES:
             self._set_error(aiosmtplib.SMTPResponseException(-1, "reply too long"))
@@ -425,10 +483,21 @@ class _ReplyReader(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def read(self, count: int) -> list[SMTPResponse]:
-        while len(self._replies) < count:
-            if self._error is not None:
-                raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return [self._replies.popleft() for _ in range(count)]
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    async def writable(self) -> None:
+        """Until the transport's write buffer is below its high-water mark again."""
+        while self._paused:
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+
+    async def read(self, count: int) -> None:
+        """Until `count` replies are in `replies`; raises on a lost connection (keeping those that came)."""
+        self._expected = count
+        while len(self.replies) < count:
+            await self._wait()
