@@ -1,9 +1,12 @@
 """One SMTP or LMTP connection on aiosmtplib: every step under its timeout, every failure a Reply."""
 
 import asyncio
+import contextlib
 import os
 import re
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -329,10 +332,18 @@ class SmtpSession:
             self.close()
 
     def close(self) -> None:
-        """Drop the connection at once: nothing still buffered is sent (after QUIT, nothing is)."""
+        """Drop the connection at once: nothing still buffered is sent (after QUIT, nothing is).
+
+        A linger of 0 makes the kernel reset the connection and discard its
+        send queue too, so a message we gave up on can never reach its final "."
+        """
         self._broken = True
         transport = self.smtp.transport
         if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()  # type: ignore[attr-defined]
         self.smtp.close()
 
