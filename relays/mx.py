@@ -117,7 +117,7 @@ class MxRelay:
             if failure is not None:
                 raise TransientRelayError(failure)
             if exchangers is None:
-                raise PermanentRelayError(replies.no_mail_host(domain))
+                raise PermanentRelayError(replies.no_mail_host(domain, self.options.ipv4_only))
             raise TransientRelayError(replies.dns_failure(domain, "no MX host has an address"))
 
     def _pool(self, destination: Destination) -> SmtpPool:

@@ -54,8 +54,9 @@ def no_such_domain(domain: str) -> Reply:
     return _reply(550, "5.1.2", f"Domain {domain} does not exist", "[DNS]")
 
 
-def no_mail_host(domain: str) -> Reply:
-    return _reply(550, "5.1.2", f"Domain {domain} has no MX and no address", "[DNS]")
+def no_mail_host(domain: str, ipv4_only: bool) -> Reply:
+    address = "no IPv4 address (ipv4_only is set)" if ipv4_only else "no address"
+    return _reply(550, "5.1.2", f"Domain {domain} has no MX and {address}", "[DNS]")
 
 
 def null_mx(domain: str) -> Reply:

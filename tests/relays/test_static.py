@@ -323,3 +323,20 @@ async def test_a_cancelled_delivery_never_leaves_its_connection_in_the_pool() ->
     assert result.status == "delivered"
     assert server.connection_count == 2  # the interrupted connection was closed, not reused
     assert [r.recipients for r in server.received] == [["carol@example.net"]]
+
+
+async def test_internationalised_addresses_need_smtputf8() -> None:
+    recipients = ("ascii@example.net", "用户@例子.广告")
+    with smtp_server(smtputf8=True) as utf8, smtp_sink() as sink:  # smtp-sink does not offer SMTPUTF8
+        async with opened(static(utf8.port)) as relays:
+            offered = await relays["out"].deliver(envelope(*recipients))
+        async with opened(static(sink.port)) as relays:
+            missing = await relays["out"].deliver(envelope(*recipients))
+        dumps = sink.messages()
+    assert [r.status for r in offered] == ["delivered", "delivered"]
+    assert "SMTPUTF8" in utf8.received[0].mail_options
+    assert utf8.received[0].recipients == list(recipients)
+    assert [r.status for r in missing] == ["delivered", "permanent_failure"]
+    assert (missing[1].reply.code, missing[1].reply.enhanced_status) == (553, "5.6.7")
+    assert len(dumps) == 1
+    assert "用户" not in dumps[0]

@@ -127,6 +127,7 @@ def smtp_server(
     tls: Tls | None = None,
     implicit_tls: bool = False,
     auth: bool = False,
+    smtputf8: bool = False,
 ) -> Iterator[SmtpServer]:
     """An aiosmtpd server on `host` and `port` (0: a free one), in its own thread and event loop.
 
@@ -150,6 +151,8 @@ def smtp_server(
         kwargs.update(tls_context=tls.server_context, require_starttls=False)
     if auth:
         kwargs.update(authenticator=_authenticate, auth_require_tls=False)
+    if smtputf8:
+        kwargs.update(enable_SMTPUTF8=True)
 
     loop = asyncio.new_event_loop()
     ready = threading.Event()
