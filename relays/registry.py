@@ -9,8 +9,11 @@ from relays.base import Relay
 from relays.blackhole import BlackholeRelay
 from relays.context import RelayContext
 from relays.custom import load_custom_relay
+from relays.dovecot import DovecotRelay
 from relays.lmtp import LmtpRelay
+from relays.maildrop import MaildropRelay
 from relays.mx import MxRelay
+from relays.pipe import PipeRelay
 from relays.static import StaticRelay
 from schemas.config import ConfigError, ConfigProblem, ServiceConfig
 from schemas.relay_options import RelayOptions
@@ -24,9 +27,9 @@ RELAY_TYPES: Final[Mapping[str, RelayFactory]] = {
     "mx": MxRelay,
     "static": StaticRelay,
     "lmtp": LmtpRelay,
-    "pipe": UnavailableRelay,
-    "maildrop": UnavailableRelay,
-    "dovecot": UnavailableRelay,
+    "pipe": PipeRelay,
+    "maildrop": MaildropRelay,
+    "dovecot": DovecotRelay,
     "http": UnavailableRelay,
     "blackhole": BlackholeRelay,
     "custom": load_custom_relay,

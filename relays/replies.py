@@ -30,6 +30,10 @@ def not_offered(command: str, extension: str) -> Reply:
     )
 
 
+def cannot_start(command: str, program: str, reason: str) -> Reply:
+    return _reply(451, "4.3.5", f"Cannot run {program}: {reason}", command)
+
+
 def tls_refused(detail: str) -> Reply:
     return _reply(451, "4.7.4", f"The server refused STARTTLS, which the configuration requires: {detail}", "STARTTLS")
 

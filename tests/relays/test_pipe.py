@@ -1,0 +1,192 @@
+"""`pipe` with small scripts written by the tests: outcomes, macros, timeouts, hostile recipients."""
+
+import asyncio
+import stat
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from schemas.delivery import ClientInfo, Envelope
+from tests.conftest import envelope, opened
+
+
+def script(tmp_path: Path, body: str, name: str = "deliver.sh") -> Path:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def pipe(*args: str, extra: str = "") -> str:
+    quoted = ", ".join(f"'{a}'" for a in args)
+    return f"relay:\n  p:\n    type: pipe\n    args: [{quoted}]\n{textwrap.indent(extra, '    ')}"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "enhanced", "text"),
+    [
+        ("cat > /dev/null; exit 0", "delivered", 250, "2.0.0", "2.0.0 Delivered"),
+        ("echo 'queue full'; exit 75", "transient_failure", 451, "4.3.0", "4.3.0 queue full"),
+        ("exit 71", "transient_failure", 451, "4.3.0", "4.3.0 /"),
+        ("echo nope >&2; exit 1", "permanent_failure", 554, "5.3.0", "5.3.0 nope"),
+        ("exit 77", "permanent_failure", 554, "5.3.0", "(permission denied)"),
+        ("echo '5.1.1 no such mailbox'; exit 75", "permanent_failure", 550, "5.1.1", "5.1.1 no such mailbox"),
+        ("echo '4.2.2 mailbox full'; exit 1", "transient_failure", 451, "4.2.2", "4.2.2 mailbox full"),
+        ("kill -TERM $$", "transient_failure", 451, "4.3.0", "killed by signal 15"),
+    ],
+)
+async def test_exit_status_and_text_decide(
+    tmp_path: Path, body: str, status: str, code: int, enhanced: str, text: str
+) -> None:
+    async with opened(pipe(str(script(tmp_path, body)))) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert (result.status, result.reply.code, result.reply.enhanced_status) == (status, code, enhanced)
+    assert text in result.reply.message
+    assert result.reply.command == "[PIPE]"
+
+
+async def test_error_pattern_picks_the_text(tmp_path: Path) -> None:
+    body = "echo 'noise before'; echo 'error: 5.7.1 relaying denied' >&2; exit 1"
+    async with opened(pipe(str(script(tmp_path, body)), extra="error_pattern: 'error: (.*)'\n")) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.message) == (
+        550,
+        "5.7.1",
+        "5.7.1 relaying denied",
+    )
+
+
+async def test_every_macro_is_one_argument(tmp_path: Path) -> None:
+    out = tmp_path / "args"
+    record = script(tmp_path, f'for a in "$@"; do printf "%s\\n" "$a" >> {out}; done; cat > {tmp_path}/message')
+    macros = [
+        "{sender}",
+        "{recipient}",
+        "{message_id}",
+        "{client_ip}",
+        "{client_host}",
+        "{client_ehlo}",
+        "{client_protocol}",
+        "{client_auth}",
+    ]
+    client = ClientInfo(
+        ip="192.0.2.1", host="client.example.com", ehlo="helo.example.com", protocol="ESMTPA", auth="alice"
+    )
+    env = Envelope(
+        sender="a@example.com",
+        recipients=['"john doe; rm -rf /"@example.net'],
+        message=b"Message-Id: <m1@example.com>\r\n\r\nbody\r\n",
+        client=client,
+    )
+    async with opened(pipe(str(record), "--", *macros, "x{recipient}y")) as relays:
+        (result,) = await relays["p"].deliver(env)
+    assert result.status == "delivered"
+    assert out.read_text().splitlines() == [
+        "--",
+        "a@example.com",
+        '"john doe; rm -rf /"@example.net',
+        "<m1@example.com>",
+        "192.0.2.1",
+        "client.example.com",
+        "helo.example.com",
+        "ESMTPA",
+        "alice",
+        'x"john doe; rm -rf /"@example.netY'.replace("Y", "y"),
+    ]
+    assert (tmp_path / "message").read_bytes() == env.message
+
+
+async def test_a_recipient_starting_with_a_dash_is_never_an_option(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    body = f"touch {marker}"
+    async with opened(pipe(str(script(tmp_path, body)), "{recipient}")) as relays:
+        (refused,) = await relays["p"].deliver(envelope("-rf@example.net"))
+    assert (refused.status, refused.reply.code, refused.reply.enhanced_status) == ("permanent_failure", 553, "5.1.3")
+    assert not marker.exists()
+    async with opened(pipe(str(script(tmp_path, body)), "--", "{recipient}")) as relays:
+        (allowed,) = await relays["p"].deliver(envelope("-rf@example.net"))
+    assert allowed.status == "delivered"  # after "--" it is an operand
+
+
+async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    body = f"sleep 30 & echo $! > {pids}; sleep 30"
+    async with opened(pipe(str(script(tmp_path, body)), extra="timeout: 0.5\n")) as relays:
+        started = time.monotonic()
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        elapsed = time.monotonic() - started
+    assert (result.status, result.reply.code, result.reply.enhanced_status) == ("transient_failure", 451, "4.4.2")
+    assert elapsed < 10
+    child = int(pids.read_text())
+    await asyncio.sleep(0.2)
+    assert not _running(child)  # the forked child is gone too (at most a zombie left for init to reap)
+
+
+async def test_a_missing_or_unrunnable_command(tmp_path: Path) -> None:
+    not_executable = tmp_path / "plain.txt"
+    not_executable.write_text("x")
+    for command, reason in ((str(tmp_path / "nope"), "No such file"), (str(not_executable), "Permission denied")):
+        async with opened(pipe(command)) as relays:
+            (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        assert (result.status, result.reply.code, result.reply.enhanced_status) == ("transient_failure", 451, "4.3.5")
+        assert reason in result.reply.message
+
+
+async def test_output_is_capped(tmp_path: Path) -> None:
+    body = "head -c 10000000 /dev/zero | tr '\\0' x; exit 1"
+    async with opened(pipe(str(script(tmp_path, body)))) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert result.status == "permanent_failure"
+    assert len(result.reply.message) < 1000
+
+
+def test_mixed_outcomes_through_the_api(tmp_path: Path, make_client: Callable[..., TestClient]) -> None:
+    body = 'case "$1" in good*) cat >/dev/null; exit 0;; later*) echo "4.2.1 busy"; exit 1;; *) echo "5.1.1 unknown"; exit 1;; esac'
+    client = make_client(pipe(str(script(tmp_path, body)), "{recipient}"))
+    response = client.post(
+        "/relays/p/deliver",
+        json={
+            "sender": "a@example.com",
+            "recipients": ["good@x.test", "later@x.test", "bad@x.test"],
+            "message": "Subject: p\r\n\r\nhi\r\n",
+        },
+    )
+    assert response.status_code == 207
+    assert [(r["status"], r["reply"]["enhanced_status"]) for r in response.json()["recipients"]] == [
+        ("delivered", "2.0.0"),
+        ("transient_failure", "4.2.1"),
+        ("permanent_failure", "5.1.1"),
+    ]
+
+
+async def test_concurrent_processes_are_bounded(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    body = f"echo start >> {log}; sleep 0.3; echo end >> {log}"
+    async with opened(pipe(str(script(tmp_path, body)), extra="concurrent_processes: 2\n")) as relays:
+        results = await relays["p"].deliver(envelope(*(f"r{i}@x.test" for i in range(6))))
+    assert all(r.status == "delivered" for r in results)
+    running = most = 0
+    for line in log.read_text().split():
+        running += 1 if line == "start" else -1
+        most = max(most, running)
+    assert most == 2
+
+
+def test_unknown_macros_and_users_are_configuration_errors() -> None:
+    from app.config import parse_config
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"relay.p.args\[1\]: unknown macro \{rcpt\}"):
+        parse_config(pipe("/bin/cat", "{rcpt}"), "<test>")
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
