@@ -394,13 +394,13 @@ def test_get_relays_masks_secrets(make_client: Callable[[str], TestClient]) -> N
 
 
 def test_types_not_built_yet_fail_permanently_without_crashing(make_client: Callable[[str], TestClient]) -> None:
-    client = make_client("relay:\n  archive: {type: pipe, args: [/bin/cat]}\n")
-    response = post_json(client, GOOD, relay="archive")
+    client = make_client("relay:\n  chain: {type: http, url: 'http://127.0.0.1:9/'}\n")
+    response = post_json(client, GOOD, relay="chain")
     assert response.status_code == 400
     (result,) = response.json()["recipients"]
     assert result["status"] == "permanent_failure"
     assert result["reply"]["code"] == 554
-    assert "relay type 'pipe' is not available" in result["reply"]["message"]
+    assert "relay type 'http' is not available" in result["reply"]["message"]
 
 
 def test_health_endpoints(client: TestClient) -> None:

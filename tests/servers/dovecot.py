@@ -56,6 +56,7 @@ class Dovecot:
     directory: Path
     config: Path
     lmtp_port: int
+    process: subprocess.Popen[bytes]
 
     def maildir(self, user: str) -> list[bytes]:
         """The messages delivered to `user`'s INBOX."""
@@ -64,7 +65,8 @@ class Dovecot:
 
 
 @contextmanager
-def dovecot() -> Iterator[Dovecot]:
+def dovecot(extra_config: str = "") -> Iterator[Dovecot]:
+    """A standalone master: LMTP on a free port, and the auth-userdb socket dovecot-lda needs."""
     binary = require_program("dovecot")
     directory = traversable_tmpdir("dv")
     port = free_port()
@@ -77,11 +79,11 @@ def dovecot() -> Iterator[Dovecot]:
         lines.append(f"{user}:{{PLAIN}}secret:{MAIL_UID}:{MAIL_GID}::{home}::{extra}")
     (directory / "passwd").write_text("\n".join(lines) + "\n")
     config = directory / "dovecot.conf"
-    config.write_text(CONFIG.format(d=directory, port=port))
+    config.write_text(CONFIG.format(d=directory, port=port) + extra_config)
     process = subprocess.Popen([binary, "-F", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: S603
     try:
         wait_greeting(port, process)
-        yield Dovecot(directory=directory, config=config, lmtp_port=port)
+        yield Dovecot(directory=directory, config=config, lmtp_port=port, process=process)
     finally:
         stop(process)
         shutil.rmtree(directory, ignore_errors=True)
