@@ -1,6 +1,8 @@
 """`pipe` with small scripts written by the tests: outcomes, macros, timeouts, hostile recipients."""
 
 import asyncio
+import os
+import shutil
 import stat
 import textwrap
 import time
@@ -10,8 +12,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.config import parse_config
+from schemas.config import ConfigError
 from schemas.delivery import ClientInfo, Envelope
 from tests.conftest import envelope, opened
+from tests.servers.process import traversable_tmpdir
 
 
 def script(tmp_path: Path, body: str, name: str = "deliver.sh") -> Path:
@@ -176,10 +181,7 @@ async def test_concurrent_processes_are_bounded(tmp_path: Path) -> None:
     assert most == 2
 
 
-def test_unknown_macros_and_users_are_configuration_errors() -> None:
-    from app.config import parse_config
-    from schemas.config import ConfigError
-
+def test_unknown_macros_are_configuration_errors() -> None:
     with pytest.raises(ConfigError, match=r"relay.p.args\[1\]: unknown macro \{rcpt\}"):
         parse_config(pipe("/bin/cat", "{rcpt}"), "<test>")
 
@@ -190,3 +192,31 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def _world_readable_script(body: str) -> tuple[Path, Path]:
+    directory = traversable_tmpdir("pipe")  # pytest's tmp_path is 0700: nobody could not reach it
+    out = directory / "out"
+    out.touch()
+    out.chmod(0o666)
+    command = script(directory, body.replace("OUT", str(out)))
+    command.chmod(0o755)
+    return command, out
+
+
+async def test_cwd_env_and_user() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("running a command as another user needs root (CI runs as root)")
+    command, out = _world_readable_script('echo "$(pwd) $(id -u) $GREETING ${HOME:-nohome}" > OUT')
+    extra = "cwd: /\nenv: {GREETING: hello}\nuser: nobody\n"
+    async with opened(pipe(str(command), extra=extra)) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert result.status == "delivered", result.reply
+    assert out.read_text().split() == ["/", "65534", "hello", "nohome"]  # exactly the configured environment
+    shutil.rmtree(out.parent)
+
+
+async def test_an_unknown_user_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match=r"relay.p.user: no such user: no-such-user-here"):
+        async with opened(pipe("/bin/cat", extra="user: no-such-user-here\n")):
+            pass
