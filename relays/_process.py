@@ -66,8 +66,8 @@ class ProcessRunner:
                     group=self._user[1] if self._user else None,
                     extra_groups=[] if self._user else None,
                 )
-            except OSError as exc:
-                reason = exc.strerror or str(exc)
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
+                reason = getattr(exc, "strerror", None) or str(exc)
                 raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
             try:
                 async with asyncio.timeout(self.timeout):

@@ -215,7 +215,10 @@ def find_message_id(message: bytes) -> str | None:
     match = _MESSAGE_ID.search(message, 0, end.start() if end else len(message))
     if not match:
         return None
-    value = " ".join(match.group(1).decode("utf-8", "replace").split())
+    # One printable line of at most 998 characters (RFC 5322's line limit): it may become a
+    # command argument (`pipe`'s {message_id}), where a NUL or a huge value would not do.
+    text = match.group(1).decode("utf-8", "replace")
+    value = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())[:998]
     return value or None
 
 

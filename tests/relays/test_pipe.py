@@ -220,3 +220,13 @@ async def test_an_unknown_user_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match=r"relay.p.user: no such user: no-such-user-here"):
         async with opened(pipe("/bin/cat", extra="user: no-such-user-here\n")):
             pass
+
+
+async def test_a_hostile_message_id_stays_one_harmless_argument(tmp_path: Path) -> None:
+    out = tmp_path / "args"
+    record = script(tmp_path, f'for a in "$@"; do printf "[%s]\\n" "$a" >> {out}; done')
+    message = b"Message-Id: <a\x00b;$(reboot)>\r\n folded\r\n\r\nbody\r\n"
+    async with opened(pipe(str(record), "--", "{message_id}")) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net", message=message))
+    assert result.status == "delivered"
+    assert out.read_text().splitlines() == ["[--]", "[<ab;$(reboot)> folded]"]
