@@ -17,6 +17,10 @@ from schemas.reply import Reply
 
 #: Output kept from each of stdout and stderr; the rest is read and dropped.
 OUTPUT_CAP = 64 * 1024
+#: How often to look for an exit that process.wait() does not report (pipes held open).
+_EXIT_POLL = 0.1
+#: How long the output may still be read after the command exited.
+_DRAIN_GRACE = 1.0
 #: Longest error text put in a reply.
 REPLY_TEXT_CAP = 512
 
@@ -33,61 +37,110 @@ class Exit:
 
 class ProcessRunner:
     """Starts commands with `asyncio.create_subprocess_exec` (never a shell), the
-    message on stdin, at most `concurrent_processes` at once (others wait)."""
+    message on stdin, at most `concurrent_processes` at once (others wait, at most
+    `timeout` seconds too)."""
 
     def __init__(self, options: ProcessOptions, relay_name: str, step: str) -> None:
         self.timeout = options.timeout
         self.step = step
         self._limit = asyncio.Semaphore(options.concurrent_processes)
-        self._cwd = os.path.expanduser(options.cwd) if options.cwd else None
-        self._env = dict(options.env) if options.env is not None else None
+        self._cwd = options.cwd
         self._user: tuple[int, int] | None = None
+        entry = pwd.getpwuid(os.geteuid())
         if options.user is not None:
             try:
                 entry = pwd.getpwnam(options.user)
             except KeyError:
                 raise ConfigError.at(f"relay.{relay_name}.user", f"no such user: {options.user}") from None
             self._user = (entry.pw_uid, entry.pw_gid)
+        # The service's own environment may hold secrets: like Postfix pipe(8), give the
+        # command only a minimal one, unless the configuration spells one out.
+        self._env = (
+            dict(options.env)
+            if options.env is not None
+            else {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": entry.pw_dir,
+                "USER": entry.pw_name,
+                "LOGNAME": entry.pw_name,
+                "SHELL": entry.pw_shell or "/bin/sh",
+            }
+        )
 
     async def run(self, args: Sequence[str], message: bytes) -> Exit:
         """Run `args` with `message` on stdin. Raises RelayError when the command cannot
         be started (4.3.5) or outlives `timeout` (4.4.2; its whole process group is killed)."""
-        async with self._limit:
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *args,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    cwd=self._cwd,
-                    env=self._env,
-                    start_new_session=True,  # its own process group, so a timeout kills its children too
-                    user=self._user[0] if self._user else None,
-                    group=self._user[1] if self._user else None,
-                    extra_groups=[] if self._user else None,
-                )
-            except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
-            try:
-                async with asyncio.timeout(self.timeout):
-                    stdout, stderr, _ = await asyncio.gather(
-                        _read_capped(process.stdout), _read_capped(process.stderr), _feed(process, message)
-                    )
-                    status = await process.wait()
-            except TimeoutError:
-                _kill_group(process)
-                await process.wait()
-                raise RelayError.from_reply(
-                    replies.timed_out(self.step, f"{args[0]} to finish ({self.timeout:g} s)")
-                ) from None
-            except BaseException:  # cancelled: leave nothing running
-                _kill_group(process)
-                with contextlib.suppress(ProcessLookupError):
-                    await asyncio.shield(process.wait())
-                raise
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._limit.acquire()
+        except TimeoutError:
+            raise RelayError.from_reply(
+                replies.timed_out(self.step, f"a free process slot ({self.timeout:g} s)")
+            ) from None
+        try:
+            return await self._run(args, message)
+        finally:
+            self._limit.release()
+
+    async def _run(self, args: Sequence[str], message: bytes) -> Exit:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self._cwd,
+                env=self._env,
+                start_new_session=True,  # its own process group, so a timeout kills its children too
+                user=self._user[0] if self._user else None,
+                group=self._user[1] if self._user else None,
+                extra_groups=[] if self._user else None,
+            )
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
+        stdout, stderr = bytearray(), bytearray()
+        io = asyncio.gather(
+            _read_capped(process.stdout, stdout), _read_capped(process.stderr, stderr), _feed(process, message)
+        )
+        waiting = asyncio.ensure_future(process.wait())
+        try:
+            async with asyncio.timeout(self.timeout):
+                # process.wait() also waits for the pipes to close, which a child that
+                # left the process group may never do: the exit status is what counts.
+                while not (await asyncio.wait({waiting}, timeout=_EXIT_POLL))[0] and process.returncode is None:
+                    pass
+                status = process.returncode
+                assert status is not None  # noqa: S101 - the loop ends on an exit
+        except TimeoutError:
+            _kill_group(process)
+            await asyncio.wait({waiting}, timeout=_DRAIN_GRACE)  # bounded: an escaped child may hold the pipes
+            raise RelayError.from_reply(
+                replies.timed_out(self.step, f"{args[0]} to finish ({self.timeout:g} s)")
+            ) from None
+        except BaseException:  # cancelled: leave nothing running
+            _kill_group(process)
+            raise
+        finally:
+            await _finish_io(process, io)
+            waiting.cancel()
         killed_by = -status if status < 0 else None
         return Exit(status if status >= 0 else None, killed_by, _text(stdout), _text(stderr))
+
+
+async def _finish_io(process: asyncio.subprocess.Process, io: "asyncio.Future[tuple[None, None, None]]") -> None:
+    """Let the output drain briefly after the exit: a child that left the process group may
+    hold the pipes open forever, and the command's own exit status is what counts."""
+    try:
+        async with asyncio.timeout(_DRAIN_GRACE):
+            await asyncio.shield(io)
+    except (TimeoutError, asyncio.CancelledError):
+        io.cancel()
+    except Exception:  # noqa: S110 - a pipe error after the exit changes nothing
+        pass
+    transport = getattr(process, "_transport", None)  # closes our ends of the pipes
+    if transport is not None:
+        transport.close()
 
 
 async def _feed(process: asyncio.subprocess.Process, message: bytes) -> None:
@@ -103,14 +156,12 @@ async def _feed(process: asyncio.subprocess.Process, message: bytes) -> None:
             await process.stdin.wait_closed()
 
 
-async def _read_capped(stream: asyncio.StreamReader | None) -> bytes:
-    kept = bytearray()
+async def _read_capped(stream: asyncio.StreamReader | None, kept: bytearray) -> None:
     if stream is None:
-        return bytes(kept)
+        return
     while chunk := await stream.read(65536):
         if len(kept) < OUTPUT_CAP:
             kept += chunk[: OUTPUT_CAP - len(kept)]
-    return bytes(kept)
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:
@@ -118,7 +169,7 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _text(output: bytes) -> str:
+def _text(output: bytes | bytearray) -> str:
     return output.decode("utf-8", "replace").strip()
 
 
@@ -128,13 +179,14 @@ def error_text(exit: Exit, pattern: str | None = None) -> str:
     if pattern:
         for output in (exit.stdout, exit.stderr):
             if match := re.search(pattern, output):
-                text = match.group(1) if match.re.groups else match.group(0)
-                return _one_reply(text)
+                group = match.group(1) if match.re.groups else None
+                return _one_reply(group if group is not None else match.group(0))
     return _one_reply(exit.stdout or exit.stderr)
 
 
 def _one_reply(text: str) -> str:
-    text = " ".join(text.split())  # one line: it goes into an SMTP-style reply
+    # One printable line: it goes into an SMTP-style reply and a header.
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text[:REPLY_TEXT_CAP]
 
 
@@ -158,16 +210,18 @@ _SYSEXITS = {
 }
 
 
-def exit_reply(exit: Exit, step: str, text: str, *, transient: frozenset[int], what: str) -> Reply:
-    """The outcome of a finished command: a leading `4.X.Y`/`5.X.Y` in `text` decides;
-    otherwise the exit status does (those in `transient`, and death by a signal, are transient)."""
+def exit_reply(
+    exit: Exit, step: str, text: str, *, transient: frozenset[int], what: str, text_decides: bool = False
+) -> Reply:
+    """The outcome of a finished command. With `text_decides` (pipe), a leading `4.X.Y` or
+    `5.X.Y` in `text` decides; otherwise the exit status does (those in `transient`, and
+    death by a signal, are transient)."""
     if exit.status == 0:
         return Reply(code=250, enhanced_status="2.0.0", message=f"2.0.0 {text or 'Delivered'}", command=step)
-    reply = (
-        Reply.parse(550, text, step) if text[:2] == "5." else Reply.parse(451, text, step) if text[:2] == "4." else None
-    )
-    if reply is not None and reply.enhanced_status:
-        return reply
+    if text_decides and text[:2] in ("4.", "5."):
+        reply = Reply.parse(550 if text[0] == "5" else 451, text, step)
+        if reply.enhanced_status:
+            return reply
     if exit.signal is not None:
         default = f"{what} was killed by signal {exit.signal}"
         return Reply(code=451, enhanced_status="4.3.0", message=f"4.3.0 {text or default}", command=step)

@@ -32,14 +32,19 @@ class PipeRelay:
     async def _deliver_one(self, envelope: Envelope, recipient: str) -> Reply:
         values = macro_values(envelope, recipient)
         args = [arg.format_map(values) for arg in self.options.args]
-        if refusal := _option_injection(self.options.args, values):
+        if refusal := _option_injection(self.options.args, args):
             return refusal
         try:
             exit = await self.runner.run(args, envelope.message)
         except RelayError as exc:
             return exc.reply
         return exit_reply(
-            exit, STEP, error_text(exit, self.options.error_pattern), transient=TRANSIENT_STATUSES, what=args[0]
+            exit,
+            STEP,
+            error_text(exit, self.options.error_pattern),
+            transient=TRANSIENT_STATUSES,
+            what=args[0],
+            text_decides=True,
         )
 
     async def aclose(self) -> None:
@@ -60,19 +65,19 @@ def macro_values(envelope: Envelope, recipient: str) -> dict[str, str]:
     }
 
 
-def _option_injection(templates: list[str], values: dict[str, str]) -> Reply | None:
-    """An address that starts with "-" must not become an option of the command: refuse it
-    where a macro starts an argument and no "--" came before (exec already stops any shell)."""
-    for position, template in enumerate(templates[1:], start=1):
-        if "--" in templates[1:position]:
+def _option_injection(templates: list[str], args: list[str]) -> Reply | None:
+    """A value from the request must not become an option of the command: refuse an
+    argument that starts with "-" only because of a macro, unless a "--" came before it
+    (exec already keeps every value one argument and away from any shell)."""
+    for template, arg in zip(templates[1:], args[1:], strict=True):
+        if template == "--":
             return None
-        for name, value in values.items():
-            if template.startswith(f"{{{name}}}") and value.startswith("-"):
-                return Reply(
-                    code=553,
-                    enhanced_status="5.1.3",
-                    message=f"5.1.3 {{{name}}} starts with '-' and would be read as an option; "
-                    'put "--" before it in the relay\'s args',
-                    command=STEP,
-                )
+        if arg.startswith("-") and not template.startswith("-"):
+            return Reply(
+                code=553,
+                enhanced_status="5.1.3",
+                message=f"5.1.3 The argument {arg[:64]!r} would be read as an option; "
+                'put "--" before the macros in the relay\'s args',
+                command=STEP,
+            )
     return None

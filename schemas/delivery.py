@@ -119,8 +119,9 @@ def _check_recipient(value: str) -> str:
 
 
 def _check_ip(value: str) -> str:
-    ipaddress.ip_address(value)
-    return value
+    if "%" in value:  # an IPv6 zone may hold anything: not a client's public address anyway
+        raise ValueError("an IP address without a zone (%...)")
+    return str(ipaddress.ip_address(value))
 
 
 Sender = Annotated[

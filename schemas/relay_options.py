@@ -110,6 +110,13 @@ def _expand_path(value: str) -> str:
     return path
 
 
+def _existing_directory(value: str) -> str:
+    path = os.path.expanduser(os.path.expandvars(value))
+    if not os.path.isdir(path):
+        raise ValueError(f"no such directory: {path}")
+    return path
+
+
 def _check_host(value: str) -> str:
     split_host_port(value, 25)
     if value.count(":") == 1 and not value.startswith("["):
@@ -296,8 +303,13 @@ class ProcessOptions(_Options):
         default=10,
         description="most processes of this relay at once; others wait",
     )
-    cwd: str | None = Field(default=None, description="working directory of the command")
-    env: dict[str, str] | None = Field(default=None, description="environment of the command; default: the service's")
+    cwd: Annotated[str, AfterValidator(_existing_directory)] | None = Field(
+        default=None, description="working directory of the command"
+    )
+    env: dict[str, str] | None = Field(
+        default=None,
+        description="the command's whole environment; default, as Postfix pipe(8): PATH, HOME, USER, LOGNAME and SHELL only",
+    )
     user: str | None = Field(
         default=None,
         description="run the command as this user (the service must run as root)",
@@ -354,6 +366,10 @@ class PipeOptions(ProcessOptions):
     def _command(cls, value: list[str]) -> list[str]:
         if not value[0]:
             raise ValueError("the command (first argument) must not be empty")
+        if any(name for _, name, _, _ in string.Formatter().parse(value[0])):
+            raise ValueError(
+                "the command (first argument) must not contain a macro: a request must never choose the program"
+            )
         return value
 
     @field_validator("error_pattern")

@@ -230,3 +230,82 @@ async def test_a_hostile_message_id_stays_one_harmless_argument(tmp_path: Path) 
         (result,) = await relays["p"].deliver(envelope("bob@example.net", message=message))
     assert result.status == "delivered"
     assert out.read_text().splitlines() == ["[--]", "[<ab;$(reboot)> folded]"]
+
+
+async def test_a_dash_from_any_macro_is_caught(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    command = str(script(tmp_path, f"touch {marker}"))
+    async with opened(pipe(command, "{client_ehlo}{recipient}")) as relays:
+        (refused,) = await relays["p"].deliver(envelope("-oX@x.test"))
+    assert (refused.reply.code, refused.reply.enhanced_status) == (553, "5.1.3")
+    assert not marker.exists()
+
+
+def test_no_macro_may_choose_the_program() -> None:
+    with pytest.raises(ConfigError, match=r"relay.p.args: .*must not contain a macro"):
+        parse_config(pipe("/usr/lib/handlers/{recipient}", "x"), "<test>")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "output", "text"),
+    [("fatal(: (.*))?", "fatal", "5.3.0 fatal"), ("fatal: (.*)", "fatal: disk gone", "5.3.0 disk gone")],
+)
+async def test_error_pattern_groups(tmp_path: Path, pattern: str, output: str, text: str) -> None:
+    command = str(script(tmp_path, f"echo '{output}'; exit 1"))
+    async with opened(pipe(command, extra=f"error_pattern: '{pattern}'\n")) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert result.reply.message == text
+
+
+async def test_a_daemon_holding_the_output_open_does_not_hide_the_exit(tmp_path: Path) -> None:
+    pids = tmp_path / "pid"
+    # The child leaves the process group and keeps stdout open; the command itself succeeded.
+    body = f"cat > /dev/null; setsid sh -c 'echo $$ > {pids}; exec sleep 30' & exit 0"
+    async with opened(pipe(str(script(tmp_path, body)), extra="timeout: 5\n")) as relays:
+        started = time.monotonic()
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        elapsed = time.monotonic() - started
+    os.kill(int(pids.read_text()), 9)
+    assert result.status == "delivered"
+    assert elapsed < 4
+
+
+async def test_the_wait_for_a_process_slot_is_bounded(tmp_path: Path) -> None:
+    command = str(script(tmp_path, "cat > /dev/null; sleep 1"))
+    async with opened(pipe(command, extra="timeout: 1.5\nconcurrent_processes: 1\n")) as relays:
+        results = await relays["p"].deliver(envelope(*(f"r{i}@x.test" for i in range(4))))
+    assert results[0].status == "delivered"
+    waited = [r for r in results if r.reply.enhanced_status == "4.4.2"]
+    assert waited
+    assert "a free process slot" in waited[0].reply.message
+
+
+async def test_the_service_environment_is_not_passed_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICE_SECRET", "s3cr3t")
+    out = tmp_path / "env"
+    async with opened(pipe(str(script(tmp_path, f"env > {out}")))) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert result.status == "delivered"
+    names = {line.split("=", 1)[0] for line in out.read_text().splitlines()}
+    assert "SERVICE_SECRET" not in names
+    assert {"PATH", "HOME", "USER"} <= names
+
+
+async def test_control_characters_never_reach_the_reply(tmp_path: Path) -> None:
+    command = str(script(tmp_path, "printf 'ok\\033[31m\\000x'; exit 1"))
+    async with opened(pipe(command)) as relays:
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+    assert result.reply.message.isprintable()
+
+
+async def test_a_cancelled_delivery_kills_its_command(tmp_path: Path) -> None:
+    pids = tmp_path / "pid"
+    command = str(script(tmp_path, f"echo $$ > {pids}; exec sleep 30"))
+    async with opened(pipe(command)) as relays:
+        task = asyncio.ensure_future(relays["p"].deliver(envelope("bob@example.net")))
+        await asyncio.sleep(0.5)  # the command has started by then
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await asyncio.sleep(0.2)
+    assert not _running(int(pids.read_text()))
