@@ -26,6 +26,10 @@ _JSON_OVERHEAD_BYTES = 64 * 1024
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
 
 
+def is_raw_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower() == RFC822
+
+
 async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope:
     """Read and validate the whole request before anything is delivered."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()

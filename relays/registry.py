@@ -4,12 +4,12 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from relays._unavailable import UnavailableRelay
 from relays.base import Relay
 from relays.blackhole import BlackholeRelay
 from relays.context import RelayContext
 from relays.custom import load_custom_relay
 from relays.dovecot import DovecotRelay
+from relays.http import HttpRelay
 from relays.lmtp import LmtpRelay
 from relays.maildrop import MaildropRelay
 from relays.mx import MxRelay
@@ -30,7 +30,7 @@ RELAY_TYPES: Final[Mapping[str, RelayFactory]] = {
     "pipe": PipeRelay,
     "maildrop": MaildropRelay,
     "dovecot": DovecotRelay,
-    "http": UnavailableRelay,
+    "http": HttpRelay,
     "blackhole": BlackholeRelay,
     "custom": load_custom_relay,
 }

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from app.deps import RelayName, RuntimeDep, find_relay, get_runtime, unknown_relay
-from app.intake import JSON, RFC822, read_envelope
+from app.intake import JSON, RFC822, is_raw_form, read_envelope
 from app.problems import problem_doc
 from relays.base import check_results
 from schemas.delivery import DeliveryResult
@@ -143,7 +143,10 @@ async def deliver(name: RelayName, request: Request) -> Response:
     the next hop's reply. The HTTP status summarises the whole: 200 all
     delivered, 207 partial, 503 transient failure (retry later; see
     Retry-After), 400 permanent failure. The whole request is validated
-    before anything is delivered.
+    before anything is delivered. In the message/rfc822 form a partial
+    outcome is answered 503 (not 207), because slimta's `http` relay reads
+    any 2xx as success for every recipient; the JSON body still has each
+    recipient's outcome.
     """
     # The hot path looks the relay up itself: FastAPI's dependency solving costs
     # more per request than the lookup (see bench/smtp_static.py).
@@ -163,7 +166,20 @@ async def deliver(name: RelayName, request: Request) -> Response:
     )
 
     status = _HTTP_STATUS[result.status]
-    headers = {"X-Smtp-Reply": format_smtp_reply(summary_reply(result))}
+    summary = summary_reply(result)
+    if result.status == "partial" and is_raw_form(request):
+        # slimta's http relay reads any 2xx as success for every recipient, so a 207
+        # would lose the failed ones. Mail systems prefer a duplicate to a loss: say
+        # "try again" for the whole envelope (the JSON body still has every outcome).
+        status = 503
+        failed = sum(r.status != "delivered" for r in result.recipients)
+        summary = Reply.parse(
+            451,
+            f"4.5.0 Partial delivery: {failed} of {len(result.recipients)} recipients failed "
+            f"(first: {summary.code} {summary.message}); the envelope may be retried as a whole",
+            summary.command,
+        )
+    headers = {"X-Smtp-Reply": format_smtp_reply(summary)}
     if status == 503:
         headers["Retry-After"] = str(settings.retry_after)
     return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers)
@@ -199,6 +215,7 @@ def format_smtp_reply(reply: Reply) -> str:
 
 
 def _header_text(text: str) -> str:
-    return "".join(
-        c if " " <= c <= "~" and c != '"' else ("'" if c == '"' else " " if c in "\r\n\t" else "?") for c in text
-    )
+    # Printable ASCII; `"` becomes `'` (slimta's parser stops at the next quote) and `\`
+    # is escaped as in a quoted-string, so our own parser reads the text back exactly.
+    printable = "".join(c if " " <= c <= "~" else (" " if c in "\r\n\t" else "?") for c in text)
+    return printable.replace("\\", "\\\\").replace('"', "'")

@@ -158,13 +158,20 @@ def test_raw_form_empty_sender_and_ehlo(client: TestClient) -> None:
 def test_status_mapping(
     client: TestClient, recipients: list[str], http_status: int, status: str, smtp_reply: str
 ) -> None:
-    for response in (
-        post_json(client, {"sender": "a@example.com", "recipients": recipients, "message": MESSAGE}),
-        post_raw(
-            client,
-            [("X-Envelope-Sender", b64("a@example.com")), *[("X-Envelope-Recipient", b64(r)) for r in recipients]],
-        ),
+    raw_headers = [("X-Envelope-Sender", b64("a@example.com")), *[("X-Envelope-Recipient", b64(r)) for r in recipients]]
+    for form, response in (
+        ("json", post_json(client, {"sender": "a@example.com", "recipients": recipients, "message": MESSAGE})),
+        ("raw", post_raw(client, raw_headers)),
     ):
+        if form == "raw" and status == "partial":
+            # slimta's http relay would read a 207 as success for everyone: the raw form says "retry".
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "30"
+            assert response.headers["X-Smtp-Reply"].startswith(
+                '451; message="4.5.0 Partial delivery: 1 of 2 recipients failed'
+            )
+            assert response.json()["status"] == "partial"
+            continue
         assert response.status_code == http_status
         assert response.headers["content-type"] == "application/json"
         assert response.json()["status"] == status
@@ -391,16 +398,6 @@ def test_get_relays_masks_secrets(make_client: Callable[[str], TestClient]) -> N
     one = client.get("/relays/smarthost")
     assert one.status_code == 200
     assert one.json() == smarthost
-
-
-def test_types_not_built_yet_fail_permanently_without_crashing(make_client: Callable[[str], TestClient]) -> None:
-    client = make_client("relay:\n  chain: {type: http, url: 'http://127.0.0.1:9/'}\n")
-    response = post_json(client, GOOD, relay="chain")
-    assert response.status_code == 400
-    (result,) = response.json()["recipients"]
-    assert result["status"] == "permanent_failure"
-    assert result["reply"]["code"] == 554
-    assert "relay type 'http' is not available" in result["reply"]["message"]
 
 
 def test_health_endpoints(client: TestClient) -> None:

@@ -37,17 +37,6 @@ async def test_blackhole_delivers_every_recipient_with_one_id_per_message() -> N
     await relay.aclose()
 
 
-@pytest.mark.parametrize("relay_type", ["http"])
-async def test_types_not_built_yet_answer_a_permanent_failure(relay_type: str) -> None:
-    options = {"http": "{type: http, url: 'http://h/'}"}[relay_type]
-    relays = await open_relays(config_from(f"relay:\n  r: {options}\n"))
-    results = await relays["r"].deliver(ENVELOPE)
-    assert [r.status for r in results] == ["permanent_failure"] * 2
-    assert results[0].reply.code == 554
-    assert f"relay type {relay_type!r} is not available" in results[0].reply.message
-    await relays["r"].aclose()
-
-
 async def test_custom_factory_gets_every_option() -> None:
     config = config_from(
         "relay:\n  s: {type: custom, factory: 'tests.scripted:factory', replies: {'b@y.test': '550 5.1.1 no'}}\n"

@@ -1,0 +1,133 @@
+"""`http`: POST the message onward in slimta's wire format (to slimta's HTTP edge or another mailrelay)."""
+
+import asyncio
+import base64
+import json
+import re
+import ssl
+from urllib.parse import urlsplit
+
+import httpx
+
+from relays import replies
+from relays.context import RelayContext
+from relays.tls import client_context
+from schemas.delivery import Envelope, RecipientResult
+from schemas.relay_options import HttpOptions
+from schemas.reply import Reply
+
+_CODE = re.compile(r"^\s*(\d{3})\s*(?:;|$)")
+#: `name="value"` with backslash escapes; a value may hold `;` and `=`.
+_PARAM = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+
+def parse_smtp_reply(header: str) -> Reply | None:
+    """`X-Smtp-Reply: <code>; message="<text>"[; command="<cmd>"]`, as slimta writes it; None when absent or malformed."""
+    match = _CODE.match(header)
+    if not match or int(match.group(1)) // 100 not in (2, 4, 5):
+        return None
+    params = {name.lower(): re.sub(r"\\(.)", r"\1", value) for name, value in _PARAM.findall(header[match.end() :])}
+    return Reply.parse(int(match.group(1)), params.get("message", ""), params.get("command"))
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+class HttpRelay:
+    """One httpx client per relay, made at start-up and closed at shutdown."""
+
+    def __init__(self, name: str, options: HttpOptions, context: RelayContext) -> None:
+        self.options = options
+        parts = urlsplit(options.url)
+        self.host = parts.netloc.rpartition("@")[2]  # never the userinfo
+        verify: ssl.SSLContext | bool = True  # https:// alone means default verification
+        if options.tls is not None:
+            verify = client_context(options.tls, f"relay.{name}.tls")
+        keep = options.concurrent_connections if options.idle_timeout else 0
+        self.client = httpx.AsyncClient(
+            verify=verify,
+            timeout=httpx.Timeout(options.timeout),
+            limits=httpx.Limits(
+                max_connections=options.concurrent_connections,
+                max_keepalive_connections=keep,
+                keepalive_expiry=options.idle_timeout or None,
+            ),
+        )
+
+    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+        recipients = list(envelope.recipients)
+        headers = [
+            ("Content-Type", "message/rfc822"),
+            ("Accept", "application/json"),
+            ("X-Ehlo", self.options.ehlo_as),
+            ("X-Envelope-Sender", _b64(envelope.sender)),
+            *(("X-Envelope-Recipient", _b64(r)) for r in recipients),
+        ]
+        if not self.options.idle_timeout:
+            headers.append(("Connection", "close"))
+        try:
+            async with asyncio.timeout(self.options.timeout):  # the whole exchange, connection included
+                response = await self.client.post(self.options.url, content=envelope.message, headers=headers)
+        except TimeoutError:
+            reply = replies.timed_out("[HTTP]", f"the response from {self.host}; the message may have been delivered")
+            return self._same(recipients, reply)
+        except httpx.HTTPError as exc:
+            return self._same(recipients, self._translate(exc))
+        return self._results(recipients, response)
+
+    def _results(self, recipients: list[str], response: httpx.Response) -> list[RecipientResult]:
+        # A mailrelay next hop says what happened to each recipient: carry that through.
+        carried = _carried_results(recipients, response)
+        if carried is not None:
+            return carried
+        reply = parse_smtp_reply(response.headers.get("X-Smtp-Reply", ""))
+        status = response.status_code
+        if 200 <= status < 300:
+            if reply is None or not reply.is_success:
+                reply = Reply.parse(250, f"2.0.0 Accepted by {self.host} (HTTP {status})", "[HTTP]")
+        elif reply is None or reply.is_success:
+            klass = "permanent" if 400 <= status < 500 else "transient"
+            text = f"{self.host} answered HTTP {status} {response.reason_phrase}"
+            reply = (
+                Reply.parse(554, f"5.0.0 {text}", "[HTTP]")
+                if klass == "permanent"
+                else Reply.parse(451, f"4.0.0 {text}", "[HTTP]")
+            )
+        return self._same(recipients, reply)
+
+    def _same(self, recipients: list[str], reply: Reply) -> list[RecipientResult]:
+        return [RecipientResult(recipient=r, reply=reply, host=self.host) for r in recipients]
+
+    def _translate(self, exc: httpx.HTTPError) -> Reply:
+        """The one place where httpx errors become replies."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLError):
+            return replies.tls_failed("[CONNECT]", f"{getattr(cause, 'reason', None) or cause} ({self.host})")
+        if isinstance(exc, httpx.TimeoutException):
+            command = "[CONNECT]" if isinstance(exc, httpx.ConnectTimeout) else "[HTTP]"
+            return replies.timed_out(
+                command, f"{self.host}" if command == "[CONNECT]" else f"the response from {self.host}"
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return replies.connection_failed(self.host, str(exc) or type(exc).__name__)
+        return replies.connection_lost("[HTTP]", maybe_delivered=True)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _carried_results(recipients: list[str], response: httpx.Response) -> list[RecipientResult] | None:
+    """The per-recipient results of a mailrelay next hop, when its body is one and matches the envelope."""
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        body = json.loads(response.content)
+        results = [RecipientResult.model_validate(r) for r in body["recipients"]]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if [r.recipient for r in results] != recipients:
+        return None
+    return results
