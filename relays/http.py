@@ -16,6 +16,9 @@ from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import HttpOptions
 from schemas.reply import Reply
 
+#: Largest response body read: a mailrelay result is about 300 bytes per recipient.
+_BODY_CAP = 64 * 1024
+_BODY_PER_RECIPIENT = 4096
 _CODE = re.compile(r"^\s*(\d{3})\s*(?:;|$)")
 #: `name="value"` with backslash escapes; a value may hold `;` and `=`.
 _PARAM = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
@@ -67,18 +70,22 @@ class HttpRelay:
         if not self.options.idle_timeout:
             headers.append(("Connection", "close"))
         try:
-            async with asyncio.timeout(self.options.timeout):  # the whole exchange, connection included
-                response = await self.client.post(self.options.url, content=envelope.message, headers=headers)
+            async with (
+                asyncio.timeout(self.options.timeout),  # the whole exchange, connection included
+                self.client.stream("POST", self.options.url, content=envelope.message, headers=headers) as response,
+            ):
+                # A next hop's body is read only as far as a result for these recipients can go.
+                body = await _read_capped(response, _BODY_CAP + _BODY_PER_RECIPIENT * len(recipients))
         except TimeoutError:
             reply = replies.timed_out("[HTTP]", f"the response from {self.host}; the message may have been delivered")
             return self._same(recipients, reply)
         except httpx.HTTPError as exc:
             return self._same(recipients, self._translate(exc))
-        return self._results(recipients, response)
+        return self._results(recipients, response, body)
 
-    def _results(self, recipients: list[str], response: httpx.Response) -> list[RecipientResult]:
+    def _results(self, recipients: list[str], response: httpx.Response, body: bytes | None) -> list[RecipientResult]:
         # A mailrelay next hop says what happened to each recipient: carry that through.
-        carried = _carried_results(recipients, response)
+        carried = _carried_results(recipients, response, body)
         if carried is not None:
             return carried
         reply = parse_smtp_reply(response.headers.get("X-Smtp-Reply", ""))
@@ -119,13 +126,25 @@ class HttpRelay:
         await self.client.aclose()
 
 
-def _carried_results(recipients: list[str], response: httpx.Response) -> list[RecipientResult] | None:
+async def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None (read no further) once it passes `limit`."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _carried_results(
+    recipients: list[str], response: httpx.Response, body: bytes | None
+) -> list[RecipientResult] | None:
     """The per-recipient results of a mailrelay next hop, when its body is one and matches the envelope."""
-    if not response.headers.get("content-type", "").startswith("application/json"):
+    if body is None or not response.headers.get("content-type", "").startswith("application/json"):
         return None
     try:
-        body = json.loads(response.content)
-        results = [RecipientResult.model_validate(r) for r in body["recipients"]]
+        parsed = json.loads(body)
+        results = [RecipientResult.model_validate(r) for r in parsed["recipients"]]
     except (ValueError, TypeError, KeyError):
         return None
     if [r.recipient for r in results] != recipients:
