@@ -12,7 +12,7 @@ import httpx
 from relays import replies
 from relays.context import RelayContext
 from relays.tls import client_context
-from schemas.delivery import Envelope, RecipientResult
+from schemas.delivery import Envelope, RecipientResult, delivery_status
 from schemas.relay_options import HttpOptions
 from schemas.reply import Reply
 
@@ -21,7 +21,7 @@ _BODY_CAP = 64 * 1024
 _BODY_PER_RECIPIENT = 4096
 _CODE = re.compile(r"^\s*(\d{3})\s*(?:;|$)")
 #: `name="value"` with backslash escapes; a value may hold `;` and `=`.
-_PARAM = re.compile(r'(\w+)\s*=\s*"((?:[^"\\]|\\.)*)"')
+_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]+))')
 
 
 def parse_smtp_reply(header: str) -> Reply | None:
@@ -29,7 +29,10 @@ def parse_smtp_reply(header: str) -> Reply | None:
     match = _CODE.match(header)
     if not match or int(match.group(1)) // 100 not in (2, 4, 5):
         return None
-    params = {name.lower(): re.sub(r"\\(.)", r"\1", value) for name, value in _PARAM.findall(header[match.end() :])}
+    params = {
+        name.lower(): re.sub(r"\\(.)", r"\1", quoted) if quoted or not token else token
+        for name, quoted, token in _PARAM.findall(header[match.end() :])
+    }
     return Reply.parse(int(match.group(1)), params.get("message", ""), params.get("command"))
 
 
@@ -50,6 +53,7 @@ class HttpRelay:
         keep = options.concurrent_connections if options.idle_timeout else 0
         self.client = httpx.AsyncClient(
             verify=verify,
+            trust_env=False,  # no proxy, CA or netrc from the service's environment redirects mail
             timeout=httpx.Timeout(options.timeout),
             limits=httpx.Limits(
                 max_connections=options.concurrent_connections,
@@ -63,6 +67,7 @@ class HttpRelay:
         headers = [
             ("Content-Type", "message/rfc822"),
             ("Accept", "application/json"),
+            ("Accept-Encoding", "identity"),  # a compressed answer could expand far past our read limit
             ("X-Ehlo", self.options.ehlo_as),
             ("X-Envelope-Sender", _b64(envelope.sender)),
             *(("X-Envelope-Recipient", _b64(r)) for r in recipients),
@@ -79,7 +84,7 @@ class HttpRelay:
         except TimeoutError:
             reply = replies.timed_out("[HTTP]", f"the response from {self.host}; the message may have been delivered")
             return self._same(recipients, reply)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:  # ssl.SSLError (an OSError) can surface unwrapped with TLS 1.3
             return self._same(recipients, self._translate(exc))
         return self._results(recipients, response, body)
 
@@ -87,26 +92,33 @@ class HttpRelay:
         # A mailrelay next hop says what happened to each recipient: carry that through.
         carried = _carried_results(recipients, response, body)
         if carried is not None:
-            return carried
-        reply = parse_smtp_reply(response.headers.get("X-Smtp-Reply", ""))
-        status = response.status_code
-        if 200 <= status < 300:
-            if reply is None or not reply.is_success:
-                reply = Reply.parse(250, f"2.0.0 Accepted by {self.host} (HTTP {status})", "[HTTP]")
-        elif reply is None or reply.is_success:
-            klass = "permanent" if 400 <= status < 500 else "transient"
-            text = f"{self.host} answered HTTP {status} {response.reason_phrase}"
-            reply = (
-                Reply.parse(554, f"5.0.0 {text}", "[HTTP]")
-                if klass == "permanent"
-                else Reply.parse(451, f"4.0.0 {text}", "[HTTP]")
+            if [r.recipient for r in carried] == recipients and _consistent(carried, response.status_code):
+                return carried
+            return self._same(
+                recipients,
+                replies.protocol_error(
+                    "[HTTP]", f"{self.host} answered HTTP {response.status_code} with a result that contradicts it"
+                ),
             )
+        # The header's code decides (relays.md); the first header only, if there are several.
+        header = parse_smtp_reply(next(iter(response.headers.get_list("X-Smtp-Reply")), ""))
+        status = response.status_code
+        ok = 200 <= status < 300
+        text = f"{self.host} answered HTTP {status} {response.reason_phrase}"
+        if header is not None and (ok or not header.is_success):  # a "250" on an HTTP error is not believed
+            reply = header
+        elif ok:
+            reply = Reply.parse(250, f"2.0.0 Accepted by {self.host} (HTTP {status})", "[HTTP]")
+        elif 400 <= status < 500:
+            reply = Reply.parse(554, f"5.0.0 {text}", "[HTTP]")
+        else:
+            reply = Reply.parse(451, f"4.0.0 {text}", "[HTTP]")
         return self._same(recipients, reply)
 
     def _same(self, recipients: list[str], reply: Reply) -> list[RecipientResult]:
         return [RecipientResult(recipient=r, reply=reply, host=self.host) for r in recipients]
 
-    def _translate(self, exc: httpx.HTTPError) -> Reply:
+    def _translate(self, exc: httpx.HTTPError | OSError) -> Reply:
         """The one place where httpx errors become replies."""
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, ssl.SSLError):
@@ -139,14 +151,21 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes | None:
 def _carried_results(
     recipients: list[str], response: httpx.Response, body: bytes | None
 ) -> list[RecipientResult] | None:
-    """The per-recipient results of a mailrelay next hop, when its body is one and matches the envelope."""
+    """The per-recipient results of a mailrelay next hop, when its body is one (for any recipients)."""
     if body is None or not response.headers.get("content-type", "").startswith("application/json"):
         return None
     try:
         parsed = json.loads(body)
         results = [RecipientResult.model_validate(r) for r in parsed["recipients"]]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if [r.recipient for r in results] != recipients:
+    except Exception:  # anything a body can throw at a parser (RecursionError too) means: not a result
         return None
     return results
+
+
+#: The HTTP statuses a mailrelay gives each whole outcome (503 for a raw-form partial).
+_STATUS_OF = {"delivered": {200}, "partial": {207, 503}, "transient_failure": {503}, "permanent_failure": {400}}
+
+
+def _consistent(results: list[RecipientResult], http_status: int) -> bool:
+    """A result is carried only when the HTTP status tells the same story (status is computed from the codes)."""
+    return http_status in _STATUS_OF[delivery_status(results)]

@@ -1,5 +1,6 @@
 """`http` against a second real mailrelay, a scripted HTTP server, and HTTPS with trustme certificates."""
 
+import json
 import re
 import signal
 import ssl
@@ -195,3 +196,55 @@ def test_x_smtp_reply_reads_back_in_both_parsers(code: int, message: str, comman
     assert re.match(r"^\s*(\d\d\d)\s*;", header)
     found = dict(re.findall(r'\s(\w+)\s*=\s*"(.*?)"', header))
     assert found["message"] == message.replace('"', "'").replace("\\", "\\\\")
+
+
+def _result_body(*pairs: tuple[str, int]) -> bytes:
+    return json.dumps(
+        {
+            "relay": "x",
+            "status": "ignored",
+            "message_id": None,
+            "elapsed_ms": 1.0,
+            "recipients": [
+                {
+                    "recipient": r,
+                    "status": "delivered",
+                    "reply": {"code": c, "message": f"{c // 100}.0.0 x"},
+                    "host": "h:25",
+                }
+                for r, c in pairs
+            ],
+        }
+    ).encode()
+
+
+LYING = {
+    "/refused-200": Answer(200, '550; message="5.1.1 No such user"'),
+    "/later-202": Answer(202, '451; message="4.3.0 later"'),
+    "/json-500": Answer(500, body=_result_body(("bob@example.net", 250)), content_type="application/json"),
+    "/json-other-recipient": Answer(200, body=_result_body(("eve@example.net", 250)), content_type="application/json"),
+    "/deep": Answer(200, body=b"[" * 50000, content_type="application/json"),
+    "/unquoted": Answer(503, "451; message=Busy"),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/refused-200", "permanent_failure", 550),  # the header's code decides, even on a 2xx
+        ("/later-202", "transient_failure", 451),
+        ("/json-500", "transient_failure", 451),  # a body that contradicts the status is not believed
+        ("/json-other-recipient", "transient_failure", 451),  # a result for another envelope: not believed
+        ("/deep", "delivered", 250),  # no parser blow-up escapes
+        ("/unquoted", "transient_failure", 451),
+    ],
+)
+async def test_next_hops_that_contradict_themselves(path: str, status: str, code: int) -> None:
+    with http_server(LYING) as server:
+        async with opened(http(server.url(path))) as relays:
+            (result,) = await relays["hop"].deliver(envelope("bob@example.net"))
+        (request,) = server.requests
+    assert (result.status, result.reply.code) == (status, code)
+    assert request["Accept-Encoding"] == ["identity"]
+    if path == "/unquoted":
+        assert result.reply.message == "Busy"

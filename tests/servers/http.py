@@ -15,6 +15,8 @@ class Answer:
     smtp_reply: str | None = None
     delay: float = 0.0
     close_early: bool = False  # drop the connection without answering
+    body: bytes = b""
+    content_type: str | None = None
 
 
 @dataclass
@@ -60,8 +62,11 @@ def http_server(answers: dict[str, Answer], tls: ssl.SSLContext | None = None) -
             self.send_response(answer.status)
             if answer.smtp_reply:
                 self.send_header("X-Smtp-Reply", answer.smtp_reply)
-            self.send_header("Content-Length", "0")
+            if answer.content_type:
+                self.send_header("Content-Type", answer.content_type)
+            self.send_header("Content-Length", str(len(answer.body)))
             self.end_headers()
+            self.wfile.write(answer.body)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
