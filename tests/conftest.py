@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 
@@ -90,3 +91,17 @@ async def opened(text: str) -> AsyncIterator[dict[str, Relay]]:
 def envelope(*recipients: str, sender: str = "alice@example.com", message: bytes | None = None) -> Envelope:
     body = message or b"From: alice@example.com\r\nSubject: test\r\nMessage-Id: <t1@example.com>\r\n\r\nHello\r\n"
     return Envelope(sender=sender, recipients=list(recipients), message=body)
+
+
+def post_delivery(
+    client: TestClient,
+    relay: str,
+    recipients: list[str],
+    *,
+    sender: str = "a@example.com",
+    message: str = "Subject: x\r\n\r\nhi\r\n",
+) -> httpx2.Response:
+    """POST a JSON-form delivery to `relay` through the in-process client."""
+    return client.post(
+        f"/relays/{relay}/deliver", json={"sender": sender, "recipients": recipients, "message": message}
+    )

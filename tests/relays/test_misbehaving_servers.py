@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, SmtpSession
 from schemas.relay_options import StaticOptions
-from tests.conftest import envelope, opened
+from tests.conftest import envelope, opened, post_delivery
 from tests.servers.raw import Conversation, RawServer, raw_server
 
 
@@ -109,13 +109,8 @@ def test_undecodable_reply_bytes_are_not_a_500(make_client: Callable[..., TestCl
 
     with raw_server(latin1_refusal) as server:
         client = make_client(relay(server.port))
-        response = client.post(
-            "/relays/out/deliver",
-            json={
-                "sender": "a@x.test",
-                "recipients": ["good@x.test", "bad@x.test"],
-                "message": "Subject: x\r\n\r\nhi\r\n",
-            },
+        response = post_delivery(
+            client, "out", ["good@x.test", "bad@x.test"], sender="a@x.test", message="Subject: x\r\n\r\nhi\r\n"
         )
     assert response.status_code == 207, response.text
     assert response.json()["recipients"][1]["reply"]["message"] == "5.1.1 utilisateur inconnu: caf\ufffd"

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app.config import parse_config
 from schemas.config import ConfigError
 from schemas.delivery import ClientInfo, Envelope
-from tests.conftest import envelope, opened
+from tests.conftest import envelope, opened, post_delivery
 from tests.servers.process import traversable_tmpdir
 
 
@@ -152,13 +152,12 @@ async def test_output_is_capped(tmp_path: Path) -> None:
 def test_mixed_outcomes_through_the_api(tmp_path: Path, make_client: Callable[..., TestClient]) -> None:
     body = 'case "$1" in good*) cat >/dev/null; exit 0;; later*) echo "4.2.1 busy"; exit 1;; *) echo "5.1.1 unknown"; exit 1;; esac'
     client = make_client(pipe(str(script(tmp_path, body)), "{recipient}"))
-    response = client.post(
-        "/relays/p/deliver",
-        json={
-            "sender": "a@example.com",
-            "recipients": ["good@x.test", "later@x.test", "bad@x.test"],
-            "message": "Subject: p\r\n\r\nhi\r\n",
-        },
+    response = post_delivery(
+        client,
+        "p",
+        ["good@x.test", "later@x.test", "bad@x.test"],
+        sender="a@example.com",
+        message="Subject: p\r\n\r\nhi\r\n",
     )
     assert response.status_code == 207
     assert [(r["status"], r["reply"]["enhanced_status"]) for r in response.json()["recipients"]] == [

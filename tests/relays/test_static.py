@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from relays.smtp.session import encode_data
-from tests.conftest import envelope, opened
+from tests.conftest import envelope, opened, post_delivery
 from tests.servers.mailrelay import start_server, wait_ready
 from tests.servers.process import free_port
 from tests.servers.sink import smtp_sink
@@ -46,13 +46,12 @@ def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], 
     )
     with smtp_server(script) as server:
         client = make_client(static(server.port))
-        response = client.post(
-            "/relays/out/deliver",
-            json={
-                "sender": "a@example.com",
-                "recipients": ["ok@example.net", "later@example.net", "bad@example.net"],
-                "message": "Subject: x\r\n\r\nhi\r\n",
-            },
+        response = post_delivery(
+            client,
+            "out",
+            ["ok@example.net", "later@example.net", "bad@example.net"],
+            sender="a@example.com",
+            message="Subject: x\r\n\r\nhi\r\n",
         )
     assert response.status_code == 207
     body = response.json()
@@ -176,13 +175,12 @@ async def test_auth(password: str, status: str) -> None:
 def test_smtp_sink_through_the_api(make_client: Callable[[str], TestClient]) -> None:
     with smtp_sink() as sink:
         client = make_client(static(sink.port))
-        response = client.post(
-            "/relays/out/deliver",
-            json={
-                "sender": "a@example.com",
-                "recipients": ["b@example.net", "c@example.net"],
-                "message": "Subject: sink\r\n\r\nhi\r\n",
-            },
+        response = post_delivery(
+            client,
+            "out",
+            ["b@example.net", "c@example.net"],
+            sender="a@example.com",
+            message="Subject: sink\r\n\r\nhi\r\n",
         )
         assert response.status_code == 200
         assert response.json()["recipients"][0]["host"] == f"127.0.0.1:{sink.port}"
