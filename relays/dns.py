@@ -57,6 +57,7 @@ class DnsResolver:
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._cache: dict[tuple[str, dns.rdatatype.RdataType], _Entry] = {}
         self._inflight: dict[tuple[str, dns.rdatatype.RdataType], asyncio.Future[_Entry]] = {}
+        # Counters for the service's metrics: lookups sent, and answers served without one.
         self.queries = 0
         self.cache_hits = 0
 
@@ -159,9 +160,6 @@ class DnsResolver:
             entry = _Entry(now + ttl, tuple(answer))
         self._store((name, rdtype), entry)
         return entry
-
-    def clear(self) -> None:
-        self._cache.clear()
 
 
 def _negative_ttl(exc: dns.exception.DNSException) -> float:
