@@ -26,27 +26,32 @@ _JSON_OVERHEAD_BYTES = 64 * 1024
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased ("" when absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 def is_raw_form(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower() == RFC822
+    return media_type(request) == RFC822
 
 
 async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope:
     """Read and validate the whole request before anything is delivered."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type == JSON:
+    form = media_type(request)
+    if form == JSON:
         body = await _read_body(
             request,
             settings.max_message_size * _JSON_OVERHEAD_FACTOR + _JSON_OVERHEAD_BYTES,
             settings,
         )
         envelope, recipients_loc = _from_json(body), "recipients"
-    elif media_type == RFC822:
+    elif form == RFC822:
         body = await _read_body(request, settings.max_message_size, settings)
         envelope, recipients_loc = _from_raw(request, body), "X-Envelope-Recipient"
     else:
         raise ProblemError(
             415,
-            f"Content-Type must be {JSON} or {RFC822}, not {media_type or 'absent'}",
+            f"Content-Type must be {JSON} or {RFC822}, not {form or 'absent'}",
             headers={"Accept-Post": f"{JSON}, {RFC822}"},
         )
     if len(envelope.message) > settings.max_message_size:

@@ -165,9 +165,10 @@ async def deliver(name: RelayName, request: Request) -> Response:
         recipients=results,
     )
 
-    status = _HTTP_STATUS[result.status]
+    outcome = result.status  # computed from every recipient: evaluate it once
+    status = _HTTP_STATUS[outcome]
     summary = summary_reply(result)
-    if result.status == "partial" and is_raw_form(request):
+    if outcome == "partial" and is_raw_form(request):
         # slimta's http relay reads any 2xx as success for every recipient, so a 207
         # would lose the failed ones. Mail systems prefer a duplicate to a loss: say
         # "try again" for the whole envelope (the JSON body still has every outcome).
