@@ -11,7 +11,7 @@ from pydantic import AliasChoices, BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from relays.custom import import_factory
-from schemas.config import ConfigError, ConfigProblem, ServiceConfig, format_path
+from schemas.config import ConfigError, ConfigProblem, ServiceConfig, check_key, format_path, key_digest
 from schemas.relay_options import OPTIONS_BY_TYPE, CustomOptions, ehlo_warning
 
 #: Used when neither --config nor $MAILRELAY_CONFIG names a file.
@@ -89,17 +89,13 @@ def _parse(text: str, source: str, base_dir: Path, warnings: list[ConfigProblem]
 
     relays = {name: _drop_unknown_keys(f"relay.{name}", options, warnings) for name, options in relays.items()}
     candidate = {**ours, "relay": relays}
-    if env_nameservers := os.environ.get("MAILRELAY_DNS_NAMESERVERS", "").strip():
-        # The environment wins over the file: containers set it per deployment.
-        section = candidate.get("mailrelay")
-        settings = dict(section) if isinstance(section, dict) else {}
-        settings["dns_nameservers"] = [ns.strip() for ns in env_nameservers.split(",") if ns.strip()]
-        candidate["mailrelay"] = settings
-    problems: list[ConfigProblem] = []
+    problems = _apply_environment(candidate)
     try:
         config = ServiceConfig.model_validate(candidate)
     except ValidationError as exc:
-        problems = [_problem(e) for e in exc.errors()]
+        problems += [_problem(e) for e in exc.errors()]
+    else:
+        problems += _unknown_relay_names(config)
     # Import custom factories now (calling them waits for start-up), reported with the rest.
     for name, options in relays.items():
         path = f"relay.{name}.factory"
@@ -125,6 +121,56 @@ def _parse(text: str, source: str, base_dir: Path, warnings: list[ConfigProblem]
                 warning = f"not set, so this machine's FQDN is used: {warning}"
             warnings.append(ConfigProblem(path=f"relay.{name}.ehlo_as", message=warning))
     return LoadedConfig(config=config, source=source, warnings=warnings)
+
+
+def _apply_environment(candidate: dict[str, Any]) -> list[ConfigProblem]:
+    """The environment variables with fixed names; they win over the file, since containers
+    set them per deployment. Returns what is wrong with them."""
+    section = candidate.get("mailrelay")
+    settings = dict(section) if isinstance(section, dict) else {}
+    problems: list[ConfigProblem] = []
+    if nameservers := os.environ.get("MAILRELAY_DNS_NAMESERVERS", "").strip():
+        settings["dns_nameservers"] = [ns.strip() for ns in nameservers.split(",") if ns.strip()]
+    if redis_url := os.environ.get("MAILRELAY_REDIS_URL", "").strip():
+        idempotency = settings.get("idempotency")
+        settings["idempotency"] = {**(idempotency if isinstance(idempotency, dict) else {}), "redis_url": redis_url}
+    if api_keys := os.environ.get("MAILRELAY_API_KEYS", "").strip():
+        added = []
+        for n, secret in enumerate((k.strip() for k in api_keys.split(",") if k.strip()), start=1):
+            try:
+                digest = key_digest(check_key(secret, f"$MAILRELAY_API_KEYS (key {n})"))
+            except ValueError as exc:
+                problems.append(ConfigProblem(path="$MAILRELAY_API_KEYS", message=str(exc)))
+                continue
+            added.append({"name": f"env-{n}", "sha256": digest.hex(), "relays": ["*"]})
+        auth = settings.get("auth")
+        auth = dict(auth) if isinstance(auth, dict) else {}
+        keys = auth.get("keys")
+        auth["keys"] = [*(keys if isinstance(keys, list) else []), *added]
+        settings["auth"] = auth
+    if settings or section is not None:
+        candidate["mailrelay"] = settings
+    return problems
+
+
+def _unknown_relay_names(config: ServiceConfig) -> list[ConfigProblem]:
+    """Relay names in the settings must name configured relays: a typo would silently deny or not limit."""
+    problems = []
+    known = config.relay.keys()
+    for i, key in enumerate(config.mailrelay.auth.keys):
+        for j, name in enumerate(key.relays):
+            if name != "*" and name not in known:
+                problems.append(
+                    ConfigProblem(path=f"mailrelay.auth.keys[{i}].relays[{j}]", message=f"no relay named {name!r}")
+                )
+    for name in config.mailrelay.limits.per_relay:
+        if name not in known:
+            problems.append(ConfigProblem(path=f"mailrelay.limits.per_relay.{name}", message="no relay of that name"))
+    names = [key.name for key in config.mailrelay.auth.keys]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append(ConfigProblem(path=f"mailrelay.auth.keys[{i}].name", message=f"{name!r} is used twice"))
+    return problems
 
 
 def _drop_unknown_keys(path: str, options: Any, warnings: list[ConfigProblem]) -> Any:

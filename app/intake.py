@@ -1,5 +1,6 @@
 """Turn a deliver request, in either form, into a validated Envelope, or refuse it."""
 
+import asyncio
 import ipaddress
 
 from pydantic import ValidationError
@@ -86,7 +87,20 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
         raise _too_large(settings)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            # A client that stops sending must not hold a request (and its memory) forever.
+            async with asyncio.timeout(settings.body_timeout):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ProblemError(
+                408,
+                f"the request body stopped arriving for {settings.body_timeout:g} s; nothing was delivered",
+                headers={"Connection": "close"},
+            ) from None
         size += len(chunk)
         if size > limit:
             raise _too_large(settings)

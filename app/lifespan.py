@@ -7,6 +7,9 @@ from typing import TypedDict
 
 from fastapi import FastAPI
 
+from app.auth import KeyRing
+from app.idempotency import IdempotencyStore, close_quietly, open_store
+from app.limits import Limiter
 from relays.base import Relay
 from relays.registry import close_relays, open_relays
 from schemas.config import ServiceConfig
@@ -14,11 +17,24 @@ from schemas.config import ServiceConfig
 
 @dataclass
 class Runtime:
-    """What every request sees: the configuration and the relays built from it."""
+    """What every request sees: the configuration and what was built from it."""
 
     config: ServiceConfig
     relays: Mapping[str, Relay]
+    keyring: KeyRing
+    limiter: Limiter
+    idempotency: IdempotencyStore
     draining: bool = False
+
+    @classmethod
+    def build(cls, config: ServiceConfig, relays: Mapping[str, Relay]) -> "Runtime":
+        return cls(
+            config=config,
+            relays=relays,
+            keyring=KeyRing(config.mailrelay.auth.keys),
+            limiter=Limiter(config.mailrelay.limits, config.relay),
+            idempotency=open_store(config.mailrelay.idempotency),
+        )
 
 
 class State(TypedDict):
@@ -34,11 +50,12 @@ def make_lifespan(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         relays = prebuilt if prebuilt is not None else await open_relays(config)
-        runtime = Runtime(config=config, relays=relays)
+        runtime = Runtime.build(config, relays)
         try:
             yield {"runtime": runtime}
         finally:
             runtime.draining = True
             await close_relays(relays)
+            await close_quietly(runtime.idempotency)
 
     return lifespan

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from relays import replies
 from relays.base import RelayError
+from relays.progress import may_have_delivered
 from schemas.config import ConfigError
 from schemas.relay_options import ProcessOptions
 from schemas.reply import Reply
@@ -67,9 +68,10 @@ class ProcessRunner:
             }
         )
 
-    async def run(self, args: Sequence[str], message: bytes) -> Exit:
-        """Run `args` with `message` on stdin. Raises RelayError when the command cannot
-        be started (4.3.5) or outlives `timeout` (4.4.2; its whole process group is killed)."""
+    async def run(self, args: Sequence[str], message: bytes, recipients: Sequence[str]) -> Exit:
+        """Run `args` with `message` on stdin, delivering to `recipients`. Raises RelayError when
+        the command cannot be started (4.3.5) or outlives `timeout` (4.4.2; its whole process
+        group is killed)."""
         try:
             async with asyncio.timeout(self.timeout):
                 await self._limit.acquire()
@@ -78,11 +80,11 @@ class ProcessRunner:
                 replies.timed_out(self.step, f"a free process slot ({self.timeout:g} s)")
             ) from None
         try:
-            return await self._run(args, message)
+            return await self._run(args, message, recipients)
         finally:
             self._limit.release()
 
-    async def _run(self, args: Sequence[str], message: bytes) -> Exit:
+    async def _run(self, args: Sequence[str], message: bytes, recipients: Sequence[str]) -> Exit:
         try:
             process = await asyncio.create_subprocess_exec(
                 *args,
@@ -99,6 +101,8 @@ class ProcessRunner:
         except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
             reason = getattr(exc, "strerror", None) or str(exc)
             raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
+        # A command may act before it has read its input, so once it runs it may have delivered.
+        may_have_delivered(recipients)
         stdout, stderr = bytearray(), bytearray()
         io = asyncio.gather(
             _read_capped(process.stdout, stdout), _read_capped(process.stderr, stderr), _feed(process, message)

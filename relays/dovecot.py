@@ -35,7 +35,7 @@ class DovecotRelay:
         sender = envelope.sender or "MAILER-DAEMON"
         args = [self.path, "-e", *self.options.extra_args, "-f", sender, "-d", recipient]
         try:
-            exit = await self.runner.run(args, envelope.message)
+            exit = await self.runner.run(args, envelope.message, [recipient])
         except RelayError as exc:
             return exc.reply
         return exit_reply(exit, STEP, error_text(exit), transient=frozenset({75}), what="dovecot-lda")

@@ -5,12 +5,14 @@ import base64
 import json
 import re
 import ssl
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
 
 from relays import replies
 from relays.context import RelayContext
+from relays.progress import may_have_delivered
 from relays.tls import client_context
 from schemas.delivery import Envelope, RecipientResult, delivery_status
 from schemas.relay_options import HttpOptions
@@ -74,18 +76,29 @@ class HttpRelay:
         ]
         if not self.options.idle_timeout:
             headers.append(("Connection", "close"))
+        # With Content-Length given, httpx sends the generator's bytes as they are (no chunking).
+        headers.append(("Content-Length", str(len(envelope.message))))
+        sent = False
+
+        async def content() -> AsyncIterator[bytes]:
+            nonlocal sent
+            yield envelope.message
+            # httpx asks for more only once the message is written: the next hop may act on it now.
+            sent = True
+            may_have_delivered(recipients)
+
         try:
             async with (
                 asyncio.timeout(self.options.timeout),  # the whole exchange, connection included
-                self.client.stream("POST", self.options.url, content=envelope.message, headers=headers) as response,
+                self.client.stream("POST", self.options.url, content=content(), headers=headers) as response,
             ):
                 # A next hop's body is read only as far as a result for these recipients can go.
                 body = await _read_capped(response, _BODY_CAP + _BODY_PER_RECIPIENT * len(recipients))
         except TimeoutError:
-            reply = replies.timed_out("[HTTP]", f"the response from {self.host}; the message may have been delivered")
-            return self._same(recipients, reply)
+            what = f"the response from {self.host}" + ("; the message may have been delivered" if sent else "")
+            return self._same(recipients, replies.timed_out("[HTTP]", what), possibly_delivered=sent)
         except (httpx.HTTPError, OSError) as exc:  # ssl.SSLError (an OSError) can surface unwrapped with TLS 1.3
-            return self._same(recipients, self._translate(exc))
+            return self._same(recipients, self._translate(exc, sent), possibly_delivered=sent)
         return self._results(recipients, response, body)
 
     def _results(self, recipients: list[str], response: httpx.Response, body: bytes | None) -> list[RecipientResult]:
@@ -115,10 +128,13 @@ class HttpRelay:
             reply = Reply.parse(451, f"4.0.0 {text}", "[HTTP]")
         return self._same(recipients, reply)
 
-    def _same(self, recipients: list[str], reply: Reply) -> list[RecipientResult]:
-        return [RecipientResult(recipient=r, reply=reply, host=self.host) for r in recipients]
+    def _same(self, recipients: list[str], reply: Reply, *, possibly_delivered: bool = False) -> list[RecipientResult]:
+        return [
+            RecipientResult(recipient=r, reply=reply, host=self.host, possibly_delivered=possibly_delivered)
+            for r in recipients
+        ]
 
-    def _translate(self, exc: httpx.HTTPError | OSError) -> Reply:
+    def _translate(self, exc: httpx.HTTPError | OSError, sent: bool) -> Reply:
         """The one place where httpx errors become replies."""
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, ssl.SSLError):
@@ -132,7 +148,7 @@ class HttpRelay:
             )
         if isinstance(exc, httpx.ConnectError):
             return replies.connection_failed(self.host, str(exc) or type(exc).__name__)
-        return replies.connection_lost("[HTTP]", maybe_delivered=True)
+        return replies.connection_lost("[HTTP]", maybe_delivered=sent)
 
     async def aclose(self) -> None:
         await self.client.aclose()

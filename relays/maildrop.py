@@ -21,7 +21,7 @@ class MaildropRelay:
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
         args = [self.options.path, "-f", envelope.sender or "MAILER-DAEMON", *self.options.extra_args]
         try:
-            exit = await self.runner.run(args, envelope.message)
+            exit = await self.runner.run(args, envelope.message, envelope.recipients)
         except RelayError as exc:
             reply = exc.reply
         else:

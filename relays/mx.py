@@ -74,8 +74,13 @@ class MxRelay:
         # _destinations either yields or raises, so an attempt was made.
         assert transaction is not None  # noqa: S101
         assert destination is not None  # noqa: S101
-        for i, reply in zip(indexes, transaction.replies, strict=True):
-            results[i] = RecipientResult(recipient=envelope.recipients[i], reply=reply, host=destination.label)
+        for n, (i, reply) in enumerate(zip(indexes, transaction.replies, strict=True)):
+            results[i] = RecipientResult(
+                recipient=envelope.recipients[i],
+                reply=reply,
+                host=destination.label,
+                possibly_delivered=n in transaction.in_doubt,
+            )
 
     async def _destinations(self, domain: str) -> AsyncGenerator[Destination]:
         """Where to try, in order; looked up lazily, so backups cost nothing while the first answers.

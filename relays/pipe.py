@@ -35,7 +35,7 @@ class PipeRelay:
         if refusal := _option_injection(self.options.args, args):
             return refusal
         try:
-            exit = await self.runner.run(args, envelope.message)
+            exit = await self.runner.run(args, envelope.message, [recipient])
         except RelayError as exc:
             return exc.reply
         return exit_reply(

@@ -23,8 +23,8 @@ class StaticRelay:
         transaction = await self.pool.deliver(envelope, recipients)
         host = self.pool.destination.label
         return [
-            RecipientResult(recipient=rcpt, reply=reply, host=host)
-            for rcpt, reply in zip(recipients, transaction.replies, strict=True)
+            RecipientResult(recipient=rcpt, reply=reply, host=host, possibly_delivered=i in transaction.in_doubt)
+            for i, (rcpt, reply) in enumerate(zip(recipients, transaction.replies, strict=True))
         ]
 
     async def aclose(self) -> None:

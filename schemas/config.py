@@ -1,13 +1,176 @@
 """The whole service configuration: slimta's `relay:` section plus our own settings."""
 
-from typing import Annotated
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
 from schemas.relay_options import HostPort, RelayOptions, split_host_port
 
 #: Relay names appear in URLs (/relays/<name>/deliver): unreserved URL characters only.
 RelayName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")]
+
+
+#: A key shorter than this is guessable; the environment variable and files are held to it too.
+MIN_KEY_LENGTH = 16
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class ApiKey(BaseModel):
+    """One bearer key: a name for logs and metrics, where its secret comes from, and what it may use.
+
+    The file holds no plaintext key: `sha256` is the key's hex digest, or the key is
+    read from an environment variable or a file (a mounted secret) at load time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+        description="shown in logs and metrics; never the key itself",
+    )
+    sha256: str | None = Field(
+        default=None,
+        description="hex SHA-256 of the key (`printf %s KEY | sha256sum`)",
+    )
+    env: str | None = Field(default=None, description="name of an environment variable holding the key")
+    file: str | None = Field(
+        default=None, description="path of a file holding the key (surrounding whitespace ignored)"
+    )
+    relays: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="the relays this key may use; `*` for all",
+    )
+    _digest: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_plaintext(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "key" in data:
+            raise ValueError(
+                "a plaintext `key` is not accepted in the file: give `sha256` (the key's hex SHA-256), "
+                "`env` (an environment variable) or `file` (a secret file)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Self:
+        given = [s for s in ("sha256", "env", "file") if getattr(self, s) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of `sha256`, `env` or `file` (found: {', '.join(given) or 'none'})")
+        if self.sha256 is not None:
+            if not _SHA256_HEX.match(self.sha256):
+                raise ValueError("`sha256` must be 64 hexadecimal digits")
+            self._digest = bytes.fromhex(self.sha256)
+            return self
+        if self.env is not None:
+            secret = os.environ.get(self.env, "").strip()
+            if not secret:
+                raise ValueError(f"`env`: the environment variable {self.env} is not set or empty")
+            where = f"the environment variable {self.env}"
+        else:
+            path = Path(os.path.expanduser(str(self.file)))
+            try:
+                secret = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(f"`file`: cannot read {path}: {reason}") from None
+            where = f"the file {path}"
+        self._digest = key_digest(check_key(secret, where))
+        return self
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the key: the only form in which the service keeps it."""
+        return self._digest
+
+
+def check_key(secret: str, where: str) -> str:
+    """A key fit for a bearer token; errors name where it came from, never its value."""
+    if len(secret) < MIN_KEY_LENGTH:
+        raise ValueError(f"the key in {where} is shorter than {MIN_KEY_LENGTH} characters")
+    if not all("!" <= c <= "~" for c in secret):
+        raise ValueError(f"the key in {where} must be printable ASCII without spaces")
+    return secret
+
+
+def key_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("ascii")).digest()
+
+
+class AuthSettings(BaseModel):
+    """`mailrelay.auth`: bearer keys. With none, the service is open and listens on loopback only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="bearer keys; $MAILRELAY_API_KEYS (comma-separated) adds keys allowed for every relay",
+    )
+    metrics_requires_key: bool = Field(
+        default=False,
+        description="put GET /metrics behind the keys too (any valid key may read it)",
+    )
+    insecure_allow_unauthenticated: bool = Field(
+        default=False,
+        description="allow listening on a non-loopback address with no key configured (anyone reaching the port "
+        "can send mail); also --insecure-allow-unauthenticated",
+    )
+
+
+class LimitSettings(BaseModel):
+    """`mailrelay.limits`: how many deliveries run at once, and how long one may wait to start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_in_flight: int = Field(default=256, ge=1, description="deliveries running at once, all relays together")
+    max_in_flight_per_relay: int | None = Field(
+        default=None,
+        ge=1,
+        description="deliveries running at once through any one relay; default: only the global bound",
+    )
+    per_relay: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="relay name -> its own bound, instead of max_in_flight_per_relay",
+    )
+    queue_timeout: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="seconds a delivery may wait for a free slot before it is refused with 503 (0: refuse at once)",
+    )
+
+    def relay_limit(self, name: str) -> int | None:
+        return self.per_relay.get(name, self.max_in_flight_per_relay)
+
+
+class IdempotencySettings(BaseModel):
+    """`mailrelay.idempotency`: where results of requests with an Idempotency-Key are kept."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="`memory` (one instance) or `redis` (shared by every instance behind the load balancer)",
+    )
+    ttl: int = Field(default=86400, ge=1, description="seconds a stored result is replayed")
+    max_entries: int = Field(default=100_000, ge=1, description="memory backend: most stored results")
+    redis_url: str | None = Field(
+        default=None,
+        description="redis backend: `redis://[:password@]host:port/db` (or rediss://); $MAILRELAY_REDIS_URL overrides",
+    )
+    key_prefix: str = Field(default="mailrelay:idempotency:", description="redis backend: prefix of every key")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> Self:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("the redis backend needs `redis_url` (or $MAILRELAY_REDIS_URL)")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("`redis_url` must start with redis://, rediss:// or unix://")
+        return self
 
 
 class ServiceSettings(BaseModel):
@@ -36,6 +199,23 @@ class ServiceSettings(BaseModel):
         description="`host` or `host:port` of the nameservers the `mx` relay asks; default: the system's "
         "(/etc/resolv.conf). $MAILRELAY_DNS_NAMESERVERS (comma-separated) overrides this.",
     )
+
+    delivery_deadline: float = Field(
+        default=50.0,
+        gt=0,
+        le=3600,
+        description="seconds a delivery may take in all, every relay timeout included; keep it below the load "
+        "balancer's timeout. The X-Delivery-Timeout request header can only lower it.",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds the service waits for the next piece of a request body before answering 408",
+    )
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
 
     def nameservers(self) -> list[tuple[str, int]]:
         return [split_host_port(ns, 53) for ns in self.dns_nameservers or []]

@@ -253,13 +253,24 @@ class RecipientResult(BaseModel):
         description="the next hop that gave the reply, as host:port",
         examples=["mx1.example.net:25"],
     )
+    possibly_delivered: bool = Field(
+        default=False,
+        description="a transient failure after the whole message went out (the final reply never came, or the "
+        "delivery deadline struck): the next hop may have delivered it, so a retry may duplicate it",
+    )
 
     @model_serializer(mode="wrap")
     def _contract_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
         # The API documents `status` right after `recipient`. No return annotation:
         # pydantic would take it as the serialization schema.
         data = handler(self)
-        return {"recipient": data["recipient"], "status": data["status"], "reply": data["reply"], "host": data["host"]}
+        return {
+            "recipient": data["recipient"],
+            "status": data["status"],
+            "reply": data["reply"],
+            "host": data["host"],
+            "possibly_delivered": data["possibly_delivered"],
+        }
 
     @computed_field  # type: ignore[prop-decorator]
     @property

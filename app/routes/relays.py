@@ -1,19 +1,28 @@
 """`/relays`: the configured relays, and delivery through one of them."""
 
+import asyncio
+import contextlib
+import logging
+import math
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from app.deps import RelayName, RuntimeDep, find_relay, get_runtime, unknown_relay
+from app import idempotency
+from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_runtime
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
-from app.problems import problem_doc
-from relays.base import check_results
-from schemas.delivery import DeliveryResult
+from app.lifespan import Runtime
+from app.problems import PROBLEM_JSON, ProblemError, problem_doc
+from relays import progress
+from relays.base import Relay, check_results
+from schemas.delivery import DeliveryResult, DeliveryStatus, Envelope, RecipientResult
+from schemas.problem import FieldError
 from schemas.relay_options import public_options
 from schemas.reply import Reply
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/relays", tags=["relays"])
 
 
@@ -42,24 +51,34 @@ def _result(description: str, headers: dict[str, Any] | None = None) -> dict[str
     }
 
 
-@router.get("", name="list_relays", response_model=RelayList)
-async def list_relays(runtime: RuntimeDep) -> RelayList:
-    """Every configured relay with its options, defaults filled in and secrets masked."""
-    return RelayList(relays=[_info(name, opts) for name, opts in runtime.config.relay.items()])
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: problem_doc("no API key, or not a valid one (only when keys are configured)"),
+    403: problem_doc("the API key may not use this relay"),
+}
+
+
+@router.get("", name="list_relays", response_model=RelayList, responses={401: _AUTH_ERRORS[401]})
+async def list_relays(runtime: RuntimeDep, principal: PrincipalDep) -> RelayList:
+    """Every configured relay the caller's key may use, with its options: defaults filled in, secrets masked."""
+    return RelayList(
+        relays=[_info(name, opts) for name, opts in runtime.config.relay.items() if principal.may_use(name)]
+    )
 
 
 @router.get(
     "/{name}",
     name="get_relay",
     response_model=RelayInfo,
-    responses={404: problem_doc("no relay of that name"), 422: problem_doc("the request is invalid")},
+    responses={
+        **_AUTH_ERRORS,
+        404: problem_doc("no relay of that name"),
+        422: problem_doc("the request is invalid"),
+    },
 )
-async def get_relay(name: RelayName, runtime: RuntimeDep) -> RelayInfo:
+async def get_relay(name: RelayName, runtime: RuntimeDep, principal: PrincipalDep) -> RelayInfo:
     """One relay, in the same shape as in the list."""
-    options = runtime.config.relay.get(name)
-    if options is None:
-        raise unknown_relay(name, runtime.config.relay)
-    return _info(name, options)
+    check_scope(name, runtime.config.relay, principal)
+    return _info(name, runtime.config.relay[name])
 
 
 def _info(name: str, options: Any) -> RelayInfo:
@@ -67,6 +86,7 @@ def _info(name: str, options: Any) -> RelayInfo:
     return RelayInfo(name=name, type=shown["type"], options=shown)
 
 
+DEADLINE_HEADER = "X-Delivery-Timeout"
 _DELIVER_BODY = {
     "required": True,
     "content": {
@@ -106,7 +126,43 @@ _RAW_HEADERS = [
         "description": "message/rfc822 form only: the original client's EHLO name",
         "schema": {"type": "string"},
     },
+    {
+        "name": DEADLINE_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "seconds this delivery may take in all; it can only lower the service's delivery_deadline. "
+        "Past it, the result is a transient failure (4.4.7), with possibly_delivered set for recipients the next "
+        "hop may already have.",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "example": 20,
+    },
+    {
+        "name": idempotency.HEADER,
+        "in": "header",
+        "required": False,
+        "description": "a key unique to this message, chosen by the client (printable ASCII, at most "
+        f"{idempotency.MAX_KEY_LENGTH} characters). A repeat with the same key and the same request replays the "
+        "first result (with Idempotent-Replayed: true) instead of sending again; 409 while the first still runs; "
+        "422 for the same key with a different request. Only final outcomes are kept: after a transient failure "
+        "the same key may be retried.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": idempotency.MAX_KEY_LENGTH},
+        "example": "order-4711-confirmation",
+    },
 ]
+
+
+_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the stored result of an earlier request with the same Idempotency-Key",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "schema": {"type": "integer"},
+    }
+}
 
 
 @router.post(
@@ -116,23 +172,30 @@ _RAW_HEADERS = [
     status_code=200,
     openapi_extra={"requestBody": _DELIVER_BODY, "parameters": _RAW_HEADERS},
     responses={
-        200: _result("every recipient delivered"),
-        207: _result("partial: some recipients delivered, some not"),
-        400: _result("permanent failure: no recipient delivered, and retrying will not help"),
-        503: _result(
-            "transient failure (no recipient delivered; retry later) — or a problem document when the service is not ready",
-            {
-                "Retry-After": {
-                    "description": "seconds to wait before retrying",
-                    "schema": {"type": "integer"},
-                }
-            },
-        ),
+        200: _result("every recipient delivered", _REPLAYED),
+        207: _result("partial: some recipients delivered, some not", _REPLAYED),
+        400: _result("permanent failure: no recipient delivered, and retrying will not help", _REPLAYED),
+        503: {
+            **_result(
+                "transient failure: no recipient delivered, retry later (a delivery result); or, as a problem "
+                "document, nothing was tried: the service is overloaded, draining, or its idempotency store is "
+                "unreachable",
+                _RETRY_AFTER,
+            ),
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        },
+        **_AUTH_ERRORS,
         404: problem_doc("no relay of that name"),
+        408: problem_doc("the request body stopped arriving; nothing was delivered"),
+        409: {
+            **problem_doc("a request with this Idempotency-Key is still running; retry after it"),
+            "headers": _RETRY_AFTER,
+        },
         413: problem_doc("the message is larger than the configured limit; nothing was delivered"),
         415: problem_doc("the Content-Type is neither application/json nor message/rfc822"),
         422: problem_doc(
-            "the request is invalid (addresses, recipients, message, base64, unknown fields); nothing was delivered"
+            "the request is invalid (addresses, recipients, message, base64, unknown fields, headers), or its "
+            "Idempotency-Key was used for a different request; nothing was delivered"
         ),
     },
 )
@@ -148,15 +211,98 @@ async def deliver(name: RelayName, request: Request) -> Response:
     any 2xx as success for every recipient; the JSON body still has each
     recipient's outcome.
     """
-    # The hot path looks the relay up itself: FastAPI's dependency solving costs
-    # more per request than the lookup (see bench/smtp_static.py).
+    # The hot path does without FastAPI's dependency solving, which costs more
+    # per request than these lookups (see bench/).
+    loop = asyncio.get_running_loop()
     runtime = await get_runtime(request)
-    relay = find_relay(name, runtime)
+    if runtime.draining:
+        raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
+    principal = runtime.keyring.identify(request)
+    relay = find_relay(name, runtime, principal)
     settings = runtime.config.mailrelay
+    deadline = loop.time() + _deadline(request, settings.delivery_deadline)
+    key = _idempotency_key(request)
     envelope = await read_envelope(request, settings)
-    started = time.perf_counter()
-    results = await relay.deliver(envelope)
-    elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+    if key is None:
+        return (await _deliver(request, runtime, name, relay, envelope, deadline))[0]
+
+    store = runtime.idempotency
+    key = idempotency.scoped_key(principal.name, key)
+    fingerprint = idempotency.fingerprint(name, envelope)
+    try:
+        # The claim outlives any delivery (deadline), so it cannot lapse while one runs.
+        claim = await store.claim(key, fingerprint, hold=deadline - loop.time() + _CLAIM_MARGIN)
+    except idempotency.StoreUnavailable as exc:
+        logger.error("idempotency store unavailable: %s", exc)
+        raise ProblemError(
+            503,
+            "the idempotency store is unavailable, so a repeat could not be recognised; nothing was delivered",
+            headers={"Retry-After": str(settings.retry_after)},
+        ) from None
+    if isinstance(claim, idempotency.Replay):
+        stored = claim.response
+        return Response(
+            stored.body,
+            status_code=stored.status,
+            media_type=JSON,
+            headers={**stored.headers, "Idempotent-Replayed": "true"},
+        )
+    if isinstance(claim, idempotency.Running):
+        raise ProblemError(
+            409,
+            "a request with this Idempotency-Key is still running; retry when it has finished",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(claim, idempotency.Mismatch):
+        raise ProblemError(
+            422,
+            "this Idempotency-Key was used for a different request (relay, envelope or message); "
+            "use a new key for a new message",
+        )
+
+    try:
+        response, outcome = await _deliver(request, runtime, name, relay, envelope, deadline)
+    except BaseException:
+        with contextlib.suppress(idempotency.StoreUnavailable):
+            await asyncio.shield(store.release(key, claim))
+        raise
+    try:
+        if outcome == "transient_failure":  # not final: the same key may be retried
+            await store.release(key, claim)
+        else:
+            headers = {k: v for k, v in response.headers.items() if k.lower() in _STORED_HEADERS}
+            await store.complete(
+                key, claim, fingerprint, idempotency.StoredResponse(response.status_code, headers, bytes(response.body))
+            )
+    except idempotency.StoreUnavailable as exc:
+        # The delivery happened; the client gets its result. A repeat may not be recognised.
+        logger.error("idempotency store unavailable after delivery; the result was not stored: %s", exc)
+    return response
+
+
+#: The claim's margin over the deadline, for writing the result back.
+_CLAIM_MARGIN = 30.0
+_STORED_HEADERS = {"x-smtp-reply", "retry-after"}
+
+
+async def _deliver(
+    request: Request, runtime: Runtime, name: str, relay: Relay, envelope: Envelope, deadline: float
+) -> tuple[Response, DeliveryStatus]:
+    """Wait for a slot, deliver within the deadline, and build the response."""
+    loop = asyncio.get_running_loop()
+    settings = runtime.config.mailrelay
+    async with runtime.limiter.admit(name, min(settings.limits.queue_timeout, deadline - loop.time())):
+        in_doubt = progress.track()
+        started = time.perf_counter()
+        timer = asyncio.timeout_at(deadline)
+        try:
+            async with timer:
+                results = await relay.deliver(envelope)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            results = _deadline_results(envelope, in_doubt, settings.delivery_deadline)
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
     check_results(name, envelope, results)
     result = DeliveryResult(
         relay=name,
@@ -183,7 +329,53 @@ async def deliver(name: RelayName, request: Request) -> Response:
     headers = {"X-Smtp-Reply": format_smtp_reply(summary)}
     if status == 503:
         headers["Retry-After"] = str(settings.retry_after)
-    return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers)
+    return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers), outcome
+
+
+def _deadline_results(envelope: Envelope, in_doubt: set[str], limit: float) -> list[RecipientResult]:
+    """Every recipient's result when the deadline cut the delivery off."""
+    maybe = Reply.parse(
+        451, f"4.4.7 Delivery deadline ({limit:g} s) reached; the message may have been delivered", "[DEADLINE]"
+    )
+    not_sent = Reply.parse(451, f"4.4.7 Delivery deadline ({limit:g} s) reached; not delivered", "[DEADLINE]")
+    return [
+        RecipientResult(recipient=r, reply=maybe, possibly_delivered=True)
+        if r in in_doubt
+        else RecipientResult(recipient=r, reply=not_sent)
+        for r in envelope.recipients
+    ]
+
+
+def _deadline(request: Request, limit: float) -> float:
+    """The delivery deadline in seconds: the service's, or lower if the request asks."""
+    value = request.headers.get(DEADLINE_HEADER)
+    if value is None:
+        return limit
+    try:
+        asked = float(value)
+    except ValueError:
+        asked = math.nan
+    if not math.isfinite(asked) or asked <= 0:
+        raise ProblemError(
+            422,
+            "the request is invalid; nothing was delivered",
+            errors=[FieldError(loc=DEADLINE_HEADER, message="must be a number of seconds greater than 0")],
+        )
+    return min(asked, limit)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    values = request.headers.getlist(idempotency.HEADER)
+    if not values:
+        return None
+    problem = "give it once" if len(values) > 1 else idempotency.check_key(values[0])
+    if problem:
+        raise ProblemError(
+            422,
+            "the request is invalid; nothing was delivered",
+            errors=[FieldError(loc=idempotency.HEADER, message=problem)],
+        )
+    return values[0]
 
 
 _HTTP_STATUS = {

@@ -18,6 +18,7 @@ from aiosmtplib import SMTPResponse
 
 from relays import replies
 from relays.base import RelayError
+from relays.progress import may_have_delivered
 from relays.tls import client_context
 from schemas.delivery import Envelope
 from schemas.relay_options import SmtpOptions
@@ -88,10 +89,15 @@ class SessionSettings:
 
 @dataclass
 class Transaction:
-    """One reply per recipient, and whether the message data went out (then never retry elsewhere)."""
+    """One reply per recipient, and whether the message data went out (then never retry elsewhere).
+
+    `in_doubt` holds the indexes of recipients whose final reply never came after
+    the whole message went out: the server may have delivered to them.
+    """
 
     replies: list[Reply]
     data_sent: bool
+    in_doubt: frozenset[int] = frozenset()
 
 
 class StaleSessionError(Exception):
@@ -186,6 +192,7 @@ class SmtpSession:
         self.transactions += 1
         results: list[Reply | None] = [None] * len(recipients)
         data_sent = False
+        in_doubt: frozenset[int] = frozenset()
         try:
             options, encoding = self._mail_options(envelope, recipients, results)
             if all(r is not None for r in results):
@@ -225,17 +232,21 @@ class SmtpSession:
                 return Transaction([r for r in results if r is not None], False)
 
             data_sent = True
-            finals, failure = await self._send_data(
-                encode_data(envelope.message), len(accepted) if self.settings.lmtp else 1
+            finals, failure, whole_sent = await self._send_data(
+                encode_data(envelope.message),
+                [recipients[i] for i in accepted],
+                len(accepted) if self.settings.lmtp else 1,
             )
             if not self.settings.lmtp:
                 finals = finals * len(accepted)
             # LMTP: replies that came before a failure stand; only the rest get the failure.
             for n, i in enumerate(accepted):
                 results[i] = _final(finals[n], "[SEND_DATA]") if n < len(finals) else failure
+            if whole_sent:
+                in_doubt = frozenset(i for n, i in enumerate(accepted) if n >= len(finals))
         except RelayError as exc:
             results = [r if r is not None else exc.reply for r in results]
-        return Transaction([r for r in results if r is not None], data_sent)
+        return Transaction([r for r in results if r is not None], data_sent, in_doubt)
 
     def _mail_options(
         self, envelope: Envelope, recipients: Sequence[str], results: list[Reply | None]
@@ -268,11 +279,14 @@ class SmtpSession:
             self._broken = True
         return response
 
-    async def _send_data(self, data: bytes, count: int) -> tuple[list[SMTPResponse], Reply]:
+    async def _send_data(
+        self, data: bytes, recipients: Sequence[str], count: int
+    ) -> tuple[list[SMTPResponse], Reply, bool]:
         """Write the message and read up to `count` replies (LMTP: one per accepted recipient).
 
-        Returns the replies that came and the reply for those that did not (a
-        timeout or a lost connection: the message may have been delivered).
+        Returns the replies that came, the reply for those that did not (a
+        timeout or a lost connection), and whether the whole message went out
+        (then the server may have delivered it to `recipients`).
         aiosmtplib reads one reply per command and drops data it did not ask
         for, so our own reader takes over the transport for this phase and
         hands it back afterwards. `data_timeout` bounds each wait: for the
@@ -282,14 +296,19 @@ class SmtpSession:
         transport = cast(asyncio.Transport | None, self.smtp.transport)
         if transport is None or transport.is_closing():
             self.close()
-            return [], replies.connection_lost("[SEND_DATA]")
+            return [], replies.connection_lost("[SEND_DATA]"), False
         original = transport.get_protocol()
         reader = _ReplyReader()
         transport.set_protocol(reader)
         failure: Reply | None = None
+        whole_sent = False
         try:
             view = memoryview(data)
             for offset in range(0, len(view), _DATA_CHUNK):
+                if offset + _DATA_CHUNK >= len(view):
+                    # The final "." goes out with this chunk: from here on the server may deliver.
+                    may_have_delivered(recipients)
+                    whole_sent = True
                 transport.write(view[offset : offset + _DATA_CHUNK])
                 async with asyncio.timeout(self.settings.data_timeout):
                     await reader.writable()
@@ -309,7 +328,7 @@ class SmtpSession:
         finals = reader.replies
         if any(r.code == 421 for r in finals):
             self._broken = True
-        return finals, failure or replies.protocol_error("[SEND_DATA]", "fewer replies than recipients")
+        return finals, failure or replies.protocol_error("[SEND_DATA]", "fewer replies than recipients"), whole_sent
 
     async def _reset(self) -> None:
         """RSET after a refused transaction, so the connection can serve the next one."""

@@ -58,6 +58,7 @@ def test_json_form_delivers_and_reports_each_recipient(client: TestClient) -> No
             "status": "delivered",
             "reply": {"code": 250, "enhanced_status": "2.0.0", "message": "2.0.0 Ok: queued", "command": "[SEND_DATA]"},
             "host": "sink.test:25",
+            "possibly_delivered": False,
         }
         for rcpt in ("bob@example.net", "eve@example.org")
     ]
@@ -446,7 +447,7 @@ async def test_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
         ],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8080),
-        "state": {"runtime": Runtime(config=config, relays=relays)},
+        "state": {"runtime": Runtime.build(config, relays)},
     }
     await create_app(config)(scope, receive, send)
     assert sent[0]["status"] == 413

@@ -1,0 +1,83 @@
+"""Backpressure: bounded deliveries in flight, a bounded wait for a slot, and no unbounded queue."""
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from app.problems import ProblemError
+from schemas.config import LimitSettings
+
+
+class Slots:
+    """At most `limit` holders; at most `max_waiting` callers wait, each for a bounded time."""
+
+    def __init__(self, limit: int, max_waiting: int) -> None:
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._semaphore = asyncio.Semaphore(limit)
+        self._free = limit
+
+    @property
+    def in_use(self) -> int:
+        return self.limit - self._free
+
+    async def acquire(self, wait: float) -> bool:
+        """True with a slot held; False when none came free within `wait` seconds or too many wait already."""
+        if not self._semaphore.locked():
+            await self._semaphore.acquire()  # free and nobody queued: returns at once
+        else:
+            if wait <= 0 or self.waiting >= self.max_waiting:
+                return False
+            self.waiting += 1
+            try:
+                async with asyncio.timeout(wait):
+                    await self._semaphore.acquire()
+            except TimeoutError:
+                return False
+            finally:
+                self.waiting -= 1
+        self._free -= 1
+        return True
+
+    def release(self) -> None:
+        self._free += 1
+        self._semaphore.release()
+
+
+class Limiter:
+    """A global bound and one per relay; a delivery needs a slot in both."""
+
+    def __init__(self, settings: LimitSettings, relay_names: Iterable[str]) -> None:
+        self.settings = settings
+        # Waiters are bounded too: at most as many as may run, so memory stays bounded under any load.
+        self.total = Slots(settings.max_in_flight, settings.max_in_flight)
+        self.per_relay: dict[str, Slots] = {}
+        for name in relay_names:
+            limit = settings.relay_limit(name)
+            if limit is not None:
+                self.per_relay[name] = Slots(limit, limit)
+
+    @asynccontextmanager
+    async def admit(self, relay: str, wait: float) -> AsyncIterator[None]:
+        """Hold a slot for `relay` for the block, or raise a 503 problem after at most `wait` seconds."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(0.0, wait)
+        async with AsyncExitStack() as held:
+            for slots, what in ((self.per_relay.get(relay), f"relay {relay!r}"), (self.total, "the service")):
+                if slots is None:
+                    continue
+                if not await slots.acquire(give_up - loop.time()):
+                    raise self._overloaded(what, slots.limit)
+                held.callback(slots.release)
+            yield
+
+    def _overloaded(self, what: str, limit: int) -> ProblemError:
+        retry_after = max(1, math.ceil(self.settings.queue_timeout))
+        return ProblemError(
+            503,
+            f"overloaded: {what} already has {limit} deliveries in flight and none finished in time; "
+            "nothing was delivered, retry later",
+            headers={"Retry-After": str(retry_after)},
+        )
