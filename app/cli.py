@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 import uvicorn
 
 from app.config import DEFAULT_SOURCE, LoadedConfig, load_config
+from app.http_protocol import bounded_protocol
 from app.main import create_app, openapi_document
 from relays.registry import open_relays
 from schemas.config import ConfigError
@@ -52,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_port,
         default=8080,
         help="port to listen on (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--insecure-allow-unauthenticated",
+        action="store_true",
+        help="listen on a non-loopback address even with no API key configured: anyone who reaches the port can "
+        "send mail through every relay (also the setting mailrelay.auth.insecure_allow_unauthenticated)",
     )
     serve.add_argument(
         "--log-level",
@@ -138,10 +146,43 @@ def _serve(args: argparse.Namespace) -> int:
     logger.info("configuration from %s: %d relay(s)", loaded.source, len(loaded.config.relay))
     if loaded.source == DEFAULT_SOURCE:
         logger.info("no --config or $MAILRELAY_CONFIG: serving the embedded default (relay `blackhole`)")
+    if not _exposure_allowed(loaded, args):
+        return 1
     try:
         return _run(loaded, args)
     except KeyboardInterrupt:
         return 0
+
+
+def _exposure_allowed(loaded: LoadedConfig, args: argparse.Namespace) -> bool:
+    """An open relay on a network is a spam cannon: without keys, loopback only unless told otherwise."""
+    auth = loaded.config.mailrelay.auth
+    if auth.keys or is_loopback(args.host):
+        return True
+    if args.insecure_allow_unauthenticated or auth.insecure_allow_unauthenticated:
+        logger.warning(
+            "INSECURE: listening on %s with no API key configured; anyone who reaches this port can send mail "
+            "through every relay",
+            args.host,
+        )
+        return True
+    print(
+        f"refusing to listen on {args.host} with no API key configured: anyone reaching the port could send mail. "
+        "Configure mailrelay.auth.keys or $MAILRELAY_API_KEYS, listen on 127.0.0.1, or pass "
+        "--insecure-allow-unauthenticated",
+        file=sys.stderr,
+    )
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    """Only literal loopback addresses and `localhost`; any other name could resolve anywhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
@@ -154,6 +195,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             _print_problems(exc)
             return 1
         app = create_app(loaded.config, relays)
+        settings = loaded.config.mailrelay
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -162,6 +204,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                 log_level=args.log_level,
                 lifespan="on",
                 server_header=False,
+                http=bounded_protocol(settings.max_recipients, settings.body_timeout),
             )
         )
         await server.serve()

@@ -60,7 +60,20 @@ def create_app(config: ServiceConfig, relays: Mapping[str, Relay] | None = None)
                 [(DeliveryRequest, "validation"), (Problem, "serialization")],
                 ref_template="#/components/schemas/{model}",
             )
-            document.setdefault("components", {}).setdefault("schemas", {}).update(extra["$defs"])
+            components = document.setdefault("components", {})
+            components.setdefault("schemas", {}).update(extra["$defs"])
+            components["securitySchemes"] = {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an API key from mailrelay.auth.keys or $MAILRELAY_API_KEYS; required once any "
+                    "key is configured (without keys the service listens on loopback only)",
+                }
+            }
+            for path, operations in document.get("paths", {}).items():
+                if path.startswith("/relays"):
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
             app.openapi_schema = document
         return app.openapi_schema
 

@@ -124,15 +124,26 @@ def _check_ip(value: str) -> str:
     return str(ipaddress.ip_address(value))
 
 
+#: For the OpenAPI document only (check_address is the rule): no control characters, angle brackets
+#: or whitespace outside a quoted local part, at most 254 octets.
+_ADDRESS_PATTERN = r'^(?:"[^"\x00-\x1f\x7f-\x9f]*"|[^\s"<>@\x00-\x1f\x7f-\x9f]+)(?:@[^\s"<>@\x00-\x1f\x7f-\x9f]+)?$'
 Sender = Annotated[
     str,
     AfterValidator(_check_sender),
     Field(
         description='envelope sender (MAIL FROM); "" is the null reverse-path used by bounces',
         examples=["alice@example.com"],
+        json_schema_extra={"maxLength": MAX_ADDRESS_OCTETS, "pattern": f"(?:{_ADDRESS_PATTERN})|^$"},
     ),
 ]
-Recipient = Annotated[str, AfterValidator(_check_recipient), Field(examples=["bob@example.net"])]
+Recipient = Annotated[
+    str,
+    AfterValidator(_check_recipient),
+    Field(
+        examples=["bob@example.net"],
+        json_schema_extra={"minLength": 1, "maxLength": MAX_ADDRESS_OCTETS, "pattern": _ADDRESS_PATTERN},
+    ),
+]
 #: Free text that ends up in process arguments and logs: one line, bounded.
 ClientText = Annotated[str, Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
 

@@ -2,9 +2,11 @@
 
 Options: `replies`, a mapping recipient -> "CODE text" (others get 250);
 `command`, the command the scripted replies answered (default RCPT);
-`misbehave`: "raise" or "drop_one" to break the relay contract on purpose.
+`misbehave`: "raise" or "drop_one" to break the relay contract on purpose;
+`delay`: seconds each delivery takes (for limits and deadlines).
 """
 
+import asyncio
 from typing import Any
 
 from schemas.delivery import Envelope, RecipientResult
@@ -16,10 +18,13 @@ class ScriptedRelay:
         self.replies: dict[str, str] = dict(options.get("replies", {}))
         self.command: str = options.get("command", "RCPT")
         self.misbehave: str | None = options.get("misbehave")
+        self.delay: float = float(options.get("delay", 0))
         self.delivered: list[Envelope] = []
         self.closed = False
 
     async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.misbehave == "raise":
             raise RuntimeError("scripted failure")
         self.delivered.append(envelope)

@@ -34,6 +34,7 @@ class Script:
     data_reply: str | None = None  # the reply after the message data
     rcpt_delay: float = 0.0  # seconds to stall before answering RCPT
     drop_in_data: bool = False  # close the connection after receiving the data, before replying
+    data_delay: float = 0.0  # seconds to stall after receiving the data, before replying
 
 
 class _Handler:
@@ -68,6 +69,8 @@ class _Handler:
                 login=getattr(session.auth_data, "login", None),
             )
         )
+        if self.script.data_delay:
+            await asyncio.sleep(self.script.data_delay)
         if self.script.drop_in_data:
             server.transport.abort()
             return "250 2.0.0 never seen"
