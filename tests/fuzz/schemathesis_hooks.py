@@ -6,7 +6,7 @@ import schemathesis
 
 
 @schemathesis.serializer("message/rfc822")
-def _rfc822(ctx: schemathesis.SerializationContext, value: Any) -> dict[str, Any]:
+def _rfc822(ctx: schemathesis.SerializationContext, value: Any) -> bytes:
     if isinstance(value, bytes):
-        return {"data": value}
-    return {"data": str(value).encode("utf-8", "surrogatepass")}
+        return value
+    return str(value).encode("utf-8", "surrogatepass")
