@@ -1,0 +1,983 @@
+"""mailrelay's benchmark: the service against its ceilings and its peer, in one run.
+
+Run it through `bench/run`, which installs what this needs first. Rows:
+
+  bare       bare FastAPI (uvicorn, uvloop, httptools): reads the JSON body, answers a small JSON
+  direct     a pool of aiosmtplib connections to smtp-sink, no HTTP (bench/direct_smtp.py)
+  sketch     ~50 lines of FastAPI + pooled aiosmtplib, pool 8 (bench/sketch_app.py)
+  slimta     slimta 5.0.5: HTTP edge -> proxy queue -> static SMTP relay, pool 8 (bench/slimta_edge.py)
+  blackhole  mailrelay, `blackhole` relay, JSON form
+  static     mailrelay, `static` relay to smtp-sink, pool 8, JSON form
+  static822  the same, message/rfc822 form (slimta's wire format)
+  mx         mailrelay, `mx` relay (local dnslib DNS, warm cache) to smtp-sink, pool 8, JSON form
+  workers    mailrelay `static` JSON with `serve --workers N` (the multi-core row)
+
+Load: wrk, one thread, N connections, Lua bodies precomputed (bench/post.lua). Every
+point: a warm-up run, then several measured runs; the table gives the median, the
+spread, p50/p99 latency, the server's peak RSS during the point (VmHWM, reset before
+it through /proc/PID/clear_refs), errors (non-2xx and socket errors, from wrk's Lua
+done(), since wrk exits 0 even on errors), and whether smtp-sink counted at least as
+many messages as there were 2xx answers.
+"""
+
+# ruff: noqa: S603, S607
+import argparse
+import base64
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+MAILRELAY = ROOT / ".venv" / "bin" / "mailrelay"
+SLIMTA_PY = BENCH / ".venv-slimta" / "bin" / "python"
+SENDER, RECIPIENT, DOMAIN = "bench@example.com", "sink@bench.test", "bench.test"
+POOL = 8
+KIB, MIB = 1024, 1024 * 1024
+
+sys.path.insert(0, str(BENCH))
+from direct_smtp import make_message  # noqa: E402
+from dns_server import start as start_dns  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+    form: str  # "json", "rfc822", or "smtp" (direct)
+    path: str
+    sink: bool  # deliveries reach smtp-sink (checked against its counter)
+
+
+TARGETS = [
+    Target("bare", "bare FastAPI [ceiling]", "json", "/relays/bench/deliver", False),
+    Target("direct", "aiosmtplib pool, no HTTP [ceiling]", "smtp", "", True),
+    Target("sketch", "sketch FastAPI+aiosmtplib", "json", "/relays/sink/deliver", True),
+    Target("slimta", "slimta 5.0.5 edge->static [peer]", "rfc822", "/relays/sink/deliver", True),
+    Target("blackhole", "mailrelay blackhole", "json", "/relays/blackhole/deliver", False),
+    Target("static", "mailrelay static json", "json", "/relays/sink/deliver", True),
+    Target("static822", "mailrelay static rfc822", "rfc822", "/relays/sink/deliver", True),
+    Target("mx", "mailrelay mx json (warm)", "json", "/relays/mx/deliver", True),
+    Target("workers", "mailrelay static json --workers N", "json", "/relays/sink/deliver", True),
+]
+BY_KEY = {t.key: t for t in TARGETS}
+
+
+def size_label(size: int) -> str:
+    if size >= MIB and size % MIB == 0:
+        return f"{size // MIB} MiB"
+    if size >= KIB and size % KIB == 0:
+        return f"{size // KIB} KiB"
+    return f"{size} B"
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([kKmM]?)i?[bB]?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size like 1K, 100K, 10M")
+    return int(match[1]) * {"": 1, "k": KIB, "m": MIB}[match[2].lower()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Pinning:
+    """Server (and the in-process direct client) on CPU 0; wrk, smtp-sink, DNS and this script on CPU 1."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.cpus = os.cpu_count() or 1
+        self.enabled = enabled and self.cpus > 1 and shutil.which("taskset") is not None
+        self.server = "0" if self.enabled else ""
+        self.client = "1" if self.enabled else ""
+        self.all = f"0-{self.cpus - 1}"
+
+    def cmd(self, cpus: str) -> list[str]:
+        return ["taskset", "-c", cpus] if self.enabled and cpus else []
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"no CPU pinning ({self.cpus} CPU(s){'' if shutil.which('taskset') else ', no taskset'})"
+        return (
+            "pinned with taskset: the server under test (and the direct aiosmtplib client) on CPU 0; wrk, "
+            "smtp-sink, the DNS server and the orchestrator on CPU 1; the --workers row spans CPUs "
+            f"{self.all}. Other users' processes are not pinned and share both CPUs."
+        )
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def reset_peak_rss(pid: int) -> None:
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of the process, summed over its children (the --workers case)."""
+    total, seen = 0, False
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+                    seen = True
+    return total / 1024 if seen else None
+
+
+def _ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+class CpuMeter:
+    """CPU used on the machine by everything that is not this benchmark, in % of one CPU.
+
+    Busy time from /proc/stat, minus our own: this process and the children it has
+    waited for (wrk, the direct client), the servers and smtp-sink. A noise gauge: the
+    machine is shared, and a point measured while another suite ran says so here.
+    """
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, float, float]:
+        # irq and softirq time are left out: loopback TCP is processed there, for us, unattributed.
+        user, nice, system = map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:4])
+        busy = (user + nice + system) / self.tick
+        ours = sum(os.times()[:4]) + sum(_ticks(p) for pid in self.pids for p in descendants(pid)) / self.tick
+        return time.monotonic(), busy, ours
+
+    def others_percent(self) -> float:
+        (t0, busy0, ours0), (t1, busy1, ours1) = self.start, self._snapshot()
+        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / (t1 - t0) * 100) if t1 > t0 else 0.0
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], port: int, logdir: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.port = name, port
+        self.logfile = logdir / f"{name}.log"
+        self._log = self.logfile.open("wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_ready(self, http: bool, timeout: float = 60) -> str | None:
+        """None when it answers; else why not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"exited with {self.proc.returncode}: {self.log_tail()}"
+            try:
+                if http:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as reply:
+                        if reply.status == 200:
+                            return None
+                else:
+                    socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                    return None
+            except OSError:
+                time.sleep(0.1)
+        return f"not answering on port {self.port} after {timeout:.0f} s: {self.log_tail()}"
+
+    def log_tail(self, lines: int = 8) -> str:
+        self._log.flush()
+        text = self.logfile.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) if text else "(no output)"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+class Sink:
+    """Postfix's smtp-sink with -c: its stdout carries running counters `sess=N quit=N mesg=N`."""
+
+    def __init__(self, pin: Pinning, logdir: Path) -> None:
+        self.port = free_port()
+        self.counter_file = logdir / "smtp-sink.counters"
+        self._out = self.counter_file.open("wb")
+        user = ["-u", "root"] if os.geteuid() == 0 else []
+        binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        self.proc = subprocess.Popen(
+            [*pin.cmd(pin.client), binary, *user, "-c", "-h", "sink.bench.test", f"127.0.0.1:{self.port}", "1024"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"smtp-sink did not start: {self.counter_file.read_text()}") from None
+                time.sleep(0.05)
+
+    def count(self) -> int:
+        with self.counter_file.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 200))
+            found = re.findall(rb"mesg=(\d+)", f.read())
+        return int(found[-1]) if found else 0
+
+    def settle(self, quiet: float, limit: float = 60) -> int:
+        """The counter once it has stopped moving for `quiet` seconds (deliveries still in flight land first)."""
+        last, since, deadline = self.count(), time.monotonic(), time.monotonic() + limit
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.count()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return last
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self._out.close()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    ok: int  # 2xx answers (or messages sent, for the direct client)
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int = 0
+    socket_errors: int = 0
+    delivered: int | None = None  # smtp-sink's count for this run
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Point:
+    target: str
+    size: int
+    conc: int
+    runs: list[Run] = field(default_factory=list)
+    rss_mib: float | None = None
+    warmup_errors: int = 0
+    others_cpu: float | None = None  # % of one CPU used by other users' processes during the point
+    skipped: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs) if self.runs else float("nan")
+
+    @property
+    def spread(self) -> float:
+        rates = [r.rate for r in self.runs]
+        return (max(rates) - min(rates)) / 2 / self.rate if len(rates) > 1 and self.rate else 0.0
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(r.p50_ms for r in self.runs) if self.runs else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return statistics.median(r.p99_ms for r in self.runs) if self.runs else float("nan")
+
+    @property
+    def errors(self) -> int:
+        return sum(r.non2xx + r.socket_errors for r in self.runs) + self.warmup_errors
+
+    def verified(self) -> str:
+        """smtp-sink's count against the 2xx answers: never fewer (a 2xx for a lost message)."""
+        if not BY_KEY[self.target].sink or not self.runs:
+            return "-"
+        lost = sum(max(0, r.ok - (r.delivered or 0)) for r in self.runs)
+        if lost:
+            return f"LOST {lost}"
+        # Requests cut off when wrk stops may still be delivered after it: up to `conc` per run.
+        extra = sum((r.delivered or 0) - r.ok for r in self.runs)
+        if extra > self.conc * len(self.runs):
+            return f"+{extra}?"
+        return "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "size": self.size,
+            "concurrency": self.conc,
+            "skipped": self.skipped,
+            "msg_per_s_median": None if not self.runs else round(self.rate, 1),
+            "spread": None if not self.runs else round(self.spread, 4),
+            "p50_ms": None if not self.runs else round(self.p50, 3),
+            "p99_ms": None if not self.runs else round(self.p99, 3),
+            "peak_rss_mib": None if self.rss_mib is None else round(self.rss_mib, 1),
+            "others_cpu_percent": None if self.others_cpu is None else round(self.others_cpu, 1),
+            "errors": self.errors,
+            "sink_check": self.verified(),
+            "failures": self.failures,
+            "runs": [r.__dict__ | {"rate": round(r.rate, 1)} for r in self.runs],
+        }
+
+
+WRK_LINE = re.compile(r"^BENCH (.*)$", re.MULTILINE)
+
+
+class Bench:
+    def __init__(
+        self, args: argparse.Namespace, pin: Pinning, sink: Sink, logdir: Path, servers: dict[str, Server]
+    ) -> None:
+        self.args, self.pin, self.sink, self.logdir = args, pin, sink, logdir
+        self.servers = servers
+        self.bodies: dict[tuple[str, int], tuple[Path, Path]] = {}
+
+    def body_files(self, form: str, size: int) -> tuple[Path, Path]:
+        key = (form, size)
+        if key not in self.bodies:
+            message = make_message(size)
+            body, headers = self.logdir / f"body-{form}-{size}", self.logdir / f"headers-{form}-{size}"
+            if form == "json":
+                body.write_text(json.dumps({"sender": SENDER, "recipients": [RECIPIENT], "message": message.decode()}))
+                headers.write_text("Content-Type: application/json\n")
+            else:
+                body.write_bytes(message)
+
+                def b64(text: str) -> str:
+                    return base64.b64encode(text.encode()).decode()
+
+                headers.write_text(
+                    "Content-Type: message/rfc822\n"
+                    f"X-Envelope-Sender: {b64(SENDER)}\nX-Envelope-Recipient: {b64(RECIPIENT)}\n"
+                    "X-Ehlo: client.example.com\n"
+                )
+            self.bodies[key] = (body, headers)
+        return self.bodies[key]
+
+    def timing(self, size: int) -> tuple[int, int, int]:
+        """(warm-up seconds, runs, seconds per run): large messages take longer runs, fewer of them."""
+        if size >= MIB:
+            return self.args.large_warmup, self.args.large_runs, self.args.large_duration
+        return self.args.warmup, self.args.runs, self.args.duration
+
+    def meter(self) -> CpuMeter:
+        return CpuMeter([self.sink.proc.pid, *(s.proc.pid for s in self.servers.values())])
+
+    def quiet(self, size: int) -> float:
+        return 0.6 if size >= MIB else 0.25
+
+    def wrk(self, target: Target, server: Server, size: int, conc: int, seconds: int) -> dict[str, int] | str:
+        body, headers = self.body_files(target.form, size)
+        timeout = 60 if size >= MIB else 10
+        cmd = [
+            *self.pin.cmd(self.pin.client),
+            "wrk",
+            "-t1",
+            f"-c{conc}",
+            f"-d{seconds}s",
+            "--timeout",
+            f"{timeout}s",
+            "-s",
+            str(BENCH / "post.lua"),
+            f"http://127.0.0.1:{server.port}",
+        ]
+        env = {**os.environ, "BENCH_PATH": target.path, "BENCH_BODY": str(body), "BENCH_HEADERS": str(headers)}
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + timeout + 60)
+        except subprocess.TimeoutExpired:
+            return "wrk did not finish"
+        found = WRK_LINE.search(done.stdout)
+        if done.returncode != 0 or not found:
+            return f"wrk exit {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"
+        values = {k: int(float(v)) for k, v in (item.split("=") for item in found[1].split())}
+        # wrk's own summary counts 3xx too; Lua's errors.status only counts > 399.
+        other = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+        values["non2xx"] = max(values["non2xx"], int(other[1]) if other else 0)
+        return values
+
+    def measure_http(self, target: Target, server: Server, size: int, conc: int) -> Point:
+        point = Point(target.key, size, conc)
+        if server.proc.poll() is not None:
+            point.skipped = f"server exited ({server.proc.returncode})"
+            return point
+        reset_peak_rss(server.proc.pid)
+        meter = self.meter()
+        warmup, runs, duration = self.timing(size)
+        warm = self.wrk(target, server, size, conc, warmup)
+        if isinstance(warm, str):
+            point.failures.append(f"warm-up: {warm}")
+        else:
+            point.warmup_errors = warm["non2xx"] + sum(warm[k] for k in ("connect", "read", "write", "timeout"))
+        for _ in range(runs):
+            before = self.sink.settle(self.quiet(size)) if target.sink else 0
+            result = self.wrk(target, server, size, conc, duration)
+            if isinstance(result, str):
+                point.failures.append(result)
+                continue
+            run = Run(
+                ok=result["requests"] - result["non2xx"],
+                seconds=result["duration_us"] / 1e6,
+                p50_ms=result["p50_us"] / 1000,
+                p99_ms=result["p99_us"] / 1000,
+                non2xx=result["non2xx"],
+                socket_errors=sum(result[k] for k in ("connect", "read", "write", "timeout")),
+            )
+            if target.sink:
+                run.delivered = self.sink.settle(self.quiet(size)) - before
+            point.runs.append(run)
+        point.rss_mib = peak_rss_mib(server.proc.pid)
+        point.others_cpu = meter.others_percent()
+        if server.proc.poll() is not None:
+            point.failures.append(f"server exited ({server.proc.returncode}) during the point")
+        return point
+
+    def measure_direct(self, size: int, conc: int) -> Point:
+        point = Point("direct", size, conc)
+        before = self.sink.settle(self.quiet(size))
+        meter = self.meter()
+        warmup, runs, duration = self.timing(size)
+        cmd = [
+            *self.pin.cmd(self.pin.server),
+            str(VENV_PY),
+            str(BENCH / "direct_smtp.py"),
+            f"--port={self.sink.port}",
+            f"--concurrency={conc}",
+            f"--pool={POOL}",
+            f"--size={size}",
+            f"--duration={duration}",
+            f"--warmup={warmup}",
+            f"--runs={runs}",
+        ]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120 + runs * (duration + 60))
+        except subprocess.TimeoutExpired:
+            point.failures.append("direct client did not finish")
+            return point
+        if done.returncode != 0:
+            point.failures.append(f"direct client exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        sent_total = None
+        for line in done.stdout.splitlines():
+            item = json.loads(line)
+            if "sent_total" in item:
+                sent_total = item["sent_total"]
+                continue
+            point.runs.append(
+                Run(
+                    ok=item["ok"],
+                    seconds=item["duration_us"] / 1e6,
+                    p50_ms=item["p50_us"] / 1000,
+                    p99_ms=item["p99_us"] / 1000,
+                    socket_errors=item["errors"],
+                )
+            )
+            point.rss_mib = item["peak_rss_kib"] / 1024
+        delivered = self.sink.settle(self.quiet(size)) - before
+        point.others_cpu = meter.others_percent()
+        if sent_total is not None and delivered != sent_total:
+            point.failures.append(f"smtp-sink counted {delivered} messages, the client sent {sent_total}")
+        for run in point.runs:  # the client awaited every reply: the sink check is the total above
+            run.delivered = run.ok
+        return point
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def mailrelay_config(path: Path, sink_port: int) -> None:
+    smtp = f"    concurrent_connections: {POOL}\n    idle_timeout: 60\n    ehlo_as: mailrelay.example.com\n"
+    path.write_text(
+        "relay:\n"
+        "  blackhole:\n    type: blackhole\n"
+        f"  sink:\n    type: static\n    host: 127.0.0.1\n    port: {sink_port}\n{smtp}"
+        f"  mx:\n    type: mx\n    port: {sink_port}\n{smtp}"
+    )
+
+
+def workers_supported(env: dict[str, str]) -> bool:
+    done = subprocess.run(
+        [str(MAILRELAY), "serve", "--help"], capture_output=True, text=True, check=False, env={**os.environ, **env}
+    )
+    return "--workers" in done.stdout
+
+
+def start_servers(
+    wanted: list[str], pin: Pinning, sink: Sink, dns_port: int, logdir: Path, workers: int, source: Path | None
+) -> tuple[dict[str, Server], dict[str, str]]:
+    config = logdir / "mailrelay.yaml"
+    mailrelay_config(config, sink.port)
+    uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning"]
+    dns_env = {"MAILRELAY_DNS_NAMESERVERS": f"127.0.0.1:{dns_port}"}
+    if source is not None:  # --rev: the service's code from a snapshot, ahead of the editable install
+        dns_env["PYTHONPATH"] = str(source)
+    servers: dict[str, Server] = {}
+    problems: dict[str, str] = {}
+
+    def serve_cmd(port: int) -> list[str]:
+        return [str(MAILRELAY), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+
+    for key in wanted:
+        port = free_port()
+        server_pin = pin.cmd(pin.server)
+        if key == "bare":
+            cmd = [
+                *server_pin,
+                str(VENV_PY),
+                "-m",
+                "uvicorn",
+                "bench.bare_app:app",
+                "--port",
+                str(port),
+                *uvicorn_flags,
+            ]
+            servers[key] = Server(key, cmd, port, logdir)
+        elif key == "sketch":
+            cmd = [*server_pin, str(VENV_PY), "-m", "uvicorn", "bench.sketch_app:app", "--port", str(port)]
+            env = {"SKETCH_SMTP_PORT": str(sink.port), "SKETCH_POOL": str(POOL)}
+            servers[key] = Server(key, [*cmd, *uvicorn_flags], port, logdir, env)
+        elif key == "slimta":
+            cmd = [*server_pin, str(SLIMTA_PY), str(BENCH / "slimta_edge.py"), "--port", str(port)]
+            servers[key] = Server(key, [*cmd, "--smtp-port", str(sink.port), "--pool", str(POOL)], port, logdir)
+        elif key in ("blackhole", "static", "static822", "mx"):
+            cmd = [*server_pin, *serve_cmd(port), "--log-level", "warning"]
+            servers[key] = Server(key, cmd, port, logdir, dns_env)
+        elif key == "workers":
+            if workers < 1:
+                problems[key] = "not run (--workers 0)"
+                continue
+            if not workers_supported(dns_env):
+                problems[key] = (
+                    "SKIPPED: `mailrelay serve` has no --workers option yet; "
+                    "rerun `bench/run --only workers` once it has"
+                )
+                continue
+            cmd = [*pin.cmd(pin.all), *serve_cmd(port), "--log-level", "warning", "--workers", str(workers)]
+            servers[key] = Server(key, cmd, port, logdir, dns_env)
+    for key, server in list(servers.items()):
+        why = server.wait_ready(http=key != "slimta")
+        if why:
+            problems[key] = f"did not start: {why}"
+            server.stop()
+            del servers[key]
+    return servers, problems
+
+
+# --------------------------------------------------------------------------- report
+
+
+def versions(rev: str | None) -> list[str]:
+    def dist(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    def run(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT).stdout.strip()
+        except OSError:
+            return "-"
+
+    ours = " ".join(
+        f"{n} {dist(n)}"
+        for n in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "aiosmtplib", "dnspython")
+    )
+    slimta = run(
+        [
+            str(SLIMTA_PY),
+            "-c",
+            "import importlib.metadata as m, platform; print('Python', platform.python_version(), *("
+            "f'{n} {m.version(n)}' for n in ('python-slimta', 'gevent', 'greenlet', 'pycares')))",
+        ]
+    )
+    if rev:
+        where = f"commit {run(['git', 'rev-parse', '--short', rev])} (--rev {rev}: a snapshot, not the working tree)"
+    else:
+        dirty = run(["git", "status", "--porcelain", "--", "app", "relays", "schemas"])
+        where = f"working tree at commit {run(['git', 'rev-parse', '--short', 'HEAD'])}"
+        where += " + uncommitted changes in app/relays/schemas" if dirty else ""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
+    mem = next(
+        (line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), "0"
+    )
+    postfix = run(["dpkg-query", "-W", "-f=${Version}", "postfix"]) or run(["postconf", "-dh", "mail_version"])
+    wrk = run(["dpkg-query", "-W", "-f=${Version}", "wrk"])
+    return [
+        f"CPU: {model}, {os.cpu_count()} cores; memory {int(mem) // 1024 // 1024} GiB",
+        f"kernel: {platform.system()} {platform.release()}; "
+        f"Debian {Path('/etc/debian_version').read_text().strip() if Path('/etc/debian_version').exists() else '-'}",
+        f"mailrelay: {where}; Python {platform.python_version()}; {ours}",
+        f"peer: {slimta or 'slimta venv missing'}",
+        f"tools: postfix smtp-sink {postfix}, wrk {wrk} (one thread)",
+    ]
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def table(points: list[Point], args: argparse.Namespace) -> list[str]:
+    by = {(p.target, p.size, p.conc): p for p in points}
+
+    def ratio(point: Point, other: str) -> str:
+        base = by.get((other, point.size, point.conc))
+        if not base or not base.runs or not point.runs or point.target == other or not base.rate:
+            return "-"
+        return f"{point.rate / base.rate:.2f}"
+
+    ceiling = {"blackhole": "bare", "sketch": "direct", "slimta": "direct", "static": "direct"}
+    ceiling |= {"static822": "direct", "mx": "direct", "workers": "direct"}
+    head = (
+        f"{'size':>7} {'conc':>4}  {'what':<36} {'msg/s':>8} {'±':>4} {'p50 ms':>7} {'p99 ms':>8} "
+        f"{'RSS MiB':>7} {'errors':>6} {'sink':>6} {'other%':>6}  {'÷slimta':>7} {'÷sketch':>7} {'÷ceil':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    keys = sorted({(p.size, p.conc) for p in points})
+    for size, conc in keys:
+        for target in TARGETS:
+            point = by.get((target.key, size, conc))
+            if point is None:
+                continue
+            label = target.label.replace("--workers N", f"--workers {args.workers}")
+            if point.skipped or not point.runs:
+                why = point.skipped or "; ".join(point.failures) or "no runs"
+                lines.append(f"{size_label(size):>7} {conc:>4}  {label:<36} {'':>8} {why}"[:200])
+                continue
+            mr = target.key in ("static", "static822", "mx", "workers", "sketch")
+            lines.append(
+                f"{size_label(size):>7} {conc:>4}  {label:<36} {point.rate:>8.0f} {point.spread * 100:>3.0f}% "
+                f"{point.p50:>7.2f} {point.p99:>8.2f} {fmt(point.rss_mib, '.0f'):>7} {point.errors:>6} "
+                f"{point.verified():>6} {fmt(point.others_cpu, '.0f'):>6}  {ratio(point, 'slimta') if mr else '-':>7} "
+                f"{ratio(point, 'sketch') if mr and target.key != 'sketch' else '-':>7} "
+                f"{ratio(point, ceiling[target.key]) if target.key in ceiling else '-':>6}"
+            )
+        lines.append("")
+    return lines
+
+
+def goals(points: list[Point]) -> list[str]:
+    by = {(p.target, p.size, p.conc): p for p in points if p.runs}
+    out: list[str] = []
+
+    def check(name: str, ok: bool | None, detail: str) -> None:
+        verdict = "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        out.append(f"{verdict}  {name}: {detail}")
+
+    def rate_ratio(name: str, a: str, b: str, size: int, conc: int, floor: float) -> None:
+        pa, pb = by.get((a, size, conc)), by.get((b, size, conc))
+        if not pa or not pb:
+            check(name, None, f"{a} or {b} at {size_label(size)} c{conc} not measured")
+            return
+        r = pa.rate / pb.rate
+        check(name, r >= floor, f"{pa.rate:.0f} / {pb.rate:.0f} msg/s = {r:.2f} (needs >= {floor})")
+
+    rate_ratio("static json 1 KiB c8 >= 5x slimta", "static", "slimta", KIB, 8, 5)
+    rate_ratio("static rfc822 1 KiB c8 >= 5x slimta (same wire format)", "static822", "slimta", KIB, 8, 5)
+    rate_ratio("static json 1 KiB c8 >= 0.9x the sketch", "static", "sketch", KIB, 8, 0.9)
+    for key in ("static", "static822"):
+        p = by.get((key, KIB, 1))
+        check(
+            f"{BY_KEY[key].label} 1 KiB p50 at c1 < 1 ms",
+            None if not p else p.p50 < 1.0,
+            "not measured" if not p else f"p50 {p.p50:.2f} ms",
+        )
+    rate_ratio("blackhole 1 KiB c8 >= 0.8x bare FastAPI", "blackhole", "bare", KIB, 8, 0.8)
+    concs = sorted({c for (t, s, c) in by if t == "static" and s == 100 * KIB})
+    for conc in concs or [8]:
+        rate_ratio(
+            f"static json 100 KiB c{conc} within 10% of the direct pool", "static", "direct", 100 * KIB, conc, 0.9
+        )
+    bound = 3 * (10 * MIB * 8) / MIB + 100
+    for key in ("static", "static822"):
+        p = by.get((key, 10 * MIB, 8))
+        check(
+            f"{BY_KEY[key].label} 10 MiB c8 peak RSS < 3x(10 MiB x 8) + 100 MiB = {bound:.0f} MiB",
+            None if not p or p.rss_mib is None else p.rss_mib < bound,
+            "not measured" if not p or p.rss_mib is None else f"{p.rss_mib:.0f} MiB",
+        )
+    rate_ratio("mx (warm cache) 1 KiB c8 within 5% of static", "mx", "static", KIB, 8, 0.95)
+    return out
+
+
+def problems_in_logs(logdir: Path, servers: list[str]) -> list[str]:
+    out = []
+    for name in servers:
+        path = logdir / f"{name}.log"
+        if not path.exists():
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        bad = [line for line in lines if re.search(r"Traceback|ERROR|Error|error|exception|Exception", line)]
+        if bad:
+            out.append(f"{name}: {len(bad)} error line(s) in {path.relative_to(ROOT)}; first: {bad[0].strip()[:200]}")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def plan(args: argparse.Namespace, targets: list[str]) -> list[tuple[int, int, str]]:
+    """(size, concurrency, target) in the order they run: point by point, every target in turn,
+    so that the ratios compare figures taken a few seconds apart on a noisy machine."""
+    out = []
+    for size in args.sizes:
+        for conc in args.conc:
+            if size >= MIB and conc not in args.large_conc:
+                continue
+            for key in targets:
+                if key == "workers" and (size not in args.worker_sizes or conc not in args.worker_conc):
+                    continue
+                out.append((size, conc, key))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench/run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="c1 and c8; 1 KiB, 100 KiB, and 10 MiB at c8 only")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", help="message sizes (default 1K 100K 10M)")
+    parser.add_argument("--conc", type=int, nargs="+", help="concurrencies (default 1 8 32 128)")
+    parser.add_argument("--runs", type=int, help="measured runs per point (default 3)")
+    parser.add_argument("--duration", type=int, help="seconds per run (default 3; --quick 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per point (default 1)")
+    parser.add_argument(
+        "--max-conc-large",
+        type=int,
+        default=8,
+        help="highest concurrency for messages of 1 MiB and more (default 8: at about 10 messages/s a 10 MiB "
+        "request at c32 waits 3 s, so a point needs minutes, and 128 x 10 MiB in flight per hop measures memory "
+        "pressure on a shared machine, not throughput)",
+    )
+    parser.add_argument("--large-runs", type=int, help="runs per point for 1 MiB and more (default 2; --quick 1)")
+    parser.add_argument("--large-duration", type=int, help="seconds per run for 1 MiB and more (6; --quick 5)")
+    parser.add_argument("--large-warmup", type=int, default=2, help="warm-up for 1 MiB and more (default 2)")
+    parser.add_argument(
+        "--workers", type=int, help="`mailrelay serve --workers N` for the multi-core row (default: CPU count; 0: off)"
+    )
+    parser.add_argument("--only", nargs="+", choices=[t.key for t in TARGETS], help="run only these rows")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument(
+        "--rev",
+        help="benchmark mailrelay as committed at this git revision (a `git archive` snapshot run from the "
+        "project's .venv) instead of the working tree, which others may be editing",
+    )
+    parser.add_argument("--output", type=Path, help="results file (default bench/results/DATE-TIME-bench.txt)")
+    args = parser.parse_args()
+    quick = args.quick
+    args.sizes = args.sizes or [KIB, 100 * KIB, 10 * MIB]
+    args.conc = args.conc or ([1, 8] if quick else [1, 8, 32, 128])
+    args.runs = args.runs or 3
+    args.duration = args.duration or (2 if quick else 3)
+    args.large_runs = args.large_runs or (1 if quick else 2)
+    args.large_duration = args.large_duration or (5 if quick else 6)
+    args.workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+    args.worker_sizes = [KIB]
+    args.worker_conc = [8] if quick else [c for c in args.conc if c >= 8]
+    # --quick: large messages only at c8, where the RSS goal is
+    args.large_conc = [8] if quick else [c for c in args.conc if c <= args.max_conc_large]
+    targets = args.only or [t.key for t in TARGETS]
+    steps = plan(args, targets)
+
+    for tool in ("wrk", "smtp-sink"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            log(f"{tool} not found: run bench/run, which installs it")
+            return 1
+    if "slimta" in targets and not SLIMTA_PY.exists():
+        log(f"{SLIMTA_PY} missing: run bench/run, which installs it")
+        return 1
+
+    started = datetime.datetime.now()
+    logdir = BENCH / ".logs" / started.strftime("%Y%m%d-%H%M%S")
+    logdir.mkdir(parents=True)
+    source = None
+    if args.rev:
+        source = logdir / "src"
+        source.mkdir()
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", args.rev, "app", "relays", "schemas"], cwd=ROOT, capture_output=True
+        )
+        if archive.returncode != 0:
+            log(f"git archive {args.rev}: {archive.stderr.decode().strip()}")
+            return 1
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    pin = Pinning(not args.no_pin)
+    if pin.enabled:
+        os.sched_setaffinity(0, {1})
+
+    def per_step(size: int) -> float:
+        if size >= MIB:
+            return args.large_warmup + args.large_runs * (args.large_duration + 1.5) + 2
+        return args.warmup + args.runs * (args.duration + 0.6) + 1
+
+    estimate = sum(per_step(size) for size, _, _ in steps)
+    log(f"bench: {len(steps)} points, about {estimate / 60:.0f} min; logs in {logdir.relative_to(ROOT)}")
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+
+    sink = Sink(pin, logdir)
+    dns_port = free_port()
+    resolver, dns_servers = start_dns(dns_port, DOMAIN)
+    http_targets = [k for k in dict.fromkeys(k for _, _, k in steps) if k != "direct"]
+    servers: dict[str, Server] = {}
+    points: list[Point] = []
+    try:
+        servers, problems = start_servers(http_targets, pin, sink, dns_port, logdir, args.workers, source)
+        for key, why in problems.items():
+            log(f"{key}: {why}")
+        bench = Bench(args, pin, sink, logdir, servers)
+        for index, (size, conc, key) in enumerate(steps, 1):
+            target = BY_KEY[key]
+            if key == "direct":
+                point = bench.measure_direct(size, conc)
+            elif key in servers:
+                point = bench.measure_http(target, servers[key], size, conc)
+            else:
+                point = Point(key, size, conc, skipped=problems.get(key, "not started"))
+            points.append(point)
+            if point.runs:
+                log(
+                    f"[{index}/{len(steps)}] {size_label(size)} c{conc} {target.label}: {point.rate:.0f} msg/s "
+                    f"p50 {point.p50:.2f} ms p99 {point.p99:.2f} ms errors {point.errors} sink {point.verified()}"
+                    + (f" ({'; '.join(point.failures)})" if point.failures else "")
+                )
+            else:
+                log(
+                    f"[{index}/{len(steps)}] {size_label(size)} c{conc} {target.label}: {point.skipped or point.failures}"
+                )
+        dns_queries = resolver.queries
+    finally:
+        for server in servers.values():
+            server.stop()
+        sink.stop()
+        for dns in dns_servers:
+            with contextlib.suppress(Exception):
+                dns.stop()
+    finished = datetime.datetime.now()
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+
+    skipped_large = [c for c in args.conc if c not in args.large_conc]
+    report = [
+        f"# mailrelay benchmark, {started:%Y-%m-%d %H:%M} to {finished:%H:%M} ({(finished - started).seconds // 60} min)",
+        f"# command: bench/run {' '.join(sys.argv[1:])}".rstrip(),
+        *(f"# {line}" for line in versions(args.rev)),
+        f"# {pin.describe()}",
+        f"# load average before {' '.join(load_before)}, after {' '.join(load_after)}: the machine is shared "
+        "(other engineers run test suites), so figures are noisy; compare rows of one point, taken seconds apart.",
+        f"# each point: {args.warmup} s warm-up, then {args.runs} runs of {args.duration} s ({args.large_warmup} s and "
+        f"{args.large_runs} x {args.large_duration} s from 1 MiB); msg/s is the median of the runs (± half their",
+        "#   range, in % of the median), p50/p99 the median of the runs' wrk percentiles.",
+        "# msg/s counts 2xx answers only. errors: non-2xx answers plus socket errors (connect/read/write/timeout)",
+        "#   from wrk's Lua done(), warm-up included. sink: smtp-sink's message count checked against the 2xx",
+        "#   answers (ok; LOST n = 2xx answers without a message at the sink). RSS: the server's peak RSS during",
+        "#   the point (VmHWM; summed over processes for --workers). ÷slimta/÷sketch/÷ceil: msg/s ratios at the",
+        "#   same size and concurrency; the ceiling is bare FastAPI for blackhole, the direct pool for the rest.",
+        "#   other%: CPU used by processes not of this benchmark during the point, in % of one CPU (of 200%",
+        "#   on 2 cores): a point with a high figure was measured while someone else's work ran.",
+        f"# pool: {POOL} SMTP connections everywhere (mailrelay concurrent_connections, slimta pool_size, sketch,",
+        "#   direct client). Messages: exactly the given size, 76-character lines; one recipient; JSON form for",
+        "#   bare/sketch/mailrelay json, message/rfc822 with base64 X-Envelope-* headers for slimta and rfc822.",
+        f"# mx: dnslib server on 127.0.0.1:{dns_port} (MX {DOMAIN} -> mx.{DOMAIN} A 127.0.0.1, relay `port:` = "
+        f"the sink's); it answered {dns_queries} queries in the whole run (a warm cache asks once per TTL).",
+    ]
+    if skipped_large:
+        report.append(
+            f"# messages of 1 MiB and more: concurrency {', '.join(map(str, skipped_large))} skipped"
+            + (
+                " (--quick: only c8, where the RSS goal is)."
+                if quick
+                else f" (--max-conc-large {args.max_conc_large}): {max(skipped_large)} x 10 MiB in flight per hop "
+                "measures memory pressure on a shared 24 GiB machine, not throughput."
+            )
+        )
+    report.append("")
+    report += table(points, args)
+    report += ["Goals (issue 8):", *goals(points), ""]
+    notes = [f"{k}: {v}" for k, v in problems.items()]
+    notes += [
+        f"{p.target} {size_label(p.size)} c{p.conc}: {'; '.join(p.failures)}"
+        for p in points
+        if p.failures and not p.skipped
+    ]
+    notes += [
+        f"{p.target} {size_label(p.size)} c{p.conc}: {p.errors} errors "
+        f"({sum(r.non2xx for r in p.runs)} non-2xx, {sum(r.socket_errors for r in p.runs)} socket, "
+        f"{p.warmup_errors} in warm-up)"
+        for p in points
+        if p.errors
+    ]
+    notes += problems_in_logs(logdir, list(servers))
+    report += ["Problems seen:", *(notes or ["none"]), ""]
+    text = "\n".join(report)
+    print(text)
+
+    output = args.output or BENCH / "results" / f"{started:%Y-%m-%d-%H%M}-bench{'-quick' if quick else ''}.txt"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    output.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args), "points": [p.to_json() for p in points]}, indent=1, default=str) + "\n"
+    )
+    log(f"bench: results in {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} (and .json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
