@@ -6,7 +6,7 @@ import os
 import pwd
 import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relays import replies
@@ -47,13 +47,19 @@ class ProcessRunner:
         self._limit = asyncio.Semaphore(options.concurrent_processes)
         self._cwd = options.cwd
         self._user: tuple[int, int] | None = None
-        entry = pwd.getpwuid(os.geteuid())
         if options.user is not None:
             try:
                 entry = pwd.getpwnam(options.user)
             except KeyError:
                 raise ConfigError.at(f"relay.{relay_name}.user", f"no such user: {options.user}") from None
             self._user = (entry.pw_uid, entry.pw_gid)
+            name, home, shell = entry.pw_name, entry.pw_dir, entry.pw_shell
+        else:
+            try:
+                entry = pwd.getpwuid(os.geteuid())
+                name, home, shell = entry.pw_name, entry.pw_dir, entry.pw_shell
+            except KeyError:  # a container may run us under a uid with no passwd entry
+                name, home, shell = str(os.geteuid()), "/", "/bin/sh"
         # The service's own environment may hold secrets: like Postfix pipe(8), give the
         # command only a minimal one, unless the configuration spells one out.
         self._env = (
@@ -61,10 +67,10 @@ class ProcessRunner:
             if options.env is not None
             else {
                 "PATH": "/usr/local/bin:/usr/bin:/bin",
-                "HOME": entry.pw_dir,
-                "USER": entry.pw_name,
-                "LOGNAME": entry.pw_name,
-                "SHELL": entry.pw_shell or "/bin/sh",
+                "HOME": home,
+                "USER": name,
+                "LOGNAME": name,
+                "SHELL": shell or "/bin/sh",
             }
         )
 
@@ -94,9 +100,8 @@ class ProcessRunner:
                 cwd=self._cwd,
                 env=self._env,
                 start_new_session=True,  # its own process group, so a timeout kills its children too
-                user=self._user[0] if self._user else None,
-                group=self._user[1] if self._user else None,
-                extra_groups=[] if self._user else None,
+                # uvloop has no user=/group=/extra_groups=; switching in the child works on every loop.
+                preexec_fn=_switch_user(*self._user) if self._user else None,
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
             reason = getattr(exc, "strerror", None) or str(exc)
@@ -145,6 +150,15 @@ async def _finish_io(process: asyncio.subprocess.Process, io: "asyncio.Future[tu
     transport = getattr(process, "_transport", None)  # closes our ends of the pipes
     if transport is not None:
         transport.close()
+
+
+def _switch_user(uid: int, gid: int) -> Callable[[], None]:
+    def switch() -> None:  # runs in the child between fork and exec: os calls only
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+    return switch
 
 
 async def _feed(process: asyncio.subprocess.Process, message: bytes) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import uvloop
 from fastapi.testclient import TestClient
 
 from app.config import parse_config
@@ -41,6 +42,12 @@ mailrelay:
   max_message_size: 1000
   retry_after: 30
 """
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], object]]:
+    """Tests run on the loop the service runs on in production: uvloop differs from
+    asyncio's (subprocess arguments, transports)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def config_from(text: str) -> ServiceConfig:

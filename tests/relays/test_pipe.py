@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 from fastapi.testclient import TestClient
 
 from app.config import parse_config
@@ -308,3 +309,8 @@ async def test_a_cancelled_delivery_kills_its_command(tmp_path: Path) -> None:
             await task
     await asyncio.sleep(0.2)
     assert not _running(int(pids.read_text()))
+
+
+async def test_the_suite_runs_on_uvloop_like_the_service() -> None:
+    # Subprocess options differ between loops; a relay tested on another loop can fail in production.
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

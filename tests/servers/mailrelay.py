@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.servers.process import free_port
+from tests.servers.process import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -45,3 +48,47 @@ def wait_ready(url: str, process: subprocess.Popen[str]) -> None:
         except httpx.TransportError:
             time.sleep(0.05)
     raise AssertionError("server did not become ready within 20 s")
+
+
+@dataclass
+class Service:
+    """A running mailrelay: its URL, its process, and everything it logged."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def logs(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@contextmanager
+def service(config: Path, env: dict[str, str] | None = None, *args: str) -> Iterator[Service]:
+    """mailrelay serving `config` on a free loopback port; its output goes to a file (a pipe could fill up)."""
+    port = free_port()
+    log_path = config.parent / f"mailrelay-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "app", "serve", "--port", str(port), "--config", str(config), *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    running = Service(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"mailrelay exited with {process.returncode}: {running.logs()[-3000:]}")
+            try:
+                if httpx.get(f"{running.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mailrelay was not ready within 20 s: {running.logs()[-3000:]}")
+            time.sleep(0.05)
+        yield running
+    finally:
+        stop(process)

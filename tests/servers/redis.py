@@ -1,0 +1,57 @@
+"""A real redis-server on loopback, with no persistence, started by the test."""
+
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from tests.servers.process import free_port, require_program, stop
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Yields the server's URL (redis://127.0.0.1:PORT/0)."""
+    program = require_program("redis-server")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mailrelay-redis-") as directory:
+        process = subprocess.Popen(  # noqa: S603
+            [
+                program,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                directory,
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                        raise RuntimeError(f"redis-server did not start: {output[-2000:]}") from None
+                    time.sleep(0.05)
+            client.close()
+            yield url
+        finally:
+            stop(process)
