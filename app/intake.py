@@ -23,6 +23,8 @@ RFC822 = "message/rfc822"
 #: byte of `é`); the decoded message is then held to the exact limit.
 _JSON_OVERHEAD_FACTOR = 6
 _JSON_OVERHEAD_BYTES = 64 * 1024
+#: A recipient of up to 254 octets, every one escaped, plus quotes and a comma.
+_JSON_BYTES_PER_RECIPIENT = 254 * _JSON_OVERHEAD_FACTOR + 4
 #: slimta's HTTP edge split recipient headers on commas and semicolons.
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
 
@@ -42,7 +44,9 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
     if form == JSON:
         body = await _read_body(
             request,
-            settings.max_message_size * _JSON_OVERHEAD_FACTOR + _JSON_OVERHEAD_BYTES,
+            settings.max_message_size * _JSON_OVERHEAD_FACTOR
+            + _JSON_OVERHEAD_BYTES
+            + settings.max_recipients * _JSON_BYTES_PER_RECIPIENT,
             settings,
         )
         envelope, recipients_loc = _from_json(body), "recipients"
@@ -69,11 +73,14 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
     return envelope
 
 
-def _too_large(settings: ServiceSettings) -> ProblemError:
-    return ProblemError(
-        413,
-        f"the message is larger than the limit of {settings.max_message_size} bytes; nothing was delivered",
-    )
+def _too_large(settings: ServiceSettings, body_limit: int | None = None) -> ProblemError:
+    what = f"the message is larger than the limit of {settings.max_message_size} bytes"
+    if body_limit is not None and body_limit != settings.max_message_size:
+        what = (
+            f"the request body is larger than {body_limit} bytes, the most a message of up to "
+            f"{settings.max_message_size} bytes and {settings.max_recipients} recipients can take"
+        )
+    return ProblemError(413, f"{what}; nothing was delivered")
 
 
 def _invalid(errors: list[FieldError]) -> ProblemError:
@@ -84,7 +91,7 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
     """The body, refused with 413 as soon as it passes `limit`, not after reading it all."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _too_large(settings)
+        raise _too_large(settings, limit)
     chunks: list[bytes] = []
     size = 0
     stream = request.stream()
@@ -103,7 +110,7 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
             ) from None
         size += len(chunk)
         if size > limit:
-            raise _too_large(settings)
+            raise _too_large(settings, limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -1,0 +1,191 @@
+"""Idempotency keys: a repeat replays the first result and sends nothing, in memory and across instances via Redis."""
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from app.idempotency import Claimed, MemoryStore, Mismatch, Replay, Running, StoredResponse
+from schemas.config import IdempotencySettings
+from tests.servers.mailrelay import service
+from tests.servers.redis import redis_server
+from tests.servers.smtp import Script, smtp_server
+
+BODY = {"sender": "a@example.com", "recipients": ["b@example.net"], "message": "Subject: x\r\n\r\nhi\r\n"}
+
+
+def static_yaml(port: int, extra: str = "") -> str:
+    return f"relay:\n  out: {{type: static, host: 127.0.0.1, port: {port}}}\n{extra}"
+
+
+def test_a_repeat_replays_the_result_and_sends_nothing(make_client: Callable[[str], TestClient]) -> None:
+    with smtp_server() as server:
+        client = make_client(static_yaml(server.port))
+        first = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "order-1"})
+        second = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "order-1"})
+        other = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "order-2"})
+        assert len(server.received) == 2  # order-1 once, order-2 once
+    assert first.status_code == second.status_code == other.status_code == 200
+    assert "idempotent-replayed" not in first.headers
+    assert second.headers["idempotent-replayed"] == "true"
+    assert second.content == first.content
+    assert second.headers["x-smtp-reply"] == first.headers["x-smtp-reply"]
+
+
+def test_a_permanent_failure_is_final_and_replayed(make_client: Callable[[str], TestClient]) -> None:
+    with smtp_server(Script(rcpt={"b@example.net": "550 5.1.1 No such user"})) as server:
+        client = make_client(static_yaml(server.port))
+        first = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
+        second = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
+    assert first.status_code == second.status_code == 400
+    assert second.headers["idempotent-replayed"] == "true"
+
+
+def test_a_transient_failure_is_not_stored_so_the_key_may_be_retried(
+    make_client: Callable[[str], TestClient],
+) -> None:
+    script = Script(rcpt={"b@example.net": "451 4.3.0 Try later"})
+    with smtp_server(script) as server:
+        client = make_client(static_yaml(server.port))
+        first = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
+        script.rcpt.clear()  # the next hop recovers
+        retry = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
+        again = client.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
+        assert len(server.received) == 1
+    assert first.status_code == 503
+    assert retry.status_code == 200
+    assert "idempotent-replayed" not in retry.headers
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+def test_the_same_key_for_a_different_request_is_422(make_client: Callable[[str], TestClient]) -> None:
+    client = make_client("relay:\n  a: {type: blackhole}\n  b: {type: blackhole}\n")
+    assert client.post("/relays/a/deliver", json=BODY, headers={"Idempotency-Key": "k"}).status_code == 200
+    for relay, body in (
+        ("a", {**BODY, "message": "Subject: other\r\n\r\nhi\r\n"}),
+        ("a", {**BODY, "recipients": ["c@example.net"]}),
+        ("a", {**BODY, "sender": ""}),
+        ("b", BODY),
+    ):
+        response = client.post(f"/relays/{relay}/deliver", json=body, headers={"Idempotency-Key": "k"})
+        assert response.status_code == 422
+        assert "used for a different request" in response.json()["detail"]
+
+
+def test_keys_are_per_api_key(make_client: Callable[[str], TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILRELAY_API_KEYS", "first-client-key-0123,second-client-key-0123")
+    client = make_client("relay:\n  a: {type: blackhole}\n")
+    first = {"Authorization": "Bearer first-client-key-0123", "Idempotency-Key": "k"}
+    second = {"Authorization": "Bearer second-client-key-0123", "Idempotency-Key": "k"}
+    assert client.post("/relays/a/deliver", json=BODY, headers=first).status_code == 200
+    other = {**BODY, "message": "Subject: theirs\r\n\r\nhi\r\n"}
+    response = client.post("/relays/a/deliver", json=other, headers=second)
+    assert response.status_code == 200  # not a 422: another client's key
+    assert "idempotent-replayed" not in response.headers
+
+
+@pytest.mark.parametrize("value", ["", "x" * 256, "caf\u00e9"])
+def test_an_invalid_key_is_422(client: TestClient, value: str) -> None:
+    response = client.post(
+        "/relays/blackhole/deliver",
+        content=json.dumps(BODY).encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": value.encode()},
+    )
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == "Idempotency-Key"
+
+
+async def test_memory_store_claims_replays_and_expires() -> None:
+    store = MemoryStore(IdempotencySettings(ttl=1, max_entries=2))
+    claim = await store.claim("k", "fp", hold=10)
+    assert isinstance(claim, Claimed)
+    assert isinstance(await store.claim("k", "fp", hold=10), Running)
+    assert isinstance(await store.claim("k", "other", hold=10), Mismatch)
+    response = StoredResponse(200, {"x-smtp-reply": "250"}, b"{}")
+    await store.complete("k", claim, "fp", response)
+    replay = await store.claim("k", "fp", hold=10)
+    assert isinstance(replay, Replay)
+    assert replay.response == response
+    # Bounded: a third key pushes out the oldest stored result, never a running claim.
+    running = await store.claim("r", "fp", hold=10)
+    assert isinstance(running, Claimed)
+    assert isinstance(await store.claim("n", "fp", hold=10), Claimed)
+    assert len(store) == 2
+    assert isinstance(await store.claim("r", "fp", hold=10), Running)
+    # A released claim frees the key; an expired one does too.
+    await store.release("r", running)
+    assert isinstance(await store.claim("r", "fp", hold=0.05), Claimed)
+    await asyncio.sleep(0.1)
+    assert isinstance(await store.claim("r", "fp", hold=10), Claimed)
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+async def test_two_instances_sharing_redis_replay_each_others_results(tmp_path: Path) -> None:
+    with redis_server() as redis_url, smtp_server(Script(data_delay=0.8)) as server:
+        config = write(
+            tmp_path,
+            "mailrelay.yaml",
+            static_yaml(server.port, f"mailrelay:\n  idempotency: {{backend: redis, redis_url: '{redis_url}'}}\n"),
+        )
+        with service(config) as a, service(config) as b:
+            async with httpx.AsyncClient(timeout=30) as http:
+                key = {"Idempotency-Key": "shared-1"}
+                # B asks while A's delivery still runs: 409, nothing sent twice.
+                running = asyncio.create_task(http.post(f"{a.url}/relays/out/deliver", json=BODY, headers=key))
+                await asyncio.sleep(0.4)
+                busy = await http.post(f"{b.url}/relays/out/deliver", json=BODY, headers=key)
+                first = await running
+                replayed = await http.post(f"{b.url}/relays/out/deliver", json=BODY, headers=key)
+                mismatch = await http.post(
+                    f"{b.url}/relays/out/deliver", json={**BODY, "sender": "other@example.com"}, headers=key
+                )
+        assert len(server.received) == 1
+    assert busy.status_code == 409
+    assert busy.headers["retry-after"] == "1"
+    assert first.status_code == 200
+    assert replayed.status_code == 200
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.json() == first.json()
+    assert mismatch.status_code == 422
+
+
+async def test_an_unreachable_redis_refuses_keyed_deliveries_and_sends_nothing(tmp_path: Path) -> None:
+    with redis_server() as redis_url:
+        pass  # started and stopped: the port is closed now
+    with smtp_server() as server:
+        config = write(
+            tmp_path,
+            "mailrelay.yaml",
+            static_yaml(server.port, f"mailrelay:\n  idempotency: {{backend: redis, redis_url: '{redis_url}'}}\n"),
+        )
+        with service(config) as running:
+            async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+                keyed = await http.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
+                plain = await http.post("/relays/out/deliver", json=BODY)
+            logs = running.logs()
+        assert len(server.received) == 1  # only the request without a key
+    assert keyed.status_code == 503
+    assert keyed.headers["content-type"] == "application/problem+json"
+    assert "idempotency store is unavailable" in keyed.json()["detail"]
+    assert plain.status_code == 200
+    assert "idempotency store unavailable" in logs
+
+
+def test_the_redis_backend_needs_a_url() -> None:
+    from schemas.config import ConfigError
+    from tests.conftest import config_from
+
+    with pytest.raises(ConfigError) as caught:
+        config_from("relay:\n  a: {type: blackhole}\nmailrelay:\n  idempotency: {backend: redis}\n")
+    assert [str(p) for p in caught.value.problems] == [
+        "mailrelay.idempotency: the redis backend needs `redis_url` (or $MAILRELAY_REDIS_URL)"
+    ]
