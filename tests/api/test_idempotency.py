@@ -93,7 +93,7 @@ def test_an_invalid_key_is_422(client: TestClient, value: str) -> None:
     response = client.post(
         "/relays/blackhole/deliver",
         content=json.dumps(BODY).encode(),
-        headers={"Content-Type": "application/json", "Idempotency-Key": value.encode()},
+        headers=[(b"Content-Type", b"application/json"), (b"Idempotency-Key", value.encode())],
     )
     assert response.status_code == 422
     assert response.json()["errors"][0]["loc"] == "Idempotency-Key"
