@@ -23,6 +23,7 @@ many messages as there were 2xx answers.
 # ruff: noqa: S603, S607
 import argparse
 import base64
+import collections
 import contextlib
 import datetime
 import importlib.metadata
@@ -226,6 +227,15 @@ class Server:
                 time.sleep(0.1)
         return f"not answering on port {self.port} after {timeout:.0f} s: {self.log_tail()}"
 
+    def new_log_text(self) -> str:
+        """What the server logged since the last call."""
+        self._log.flush()
+        with self.logfile.open("rb") as f:
+            f.seek(getattr(self, "_offset", 0))
+            data = f.read()
+        self._offset = getattr(self, "_offset", 0) + len(data)
+        return data.decode(errors="replace")
+
     def log_tail(self, lines: int = 8) -> str:
         self._log.flush()
         text = self.logfile.read_text(errors="replace").strip().splitlines()
@@ -319,6 +329,7 @@ class Point:
     rss_mib: float | None = None
     warmup_errors: int = 0
     others_cpu: float | None = None  # % of one CPU used by other users' processes during the point
+    log_events: dict[str, int] = field(default_factory=dict)  # what the server logged as errors during the point
     skipped: str | None = None
     failures: list[str] = field(default_factory=list)
 
@@ -371,6 +382,7 @@ class Point:
             "errors": self.errors,
             "sink_check": self.verified(),
             "failures": self.failures,
+            "server_log_errors": self.log_events,
             "runs": [r.__dict__ | {"rate": round(r.rate, 1)} for r in self.runs],
         }
 
@@ -455,6 +467,7 @@ class Bench:
             point.skipped = f"server exited ({server.proc.returncode})"
             return point
         reset_peak_rss(server.proc.pid)
+        server.new_log_text()
         meter = self.meter()
         warmup, runs, duration = self.timing(size)
         warm = self.wrk(target, server, size, conc, warmup)
@@ -481,6 +494,7 @@ class Bench:
             point.runs.append(run)
         point.rss_mib = peak_rss_mib(server.proc.pid)
         point.others_cpu = meter.others_percent()
+        point.log_events = dict(log_events(server.new_log_text()))
         if server.proc.poll() is not None:
             point.failures.append(f"server exited ({server.proc.returncode}) during the point")
         return point
@@ -759,17 +773,23 @@ def goals(points: list[Point]) -> list[str]:
     return out
 
 
-def problems_in_logs(logdir: Path, servers: list[str]) -> list[str]:
-    out = []
-    for name in servers:
-        path = logdir / f"{name}.log"
-        if not path.exists():
-            continue
-        lines = path.read_text(errors="replace").splitlines()
-        bad = [line for line in lines if re.search(r"Traceback|ERROR|Error|error|exception|Exception", line)]
-        if bad:
-            out.append(f"{name}: {len(bad)} error line(s) in {path.relative_to(ROOT)}; first: {bad[0].strip()[:200]}")
-    return out
+EXCEPTION_LINE = re.compile(r"^(?:[a-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Disconnect|Exit|Timeout))\b")
+SLIMTA_EXCEPTION = re.compile(r"exception:(\w+):")
+
+
+def log_events(text: str) -> collections.Counter[str]:
+    """Error events in a server's log: ERROR/CRITICAL lines, and the exception type ending each traceback."""
+    events: collections.Counter[str] = collections.Counter()
+    for line in text.splitlines():
+        if line.startswith(("ERROR:", "CRITICAL:")):
+            events[re.sub(r"\s+", " ", line.strip())[:120]] += 1
+        elif match := EXCEPTION_LINE.match(line) or SLIMTA_EXCEPTION.search(line):
+            events[f"exception {match[1]}"] += 1
+    return events
+
+
+def describe_events(events: collections.Counter[str]) -> str:
+    return "; ".join(f"{n} x {what}" for what, n in events.most_common(4))
 
 
 # --------------------------------------------------------------------------- main
@@ -964,7 +984,11 @@ def main() -> int:
         for p in points
         if p.errors
     ]
-    notes += problems_in_logs(logdir, list(servers))
+    notes += [
+        f"{p.target} {size_label(p.size)} c{p.conc}: the server logged {describe_events(collections.Counter(p.log_events))}"
+        for p in points
+        if p.log_events
+    ]
     report += ["Problems seen:", *(notes or ["none"]), ""]
     text = "\n".join(report)
     print(text)

@@ -30,9 +30,19 @@ def main() -> None:
     parser.add_argument("--smtp-host", default="127.0.0.1")
     parser.add_argument("--smtp-port", type=int, required=True)
     parser.add_argument("--pool", type=int, default=8)
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60,
+        help="keep connections this long; 0 = slimta's default, QUIT after each",
+    )
     args = parser.parse_args()
     relay = StaticSmtpRelay(
-        args.smtp_host, args.smtp_port, pool_size=args.pool, ehlo_as="slimta.example.com", idle_timeout=60
+        args.smtp_host,
+        args.smtp_port,
+        pool_size=args.pool,
+        ehlo_as="slimta.example.com",
+        idle_timeout=args.idle_timeout or None,
     )
     edge = WsgiEdge(ProxyQueue(relay), hostname="slimta.example.com")
     # log=None: no access log line per request (mailrelay runs at --log-level warning).
