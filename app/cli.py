@@ -5,15 +5,21 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 import uvicorn
 
 from app.config import DEFAULT_SOURCE, LoadedConfig, load_config
 from app.http_protocol import bounded_protocol
+from app.lifespan import Services
+from app.logs import setup_logging
 from app.main import create_app, openapi_document
+from app.metrics import RELOADS
+from app.workers import supervise
 from relays.registry import open_relays
 from schemas.config import ConfigError
 
@@ -62,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
         "send mail through every relay (also the setting mailrelay.auth.insecure_allow_unauthenticated)",
     )
     serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes sharing the port (default: %(default)s); each has its own relays and pools",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        default=None,
+        help="JSON lines, text, or auto: text on a terminal, else JSON (default: mailrelay.log_format, auto)",
+    )
+    serve.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -86,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     openapi.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     openapi.set_defaults(command=_openapi)
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to 64")
+    return int(text)
 
 
 def _port(text: str) -> int:
@@ -139,16 +164,24 @@ def _openapi(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     loaded = _load(args.config)
     if loaded is None:
         return 1
-    logger.info("configuration from %s: %d relay(s)", loaded.source, len(loaded.config.relay))
-    if loaded.source == DEFAULT_SOURCE:
-        logger.info("no --config or $MAILRELAY_CONFIG: serving the embedded default (relay `blackhole`)")
-    if not _exposure_allowed(loaded, args):
-        return 1
+    setup_logging(args.log_level, args.log_format or loaded.config.mailrelay.log_format)
+    if args.worker_fd is None:
+        logger.info(
+            "configuration from %s: %d relay(s)",
+            loaded.source,
+            len(loaded.config.relay),
+            extra={"event": "config_loaded", "source": loaded.source, "relays": sorted(loaded.config.relay)},
+        )
+        if loaded.source == DEFAULT_SOURCE:
+            logger.info("no --config or $MAILRELAY_CONFIG: serving the embedded default (relay `blackhole`)")
+        if not _exposure_allowed(loaded, args):
+            return 1
     try:
+        if args.workers > 1 and args.worker_fd is None:
+            return supervise(args, loaded.source)
         return _run(loaded, args)
     except KeyboardInterrupt:
         return 0
@@ -185,6 +218,45 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, with mailrelay's SIGTERM: drain first, then stop.
+
+    uvicorn would close the listener at once; instead /readyz turns 503 and new
+    deliveries are refused while running ones finish (up to shutdown_grace), so
+    the load balancer sees the instance leave before connections are refused.
+    """
+
+    services: Services | None = None
+    _drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self.services is not None and self._drain is None:
+            self._captured_signals.append(sig)
+            loop = asyncio.get_event_loop()
+            self._drain = loop.create_task(self._drain_then_exit(self.services))
+            return
+        super().handle_exit(sig, frame)
+
+    async def _drain_then_exit(self, services: Services) -> None:
+        running = services.current.active
+        grace = services.current.config.mailrelay.shutdown_grace
+        logger.info(
+            "SIGTERM: draining (readiness 503, new deliveries refused); %d running, up to %g s to finish",
+            running,
+            grace,
+            extra={"event": "draining", "running": running, "grace": grace},
+        )
+        if await services.drain():
+            logger.info("drained: no delivery running", extra={"event": "drained"})
+        else:
+            logger.warning(
+                "grace period over with %d deliveries still running; stopping anyway",
+                services.current.active,
+                extra={"event": "drained", "running": services.current.active},
+            )
+        self.should_exit = True
+
+
 def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     async def serve() -> int:
         # Relays are built before the server starts, so a failing custom factory
@@ -194,20 +266,39 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         except ConfigError as exc:
             _print_problems(exc)
             return 1
-        app = create_app(loaded.config, relays)
         settings = loaded.config.mailrelay
-        server = uvicorn.Server(
+        loop = asyncio.get_running_loop()
+        server: _Server
+
+        def started(services: Services) -> None:
+            server.services = services
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(services, args)))
+
+        app = create_app(loaded.config, relays, on_start=started)
+        where = {"fd": args.worker_fd} if args.worker_fd is not None else {"host": args.host, "port": args.port}
+        text = (args.log_format or settings.log_format) == "text" or (
+            (args.log_format or settings.log_format) == "auto" and sys.stderr.isatty()
+        )
+        server = _Server(
             uvicorn.Config(
                 app,
-                host=args.host,
-                port=args.port,
+                **where,
                 log_level=args.log_level,
+                log_config=None,  # ours (app.logs) stays in place
+                access_log=text,  # JSON logs have one line per delivery instead
                 lifespan="on",
                 server_header=False,
                 http=bounded_protocol(settings.max_recipients, settings.body_timeout),
+                timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
             )
         )
+        logger.info(
+            "starting: pid %d",
+            os.getpid(),
+            extra={"event": "startup", "relays": len(relays), **where},
+        )
         await server.serve()
+        logger.info("stopped", extra={"event": "shutdown"})
         return 0 if server.started else 1
 
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the
@@ -215,6 +306,32 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(serve())
+
+
+async def _reload(services: Services, args: argparse.Namespace) -> None:
+    """SIGHUP: a valid new configuration replaces the old one as a whole; an invalid one changes nothing."""
+    try:
+        loaded = load_config(args.config)
+        if not loaded.config.mailrelay.auth.keys and not is_loopback(args.host):
+            auth = loaded.config.mailrelay.auth
+            if not (args.insecure_allow_unauthenticated or auth.insecure_allow_unauthenticated):
+                raise ConfigError.at("mailrelay.auth.keys", f"no API key, and the service listens on {args.host}")
+        await services.swap(loaded.config)
+    except ConfigError as exc:
+        RELOADS.labels("failure").inc()
+        logger.error(
+            "configuration reload refused, keeping the running one: %s",
+            "; ".join(str(p) for p in exc.problems),
+            extra={"event": "config_reload", "result": "failure"},
+        )
+        return
+    RELOADS.labels("success").inc()
+    logger.info(
+        "configuration reloaded from %s: %d relay(s)",
+        loaded.source,
+        len(loaded.config.relay),
+        extra={"event": "config_reload", "result": "success", "relays": sorted(loaded.config.relay)},
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

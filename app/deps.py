@@ -7,17 +7,22 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from app.auth import Principal, forbidden
-from app.lifespan import Runtime
+from app.lifespan import Runtime, Services
 from app.problems import ProblemError
 from relays.base import Relay
 
 
+async def get_services(request: Request) -> Services:
+    services: Services = request.state.services
+    return services
+
+
 async def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.state.runtime
-    return runtime
+    return (await get_services(request)).current
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_principal(request: Request, runtime: RuntimeDep) -> Principal:

@@ -52,7 +52,7 @@ async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope
         envelope, recipients_loc = _from_json(body), "recipients"
     elif form == RFC822:
         body = await _read_body(request, settings.max_message_size, settings)
-        envelope, recipients_loc = _from_raw(request, body), "X-Envelope-Recipient"
+        envelope, recipients_loc = _from_raw(request, body, settings), "X-Envelope-Recipient"
     else:
         raise ProblemError(
             415,
@@ -136,16 +136,29 @@ def _from_json(body: bytes) -> Envelope:
     )
 
 
-def _peer_ip(request: Request) -> str | None:
-    """The HTTP peer's address, which slimta's edge recorded as the client IP."""
+def client_ip(request: Request, settings: ServiceSettings) -> str | None:
+    """The client's address: the HTTP peer (as slimta's edge recorded it), or, when the peer
+    is a trusted proxy, the rightmost X-Forwarded-For address that is not one."""
     host = request.client.host if request.client else None
     try:
-        return str(ipaddress.ip_address(host)) if host else None
+        address = ipaddress.ip_address(host) if host else None
     except ValueError:
         return None  # not an IP (a unix socket, or a test client)
+    trusted = settings.trusted_proxies
+    if address is None or not trusted or not any(address in net for net in trusted):
+        return str(address) if address else None
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            break  # a garbled entry: trust nothing to its left
+        if not any(address in net for net in trusted):
+            break
+    return str(address)
 
 
-def _from_raw(request: Request, body: bytes) -> Envelope:
+def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envelope:
     """slimta's wire format: base64 envelope headers, the message as the body."""
     errors: list[FieldError] = []
 
@@ -189,7 +202,7 @@ def _from_raw(request: Request, body: bytes) -> Envelope:
 
     client = None
     try:
-        client = ClientInfo(ehlo=request.headers.get("x-ehlo"), ip=_peer_ip(request))
+        client = ClientInfo(ehlo=request.headers.get("x-ehlo"), ip=client_ip(request, settings))
     except ValidationError:
         errors.append(FieldError(loc="X-Ehlo", message="must be one line of at most 255 characters"))
     if not body:

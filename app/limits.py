@@ -5,6 +5,7 @@ import math
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
+from app.metrics import REFUSED
 from app.problems import ProblemError
 from schemas.config import LimitSettings
 
@@ -69,6 +70,7 @@ class Limiter:
                 if slots is None:
                     continue
                 if not await slots.acquire(give_up - loop.time()):
+                    REFUSED.labels(relay, "overloaded").inc()
                     raise self._overloaded(what, slots.limit)
                 held.callback(slots.release)
             yield

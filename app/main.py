@@ -1,6 +1,6 @@
 """The FastAPI application, built from a configuration object (no import-time settings)."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -9,7 +9,8 @@ from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
 from app.config import DEFAULT_CONFIG_YAML, DEFAULT_SOURCE, parse_config
-from app.lifespan import make_lifespan
+from app.lifespan import Services, make_lifespan
+from app.observability import RequestContext
 from app.problems import install_problem_handlers
 from app.routes import health
 from app.routes import relays as relay_routes
@@ -33,15 +34,21 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def create_app(config: ServiceConfig, relays: Mapping[str, Relay] | None = None) -> FastAPI:
-    """The service for `config`; `relays`, if given, are used (and closed) instead of building them."""
+def create_app(
+    config: ServiceConfig,
+    relays: Mapping[str, Relay] | None = None,
+    on_start: Callable[[Services], None] | None = None,
+) -> FastAPI:
+    """The service for `config`; `relays`, if given, are used (and closed) instead of building
+    them; `on_start` is called with the Services once they exist."""
     app = FastAPI(
         title="mailrelay",
         version=VERSION,
         description=DESCRIPTION,
-        lifespan=make_lifespan(config, relays),
+        lifespan=make_lifespan(config, relays, on_start),
         generate_unique_id_function=_operation_id,
     )
+    app.add_middleware(RequestContext)
     install_problem_handlers(app)
     app.include_router(relay_routes.router)
     app.include_router(health.router)

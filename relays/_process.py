@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from relays import replies
 from relays.base import RelayError
+from relays.instruments import PROCESS_RUNS
 from relays.progress import may_have_delivered
 from schemas.config import ConfigError
 from schemas.relay_options import ProcessOptions
@@ -46,6 +47,7 @@ class ProcessRunner:
         self.step = step
         self._limit = asyncio.Semaphore(options.concurrent_processes)
         self._cwd = options.cwd
+        self._runs = {r: PROCESS_RUNS.labels(relay_name, r) for r in ("success", "failure", "timeout", "not_started")}
         self._user: tuple[int, int] | None = None
         if options.user is not None:
             try:
@@ -104,6 +106,7 @@ class ProcessRunner:
                 preexec_fn=_switch_user(*self._user) if self._user else None,
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
+            self._runs["not_started"].inc()
             reason = getattr(exc, "strerror", None) or str(exc)
             raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
         # A command may act before it has read its input, so once it runs it may have delivered.
@@ -122,6 +125,7 @@ class ProcessRunner:
                 status = process.returncode
                 assert status is not None  # noqa: S101 - the loop ends on an exit
         except TimeoutError:
+            self._runs["timeout"].inc()
             _kill_group(process)
             await asyncio.wait({waiting}, timeout=_DRAIN_GRACE)  # bounded: an escaped child may hold the pipes
             raise RelayError.from_reply(
@@ -133,6 +137,7 @@ class ProcessRunner:
         finally:
             await _finish_io(process, io)
             waiting.cancel()
+        self._runs["success" if status == 0 else "failure"].inc()
         killed_by = -status if status < 0 else None
         return Exit(status if status >= 0 else None, killed_by, _text(stdout), _text(stderr))
 

@@ -13,6 +13,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from relays.instruments import DNS_CACHE_HITS, DNS_LOOKUPS
+
 #: Cap on how long any answer is kept, whatever its TTL says.
 MAX_TTL = 3600.0
 #: Most answers kept; past it, expired ones go first, then the oldest.
@@ -115,6 +117,7 @@ class DnsResolver:
         entry = self._cache.get(key)
         if entry is not None and entry.expires > time.monotonic():
             self.cache_hits += 1
+            DNS_CACHE_HITS.inc()
             return entry
         future = self._inflight.get(key)
         if future is None:
@@ -123,6 +126,7 @@ class DnsResolver:
             future.add_done_callback(lambda f: self._lookup_done(key, f))
         else:
             self.cache_hits += 1
+            DNS_CACHE_HITS.inc()
         # shield: one caller giving up (its deadline) must not cancel the others' lookup.
         return await asyncio.shield(future)
 
@@ -142,6 +146,7 @@ class DnsResolver:
 
     async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Entry:
         self.queries += 1
+        DNS_LOOKUPS.inc()
         now = time.monotonic()
         try:
             answer = await self._get_resolver().resolve(name, rdtype, search=False)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, PrivateAttr, StringConstraints, model_validator
 
 from schemas.relay_options import HostPort, RelayOptions, split_host_port
 
@@ -212,6 +212,22 @@ class ServiceSettings(BaseModel):
         gt=0,
         le=3600,
         description="seconds the service waits for the next piece of a request body before answering 408",
+    )
+    shutdown_grace: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="seconds running deliveries get to finish after SIGTERM (and old relays after a reload)",
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="`json` (one object per line), `text`, or `auto`: text on a terminal, else JSON; "
+        "--log-format overrides",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="networks of load balancers and proxies whose X-Forwarded-For is believed; the client is "
+        "the rightmost address not in them. Empty: X-Forwarded-For is ignored",
     )
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)

@@ -2,10 +2,11 @@
 
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from app.deps import RuntimeDep
+from app.deps import ServicesDep
+from app.metrics import exposition
 from app.problems import ProblemError, problem_doc
 
 router = APIRouter(tags=["health"])
@@ -27,12 +28,30 @@ async def healthz() -> Health:
     response_model=Health,
     responses={503: problem_doc("draining for shutdown")},
 )
-async def readyz(runtime: RuntimeDep) -> Health:
+async def readyz(services: ServicesDep) -> Health:
     """Readiness: 200 when configured and accepting deliveries; 503 while draining on shutdown."""
-    if runtime.draining:
+    if services.draining:
         raise ProblemError(
             503,
             "draining for shutdown; not accepting deliveries",
             headers={"Retry-After": "5"},
         )
     return Health()
+
+
+@router.get(
+    "/metrics",
+    name="metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        401: problem_doc("a key is required (only with mailrelay.auth.metrics_requires_key)"),
+    },
+)
+async def metrics(request: Request, services: ServicesDep) -> Response:
+    """Prometheus metrics of every worker process."""
+    runtime = services.current
+    if runtime.config.mailrelay.auth.metrics_requires_key:
+        runtime.keyring.identify(request)
+    body, content_type = exposition()
+    return Response(body, media_type=content_type)

@@ -11,18 +11,21 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from app import idempotency
-from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_runtime
+from app.auth import Principal
+from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
 from app.lifespan import Runtime
+from app.metrics import IN_FLIGHT, REFUSED, record_delivery
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc
 from relays import progress
 from relays.base import Relay, check_results
-from schemas.delivery import DeliveryResult, DeliveryStatus, Envelope, RecipientResult
+from schemas.delivery import DeliveryResult, DeliveryStatus, Envelope, RecipientResult, domain_of
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
 from schemas.reply import Reply
 
 logger = logging.getLogger(__name__)
+delivery_log = logging.getLogger("mailrelay.delivery")
 router = APIRouter(prefix="/relays", tags=["relays"])
 
 
@@ -214,17 +217,39 @@ async def deliver(name: RelayName, request: Request) -> Response:
     # The hot path does without FastAPI's dependency solving, which costs more
     # per request than these lookups (see bench/).
     loop = asyncio.get_running_loop()
-    runtime = await get_runtime(request)
-    if runtime.draining:
-        raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
+    services = await get_services(request)
+    runtime = services.current
     principal = runtime.keyring.identify(request)
     relay = find_relay(name, runtime, principal)
+    if services.draining:
+        REFUSED.labels(name, "draining").inc()
+        raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
     settings = runtime.config.mailrelay
     deadline = loop.time() + _deadline(request, settings.delivery_deadline)
     key = _idempotency_key(request)
     envelope = await read_envelope(request, settings)
+    runtime.enter()  # a reload closes these relays only after this delivery
+    try:
+        return await _deliver_once(request, runtime, principal, name, relay, envelope, deadline, key)
+    finally:
+        runtime.leave()
+
+
+async def _deliver_once(
+    request: Request,
+    runtime: Runtime,
+    principal: Principal,
+    name: str,
+    relay: Relay,
+    envelope: Envelope,
+    deadline: float,
+    key: str | None,
+) -> Response:
+    """Deliver, or replay what an earlier request with the same Idempotency-Key got."""
+    loop = asyncio.get_running_loop()
+    settings = runtime.config.mailrelay
     if key is None:
-        return (await _deliver(request, runtime, name, relay, envelope, deadline))[0]
+        return (await _deliver(request, runtime, name, relay, envelope, deadline, principal))[0]
 
     store = runtime.idempotency
     key = idempotency.scoped_key(principal.name, key)
@@ -261,7 +286,7 @@ async def deliver(name: RelayName, request: Request) -> Response:
         )
 
     try:
-        response, outcome = await _deliver(request, runtime, name, relay, envelope, deadline)
+        response, outcome = await _deliver(request, runtime, name, relay, envelope, deadline, principal)
     except BaseException:
         with contextlib.suppress(idempotency.StoreUnavailable):
             await asyncio.shield(store.release(key, claim))
@@ -286,12 +311,20 @@ _STORED_HEADERS = {"x-smtp-reply", "retry-after"}
 
 
 async def _deliver(
-    request: Request, runtime: Runtime, name: str, relay: Relay, envelope: Envelope, deadline: float
+    request: Request,
+    runtime: Runtime,
+    name: str,
+    relay: Relay,
+    envelope: Envelope,
+    deadline: float,
+    principal: Principal,
 ) -> tuple[Response, DeliveryStatus]:
     """Wait for a slot, deliver within the deadline, and build the response."""
     loop = asyncio.get_running_loop()
     settings = runtime.config.mailrelay
+    in_flight = IN_FLIGHT.labels(name)
     async with runtime.limiter.admit(name, min(settings.limits.queue_timeout, deadline - loop.time())):
+        in_flight.inc()
         in_doubt = progress.track()
         started = time.perf_counter()
         timer = asyncio.timeout_at(deadline)
@@ -302,7 +335,10 @@ async def _deliver(
             if not timer.expired():
                 raise
             results = _deadline_results(envelope, in_doubt, settings.delivery_deadline)
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        finally:
+            in_flight.dec()
+        seconds = time.perf_counter() - started
+    elapsed_ms = round(seconds * 1000, 3)
     check_results(name, envelope, results)
     result = DeliveryResult(
         relay=name,
@@ -329,7 +365,33 @@ async def _deliver(
     headers = {"X-Smtp-Reply": format_smtp_reply(summary)}
     if status == 503:
         headers["Retry-After"] = str(settings.retry_after)
+    record_delivery(result, outcome, seconds)
+    _log_delivery(result, outcome, principal, envelope, elapsed_ms)
     return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers), outcome
+
+
+def _log_delivery(
+    result: DeliveryResult, outcome: str, principal: Principal, envelope: Envelope, elapsed_ms: float
+) -> None:
+    """One line per delivery: who, which relay, how many, what came back; never addresses or content."""
+    if not delivery_log.isEnabledFor(logging.INFO):
+        return
+    delivery_log.info(
+        "delivery via %s: %s",
+        result.relay,
+        outcome,
+        extra={
+            "event": "delivery",
+            "relay": result.relay,
+            "key": principal.name,
+            "sender_domain": domain_of(envelope.sender) if envelope.sender else "",
+            "recipients": len(result.recipients),
+            "codes": [r.reply.code for r in result.recipients],
+            "outcome": outcome,
+            "elapsed_ms": elapsed_ms,
+            "possibly_delivered": sum(r.possibly_delivered for r in result.recipients),
+        },
+    )
 
 
 def _deadline_results(envelope: Envelope, in_doubt: set[str], limit: float) -> list[RecipientResult]:

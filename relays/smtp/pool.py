@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Callable
 
 from relays.base import RelayError
+from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope
 
@@ -40,6 +41,11 @@ class SmtpPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
         self._closed = False
+        labels = (settings.relay, destination.label)
+        self._open_gauge = SMTP_CONNECTIONS.labels(*labels, "open")
+        self._idle_gauge = SMTP_CONNECTIONS.labels(*labels, "idle")
+        self._opened = SMTP_OPENED.labels(*labels)
+        self._reused = SMTP_REUSED.labels(*labels)
 
     @property
     def idle_count(self) -> int:
@@ -54,6 +60,7 @@ class SmtpPool:
                 session = self._session_factory(self.destination, self.settings)
                 try:
                     await session.open()
+                    self._opened.inc()
                 except RelayError as exc:
                     self._discard(session)
                     return Transaction([exc.reply] * len(recipients), False)
@@ -79,6 +86,7 @@ class SmtpPool:
                 return session
             if self.open_count < self.size:
                 self.open_count += 1
+                self._open_gauge.inc()
                 return None
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -102,8 +110,10 @@ class SmtpPool:
     def _take_idle(self) -> SmtpSession | None:
         while self._idle:
             session = self._idle.pop()
+            self._idle_gauge.dec()
             self._expiry.pop(session).cancel()
             if session.usable and time.monotonic() - session.created < MAX_CONNECTION_AGE:
+                self._reused.inc()
                 return session
             self._discard(session)
         return None
@@ -114,6 +124,7 @@ class SmtpPool:
             self._discard(session, quit=True)
             return
         self._idle.append(session)
+        self._idle_gauge.inc()
         loop = asyncio.get_running_loop()
         self._expiry[session] = loop.call_later(self.idle_timeout, self._expire, session)
         self._wake()
@@ -122,6 +133,7 @@ class SmtpPool:
         if session in self._expiry:
             del self._expiry[session]
             self._idle.remove(session)
+            self._idle_gauge.dec()
             self._discard(session, quit=True)
 
     def _discard(self, session: SmtpSession, *, quit: bool = False) -> None:
@@ -144,6 +156,7 @@ class SmtpPool:
 
     def _closed_one(self) -> None:
         self.open_count -= 1
+        self._open_gauge.dec()
         self._wake()
 
     async def aclose(self) -> None:
@@ -153,6 +166,7 @@ class SmtpPool:
             handle.cancel()
         self._expiry.clear()
         idle, self._idle = self._idle, []
+        self._idle_gauge.dec(len(idle))
         for session in idle:
             self._discard(session, quit=True)
         if self._closing:

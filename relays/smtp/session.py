@@ -63,6 +63,7 @@ class SessionSettings:
     credentials: tuple[str, str] | None
     ipv4_only: bool
     lmtp: bool
+    relay: str = ""  # the relay's name, for metrics
 
     @classmethod
     def from_options(cls, options: SmtpOptions, relay_name: str, *, lmtp: bool) -> Self:
@@ -84,6 +85,7 @@ class SessionSettings:
             credentials=credentials,
             ipv4_only=options.ipv4_only,
             lmtp=lmtp,
+            relay=relay_name,
         )
 
 

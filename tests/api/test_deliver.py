@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 from fastapi.testclient import TestClient
 
-from app.lifespan import Runtime
+from app.lifespan import Runtime, Services
 from app.main import create_app
 from relays.registry import open_relays
 from tests.conftest import config_from
@@ -22,7 +22,7 @@ def b64(text: str) -> str:
 
 
 def scripted(client: TestClient, name: str = "scripted") -> ScriptedRelay:
-    runtime = cast(Runtime, client.app_state["runtime"])
+    runtime = cast(Services, client.app_state["services"]).current
     return cast(ScriptedRelay, runtime.relays[name])
 
 
@@ -447,7 +447,7 @@ async def test_body_is_refused_as_soon_as_it_passes_the_limit() -> None:
         ],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8080),
-        "state": {"runtime": Runtime.build(config, relays)},
+        "state": {"services": Services(Runtime.build(config, relays))},
     }
     await create_app(config)(scope, receive, send)
     assert sent[0]["status"] == 413

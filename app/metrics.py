@@ -1,0 +1,81 @@
+"""The service's Prometheus metrics, and the /metrics exposition.
+
+Several worker processes: `mailrelay serve --workers N` sets
+PROMETHEUS_MULTIPROC_DIR (a private directory) before any worker imports
+prometheus_client; every worker writes its values there and the one that
+answers /metrics adds them all up.
+"""
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from schemas.delivery import DeliveryResult
+
+DELIVERIES = Counter("mailrelay_deliveries", "deliveries by relay and outcome", ["relay", "outcome"])
+RECIPIENTS = Counter(
+    "mailrelay_recipients", "recipient outcomes by relay and reply class (2xx, 4xx, 5xx)", ["relay", "reply_class"]
+)
+DURATION = Histogram(
+    "mailrelay_delivery_duration_seconds",
+    "time a relay took to deliver, by relay",
+    ["relay"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+IN_FLIGHT = Gauge(
+    "mailrelay_deliveries_in_flight", "deliveries running now, by relay", ["relay"], multiprocess_mode="livesum"
+)
+POSSIBLY_DELIVERED = Counter(
+    "mailrelay_possibly_delivered",
+    "recipients whose outcome is transient although the next hop may have delivered (deadline, lost reply)",
+    ["relay"],
+)
+REFUSED = Counter(
+    "mailrelay_deliveries_refused",
+    "deliveries refused before they started, by reason (overloaded, draining)",
+    ["relay", "reason"],
+)
+HTTP_REQUESTS = Counter(
+    "mailrelay_http_requests", "HTTP requests by route template, method and status", ["route", "method", "status"]
+)
+HTTP_DURATION = Histogram(
+    "mailrelay_http_request_duration_seconds",
+    "HTTP request duration by route template",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RELOADS = Counter("mailrelay_config_reloads", "configuration reloads (SIGHUP) by result", ["result"])
+
+
+def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> None:
+    relay = result.relay
+    DELIVERIES.labels(relay, outcome).inc()
+    DURATION.labels(relay).observe(seconds)
+    classes: dict[str, int] = {}
+    maybe = 0
+    for r in result.recipients:
+        key = f"{r.reply.code // 100}xx"
+        classes[key] = classes.get(key, 0) + 1
+        maybe += r.possibly_delivered
+    for key, count in classes.items():
+        RECIPIENTS.labels(relay, key).inc(count)
+    if maybe:
+        POSSIBLY_DELIVERED.labels(relay).inc(maybe)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every metric (of every worker, in multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,33 @@
+"""Prometheus metrics the relays keep themselves: connections, DNS, local processes.
+
+Labels are bounded: relay names come from the configuration, destinations are
+next hops (host:port), results are a fixed set. Correct with several worker
+processes: prometheus_client's multiprocess mode is switched on by the
+environment before this module is imported (see app.cli).
+"""
+
+from prometheus_client import Counter, Gauge
+
+SMTP_CONNECTIONS = Gauge(
+    "mailrelay_smtp_connections",
+    "SMTP/LMTP connections by state: open (in use, idle or closing) and idle",
+    ["relay", "destination", "state"],
+    multiprocess_mode="livesum",
+)
+SMTP_OPENED = Counter(
+    "mailrelay_smtp_connections_opened",
+    "SMTP/LMTP connections opened (connected, greeted, TLS and AUTH done)",
+    ["relay", "destination"],
+)
+SMTP_REUSED = Counter(
+    "mailrelay_smtp_connections_reused",
+    "transactions that reused an idle pooled connection",
+    ["relay", "destination"],
+)
+DNS_LOOKUPS = Counter("mailrelay_dns_lookups", "DNS queries sent (cache misses)")
+DNS_CACHE_HITS = Counter("mailrelay_dns_cache_hits", "DNS answers served from the cache")
+PROCESS_RUNS = Counter(
+    "mailrelay_process_runs",
+    "delivery commands run by pipe, maildrop and dovecot, by result",
+    ["relay", "result"],
+)
