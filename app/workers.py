@@ -93,7 +93,7 @@ def supervise(args: argparse.Namespace, source: str) -> int:
                 code = process.poll()
                 if code is None:
                     continue
-                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                multiprocess.mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 if stopping:
                     status = status or code
                     workers.remove((process, started))
