@@ -227,15 +227,20 @@ class _Server(uvicorn.Server):
     """
 
     services: Services | None = None
+    _draining = False
     _drain: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.services is not None and self._drain is None:
+        if sig == signal.SIGTERM and self.services is not None and not self._draining:
             self._captured_signals.append(sig)
-            loop = asyncio.get_event_loop()
-            self._drain = loop.create_task(self._drain_then_exit(self.services))
+            self._draining = True
+            # A signal handler may run in the middle of the loop's own code: hand over via its wakeup pipe.
+            asyncio.get_event_loop().call_soon_threadsafe(self._start_drain, self.services)
             return
         super().handle_exit(sig, frame)
+
+    def _start_drain(self, services: Services) -> None:
+        self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit(services))
 
     async def _drain_then_exit(self, services: Services) -> None:
         running = services.current.active
