@@ -62,7 +62,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_response(tmp_pat
                 f"Authorization: Bearer {KEY}",
                 "--no-color",
             ],
-            cwd=ROOT,
+            cwd=tmp_path,  # schemathesis keeps state in .schemathesis/ under its working directory
             env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz.schemathesis_hooks", "PYTHONPATH": str(ROOT)},
             capture_output=True,
             text=True,
