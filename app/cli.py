@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -274,20 +275,30 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         settings = loaded.config.mailrelay
         loop = asyncio.get_running_loop()
         server: _Server
+        reloads: set[asyncio.Task[None]] = set()
 
         def started(services: Services) -> None:
             server.services = services
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(services, args)))
+
+            def hangup() -> None:
+                task = loop.create_task(_reload(services, args))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, hangup)
 
         app = create_app(loaded.config, relays, on_start=started)
-        where = {"fd": args.worker_fd} if args.worker_fd is not None else {"host": args.host, "port": args.port}
+        # A worker's inherited socket: uvicorn's fd= would wrap it as a unix socket (no TCP_NODELAY).
+        sockets = [socket.socket(fileno=args.worker_fd)] if args.worker_fd is not None else None
+        where = {"worker_fd": args.worker_fd} if sockets else {"host": args.host, "port": args.port}
         text = (args.log_format or settings.log_format) == "text" or (
             (args.log_format or settings.log_format) == "auto" and sys.stderr.isatty()
         )
         server = _Server(
             uvicorn.Config(
                 app,
-                **where,
+                host=args.host,
+                port=args.port,
                 log_level=args.log_level,
                 log_config=None,  # ours (app.logs) stays in place
                 access_log=text,  # JSON logs have one line per delivery instead
@@ -302,7 +313,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             os.getpid(),
             extra={"event": "startup", "relays": len(relays), **where},
         )
-        await server.serve()
+        await server.serve(sockets=sockets)
         logger.info("stopped", extra={"event": "shutdown"})
         return 0 if server.started else 1
 
@@ -322,11 +333,12 @@ async def _reload(services: Services, args: argparse.Namespace) -> None:
             if not (args.insecure_allow_unauthenticated or auth.insecure_allow_unauthenticated):
                 raise ConfigError.at("mailrelay.auth.keys", f"no API key, and the service listens on {args.host}")
         await services.swap(loaded.config)
-    except ConfigError as exc:
+    except Exception as exc:  # any failure keeps the running configuration
         RELOADS.labels("failure").inc()
+        reason = "; ".join(str(p) for p in exc.problems) if isinstance(exc, ConfigError) else repr(exc)
         logger.error(
             "configuration reload refused, keeping the running one: %s",
-            "; ".join(str(p) for p in exc.problems),
+            reason,
             extra={"event": "config_reload", "result": "failure"},
         )
         return

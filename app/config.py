@@ -166,6 +166,11 @@ def _unknown_relay_names(config: ServiceConfig) -> list[ConfigProblem]:
     for name in config.mailrelay.limits.per_relay:
         if name not in known:
             problems.append(ConfigProblem(path=f"mailrelay.limits.per_relay.{name}", message="no relay of that name"))
+    digests = [key.digest for key in config.mailrelay.auth.keys]
+    for i, digest in enumerate(digests):
+        if digest in digests[:i]:
+            # Two scopes for one secret: which applies would be an accident of order.
+            problems.append(ConfigProblem(path=f"mailrelay.auth.keys[{i}]", message="the same key as an earlier entry"))
     names = [key.name for key in config.mailrelay.auth.keys]
     for i, name in enumerate(names):
         if name in names[:i]:

@@ -34,7 +34,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        in_head = self._in_head
+        # A head counts only between responses: bytes that come while a request is still
+        # being answered (pipelining, a stray CRLF) must not cut that response off.
+        in_head = self._in_head and (self.cycle is None or self.cycle.response_complete)
         if in_head and self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_timeout, self._refuse, 408, "the request head")
         super().data_received(data)

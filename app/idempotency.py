@@ -153,16 +153,14 @@ class MemoryStore:
             del self._entries[key]
 
     def _make_room(self, now: float) -> None:
-        if len(self._entries) < self.max_entries:
-            return
-        for key in [k for k, e in self._entries.items() if e.expires <= now]:
-            del self._entries[key]
-        # Still full: forget the oldest stored results (running claims are bounded by the in-flight limit).
-        for key in list(self._entries):
-            if len(self._entries) < self.max_entries:
+        # Oldest first (a stored result moves to the end): forget expired entries and the
+        # oldest stored results. A running claim at the front stops it; claims are bounded
+        # by the in-flight limit, so the dict can pass max_entries only by that much.
+        while len(self._entries) >= self.max_entries:
+            oldest = next(iter(self._entries.values()))
+            if oldest.response is None and oldest.expires > now:
                 break
-            if self._entries[key].response is not None:
-                del self._entries[key]
+            self._entries.popitem(last=False)
 
     async def aclose(self) -> None:
         self._entries.clear()

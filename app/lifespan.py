@@ -79,7 +79,11 @@ class Services:
         old = self.current
         # The idempotency store keeps its claims and results across a reload when it is the same store.
         same_store = config.mailrelay.idempotency == old.config.mailrelay.idempotency
-        self.current = Runtime.build(config, relays, old.idempotency if same_store else None)
+        try:
+            self.current = Runtime.build(config, relays, old.idempotency if same_store else None)
+        except BaseException:
+            await close_relays(relays)
+            raise
         task = asyncio.get_running_loop().create_task(self._retire(old, close_store=not same_store))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

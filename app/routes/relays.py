@@ -14,7 +14,7 @@ from app import idempotency
 from app.auth import Principal
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
-from app.lifespan import Runtime
+from app.lifespan import Runtime, Services
 from app.metrics import IN_FLIGHT, REFUSED, record_delivery
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc
 from relays import progress
@@ -219,20 +219,28 @@ async def deliver(name: RelayName, request: Request) -> Response:
     loop = asyncio.get_running_loop()
     services = await get_services(request)
     runtime = services.current
-    principal = runtime.keyring.identify(request)
-    relay = find_relay(name, runtime, principal)
-    if services.draining:
-        REFUSED.labels(name, "draining").inc()
-        raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
-    settings = runtime.config.mailrelay
-    deadline = loop.time() + _deadline(request, settings.delivery_deadline)
-    key = _idempotency_key(request)
-    envelope = await read_envelope(request, settings)
-    runtime.enter()  # a reload closes these relays only after this delivery
+    # Counted before the first await: a reload or a drain waits for this request,
+    # and closes these relays only after it.
+    runtime.enter()
     try:
-        return await _deliver_once(request, runtime, principal, name, relay, envelope, deadline, key)
+        principal = runtime.keyring.identify(request)
+        relay = find_relay(name, runtime, principal)
+        _refuse_if_draining(services, name)
+        settings = runtime.config.mailrelay
+        seconds = _deadline(request, settings.delivery_deadline)
+        deadline = loop.time() + seconds
+        key = _idempotency_key(request)
+        envelope = await read_envelope(request, settings)
+        _refuse_if_draining(services, name)  # the body may have taken a while
+        return await _deliver_once(request, runtime, principal, name, relay, envelope, (deadline, seconds), key)
     finally:
         runtime.leave()
+
+
+def _refuse_if_draining(services: Services, relay: str) -> None:
+    if services.draining:
+        REFUSED.labels(relay, "draining").inc()
+        raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
 
 
 async def _deliver_once(
@@ -242,10 +250,11 @@ async def _deliver_once(
     name: str,
     relay: Relay,
     envelope: Envelope,
-    deadline: float,
+    deadline: tuple[float, float],
     key: str | None,
 ) -> Response:
-    """Deliver, or replay what an earlier request with the same Idempotency-Key got."""
+    """Deliver, or replay what an earlier request with the same Idempotency-Key got.
+    `deadline` is (loop time, its length in seconds)."""
     loop = asyncio.get_running_loop()
     settings = runtime.config.mailrelay
     if key is None:
@@ -256,7 +265,7 @@ async def _deliver_once(
     fingerprint = idempotency.fingerprint(name, envelope)
     try:
         # The claim outlives any delivery (deadline), so it cannot lapse while one runs.
-        claim = await store.claim(key, fingerprint, hold=deadline - loop.time() + _CLAIM_MARGIN)
+        claim = await store.claim(key, fingerprint, hold=deadline[0] - loop.time() + _CLAIM_MARGIN)
     except idempotency.StoreUnavailable as exc:
         logger.error("idempotency store unavailable: %s", exc)
         raise ProblemError(
@@ -286,13 +295,13 @@ async def _deliver_once(
         )
 
     try:
-        response, outcome = await _deliver(request, runtime, name, relay, envelope, deadline, principal)
+        response, _ = await _deliver(request, runtime, name, relay, envelope, deadline, principal)
     except BaseException:
         with contextlib.suppress(idempotency.StoreUnavailable):
             await asyncio.shield(store.release(key, claim))
         raise
     try:
-        if outcome == "transient_failure":  # not final: the same key may be retried
+        if response.status_code == 503:  # not final (a raw-form partial too): the same key may be retried
             await store.release(key, claim)
         else:
             headers = {k: v for k, v in response.headers.items() if k.lower() in _STORED_HEADERS}
@@ -316,12 +325,13 @@ async def _deliver(
     name: str,
     relay: Relay,
     envelope: Envelope,
-    deadline: float,
+    deadline_at: tuple[float, float],
     principal: Principal,
 ) -> tuple[Response, DeliveryStatus]:
     """Wait for a slot, deliver within the deadline, and build the response."""
     loop = asyncio.get_running_loop()
     settings = runtime.config.mailrelay
+    deadline, limit = deadline_at
     in_flight = IN_FLIGHT.labels(name)
     async with runtime.limiter.admit(name, min(settings.limits.queue_timeout, deadline - loop.time())):
         in_flight.inc()
@@ -334,7 +344,7 @@ async def _deliver(
         except TimeoutError:
             if not timer.expired():
                 raise
-            results = _deadline_results(envelope, in_doubt, settings.delivery_deadline)
+            results = _deadline_results(envelope, in_doubt, limit)
         finally:
             in_flight.dec()
         seconds = time.perf_counter() - started

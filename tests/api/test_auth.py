@@ -249,3 +249,13 @@ def test_the_insecure_override_is_allowed_with_a_warning(caplog: pytest.LogCaptu
         f"relay:\n  a: {{type: blackhole}}\nmailrelay:\n  auth:\n    keys: [{{name: k, sha256: '{'a' * 64}'}}]\n", "<t>"
     )
     assert _exposure_allowed(LoadedConfig(config=keyed.config, source="<t>"), args)
+
+
+def test_one_secret_in_two_entries_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Otherwise a scoped entry and an unscoped one would share a key, and order would decide.
+    monkeypatch.setenv("MAILRELAY_API_KEYS", BILLING_KEY)
+    problems = problems_of(
+        f"relay:\n  a: {{type: blackhole}}\nmailrelay:\n  auth:\n"
+        f"    keys: [{{name: scoped, sha256: '{sha256(BILLING_KEY)}', relays: [a]}}]\n"
+    )
+    assert problems == ["mailrelay.auth.keys[1]: the same key as an earlier entry"]

@@ -189,3 +189,22 @@ def test_the_redis_backend_needs_a_url() -> None:
     assert [str(p) for p in caught.value.problems] == [
         "mailrelay.idempotency: the redis backend needs `redis_url` (or $MAILRELAY_REDIS_URL)"
     ]
+
+
+def test_a_raw_form_partial_answered_503_is_not_stored(make_client: Callable[[str], TestClient]) -> None:
+    import base64
+
+    client = make_client(
+        "relay:\n  s: {type: custom, factory: 'tests.scripted:factory', replies: {bad@example.net: '550 5.1.1 no'}}\n"
+    )
+    headers = {
+        "Content-Type": "message/rfc822",
+        "Idempotency-Key": "raw-1",
+        "X-Envelope-Sender": base64.b64encode(b"a@example.com").decode(),
+        "X-Envelope-Recipient": ",".join(base64.b64encode(r).decode() for r in (b"b@example.net", b"bad@example.net")),
+    }
+    first = client.post("/relays/s/deliver", content=b"Subject: x\r\n\r\nhi\r\n", headers=headers)
+    again = client.post("/relays/s/deliver", content=b"Subject: x\r\n\r\nhi\r\n", headers=headers)
+    # "Retry the whole envelope" must not be replayed to the retry it asks for.
+    assert first.status_code == again.status_code == 503
+    assert "idempotent-replayed" not in again.headers

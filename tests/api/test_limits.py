@@ -128,6 +128,7 @@ async def test_the_deadline_after_the_data_went_out_says_possibly_delivered(tmp_
     assert result["possibly_delivered"] is True
     assert result["reply"]["enhanced_status"] == "4.4.7"
     assert "may have been delivered" in result["reply"]["message"]
+    assert "(0.6 s)" in result["reply"]["message"]  # the deadline in force, the header's
     assert elapsed < 3
 
 
