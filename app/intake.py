@@ -4,7 +4,7 @@ import asyncio
 import ipaddress
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
@@ -102,6 +102,9 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
                 chunk = await anext(stream)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:
+            # The client left mid-body (a timeout on its side): nothing to deliver, nothing to answer.
+            raise ProblemError(400, "the client closed the connection before the body was complete") from None
         except TimeoutError:
             raise ProblemError(
                 408,

@@ -1,7 +1,10 @@
 """Logging: JSON lines in a container, readable text on a terminal."""
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any, Literal
@@ -22,9 +25,6 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", None) or "log",
             "message": record.getMessage(),
         }
-        request_id = REQUEST_ID.get()
-        if request_id != "-":
-            entry["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in entry:
                 entry[key] = value
@@ -43,14 +43,36 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _ContextQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread: the event loop never waits on a slow log pipe.
+    The request id lives in a contextvar, so it is taken here, on the loop's side."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if not hasattr(record, "request_id"):
+            request_id = REQUEST_ID.get()
+            if request_id != "-":
+                record.request_id = request_id
+        return record  # formatted by the writer thread, not here
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(level: str, log_format: LogFormat) -> None:
+    global _listener
     chosen = log_format
     if chosen == "auto":
         chosen = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
+    if _listener is not None:
+        _listener.stop()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, writer)
+    _listener.start()
+    atexit.register(_listener.stop)  # flushes what is queued when the process ends
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_ContextQueueHandler(records)]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []

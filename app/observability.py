@@ -4,8 +4,8 @@ A plain ASGI middleware: Starlette's BaseHTTPMiddleware would add a task hop per
 """
 
 import contextvars
+import secrets
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,7 +35,7 @@ class RequestContext:
             if name == b"x-request-id":
                 request_id = _client_id(value)
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or secrets.token_hex(16)
         REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode("ascii"))
         status = 500

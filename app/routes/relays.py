@@ -19,7 +19,7 @@ from app.metrics import IN_FLIGHT, REFUSED, record_delivery
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc
 from relays import progress
 from relays.base import Relay, check_results
-from schemas.delivery import DeliveryResult, DeliveryStatus, Envelope, RecipientResult, domain_of
+from schemas.delivery import DeliveryResult, Envelope, RecipientResult, domain_of
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
 from schemas.reply import Reply
@@ -258,7 +258,7 @@ async def _deliver_once(
     loop = asyncio.get_running_loop()
     settings = runtime.config.mailrelay
     if key is None:
-        return (await _deliver(request, runtime, name, relay, envelope, deadline, principal))[0]
+        return await _deliver(request, runtime, name, relay, envelope, deadline, principal)
 
     store = runtime.idempotency
     key = idempotency.scoped_key(principal.name, key)
@@ -295,7 +295,7 @@ async def _deliver_once(
         )
 
     try:
-        response, _ = await _deliver(request, runtime, name, relay, envelope, deadline, principal)
+        response = await _deliver(request, runtime, name, relay, envelope, deadline, principal)
     except BaseException:
         with contextlib.suppress(idempotency.StoreUnavailable):
             await asyncio.shield(store.release(key, claim))
@@ -327,7 +327,7 @@ async def _deliver(
     envelope: Envelope,
     deadline_at: tuple[float, float],
     principal: Principal,
-) -> tuple[Response, DeliveryStatus]:
+) -> Response:
     """Wait for a slot, deliver within the deadline, and build the response."""
     loop = asyncio.get_running_loop()
     settings = runtime.config.mailrelay
@@ -377,7 +377,7 @@ async def _deliver(
         headers["Retry-After"] = str(settings.retry_after)
     record_delivery(result, outcome, seconds)
     _log_delivery(result, outcome, principal, envelope, elapsed_ms)
-    return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers), outcome
+    return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers)
 
 
 def _log_delivery(
