@@ -168,6 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     if loaded is None:
         return 1
+    # Refuse before logging is set up: a refusal is one line on stderr and nothing else changes.
+    if args.worker_fd is None and not _exposure_allowed(loaded, args, quiet=True):
+        return 1
     setup_logging(args.log_level, args.log_format or loaded.config.mailrelay.log_format)
     if args.worker_fd is None:
         logger.info(
@@ -178,8 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if loaded.source == DEFAULT_SOURCE:
             logger.info("no --config or $MAILRELAY_CONFIG: serving the embedded default (relay `blackhole`)")
-        if not _exposure_allowed(loaded, args):
-            return 1
+        _exposure_allowed(loaded, args)  # logs the INSECURE warning where it applies
     try:
         if args.workers > 1 and args.worker_fd is None:
             return supervise(args, loaded.source)
@@ -188,12 +190,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
 
 
-def _exposure_allowed(loaded: LoadedConfig, args: argparse.Namespace) -> bool:
+def _exposure_allowed(loaded: LoadedConfig, args: argparse.Namespace, *, quiet: bool = False) -> bool:
     """An open relay on a network is a spam cannon: without keys, loopback only unless told otherwise."""
     auth = loaded.config.mailrelay.auth
     if auth.keys or is_loopback(args.host):
         return True
     if args.insecure_allow_unauthenticated or auth.insecure_allow_unauthenticated:
+        if quiet:
+            return True
         logger.warning(
             "INSECURE: listening on %s with no API key configured; anyone who reaches this port can send mail "
             "through every relay",
