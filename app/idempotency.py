@@ -97,7 +97,7 @@ def scoped_key(principal: str, key: str) -> str:
     return hashlib.sha256(f"{principal}\0{key}".encode()).hexdigest()
 
 
-def check_key(value: str) -> str | None:
+def key_problem(value: str) -> str | None:
     """The problem with a client's key, or None."""
     if not 1 <= len(value) <= MAX_KEY_LENGTH:
         return f"must be 1 to {MAX_KEY_LENGTH} characters"

@@ -147,16 +147,21 @@ def client_ip(request: Request, settings: ServiceSettings) -> str | None:
         address = ipaddress.ip_address(host) if host else None
     except ValueError:
         return None  # not an IP (a unix socket, or a test client)
-    trusted = settings.trusted_proxies
-    if address is None or not trusted or not any(address in net for net in trusted):
-        return str(address) if address else None
+    if address is None:
+        return None
+
+    def trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(ip in net for net in settings.trusted_proxies)
+
+    if not trusted(address):
+        return str(address)
     hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
     for hop in reversed(hops):
         try:
             address = ipaddress.ip_address(hop)
         except ValueError:
             break  # a garbled entry: trust nothing to its left
-        if not any(address in net for net in trusted):
+        if not trusted(address):
             break
     return str(address)
 

@@ -21,6 +21,9 @@ from prometheus_client import (
 
 from schemas.delivery import DeliveryResult
 
+#: From 1 ms (blackhole, a pooled SMTP hop) to a minute (the longest deadline worth waiting for).
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
 DELIVERIES = Counter("mailrelay_deliveries", "deliveries by relay and outcome", ["relay", "outcome"])
 RECIPIENTS = Counter(
     "mailrelay_recipients", "recipient outcomes by relay and reply class (2xx, 4xx, 5xx)", ["relay", "reply_class"]
@@ -29,7 +32,7 @@ DURATION = Histogram(
     "mailrelay_delivery_duration_seconds",
     "time a relay took to deliver, by relay",
     ["relay"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=SECONDS_BUCKETS,
 )
 IN_FLIGHT = Gauge(
     "mailrelay_deliveries_in_flight", "deliveries running now, by relay", ["relay"], multiprocess_mode="livesum"
@@ -51,7 +54,7 @@ HTTP_DURATION = Histogram(
     "mailrelay_http_request_duration_seconds",
     "HTTP request duration by route template",
     ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=SECONDS_BUCKETS,
 )
 RELOADS = Counter("mailrelay_config_reloads", "configuration reloads (SIGHUP) by result", ["result"])
 

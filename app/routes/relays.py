@@ -440,7 +440,7 @@ def _idempotency_key(request: Request) -> str | None:
     values = request.headers.getlist(idempotency.HEADER)
     if not values:
         return None
-    problem = "give it once" if len(values) > 1 else idempotency.check_key(values[0])
+    problem = "give it once" if len(values) > 1 else idempotency.key_problem(values[0])
     if problem:
         raise ProblemError(
             422,
