@@ -4,7 +4,7 @@ import asyncio
 import ipaddress
 
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
@@ -94,28 +94,37 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
         raise _too_large(settings, limit)
     chunks: list[bytes] = []
     size = 0
-    stream = request.stream()
-    while True:
-        try:
-            # A client that stops sending must not hold a request (and its memory) forever.
-            async with asyncio.timeout(settings.body_timeout):
-                chunk = await anext(stream)
-        except StopAsyncIteration:
-            break
-        except ClientDisconnect:
-            # The client left mid-body (a timeout on its side): nothing to deliver, nothing to answer.
-            raise ProblemError(400, "the client closed the connection before the body was complete") from None
-        except TimeoutError:
-            raise ProblemError(
-                408,
-                f"the request body stopped arriving for {settings.body_timeout:g} s; nothing was delivered",
-                headers={"Connection": "close"},
-            ) from None
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(settings, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    loop = asyncio.get_running_loop()
+    receive = request.receive  # the ASGI messages themselves: Request.stream() adds a generator per request
+    # A client that stops sending must not hold a request (and its memory) forever:
+    # one timer for the whole body, pushed back whenever a chunk arrives.
+    timer = asyncio.timeout(None)
+    try:
+        async with timer:
+            while True:
+                timer.reschedule(loop.time() + settings.body_timeout)
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    # The client left mid-body (a timeout on its side): nothing to deliver, nothing to answer.
+                    raise ProblemError(400, "the client closed the connection before the body was complete")
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(settings, limit)
+                if chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise ProblemError(
+            408,
+            f"the request body stopped arriving for {settings.body_timeout:g} s; nothing was delivered",
+            headers={"Connection": "close"},
+        ) from None
+    # One chunk (a small message) is used as it came: no copy.
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _from_json(body: bytes) -> Envelope:

@@ -2,10 +2,9 @@
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterable
 
-from app.metrics import REFUSED
+from app.metrics import REFUSED, child
 from app.problems import ProblemError
 from schemas.config import LimitSettings
 
@@ -60,22 +59,34 @@ class Limiter:
             if limit is not None:
                 self.per_relay[name] = Slots(limit, limit)
 
-    @asynccontextmanager
-    async def admit(self, relay: str, wait: float) -> AsyncIterator[None]:
-        """Hold a slot for `relay` for the block, or raise a 503 problem after at most `wait` seconds."""
+    async def acquire(self, relay: str, wait: float) -> tuple[Slots, ...]:
+        """The slots `relay` needs, held (give them to `release`); or a 503 problem after at
+        most `wait` seconds. Plain calls, not a context manager: this runs on every delivery."""
+        per_relay = self.per_relay.get(relay)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(0.0, wait)
-        async with AsyncExitStack() as held:
-            for slots, what in ((self.per_relay.get(relay), f"relay {relay!r}"), (self.total, "the service")):
-                if slots is None:
-                    continue
-                if not await slots.acquire(give_up - loop.time()):
-                    REFUSED.labels(relay, "overloaded").inc()
-                    raise self._overloaded(what, slots.limit)
-                held.callback(slots.release)
-            yield
+        if per_relay is not None:
+            if not await per_relay.acquire(give_up - loop.time()):
+                raise self._overloaded(relay, f"relay {relay!r}", per_relay.limit)
+            held: tuple[Slots, ...] = (per_relay, self.total)
+        else:
+            held = (self.total,)
+        try:
+            if not await self.total.acquire(give_up - loop.time()):
+                raise self._overloaded(relay, "the service", self.total.limit)
+        except BaseException:
+            if per_relay is not None:
+                per_relay.release()
+            raise
+        return held
 
-    def _overloaded(self, what: str, limit: int) -> ProblemError:
+    @staticmethod
+    def release(held: tuple[Slots, ...]) -> None:
+        for slots in held:
+            slots.release()
+
+    def _overloaded(self, relay: str, what: str, limit: int) -> ProblemError:
+        child(REFUSED, relay, "overloaded").inc()
         retry_after = max(1, math.ceil(self.settings.queue_timeout))
         return ProblemError(
             503,

@@ -7,6 +7,7 @@ answers /metrics adds them all up.
 """
 
 import os
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -58,11 +59,24 @@ HTTP_DURATION = Histogram(
 )
 RELOADS = Counter("mailrelay_config_reloads", "configuration reloads (SIGHUP) by result", ["result"])
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_children: dict[tuple[object, tuple[str, ...]], object] = {}
+
+
+def child(metric: _Metric, *labels: str) -> _Metric:
+    """`metric.labels(*labels)`, remembered: `labels()` validates and locks on every call, a
+    cost per request on the hot path. Only for labels with a bounded set of values."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found  # type: ignore[return-value]
+
 
 def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> None:
     relay = result.relay
-    DELIVERIES.labels(relay, outcome).inc()
-    DURATION.labels(relay).observe(seconds)
+    child(DELIVERIES, relay, outcome).inc()
+    child(DURATION, relay).observe(seconds)
     classes: dict[str, int] = {}
     maybe = 0
     for r in result.recipients:
@@ -70,9 +84,9 @@ def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> Non
         classes[key] = classes.get(key, 0) + 1
         maybe += r.possibly_delivered
     for key, count in classes.items():
-        RECIPIENTS.labels(relay, key).inc(count)
+        child(RECIPIENTS, relay, key).inc(count)
     if maybe:
-        POSSIBLY_DELIVERED.labels(relay).inc(maybe)
+        child(POSSIBLY_DELIVERED, relay).inc(maybe)
 
 
 def exposition() -> tuple[bytes, str]:

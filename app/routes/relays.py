@@ -8,15 +8,17 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
 
 from app import idempotency
 from app.auth import Principal
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
 from app.lifespan import Runtime, Services
-from app.metrics import IN_FLIGHT, REFUSED, record_delivery
-from app.problems import PROBLEM_JSON, ProblemError, problem_doc
+from app.metrics import IN_FLIGHT, REFUSED, child, record_delivery
+from app.problems import PROBLEM_JSON, ProblemError, internal_error, problem_doc, problem_response
 from relays import progress
 from relays.base import Relay, check_results
 from schemas.delivery import DeliveryResult, Envelope, RecipientResult, domain_of
@@ -237,9 +239,40 @@ async def deliver(name: RelayName, request: Request) -> Response:
         runtime.leave()
 
 
+DELIVER_ROUTE = next(r for r in router.routes if isinstance(r, APIRoute) and r.name == "deliver")
+_PREFIX, _SUFFIX = "/relays/", "/deliver"
+
+
+def deliver_target(scope: Scope) -> str | None:
+    """The relay name when `scope` is a `POST /relays/{name}/deliver`, else None."""
+    if scope["method"] != "POST":
+        return None
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if not (path.startswith(_PREFIX) and path.endswith(_SUFFIX)):
+        return None
+    name = path[len(_PREFIX) : -len(_SUFFIX)]
+    # As the router would match it: one non-empty path segment.
+    return name if name and "/" not in name else None
+
+
+async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """`deliver` as an ASGI app, with the problem handlers the framework would apply."""
+    request = Request(scope, receive)
+    try:
+        response = await deliver(name, request)
+    except ProblemError as exc:
+        response = problem_response(request, exc.status, exc.detail, headers=exc.headers, errors=exc.errors)
+    except Exception as exc:  # a bug: logged, and answered 500 as the framework would
+        response = internal_error(request, exc)
+    await response(scope, receive, send)
+
+
 def _refuse_if_draining(services: Services, relay: str) -> None:
     if services.draining:
-        REFUSED.labels(relay, "draining").inc()
+        child(REFUSED, relay, "draining").inc()
         raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
 
 
@@ -332,22 +365,23 @@ async def _deliver(
     loop = asyncio.get_running_loop()
     settings = runtime.config.mailrelay
     deadline, limit = deadline_at
-    in_flight = IN_FLIGHT.labels(name)
-    async with runtime.limiter.admit(name, min(settings.limits.queue_timeout, deadline - loop.time())):
-        in_flight.inc()
-        in_doubt = progress.track()
-        started = time.perf_counter()
-        timer = asyncio.timeout_at(deadline)
-        try:
-            async with timer:
-                results = await relay.deliver(envelope)
-        except TimeoutError:
-            if not timer.expired():
-                raise
-            results = _deadline_results(envelope, in_doubt, limit)
-        finally:
-            in_flight.dec()
-        seconds = time.perf_counter() - started
+    in_flight = child(IN_FLIGHT, name)
+    held = await runtime.limiter.acquire(name, min(settings.limits.queue_timeout, deadline - loop.time()))
+    in_flight.inc()
+    in_doubt = progress.track()
+    started = time.perf_counter()
+    timer = asyncio.timeout_at(deadline)
+    try:
+        async with timer:
+            results = await relay.deliver(envelope)
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        results = _deadline_results(envelope, in_doubt, limit)
+    finally:
+        in_flight.dec()
+        runtime.limiter.release(held)
+    seconds = time.perf_counter() - started
     elapsed_ms = round(seconds * 1000, 3)
     check_results(name, envelope, results)
     result = DeliveryResult(
