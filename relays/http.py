@@ -184,4 +184,4 @@ _STATUS_OF = {"delivered": {200}, "partial": {207, 503}, "transient_failure": {5
 
 def _consistent(results: list[RecipientResult], http_status: int) -> bool:
     """A result is carried only when the HTTP status tells the same story (status is computed from the codes)."""
-    return http_status in _STATUS_OF[delivery_status(results)]
+    return http_status in _STATUS_OF[delivery_status(r.status for r in results)]

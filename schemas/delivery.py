@@ -5,10 +5,10 @@ import binascii
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -16,9 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SerializerFunctionWrapHandler,
-    computed_field,
-    model_serializer,
     model_validator,
 )
 
@@ -230,7 +227,9 @@ def find_message_id(message: bytes) -> str | None:
     # One printable line of at most 998 characters (RFC 5322's line limit): it may become a
     # command argument (`pipe`'s {message_id}), where a NUL or a huge value would not do.
     text = match.group(1).decode("utf-8", "replace")
-    value = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())[:998]
+    if not text.isprintable():  # folded, or worse: the usual value needs no pass per character
+        text = "".join(c for c in text if c.isprintable() or c.isspace())
+    value = " ".join(text.split())[:998]
     return value or None
 
 
@@ -252,12 +251,47 @@ class Envelope:
         return find_message_id(self.message)
 
 
+def reply_status(code: int) -> RecipientStatus:
+    """A recipient's status follows its reply code's class, so a 250 can never be a failure."""
+    klass = code // 100
+    if klass == 2:
+        return "delivered"
+    return "transient_failure" if klass == 4 else "permanent_failure"
+
+
+def delivery_status(statuses: Iterable[RecipientStatus]) -> DeliveryStatus:
+    """The whole delivery's status from its recipients' statuses."""
+    seen = set(statuses)
+    if seen == {"delivered"}:
+        return "delivered"
+    if "delivered" in seen:
+        return "partial"
+    return "transient_failure" if "transient_failure" in seen else "permanent_failure"
+
+
+# `status` is a stored field, derived by a before-validator that overrides any value given: a
+# computed field would be serialised last, and reordering it took a wrap serializer that cost
+# more than the rest of the response (bench/). Stored, it is also computed once, not per read.
+_RESULT_CONFIG = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
+
+
+def _derived(schema: dict[str, Any]) -> None:
+    """A derived field's schema: read-only, and without the placeholder default."""
+    schema.pop("default", None)
+    schema["readOnly"] = True
+
+
 class RecipientResult(BaseModel):
     """The outcome for one recipient: the reply that decided it, and from where."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = _RESULT_CONFIG
 
     recipient: str
+    status: RecipientStatus = Field(
+        default="delivered",  # never used: always derived from `reply`
+        description="follows the reply code's class: 2xx delivered, 4xx transient_failure, 5xx permanent_failure",
+        json_schema_extra=_derived,
+    )
     reply: Reply
     host: str | None = Field(
         default=None,
@@ -270,45 +304,28 @@ class RecipientResult(BaseModel):
         "delivery deadline struck): the next hop may have delivered it, so a retry may duplicate it",
     )
 
-    @model_serializer(mode="wrap")
-    def _contract_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        # The API documents `status` right after `recipient`. No return annotation:
-        # pydantic would take it as the serialization schema.
-        data = handler(self)
-        return {
-            "recipient": data["recipient"],
-            "status": data["status"],
-            "reply": data["reply"],
-            "host": data["host"],
-            "possibly_delivered": data["possibly_delivered"],
-        }
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def status(self) -> RecipientStatus:
-        """Follows the reply code's class, so a 250 can never be a failure."""
-        klass = self.reply.code // 100
-        if klass == 2:
-            return "delivered"
-        return "transient_failure" if klass == 4 else "permanent_failure"
-
-
-def delivery_status(results: Sequence[RecipientResult]) -> DeliveryStatus:
-    """The whole delivery's status from its per-recipient results."""
-    statuses = {r.status for r in results}
-    if statuses == {"delivered"}:
-        return "delivered"
-    if "delivered" in statuses:
-        return "partial"
-    return "transient_failure" if "transient_failure" in statuses else "permanent_failure"
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_status(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            status = _status_of(data)
+            if status is not None:
+                data = {**data, "status": status}
+        return data
 
 
 class DeliveryResult(BaseModel):
     """The response body of a delivery: one entry per recipient, in request order."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = _RESULT_CONFIG
 
     relay: str = Field(examples=["outbound"])
+    status: DeliveryStatus = Field(
+        default="delivered",  # never used: always derived from `recipients`
+        description="delivered (all), partial (some), transient_failure (none, one or more transient), "
+        "permanent_failure (all permanent)",
+        json_schema_extra=_derived,
+    )
     message_id: str | None = Field(
         description="the message's Message-Id header, if it has one",
         examples=["<abc@example.com>"],
@@ -316,13 +333,24 @@ class DeliveryResult(BaseModel):
     elapsed_ms: float = Field(description="time the relay took, in milliseconds", examples=[41.7])
     recipients: list[RecipientResult]
 
-    @model_serializer(mode="wrap")
-    def _contract_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
-        data = handler(self)
-        return {"relay": data.pop("relay"), "status": data.pop("status"), **data}
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_status(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(recipients := data.get("recipients"), list):
+            statuses = [_status_of(r) for r in recipients]
+            if None not in statuses:
+                data = {**data, "status": delivery_status(s for s in statuses if s is not None)}
+        return data
 
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def status(self) -> DeliveryStatus:
-        """delivered (all), partial (some), transient_failure (none, one or more transient), permanent_failure (all permanent)."""
-        return delivery_status(self.recipients)
+
+def _status_of(result: object) -> RecipientStatus | None:
+    """A recipient result's status, from the model or from its input data; None if it has no valid code
+    (validation then refuses the data)."""
+    if isinstance(result, RecipientResult):
+        return result.status
+    reply = result.get("reply") if isinstance(result, dict) else None
+    code = reply.code if isinstance(reply, Reply) else reply.get("code") if isinstance(reply, dict) else None
+    try:
+        return reply_status(int(code))  # type: ignore[arg-type]  # whatever came: int() decides
+    except (TypeError, ValueError):
+        return None

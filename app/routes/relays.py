@@ -391,7 +391,7 @@ async def _deliver(
         recipients=results,
     )
 
-    outcome = result.status  # computed from every recipient: evaluate it once
+    outcome = result.status
     status = _HTTP_STATUS[outcome]
     summary = summary_reply(result)
     if outcome == "partial" and is_raw_form(request):
@@ -516,5 +516,6 @@ def format_smtp_reply(reply: Reply) -> str:
 def _header_text(text: str) -> str:
     # Printable ASCII; `"` becomes `'` (slimta's parser stops at the next quote) and `\`
     # is escaped as in a quoted-string, so our own parser reads the text back exactly.
-    printable = "".join(c if " " <= c <= "~" else (" " if c in "\r\n\t" else "?") for c in text)
-    return printable.replace("\\", "\\\\").replace('"', "'")
+    if not (text.isascii() and text.isprintable()):  # the usual case needs no pass per character
+        text = "".join(c if " " <= c <= "~" else (" " if c in "\r\n\t" else "?") for c in text)
+    return text.replace("\\", "\\\\").replace('"', "'")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from app.logs import FLUSH_INTERVAL
 from tests.servers.process import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -59,6 +60,15 @@ class Service:
     log_path: Path
 
     def logs(self) -> str:
+        """The output so far, once it has stopped growing: the service writes its log lines in
+        batches, up to FLUSH_INTERVAL apart."""
+        size = -1
+        for _ in range(20):
+            current = self.log_path.stat().st_size
+            if current == size:
+                break
+            size = current
+            time.sleep(3 * FLUSH_INTERVAL)
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
