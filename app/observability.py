@@ -4,20 +4,15 @@ A plain ASGI wrapper: Starlette's BaseHTTPMiddleware would add a task hop per re
 """
 
 import contextvars
-import itertools
-import secrets
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import HTTP_DURATION, HTTP_REQUESTS, child
+from relays.ids import unique_hex
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mailrelay_request_id", default="-")
 _MAX_ID = 128
-# Ids need to be unique, not secret: a random per-process prefix and a counter cost a
-# fraction of a urandom call per request. Workers are fresh processes, each its own prefix.
-_PREFIX = secrets.token_hex(8)
-_SEQUENCE = itertools.count(1)
 
 
 def _client_id(value: bytes) -> str | None:
@@ -25,10 +20,6 @@ def _client_id(value: bytes) -> str | None:
     if 0 < len(value) <= _MAX_ID and all(0x21 <= b <= 0x7E for b in value):
         return value.decode("ascii")
     return None
-
-
-def new_request_id() -> str:
-    return f"{_PREFIX}{next(_SEQUENCE):016x}"
 
 
 class RequestContext:
@@ -44,7 +35,7 @@ class RequestContext:
             if name == b"x-request-id":
                 request_id = _client_id(value)
                 break
-        request_id = request_id or new_request_id()
+        request_id = request_id or unique_hex()
         REQUEST_ID.set(request_id)
         header = (b"x-request-id", request_id.encode("ascii"))
         status = 500

@@ -1,8 +1,7 @@
 """`blackhole`: accepts every message and discards it."""
 
-import uuid
-
 from relays.base import same_result
+from relays.ids import unique_hex
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import BlackholeOptions
 from schemas.reply import Reply
@@ -18,7 +17,7 @@ class BlackholeRelay:
         reply = Reply(
             code=250,
             enhanced_status="2.0.0",
-            message=f"2.0.0 Message Delivered; {uuid.uuid4().hex}",
+            message=f"2.0.0 Message Delivered; {unique_hex()}",
         )
         return same_result(envelope, reply)
 

@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from app import idempotency
+from app import idempotency, logs
 from app.auth import Principal
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
@@ -418,13 +418,10 @@ def _log_delivery(
     result: DeliveryResult, outcome: str, principal: Principal, envelope: Envelope, elapsed_ms: float
 ) -> None:
     """One line per delivery: who, which relay, how many, what came back; never addresses or content."""
-    if not delivery_log.isEnabledFor(logging.INFO):
-        return
-    delivery_log.info(
-        "delivery via %s: %s",
-        result.relay,
-        outcome,
-        extra={
+    logs.event(
+        delivery_log,
+        f"delivery via {result.relay}: {outcome}",
+        {
             "event": "delivery",
             "relay": result.relay,
             "key": principal.name,
