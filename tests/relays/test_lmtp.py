@@ -20,7 +20,7 @@ async def test_dovecot_answers_each_recipient_after_the_data() -> None:
             results = await relays["store"].deliver(
                 envelope("alice@example.test", "ghost@example.test", "carol@example.test", message=message)
             )
-        assert [r.status for r in results] == ["delivered", "permanent_failure", "permanent_failure"]
+        assert [r.status for r in results] == ["delivered", "permanent_failure", "permanent_failure"], results
         alice, ghost, carol = (r.reply for r in results)
         assert (alice.code, alice.command) == (250, "[SEND_DATA]")
         assert "Saved" in alice.message

@@ -17,15 +17,19 @@ from tests.servers.process import free_port
 from tests.servers.sink import smtp_sink
 from tests.servers.smtp import Script, smtp_server, tls_material
 
+#: The envelope stepwise (aiosmtpd offers no PIPELINING by default) and pipelined (RFC 2920).
+PIPELINING = pytest.mark.parametrize("pipelining", [False, True], ids=["stepwise", "pipelined"])
+
 
 def static(port: int, *extra: str, host: str = "127.0.0.1") -> str:
     lines = [f"    {e}" for e in extra]
     return "\n".join(["relay:", "  out:", "    type: static", f"    host: {host}", f"    port: {port}", *lines]) + "\n"
 
 
-async def test_delivers_and_reports_each_recipient() -> None:
+@PIPELINING
+async def test_delivers_and_reports_each_recipient(pipelining: bool) -> None:
     message = b"Subject: dots\r\n\r\n.leading dot\r\nbare LF\nend"
-    with smtp_server() as server:
+    with smtp_server(pipelining=pipelining) as server:
         async with opened(static(server.port)) as relays:
             results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.org", message=message))
     assert [r.status for r in results] == ["delivered", "delivered"]
@@ -40,11 +44,12 @@ async def test_delivers_and_reports_each_recipient() -> None:
     assert received.content == b"Subject: dots\r\n\r\n.leading dot\r\nbare LF\r\nend\r\n"
 
 
-def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], TestClient]) -> None:
+@PIPELINING
+def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], TestClient], pipelining: bool) -> None:
     script = Script(
         rcpt={"later@example.net": "451 4.3.0 Try again later", "bad@example.net": "550 5.1.1 No such user"}
     )
-    with smtp_server(script) as server:
+    with smtp_server(script, pipelining=pipelining) as server:
         client = make_client(static(server.port))
         response = post_delivery(
             client,
@@ -66,6 +71,7 @@ def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], 
     assert server.received[0].recipients == ["ok@example.net"]
 
 
+@PIPELINING
 @pytest.mark.parametrize(
     ("script", "code", "command"),
     [
@@ -76,10 +82,10 @@ def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], 
     ],
 )
 async def test_mail_and_data_failures_apply_to_every_accepted_recipient(
-    script: Script, code: int, command: str
+    script: Script, code: int, command: str, pipelining: bool
 ) -> None:
     script.rcpt["refused@example.net"] = "550 5.1.1 No such user"
-    with smtp_server(script) as server:
+    with smtp_server(script, pipelining=pipelining) as server:
         async with opened(static(server.port)) as relays:
             results = await relays["out"].deliver(envelope("a@example.net", "refused@example.net", "b@example.net"))
     codes = [(r.reply.code, r.reply.command) for r in results]
@@ -89,8 +95,9 @@ async def test_mail_and_data_failures_apply_to_every_accepted_recipient(
         assert codes == [(code, command), (550, "RCPT"), (code, command)]
 
 
-async def test_a_stalled_server_is_a_bounded_transient_failure() -> None:
-    with smtp_server(Script(rcpt_delay=5)) as server:
+@PIPELINING
+async def test_a_stalled_server_is_a_bounded_transient_failure(pipelining: bool) -> None:
+    with smtp_server(Script(rcpt_delay=5), pipelining=pipelining) as server:
         async with opened(static(server.port, "command_timeout: 0.5")) as relays:
             started = time.monotonic()
             (result,) = await relays["out"].deliver(envelope("bob@example.net"))
@@ -101,8 +108,9 @@ async def test_a_stalled_server_is_a_bounded_transient_failure() -> None:
     assert server.received == []
 
 
-async def test_a_connection_dropped_during_data_is_never_delivered() -> None:
-    with smtp_server(Script(drop_in_data=True)) as server:
+@PIPELINING
+async def test_a_connection_dropped_during_data_is_never_delivered(pipelining: bool) -> None:
+    with smtp_server(Script(drop_in_data=True), pipelining=pipelining) as server:
         async with opened(static(server.port)) as relays:
             results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"))
     assert [r.status for r in results] == ["transient_failure"] * 2

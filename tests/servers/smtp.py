@@ -80,6 +80,16 @@ class _Handler:
         return self.script.data_reply or "250 2.0.0 OK queued as TEST"
 
 
+class _PipeliningHandler(_Handler):
+    """Offers PIPELINING, as Postfix, Exim and dovecot do; aiosmtpd reads pipelined commands line by line."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 def _authenticate(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
     ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
         b"relay-user",
@@ -131,15 +141,17 @@ def smtp_server(
     implicit_tls: bool = False,
     auth: bool = False,
     smtputf8: bool = False,
+    pipelining: bool = False,
 ) -> Iterator[SmtpServer]:
     """An aiosmtpd server on `host` and `port` (0: a free one), in its own thread and event loop.
 
+    With `pipelining` it offers PIPELINING.
     With `tls` it offers STARTTLS, or with `implicit_tls` speaks TLS from the start (SMTPS).
     """
     script = script or Script()
     received: list[Received] = []
     connections: list[int] = []
-    handler = _Handler(script, received)
+    handler = (_PipeliningHandler if pipelining else _Handler)(script, received)
     protocol_class = LMTP if lmtp else SMTP
     transports: list[asyncio.Transport] = []
 

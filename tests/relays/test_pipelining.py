@@ -1,0 +1,75 @@
+"""PIPELINING (RFC 2920): MAIL, RCPT and DATA in one write, their replies read in order.
+
+The raw server reads every command of the group before it answers any: a client
+that waited for each reply would stall until command_timeout.
+"""
+
+from tests.conftest import envelope, opened
+from tests.relays.test_misbehaving_servers import relay
+from tests.servers.raw import Conversation, RawServer, raw_server
+
+EHLO_PIPELINING = "250-raw.test\r\n250-PIPELINING\r\n250 8BITMIME"
+
+
+def take_group(conv: Conversation, recipients: int) -> list[str]:
+    """Greet, then read MAIL, the RCPTs and DATA without answering any of them."""
+    conv.send("220 raw.test ESMTP")
+    conv.expect("EHLO", EHLO_PIPELINING)
+    return [conv.command() for _ in range(recipients + 2)]
+
+
+async def test_the_envelope_goes_in_one_write_and_replies_are_read_in_order() -> None:
+    seen: list[list[str]] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        seen.append(take_group(conv, 2))
+        conv.send("250 2.1.0 sender ok", "250 2.1.5 bob ok", "550 5.1.1 no such user", "354 go ahead")
+        server.data_received.append(conv.read_data())
+        conv.send("250 2.0.0 queued as P1")
+        conv.expect("QUIT", "221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            bob, ghost = await relays["out"].deliver(envelope("bob@example.net", "ghost@example.net"))
+    assert not server.errors, server.errors
+    assert seen == [
+        ["MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.net>", "RCPT TO:<ghost@example.net>", "DATA"]
+    ]
+    assert (bob.status, bob.reply.message, bob.reply.command) == ("delivered", "2.0.0 queued as P1", "[SEND_DATA]")
+    assert (ghost.status, ghost.reply.code, ghost.reply.command) == ("permanent_failure", 550, "RCPT")
+    assert server.data_received[0][1]  # the whole message, with its final "."
+
+
+async def test_a_refused_sender_with_data_accepted_anyway_ends_with_a_lone_dot() -> None:
+    after_group: list[str] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_group(conv, 1)
+        # Out of protocol: DATA accepted although MAIL was refused. RFC 2920: the client ends it with ".".
+        conv.send("553 5.7.1 sender refused", "503 5.5.1 no sender", "354 go ahead")
+        after_group.append(conv.command())
+        conv.send("554 5.5.1 no valid recipients")
+        after_group.append(conv.command())
+        conv.send("221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+    assert not server.errors, server.errors
+    assert (result.status, result.reply.code, result.reply.command) == ("permanent_failure", 553, "MAIL")
+    assert after_group == [".", "QUIT"]  # no message content went out
+
+
+async def test_a_connection_lost_in_the_middle_of_the_replies_delivers_nothing() -> None:
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_group(conv, 2)
+        conv.send("250 2.1.0 sender ok", "250 2.1.5 bob ok")  # then gone before the rest
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"))
+    assert not server.errors, server.errors
+    assert [r.status for r in results] == ["transient_failure"] * 2
+    assert [(r.reply.enhanced_status, r.reply.command) for r in results] == [("4.4.2", "RCPT")] * 2
+    assert not any(r.possibly_delivered for r in results)
+    assert server.data_received == []
