@@ -199,7 +199,9 @@ class Server:
     def __init__(self, name: str, cmd: list[str], port: int, logdir: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.port = name, port
         self.logfile = logdir / f"{name}.log"
-        self._log = self.logfile.open("wb")
+        # Appending, so the file can be emptied between points (`new_log_text`): at the default log
+        # level mailrelay writes a line per delivery, hundreds of MB in a full run.
+        self._log = self.logfile.open("ab")
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -228,17 +230,18 @@ class Server:
         return f"not answering on port {self.port} after {timeout:.0f} s: {self.log_tail()}"
 
     def new_log_text(self) -> str:
-        """What the server logged since the last call."""
+        """What the server logged since the last call (then dropped from the file; the tail is kept)."""
         self._log.flush()
-        with self.logfile.open("rb") as f:
-            f.seek(getattr(self, "_offset", 0))
+        with self.logfile.open("r+b") as f:
             data = f.read()
-        self._offset = getattr(self, "_offset", 0) + len(data)
+            f.truncate(0)
+        self._tail = data[-4096:] or getattr(self, "_tail", b"")
         return data.decode(errors="replace")
 
     def log_tail(self, lines: int = 8) -> str:
         self._log.flush()
-        text = self.logfile.read_text(errors="replace").strip().splitlines()
+        data = self.logfile.read_bytes() or getattr(self, "_tail", b"")
+        text = data.decode(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:]) if text else "(no output)"
 
     def stop(self) -> None:
@@ -587,7 +590,14 @@ def workers_supported(env: dict[str, str]) -> bool:
 
 
 def start_servers(
-    wanted: list[str], pin: Pinning, sink: Sink, dns_port: int, logdir: Path, workers: int, source: Path | None
+    wanted: list[str],
+    pin: Pinning,
+    sink: Sink,
+    dns_port: int,
+    logdir: Path,
+    workers: int,
+    source: Path | None,
+    log_level: str,
 ) -> tuple[dict[str, Server], dict[str, str]]:
     config = logdir / "mailrelay.yaml"
     mailrelay_config(config, sink.port)
@@ -624,7 +634,7 @@ def start_servers(
             cmd = [*server_pin, str(SLIMTA_PY), str(BENCH / "slimta_edge.py"), "--port", str(port)]
             servers[key] = Server(key, [*cmd, "--smtp-port", str(sink.port), "--pool", str(POOL)], port, logdir)
         elif key in ("blackhole", "static", "static822", "mx"):
-            cmd = [*server_pin, *serve_cmd(port), "--log-level", "warning"]
+            cmd = [*server_pin, *serve_cmd(port), "--log-level", log_level]
             servers[key] = Server(key, cmd, port, logdir, dns_env)
         elif key == "workers":
             if workers < 1:
@@ -636,7 +646,7 @@ def start_servers(
                     "rerun `bench/run --only workers` once it has"
                 )
                 continue
-            cmd = [*pin.cmd(pin.all), *serve_cmd(port), "--log-level", "warning", "--workers", str(workers)]
+            cmd = [*pin.cmd(pin.all), *serve_cmd(port), "--log-level", log_level, "--workers", str(workers)]
             servers[key] = Server(key, cmd, port, logdir, dns_env)
     for key, server in list(servers.items()):
         why = server.wait_ready(http=key != "slimta")
@@ -874,6 +884,12 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=[t.key for t in TARGETS], help="run only these rows")
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
+        "--mailrelay-log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="mailrelay's --log-level (default info, the service's default: a JSON line per delivery)",
+    )
+    parser.add_argument(
         "--rev",
         help="benchmark mailrelay as committed at this git revision (a `git archive` snapshot run from the "
         "project's .venv) instead of the working tree, which others may be editing",
@@ -937,7 +953,9 @@ def main() -> int:
     servers: dict[str, Server] = {}
     points: list[Point] = []
     try:
-        servers, problems = start_servers(http_targets, pin, sink, dns_port, logdir, args.workers, source)
+        servers, problems = start_servers(
+            http_targets, pin, sink, dns_port, logdir, args.workers, source, args.mailrelay_log_level
+        )
         for key, why in problems.items():
             log(f"{key}: {why}")
         bench = Bench(args, pin, sink, logdir, servers)
@@ -975,6 +993,9 @@ def main() -> int:
         f"# command: bench/run {' '.join(sys.argv[1:])}".rstrip(),
         *(f"# {line}" for line in versions(args.rev)),
         f"# {pin.describe()}",
+        f"# logs: mailrelay at --log-level {args.mailrelay_log_level} (JSON, to a file"
+        + ("; the service's default: one line per delivery" if args.mailrelay_log_level == "info" else "")
+        + "); bare and sketch at uvicorn's warning (no access log).",
         f"# load average before {' '.join(load_before)}, after {' '.join(load_after)}: the machine is shared "
         "(other engineers run test suites), so figures are noisy; compare rows of one point, taken seconds apart.",
         f"# each point: {args.warmup} s warm-up, then {args.runs} runs of {args.duration} s ({args.large_warmup} s and "
