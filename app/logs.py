@@ -164,11 +164,13 @@ class _Writer:
 _writer: _Writer | None = None
 
 
-def setup_logging(level: str, log_format: LogFormat) -> None:
+def setup_logging(level: str, log_format: LogFormat, stream: TextIO | None = None) -> None:
+    """The service's logging: every line to `stream` (standard error) from one writer thread."""
     global _writer
+    stream = stream or sys.stderr
     chosen = log_format
     if chosen == "auto":
-        chosen = "text" if sys.stderr.isatty() else "json"
+        chosen = "text" if stream.isatty() else "json"
     # Record fields no formatter here prints; computing them costs every log call a stack walk
     # (findCaller) and several lookups (logging's "Optimization" section).
     logging._srcfile = None
@@ -178,7 +180,7 @@ def setup_logging(level: str, log_format: LogFormat) -> None:
     formatter = JsonFormatter() if chosen == "json" else TextFormatter()
     if _writer is not None:
         _writer.stop()
-    _writer = _Writer(formatter, sys.stderr)
+    _writer = _Writer(formatter, stream)
     atexit.register(_writer.stop)  # writes what is queued when the process ends
     root = logging.getLogger()
     root.handlers[:] = [_writer.handler]
