@@ -41,7 +41,9 @@ class MxHost:
 @dataclass(frozen=True)
 class _Entry:
     expires: float
-    records: tuple[Any, ...] | None  # None: the name exists but has no records of this type
+    # Plain values, converted once when stored (MxHost, or address strings), not per delivery.
+    # None: the name exists but has no records of this type.
+    records: tuple[Any, ...] | None
     nxdomain: bool = False
 
 
@@ -82,16 +84,17 @@ class DnsResolver:
         """MX hosts in the order to try them: by preference, equal preferences shuffled
         (RFC 5321 5.1). None when the domain has no MX (implicit MX); [] for a null MX (RFC 7505).
         Raises NoSuchDomain or DnsFailure."""
-        entry = await self._lookup(domain, dns.rdatatype.MX)
+        entry = self._fresh(domain, dns.rdatatype.MX) or await self._lookup(domain, dns.rdatatype.MX)
         if entry.nxdomain:
             raise NoSuchDomain(domain)
         if not entry.records:
             return None
-        hosts = [MxHost(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in entry.records]
+        hosts: list[MxHost] = list(entry.records)
         if len(hosts) == 1 and hosts[0].name in ("", "."):
             return []
         hosts = [h for h in hosts if h.name not in ("", ".")]
-        random.shuffle(hosts)
+        if len(hosts) > 1:
+            random.shuffle(hosts)
         hosts.sort(key=lambda h: h.preference)  # stable: equal preferences stay shuffled
         return hosts
 
@@ -103,22 +106,29 @@ class DnsResolver:
         failure: DnsFailure | None = None
         for rdtype in rdtypes:
             try:
-                entry = await self._lookup(host, rdtype)
+                entry = self._fresh(host, rdtype) or await self._lookup(host, rdtype)
             except DnsFailure as exc:
                 failure = exc
                 continue
-            found.extend(r.address for r in entry.records or ())
+            found.extend(entry.records or ())
         if not found and failure is not None:
             raise failure
         return found
 
-    async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Entry:
-        key = (name.lower().rstrip("."), rdtype)
-        entry = self._cache.get(key)
+    def _fresh(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Entry | None:
+        """The cached answer while it is fresh: a warm cache answers without a coroutine."""
+        entry = self._cache.get((name.lower().rstrip("."), rdtype))
         if entry is not None and entry.expires > time.monotonic():
             self.cache_hits += 1
             DNS_CACHE_HITS.inc()
             return entry
+        return None
+
+    async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Entry:
+        entry = self._fresh(name, rdtype)
+        if entry is not None:
+            return entry
+        key = (name.lower().rstrip("."), rdtype)
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._query(*key))
@@ -162,9 +172,15 @@ class DnsResolver:
             raise DnsFailure(_reason(exc, type(exc).__name__)) from None
         else:
             ttl = min(float(answer.rrset.ttl), MAX_TTL) if answer.rrset is not None else DEFAULT_NEGATIVE_TTL
-            entry = _Entry(now + ttl, tuple(answer))
+            entry = _Entry(now + ttl, tuple(_plain(r) for r in answer))
         self._store((name, rdtype), entry)
         return entry
+
+
+def _plain(record: Any) -> Any:
+    if record.rdtype == dns.rdatatype.MX:
+        return MxHost(record.preference, record.exchange.to_text(omit_final_dot=True))
+    return record.address  # A, AAAA
 
 
 def _negative_ttl(exc: dns.exception.DNSException) -> float:

@@ -45,9 +45,13 @@ class MxRelay:
                 groups.setdefault(domain, []).append(i)
             else:
                 results[i] = RecipientResult(recipient=rcpt, reply=replies.no_domain())
-        async with asyncio.TaskGroup() as group:
-            for domain, indexes in groups.items():
-                group.create_task(self._deliver_domain(envelope, domain, indexes, results))
+        if len(groups) == 1:  # the usual case: no task to start and schedule
+            ((domain, indexes),) = groups.items()
+            await self._deliver_domain(envelope, domain, indexes, results)
+        elif groups:
+            async with asyncio.TaskGroup() as group:
+                for domain, indexes in groups.items():
+                    group.create_task(self._deliver_domain(envelope, domain, indexes, results))
         return [r for r in results if r is not None]
 
     async def _deliver_domain(
