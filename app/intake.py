@@ -3,13 +3,14 @@
 import asyncio
 import ipaddress
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
 from schemas.delivery import (
     ClientInfo,
+    ClientText,
     DeliveryRequest,
     Envelope,
     check_address,
@@ -25,6 +26,7 @@ _JSON_OVERHEAD_FACTOR = 6
 _JSON_OVERHEAD_BYTES = 64 * 1024
 #: A recipient of up to 254 octets, every one escaped, plus quotes and a comma.
 _JSON_BYTES_PER_RECIPIENT = 254 * _JSON_OVERHEAD_FACTOR + 4
+_EHLO: TypeAdapter[str] = TypeAdapter(ClientText)
 #: slimta's HTTP edge split recipient headers on commas and semicolons.
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
 
@@ -148,30 +150,42 @@ def _from_json(body: bytes) -> Envelope:
     )
 
 
+#: Peer address -> parsed: the same few peers (load balancers) send every request.
+_PEERS: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
+_MAX_PEERS = 4096
+
+
+def _peer(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if host not in _PEERS:
+        if len(_PEERS) >= _MAX_PEERS:
+            _PEERS.clear()
+        try:
+            _PEERS[host] = ipaddress.ip_address(host)
+        except ValueError:
+            _PEERS[host] = None  # not an IP (a unix socket, or a test client)
+    return _PEERS[host]
+
+
 def client_ip(request: Request, settings: ServiceSettings) -> str | None:
     """The client's address: the HTTP peer (as slimta's edge recorded it), or, when the peer
     is a trusted proxy, the rightmost X-Forwarded-For address that is not one."""
-    host = request.client.host if request.client else None
-    try:
-        address = ipaddress.ip_address(host) if host else None
-    except ValueError:
-        return None  # not an IP (a unix socket, or a test client)
-    if address is None:
-        return None
+    address = _peer(request.client.host) if request.client and request.client.host else None
+    if address is not None and settings.trusted_proxies:
 
-    def trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(ip in net for net in settings.trusted_proxies)
+        def trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+            return any(ip in net for net in settings.trusted_proxies)
 
-    if not trusted(address):
-        return str(address)
-    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
-    for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            break  # a garbled entry: trust nothing to its left
-        if not trusted(address):
-            break
+        if trusted(address):
+            hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+            for hop in reversed(hops):
+                try:
+                    address = ipaddress.ip_address(hop)
+                except ValueError:
+                    break  # a garbled entry: trust nothing to its left
+                if not trusted(address):
+                    break
+    if address is None or getattr(address, "scope_id", None):
+        return None  # an IPv6 zone (%eth0) is no client's public address
     return str(address)
 
 
@@ -218,8 +232,12 @@ def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envel
         )
 
     client = None
+    ehlo = request.headers.get("x-ehlo")
     try:
-        client = ClientInfo(ehlo=request.headers.get("x-ehlo"), ip=client_ip(request, settings))
+        if ehlo is not None:
+            _EHLO.validate_python(ehlo)
+        # Both values are checked (the address came from ip_address): no second validation per request.
+        client = ClientInfo.model_construct(ehlo=ehlo, ip=client_ip(request, settings))
     except ValidationError:
         errors.append(FieldError(loc="X-Ehlo", message="must be one line of at most 255 characters"))
     if not body:
