@@ -334,8 +334,7 @@ class SmtpSession:
         try:
             transport.write(payload)
             while len(reader.replies) < len(names):
-                async with asyncio.timeout(self.settings.command_timeout):
-                    await reader.read(len(reader.replies) + 1)
+                await reader.read(len(reader.replies) + 1, self.settings.command_timeout)
         except TimeoutError:
             lost = replies.timed_out(names[len(reader.replies)], f"the reply to {names[len(reader.replies)]}")
         except (aiosmtplib.SMTPException, OSError):
@@ -417,11 +416,9 @@ class SmtpSession:
                     may_have_delivered(recipients)
                     whole_sent = True
                 transport.write(view[offset : offset + _DATA_CHUNK])
-                async with asyncio.timeout(self.settings.data_timeout):
-                    await reader.writable()
+                await reader.writable(self.settings.data_timeout)
             reader.expect(count)
-            async with asyncio.timeout(self.settings.data_timeout):
-                await reader.read(count)
+            await reader.read(count, self.settings.data_timeout)
         except TimeoutError:
             failure = replies.timed_out(
                 "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
@@ -621,16 +618,26 @@ class _ReplyReader(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _wait(self) -> None:
+    async def _wait(self, deadline: float) -> None:
+        """Until something happens on the connection; TimeoutError at `deadline` (loop time).
+        A timer on the waiter, not asyncio.timeout: that costs a task lookup and a
+        cancellation per wait, several times per message (bench/)."""
         if self._error is not None:
             raise self._error
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._waiter
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
 
-    async def writable(self) -> None:
-        """Until the transport's write buffer is below its high-water mark again."""
-        while self._paused:
-            await self._wait()
+    async def writable(self, timeout: float) -> None:  # noqa: ASYNC109 - see _wait
+        """Until the transport's write buffer is below its high-water mark again, within `timeout` s."""
+        if self._paused:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while self._paused:
+                await self._wait(deadline)
         if self._error is not None:
             raise self._error
 
@@ -638,7 +645,14 @@ class _ReplyReader(asyncio.Protocol):
         """The number of replies the commands written ask for: more or fewer is not `clean`."""
         self._expected = count
 
-    async def read(self, count: int) -> None:
-        """Until `count` replies are in `replies`; raises on a lost connection (keeping those that came)."""
+    async def read(self, count: int, timeout: float) -> None:  # noqa: ASYNC109 - see _wait
+        """Until `count` replies are in `replies`, within `timeout` s; raises TimeoutError, or on a
+        lost connection (keeping the replies that came)."""
+        deadline = asyncio.get_running_loop().time() + timeout
         while len(self.replies) < count:
-            await self._wait()
+            await self._wait(deadline)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
