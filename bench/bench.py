@@ -1062,7 +1062,8 @@ def main() -> int:
     if any("ClientDisconnect" in event or "OSError" in event for p in points for event in p.log_events):
         notes.append(
             "(ClientDisconnect / OSError: requests cut off mid-body when wrk stops at the end of a run; "
-            "mailrelay logs each as an unhandled error with tracebacks, slimta as an OSError.)"
+            "uvicorn logs each as an unhandled error in the bare app and the sketch, slimta as an OSError; "
+            "mailrelay answers them with a quiet 400.)"
         )
     report += ["Problems seen:", *(notes or ["none"]), ""]
     text = "\n".join(report)

@@ -386,9 +386,9 @@ class SmtpSession:
         return response
 
     async def _send_data(
-        self, data: bytes, recipients: Sequence[str], count: int
+        self, data: tuple[bytes, bytes], recipients: Sequence[str], count: int
     ) -> tuple[list[SMTPResponse], Reply, bool]:
-        """Write the message and read up to `count` replies (LMTP: one per accepted recipient).
+        """Write the message (body and terminator, from `encode_data`) and read up to `count` replies (LMTP: one per accepted recipient).
 
         Returns the replies that came, the reply for those that did not (a
         timeout or a lost connection), and whether the whole message went out
@@ -409,13 +409,17 @@ class SmtpSession:
         failure: Reply | None = None
         whole_sent = False
         try:
-            view = memoryview(data)
+            body, end = data
+            view = memoryview(body)
             for offset in range(0, len(view), _DATA_CHUNK):
+                chunk = view[offset : offset + _DATA_CHUNK]
                 if offset + _DATA_CHUNK >= len(view):
                     # The final "." goes out with this chunk: from here on the server may deliver.
                     may_have_delivered(recipients)
                     whole_sent = True
-                transport.write(view[offset : offset + _DATA_CHUNK])
+                    transport.writelines([chunk, end])  # one system call for both where the loop can
+                else:
+                    transport.write(chunk)
                 await reader.writable(self.settings.data_timeout)
             reader.expect(count)
             await reader.read(count, self.settings.data_timeout)
@@ -550,16 +554,18 @@ _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
-def encode_data(message: bytes) -> bytes:
-    """The message as DATA content: CRLF line ends, dot-stuffed, terminated by `.` (RFC 5321 4.5.2)."""
-    # Most messages are already CRLF-only with no line starting with ".": then no copy is made.
+def encode_data(message: bytes) -> tuple[bytes, bytes]:
+    """The message as DATA content: CRLF line ends, dot-stuffed, terminated by `.` (RFC 5321 4.5.2).
+
+    Returned as the body and the terminator, written one after the other: appending the
+    terminator would copy the whole message. Most messages are already CRLF-only with no
+    line starting with ".": then the body is the message itself, not a copy.
+    """
     crlf = message.count(b"\r\n")
     data = message if message.count(b"\r") == crlf == message.count(b"\n") else _LINE_ENDS.sub(b"\r\n", message)
     if data.startswith(b".") or b"\n." in data:
         data = _LEADING_DOT.sub(b"..", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+    return data, b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
 
 
 class _ReplyReader(asyncio.Protocol):

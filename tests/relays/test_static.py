@@ -312,7 +312,7 @@ def test_served_by_mailrelay_on_uvloop(tmp_path: Path) -> None:
     ],
 )
 def test_message_data_is_crlf_and_dot_stuffed(message: bytes, data: bytes) -> None:
-    assert encode_data(message) == data
+    assert b"".join(encode_data(message)) == data
 
 
 async def test_a_cancelled_delivery_never_leaves_its_connection_in_the_pool() -> None:
