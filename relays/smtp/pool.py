@@ -35,8 +35,12 @@ class SmtpPool:
         self.size = size
         self.idle_timeout = idle_timeout
         self.open_count = 0
+        # A stack: the connection used last goes out first, so a burst's extra connections
+        # sink to the bottom and expire. Each idle connection's start is in `_idle_since`.
         self._idle: list[SmtpSession] = []
-        self._expiry: dict[SmtpSession, asyncio.TimerHandle] = {}
+        self._idle_since: dict[SmtpSession, float] = {}
+        # One timer for the pool, at the oldest idle connection's expiry; not one per delivery.
+        self._sweeper: asyncio.TimerHandle | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
@@ -111,7 +115,7 @@ class SmtpPool:
         while self._idle:
             session = self._idle.pop()
             self._idle_gauge.dec()
-            self._expiry.pop(session).cancel()
+            del self._idle_since[session]
             if session.usable and time.monotonic() - session.created < MAX_CONNECTION_AGE:
                 self._reused.inc()
                 return session
@@ -123,18 +127,26 @@ class SmtpPool:
         if self._closed or not session.usable or not fresh or self.idle_timeout <= 0:
             self._discard(session, quit=True)
             return
-        self._idle.append(session)
-        self._idle_gauge.inc()
         loop = asyncio.get_running_loop()
-        self._expiry[session] = loop.call_later(self.idle_timeout, self._expire, session)
+        self._idle.append(session)
+        self._idle_since[session] = loop.time()
+        self._idle_gauge.inc()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
         self._wake()
 
-    def _expire(self, session: SmtpSession) -> None:
-        if session in self._expiry:
-            del self._expiry[session]
-            self._idle.remove(session)
+    def _sweep(self) -> None:
+        """QUIT the connections idle for `idle_timeout`; come back for the next one to expire."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle and self._idle_since[self._idle[0]] + self.idle_timeout <= now:
+            session = self._idle.pop(0)  # the bottom of the stack: idle the longest
+            del self._idle_since[session]
             self._idle_gauge.dec()
             self._discard(session, quit=True)
+        if self._idle:
+            self._sweeper = loop.call_at(self._idle_since[self._idle[0]] + self.idle_timeout, self._sweep)
 
     def _discard(self, session: SmtpSession, *, quit: bool = False) -> None:
         """Close a connection (politely with QUIT when asked and possible); its slot
@@ -162,9 +174,10 @@ class SmtpPool:
     async def aclose(self) -> None:
         """QUIT every idle connection and wait for the QUITs under way."""
         self._closed = True
-        for handle in self._expiry.values():
-            handle.cancel()
-        self._expiry.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._idle_since.clear()
         idle, self._idle = self._idle, []
         self._idle_gauge.dec(len(idle))
         for session in idle:

@@ -265,6 +265,19 @@ async def test_idle_connections_are_closed_after_idle_timeout() -> None:
         assert sink.connects == 2
 
 
+async def test_each_idle_connection_expires_idle_timeout_after_its_own_last_use() -> None:
+    with smtp_sink() as sink:
+        async with opened(static(sink.port, "idle_timeout: 0.6", "concurrent_connections: 2")) as relays:
+            out = relays["out"]
+            await asyncio.gather(out.deliver(envelope("a@example.net")), out.deliver(envelope("b@example.net")))
+            await asyncio.sleep(0.3)
+            await out.deliver(envelope("c@example.net"))  # takes the last used; the other stays idle
+            await asyncio.sleep(0.45)  # 0.75 s after the burst, 0.45 s after the last use
+            assert (sink.connects, sink.disconnects) == (2, 1)
+            await asyncio.sleep(0.4)  # 0.85 s after the last use
+            assert (sink.connects, sink.disconnects) == (2, 2)
+
+
 async def test_a_refusing_banner_is_the_reply() -> None:
     with smtp_sink("-r", "CONNECT") as sink:
         async with opened(static(sink.port)) as relays:
