@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Any, Literal, NamedTuple, TextIO
 
+import orjson
+
 from app.observability import REQUEST_ID
 
 LogFormat = Literal["auto", "json", "text"]
@@ -45,12 +47,20 @@ class _LineFormatter(logging.Formatter):
 
 
 class JsonFormatter(_LineFormatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
     def line(
         self, created: float, levelno: int, name: str, message: str, fields: dict[str, Any], exception: str | None
     ) -> str:
+        second = int(created)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z",
-            "level": logging.getLevelName(levelno).lower(),
+            "ts": f"{self._stamp}.{int(created * 1000) % 1000:03d}Z",
+            "level": _LEVELS.get(levelno) or logging.getLevelName(levelno).lower(),
             "logger": name,
             "event": fields.get("event") or "log",
             "message": message,
@@ -60,7 +70,13 @@ class JsonFormatter(_LineFormatter):
                 entry[key] = value
         if exception:
             entry["exception"] = exception
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        try:  # orjson: a fifth of json.dumps's time, and this runs once per delivery
+            return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # a lone surrogate (undecodable bytes from a server) and the like
+            return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
 
 
 class TextFormatter(_LineFormatter):

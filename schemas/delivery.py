@@ -33,6 +33,12 @@ RecipientStatus = Literal["delivered", "transient_failure", "permanent_failure"]
 DeliveryStatus = Literal["delivered", "partial", "transient_failure", "permanent_failure"]
 
 
+# `\s` in a str pattern is exactly str.isspace(); one regex scan, not a generator per character.
+_SPACE = re.compile(r"\s")
+_SPACE_OTHER_THAN_BLANK = re.compile(r"[^\S ]")
+_DOMAIN_FORBIDDEN = re.compile(r'[\s@"]')
+
+
 def check_address(value: str, *, allow_empty: bool = False) -> str:
     """Return `value` if it is safe to use as an SMTP envelope address.
 
@@ -62,13 +68,13 @@ def check_address(value: str, *, allow_empty: bool = False) -> str:
     if value.startswith('"'):
         end = _closing_quote(value)
         quoted, rest = value[1:end], value[end + 1 :]
-        if any(c.isspace() and c != " " for c in quoted):
+        if _SPACE_OTHER_THAN_BLANK.search(quoted):
             raise ValueError("quoted local part contains whitespace other than a space")
         if rest and not rest.startswith("@"):
             raise ValueError("unexpected characters after the quoted local part")
         local, domain = None, rest[1:] if rest else None
     else:
-        if any(c.isspace() for c in value):
+        if _SPACE.search(value):
             raise ValueError("address contains whitespace outside a quoted local part")
         if value.count("@") > 1:
             raise ValueError("address contains more than one '@' outside a quoted local part")
@@ -82,7 +88,7 @@ def check_address(value: str, *, allow_empty: bool = False) -> str:
     if domain is not None:
         if not domain:
             raise ValueError("address has an empty domain after '@'")
-        if any(c.isspace() or c in '@"' for c in domain):
+        if _DOMAIN_FORBIDDEN.search(domain):
             raise ValueError("address domain contains whitespace, '@' or '\"'")
     return value
 

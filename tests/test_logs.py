@@ -70,3 +70,12 @@ def test_without_the_service_writer_an_event_is_an_ordinary_record(caplog: pytes
         logs.event(logging.getLogger("mailrelay.delivery"), "delivery via out: delivered", {"event": "delivery"})
     (record,) = caplog.records
     assert (record.getMessage(), getattr(record, "event", None)) == ("delivery via out: delivered", "delivery")
+
+
+def test_text_no_json_encoder_takes_is_still_logged(captured: io.StringIO) -> None:
+    logs.setup_logging("info", "json", captured)
+    logging.getLogger("mailrelay").warning("reply %s", "bad \udcff byte", extra={"n": {1: "int key"}})
+    (line,) = written(captured)
+    entry = json.loads(line)
+    assert entry["message"] == "reply bad \udcff byte"
+    assert entry["n"] == {"1": "int key"}
