@@ -13,6 +13,7 @@ from app.auth import KeyRing
 from app.idempotency import IdempotencyStore, close_quietly, open_store
 from app.limits import Limiter
 from relays.base import Relay
+from relays.instruments import TALLY
 from relays.registry import close_relays, open_relays
 from schemas.config import ServiceConfig
 
@@ -138,5 +139,6 @@ def make_lifespan(
             yield {"services": services}
         finally:
             await services.aclose()
+            TALLY.flush()  # with several workers, the last second's counts reach the shared files
 
     return lifespan

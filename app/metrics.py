@@ -20,6 +20,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from relays.instruments import TALLY
 from schemas.delivery import DeliveryResult
 
 #: From 1 ms (blackhole, a pooled SMTP hop) to a minute (the longest deadline worth waiting for).
@@ -75,7 +76,7 @@ def child(metric: _Metric, *labels: str) -> _Metric:
 
 def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> None:
     relay = result.relay
-    child(DELIVERIES, relay, outcome).inc()
+    TALLY.add(child(DELIVERIES, relay, outcome))
     child(DURATION, relay).observe(seconds)
     classes: dict[str, int] = {}
     maybe = 0
@@ -84,13 +85,14 @@ def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> Non
         classes[key] = classes.get(key, 0) + 1
         maybe += r.possibly_delivered
     for key, count in classes.items():
-        child(RECIPIENTS, relay, key).inc(count)
+        TALLY.add(child(RECIPIENTS, relay, key), count)
     if maybe:
-        child(POSSIBLY_DELIVERED, relay).inc(maybe)
+        TALLY.add(child(POSSIBLY_DELIVERED, relay), maybe)
 
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition of every metric (of every worker, in multiprocess mode)."""
+    TALLY.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import HTTP_DURATION, HTTP_REQUESTS, child
 from relays.ids import unique_hex
+from relays.instruments import TALLY
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mailrelay_request_id", default="-")
 _MAX_ID = 128
@@ -54,5 +55,5 @@ class RequestContext:
             route = scope.get("route")
             # The route's template (/relays/{name}/deliver), never the path: bounded labels.
             template = getattr(route, "path", None) or "unmatched"
-            child(HTTP_REQUESTS, template, scope["method"], str(status)).inc()
+            TALLY.add(child(HTTP_REQUESTS, template, scope["method"], str(status)))
             child(HTTP_DURATION, template).observe(time.perf_counter() - started)

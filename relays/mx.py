@@ -2,8 +2,8 @@
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from relays import replies
 from relays.base import PermanentRelayError, RelayError, TransientRelayError
@@ -19,6 +19,16 @@ from schemas.reply import Reply
 MAX_ATTEMPTS = 5
 #: Pools kept before the empty ones are dropped.
 _PRUNE_AT = 256
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where a domain's mail goes: host names (or addresses) in order, and whether they need DNS."""
+
+    hosts: list[str]
+    port: int
+    resolve: bool
+    implicit: bool = False  # no MX record: the domain's own address
 
 
 class MxRelay:
@@ -61,21 +71,42 @@ class MxRelay:
         transaction: Transaction | None = None
         destination: Destination | None = None
         try:
+            route = await self._route(domain)
             attempts = 0
-            async with aclosing(self._destinations(domain)) as destinations:
-                async for destination in destinations:
+            failure: Reply | None = None
+            # Hosts in order, each one's addresses looked up only when the ones before failed:
+            # backups cost nothing while the first answers.
+            for name in route.hosts:
+                try:
+                    addresses = (
+                        await self.dns.addresses(name, ipv4_only=self.options.ipv4_only) if route.resolve else [name]
+                    )
+                except DnsFailure as exc:
+                    failure = replies.dns_failure(name, str(exc))
+                    continue
+                for address in addresses:
+                    destination = Destination(address, route.port, name)
                     transaction = await self._pool(destination).deliver(envelope, recipients)
                     attempts += 1
                     if transaction.data_sent or not all(r.is_transient for r in transaction.replies):
                         break
                     if attempts >= MAX_ATTEMPTS:
                         break
+                else:
+                    continue
+                break
+            if transaction is None:
+                if failure is not None:
+                    raise TransientRelayError(failure)
+                if route.implicit:
+                    raise PermanentRelayError(replies.no_mail_host(domain, self.options.ipv4_only))
+                raise TransientRelayError(replies.dns_failure(domain, "no MX host has an address"))
         except RelayError as exc:
             if transaction is None:
                 for i in indexes:
                     results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
                 return
-        # _destinations either yields or raises, so an attempt was made.
+        # Either a transaction was made or the RelayError above returned.
         assert transaction is not None  # noqa: S101
         assert destination is not None  # noqa: S101
         for n, (i, reply) in enumerate(zip(indexes, transaction.replies, strict=True)):
@@ -86,9 +117,8 @@ class MxRelay:
                 possibly_delivered=n in transaction.in_doubt,
             )
 
-    async def _destinations(self, domain: str) -> AsyncGenerator[Destination]:
-        """Where to try, in order; looked up lazily, so backups cost nothing while the first answers.
-        Raises RelayError when there is nowhere to try."""
+    async def _route(self, domain: str) -> "_Route":
+        """The hosts to try for `domain`, in order. Raises RelayError when there are none."""
         port = self.options.port
         if domain.startswith("[") and domain.endswith("]"):
             literal = domain[1:-1].removeprefix("IPv6:").removeprefix("ipv6:")
@@ -96,12 +126,10 @@ class MxRelay:
                 ipaddress.ip_address(literal)
             except ValueError:
                 raise PermanentRelayError(replies.no_such_domain(domain)) from None
-            yield Destination(literal, port, literal)
-            return
+            return _Route([literal], port, resolve=False)
         if forced := self.options.force_mx.get(domain):
             host, forced_port = split_host_port(forced, port)
-            yield Destination(host, forced_port, host)
-            return
+            return _Route([host], forced_port, resolve=False)
         try:
             exchangers = await self.dns.mx(domain)
         except NoSuchDomain:
@@ -110,24 +138,9 @@ class MxRelay:
             raise TransientRelayError(replies.dns_failure(domain, str(exc))) from None
         if exchangers == []:
             raise PermanentRelayError(replies.null_mx(domain))
-        names = [mx.name for mx in exchangers] if exchangers else [domain]  # no MX: the domain itself
-        found = False
-        failure: Reply | None = None
-        for name in names:
-            try:
-                addresses = await self.dns.addresses(name, ipv4_only=self.options.ipv4_only)
-            except DnsFailure as exc:
-                failure = replies.dns_failure(name, str(exc))
-                continue
-            for address in addresses:
-                found = True
-                yield Destination(address, port, name)
-        if not found:
-            if failure is not None:
-                raise TransientRelayError(failure)
-            if exchangers is None:
-                raise PermanentRelayError(replies.no_mail_host(domain, self.options.ipv4_only))
-            raise TransientRelayError(replies.dns_failure(domain, "no MX host has an address"))
+        if exchangers is None:  # no MX: the domain itself (RFC 5321 5.1)
+            return _Route([domain], port, resolve=True, implicit=True)
+        return _Route([mx.name for mx in exchangers], port, resolve=True)
 
     def _pool(self, destination: Destination) -> SmtpPool:
         pool = self._pools.get(destination)

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
 from app.intake import client_ip
+from relays.instruments import Tally
 from tests.conftest import config_from, post_delivery
 from tests.servers.mailrelay import ROOT, Service, service
 from tests.servers.process import free_port
@@ -228,10 +229,12 @@ def test_workers_share_the_port_and_their_metrics(tmp_path: Path) -> None:
             with httpx.Client(base_url=url) as http:  # a new connection each time: any worker may answer
                 response = http.post("/relays/discard/deliver", json=BODY)
                 assert response.status_code == 200
+        # Each worker applies its counts within Tally.FLUSH_INTERVAL: after that, whichever
+        # worker answers reports every worker's deliveries.
+        time.sleep(Tally.FLUSH_INTERVAL + 0.5)
         for _ in range(6):
             with httpx.Client(base_url=url) as http:
                 table = samples(http.get("/metrics").text)
-                # Whichever worker answers, it reports every worker's deliveries.
                 assert value(table, "mailrelay_deliveries_total", relay="discard", outcome="delivered") == 40
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0

@@ -21,6 +21,7 @@ from app.metrics import IN_FLIGHT, REFUSED, child, record_delivery
 from app.problems import PROBLEM_JSON, ProblemError, internal_error, problem_doc, problem_response
 from relays import progress
 from relays.base import Relay, check_results
+from relays.instruments import TALLY
 from schemas.delivery import DeliveryResult, Envelope, RecipientResult, domain_of
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
@@ -367,7 +368,7 @@ async def _deliver(
     deadline, limit = deadline_at
     in_flight = child(IN_FLIGHT, name)
     held = await runtime.limiter.acquire(name, min(settings.limits.queue_timeout, deadline - loop.time()))
-    in_flight.inc()
+    TALLY.add(in_flight)
     in_doubt = progress.track()
     started = time.perf_counter()
     timer = asyncio.timeout_at(deadline)
@@ -379,7 +380,7 @@ async def _deliver(
             raise
         results = _deadline_results(envelope, in_doubt, limit)
     finally:
-        in_flight.dec()
+        TALLY.add(in_flight, -1)
         runtime.limiter.release(held)
     seconds = time.perf_counter() - started
     elapsed_ms = round(seconds * 1000, 3)

@@ -358,6 +358,16 @@ def test_unknown_route_and_method_are_problems(client: TestClient) -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
+def test_only_one_path_segment_names_a_relay(client: TestClient) -> None:
+    # The deliver route is dispatched ahead of FastAPI's router (app.main.MailrelayApp): it
+    # must match exactly what the router would.
+    for path in ("/relays/a%2Fscripted/deliver", "/relays//deliver", "/relays/scripted/deliver/x"):
+        response = client.post(path, json=GOOD)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"] == "application/problem+json"
+    assert post_json(client, GOOD).status_code == 200
+
+
 def test_relay_breaking_its_contract_is_500_problem(client: TestClient) -> None:
     for relay in ("broken", "crashing"):
         response = post_json(client, {**GOOD, "recipients": ["a@x.test", "b@x.test"]}, relay=relay)
