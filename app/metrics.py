@@ -77,7 +77,7 @@ def child(metric: _Metric, *labels: str) -> _Metric:
 def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> None:
     relay = result.relay
     TALLY.add(child(DELIVERIES, relay, outcome))
-    child(DURATION, relay).observe(seconds)
+    TALLY.observe(child(DURATION, relay), seconds)
     classes: dict[str, int] = {}
     maybe = 0
     for r in result.recipients:

@@ -56,4 +56,4 @@ class RequestContext:
             # The route's template (/relays/{name}/deliver), never the path: bounded labels.
             template = getattr(route, "path", None) or "unmatched"
             TALLY.add(child(HTTP_REQUESTS, template, scope["method"], str(status)))
-            child(HTTP_DURATION, template).observe(time.perf_counter() - started)
+            TALLY.observe(child(HTTP_DURATION, template), time.perf_counter() - started)
