@@ -78,6 +78,26 @@ def test_a_body_that_never_finishes_gets_408_and_nothing_is_delivered(running: S
     assert time.monotonic() - started < 5
 
 
+def test_a_slow_but_moving_body_is_not_cut_off(running: Service) -> None:
+    # body_timeout is 0.5 s of silence, not 0.5 s in all: a byte every 0.2 s for 1.4 s is fine.
+    body = json.dumps(BODY).encode()
+    head = (
+        b"POST /relays/blackhole/deliver HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    )
+    port = int(running.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        pieces = [body[i : i + len(body) // 7 + 1] for i in range(0, len(body), len(body) // 7 + 1)]
+        for piece in pieces:
+            time.sleep(0.2)
+            sock.sendall(piece)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert status_of(answer) == 200, answer[:300]
+
+
 def test_the_service_still_serves_after_hostile_clients(running: Service) -> None:
     answer = exchange(running, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(answer) == 200
