@@ -99,7 +99,8 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any], level: i
     if not logger.isEnabledFor(level):
         return
     writer = _writer
-    if writer is None or logger.handlers or not logger.propagate or logging.root.handlers != [writer.handler]:
+    root = logging.root.handlers
+    if writer is None or logger.handlers or not logger.propagate or len(root) != 1 or root[0] is not writer.handler:
         logger.log(level, message, extra=fields)
         return
     request_id = REQUEST_ID.get()

@@ -47,6 +47,15 @@ class _Entry:
     nxdomain: bool = False
 
 
+_MX = dns.rdatatype.MX
+_IPV4 = (dns.rdatatype.A,)
+_IPV4_IPV6 = (dns.rdatatype.A, dns.rdatatype.AAAA)
+
+
+def _preference(host: MxHost) -> int:
+    return host.preference
+
+
 class DnsResolver:
     """dnspython's async resolver with a TTL cache in front of it.
 
@@ -84,24 +93,23 @@ class DnsResolver:
         """MX hosts in the order to try them: by preference, equal preferences shuffled
         (RFC 5321 5.1). None when the domain has no MX (implicit MX); [] for a null MX (RFC 7505).
         Raises NoSuchDomain or DnsFailure."""
-        entry = self._fresh(domain, dns.rdatatype.MX) or await self._lookup(domain, dns.rdatatype.MX)
+        entry = self._fresh(domain, _MX) or await self._lookup(domain, _MX)
         if entry.nxdomain:
             raise NoSuchDomain(domain)
         if not entry.records:
             return None
         hosts: list[MxHost] = list(entry.records)
-        if len(hosts) == 1 and hosts[0].name in ("", "."):
-            return []
+        if len(hosts) == 1:  # the usual case: nothing to order
+            return [] if hosts[0].name in ("", ".") else hosts
         hosts = [h for h in hosts if h.name not in ("", ".")]
-        if len(hosts) > 1:
-            random.shuffle(hosts)
-        hosts.sort(key=lambda h: h.preference)  # stable: equal preferences stay shuffled
+        random.shuffle(hosts)
+        hosts.sort(key=_preference)  # stable: equal preferences stay shuffled
         return hosts
 
     async def addresses(self, host: str, *, ipv4_only: bool) -> list[str]:
         """IPv4 then IPv6 addresses of `host`; [] when it has none. Raises DnsFailure
         only when no lookup answered."""
-        rdtypes = [dns.rdatatype.A] if ipv4_only else [dns.rdatatype.A, dns.rdatatype.AAAA]
+        rdtypes = _IPV4 if ipv4_only else _IPV4_IPV6
         found: list[str] = []
         failure: DnsFailure | None = None
         for rdtype in rdtypes:
@@ -117,7 +125,8 @@ class DnsResolver:
 
     def _fresh(self, name: str, rdtype: dns.rdatatype.RdataType) -> _Entry | None:
         """The cached answer while it is fresh: a warm cache answers without a coroutine."""
-        entry = self._cache.get((name.lower().rstrip("."), rdtype))
+        # Names usually come normalised already (domain_of lower-cases): one lookup, not two.
+        entry = self._cache.get((name, rdtype)) or self._cache.get((name.lower().rstrip("."), rdtype))
         if entry is not None and entry.expires > time.monotonic():
             self.cache_hits += 1
             TALLY.add(DNS_CACHE_HITS)

@@ -3,7 +3,7 @@
 import asyncio
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from relays import replies
 from relays.base import PermanentRelayError, RelayError, TransientRelayError
@@ -21,8 +21,7 @@ MAX_ATTEMPTS = 5
 _PRUNE_AT = 256
 
 
-@dataclass(frozen=True)
-class _Route:
+class _Route(NamedTuple):
     """Where a domain's mail goes: host names (or addresses) in order, and whether they need DNS."""
 
     hosts: list[str]
