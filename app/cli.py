@@ -291,10 +291,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                 task.add_done_callback(reloads.discard)
 
             loop.add_signal_handler(signal.SIGHUP, hangup)
-            # What exists now lives as long as the process: out of the collector's sight, a
-            # full collection no longer walks it (pauses of tens of ms under load, bench/).
-            gc.collect()
-            gc.freeze()
+            _freeze_heap()
 
         app = create_app(loaded.config, relays, on_start=started)
         # A worker's inherited socket: uvicorn's fd= would wrap it as a unix socket (no TCP_NODELAY).
@@ -358,6 +355,18 @@ async def _reload(services: Services, args: argparse.Namespace) -> None:
         len(loaded.config.relay),
         extra={"event": "config_reload", "result": "success", "relays": sorted(loaded.config.relay)},
     )
+    await services.retired()
+    # The old configuration's objects were frozen at start-up: unfrozen, collected, and what
+    # lives now frozen again, so every reload does not keep one more set of relays forever.
+    gc.unfreeze()
+    _freeze_heap()
+
+
+def _freeze_heap() -> None:
+    """What exists now lives as long as the process: out of the collector's sight, a full
+    collection no longer walks it (pauses of tens of ms under load, bench/)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

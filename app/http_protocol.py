@@ -3,17 +3,19 @@ a bounded wait for the head and the body.
 
 httptools buffers a header line of any length, any number of headers, and
 waits forever for a head or a body that never ends; one client could exhaust
-memory or connections. One timer per request watches both: it is armed when
-the request's first bytes come and fires only if no byte came for the
-timeout, so a slow but moving upload is not cut off. Here, not around the
-application's receive(): an asyncio.timeout per request cost more than a
+memory or connections. One timer per request watches both: the head must be
+complete within the timeout of its first byte; the body must not fall silent
+for the timeout (a slow but moving upload is not cut off). Here, not around
+the application's receive(): an asyncio.timeout per request cost more than a
 tenth of a blackhole delivery's overhead (bench/).
 """
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 #: Room for the request line and ordinary headers, before the envelope headers of the raw form.
@@ -26,8 +28,31 @@ def head_limit(max_recipients: int) -> int:
     return BASE_HEAD_LIMIT + HEAD_BYTES_PER_RECIPIENT * max_recipients
 
 
+#: Set in the request's scope when the protocol cut its body off (the 408 is already written):
+#: the application then reads a disconnect and answers (and counts) 408, not 400.
+BODY_TIMED_OUT = "mailrelay.body_timed_out"
+
+
+class _WatchedFlow(FlowControl):
+    """uvicorn's read flow control, telling the protocol when it starts reading again."""
+
+    def __init__(self, transport: asyncio.Transport, on_resume: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._on_resume = on_resume
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self._on_resume()
+        super().resume_reading()
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """Set `head_limit` and `idle_timeout` on a subclass (see `bounded_protocol`)."""
+    """Set `head_limit` and `idle_timeout` on a subclass (see `bounded_protocol`).
+
+    The head must be complete within `idle_timeout` of its first byte (a byte now
+    and then must not hold a connection: slowloris); the body must not fall silent
+    for `idle_timeout` while we are reading it.
+    """
 
     head_limit = BASE_HEAD_LIMIT
     idle_timeout = 30.0
@@ -37,29 +62,33 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_size = 0
         self._waiting: Literal["head", "body"] | None = None  # what the current request still lacks
-        self._last_data = 0.0
+        self._since = 0.0  # head: its first byte; body: the last byte, or when reading resumed
         self._watchdog: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.flow = _WatchedFlow(self.transport, self._reading_resumed)
 
     def data_received(self, data: bytes) -> None:
         # A head counts only between responses: bytes that come while a request is still
         # being answered (pipelining, a stray CRLF) must not cut that response off.
         in_head = self._in_head and (self.cycle is None or self.cycle.response_complete)
         if in_head and self._waiting is None:
-            self._waiting = "head"
-            self._watchdog = self.loop.call_later(self.idle_timeout, self._check)
-        if self._waiting is not None:
-            self._last_data = self.loop.time()
+            self._watch("head")
+        elif self._waiting == "body":
+            self._since = self.loop.time()
         super().data_received(data)
         if in_head and self._in_head:  # still no end of the head after this data
             self._head_size += len(data)
             if self._head_size > self.head_limit:
-                self._refuse(431, f"request headers over {self.head_limit} bytes")
+                self._refuse(431, f"request headers over {self.head_limit} bytes", head=True)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_size = 0
-        if self._waiting is not None:
-            self._waiting = "body"
+        # Every request's body is watched, also one whose head came while the previous
+        # response was still going out (pipelined), when no head was being watched.
+        self._watch("body")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -70,6 +99,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_watching()
         super().connection_lost(exc)
+
+    def _watch(self, what: Literal["head", "body"]) -> None:
+        self._waiting = what
+        self._since = self.loop.time()
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_at(self._since + self.idle_timeout, self._check)
+
+    def _reading_resumed(self) -> None:
+        # While reading was paused (the application had not caught up, or a pipelined
+        # request waited for the one before) the client could not send: not its silence.
+        if self._waiting == "body":
+            self._since = self.loop.time()
 
     def _stop_watching(self) -> None:
         self._waiting = None
@@ -82,30 +123,37 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._waiting is None:
             return
         now = self.loop.time()
-        if self.flow.read_paused:  # we stopped reading (the application has not caught up): not the client
-            self._last_data = now
-        due = self._last_data + self.idle_timeout
+        if self._waiting == "body" and self.flow.read_paused:
+            self._since = now
+        due = self._since + self.idle_timeout
         if due > now:
             self._watchdog = self.loop.call_at(due, self._check)
         elif self._waiting == "head":
-            self._refuse(408, f"the request head did not arrive within {self.idle_timeout:g} s")
+            self._refuse(408, f"the request head did not arrive within {self.idle_timeout:g} s", head=True)
         else:
-            self._refuse(408, f"the request body stopped arriving for {self.idle_timeout:g} s; nothing was delivered")
+            if self.cycle is not None:
+                self.cycle.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]  # our own key
+            self._refuse(408, body_timeout_detail(self.idle_timeout), head=False)
 
-    def _refuse(self, status: int, detail: str) -> None:
+    def _refuse(self, status: int, detail: str, *, head: bool) -> None:
         self._stop_watching()
         if self.transport.is_closing():
             return
-        if self.cycle is None or not self.cycle.response_started:
+        # For a head, self.cycle is the previous request's (finished) cycle, if any.
+        if head or self.cycle is None or not self.cycle.response_started:
             title = "Request Timeout" if status == 408 else "Request Header Fields Too Large"
             body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
-            head = (
+            head_bytes = (
                 f"HTTP/1.1 {status} {title}\r\ncontent-type: application/problem+json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
             )
-            self.transport.write(head.encode("ascii") + body)
+            self.transport.write(head_bytes.encode("ascii") + body)
         # The application, if it waits for the body, now gets http.disconnect.
         self.transport.close()
+
+
+def body_timeout_detail(seconds: float) -> str:
+    return f"the request body stopped arriving for {seconds:g} s; nothing was delivered"
 
 
 def bounded_protocol(max_recipients: int, idle_timeout: float) -> type[BoundedHttpToolsProtocol]:

@@ -5,6 +5,7 @@ import ipaddress
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
+from app.http_protocol import BODY_TIMED_OUT, body_timeout_detail
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
 from schemas.delivery import (
@@ -102,7 +103,9 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            # The client left mid-body (a timeout on its side, or ours): nothing to deliver, nothing to answer.
+            if request.scope.get(BODY_TIMED_OUT):  # the protocol answered 408 already; counted as such
+                raise ProblemError(408, body_timeout_detail(settings.body_timeout))
+            # The client left mid-body (a timeout on its side): nothing to deliver, nothing to answer.
             raise ProblemError(400, "the client closed the connection before the body was complete")
         chunk: bytes = message.get("body", b"")
         size += len(chunk)

@@ -102,6 +102,11 @@ class Services:
         if close_store:
             await close_quietly(runtime.idempotency)
 
+    async def retired(self) -> None:
+        """Until the relays of replaced configurations are closed."""
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
     async def drain(self) -> bool:
         """Refuse new deliveries and wait (at most shutdown_grace) for the running ones."""
         self.draining = True
@@ -110,8 +115,7 @@ class Services:
 
     async def aclose(self) -> None:
         self.draining = True
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.retired()
         await close_relays(self.current.relays)
         await close_quietly(self.current.idempotency)
 

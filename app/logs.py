@@ -99,14 +99,24 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any], level: i
     if not logger.isEnabledFor(level):
         return
     writer = _writer
-    root = logging.root.handlers
-    if writer is None or logger.handlers or not logger.propagate or len(root) != 1 or root[0] is not writer.handler:
+    if writer is None or not _only_writer_takes(logger, writer.handler):
         logger.log(level, message, extra=fields)
         return
     request_id = REQUEST_ID.get()
     if request_id != "-" and "request_id" not in fields:
         fields["request_id"] = request_id
     writer.records.put(Event(time.time(), level, logger.name, message, fields))
+
+
+def _only_writer_takes(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """True when the line would reach nothing but `handler` on the root logger, unfiltered."""
+    current: logging.Logger | None = logger
+    while current is not None and current is not logging.root:
+        if current.handlers or current.filters or not current.propagate:
+            return False
+        current = current.parent
+    root = logging.root
+    return len(root.handlers) == 1 and root.handlers[0] is handler and not root.filters and not handler.filters
 
 
 class _ContextQueueHandler(logging.handlers.QueueHandler):

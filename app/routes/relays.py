@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from app import idempotency, logs
@@ -266,6 +267,8 @@ async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -
         response = await deliver(name, request)
     except ProblemError as exc:
         response = problem_response(request, exc.status, exc.detail, headers=exc.headers, errors=exc.errors)
+    except StarletteHTTPException as exc:
+        response = problem_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
     except Exception as exc:  # a bug: logged, and answered 500 as the framework would
         response = internal_error(request, exc)
     await response(scope, receive, send)

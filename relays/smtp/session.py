@@ -343,6 +343,8 @@ class SmtpSession:
             transport.set_protocol(original)
             if lost is not None or not reader.clean:
                 self.close()
+        if lost is None and not reader.clean:  # all replies came, then more or an end: closed, so no data
+            lost = replies.connection_lost(names[-1])
         got = reader.replies[: len(names)]
         if any(r.code == 421 for r in got):
             self._broken = True
@@ -411,7 +413,7 @@ class SmtpSession:
         try:
             body, end = data
             view = memoryview(body)
-            for offset in range(0, len(view), _DATA_CHUNK):
+            for offset in range(0, max(len(view), 1), _DATA_CHUNK):  # an empty body still gets its "."
                 chunk = view[offset : offset + _DATA_CHUNK]
                 if offset + _DATA_CHUNK >= len(view):
                     # The final "." goes out with this chunk: from here on the server may deliver.

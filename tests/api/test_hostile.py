@@ -76,6 +76,14 @@ def test_a_body_that_never_finishes_gets_408_and_nothing_is_delivered(running: S
     assert status_of(answer) == 408
     assert b"stopped arriving" in answer
     assert time.monotonic() - started < 5
+    # Counted as what the client got, not as the disconnect the application then saw.
+    metrics = exchange(running, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").decode()
+    assert any(
+        line.startswith("mailrelay_http_requests_total{")
+        and "/relays/{name}/deliver" in line
+        and 'status="408"' in line
+        for line in metrics.splitlines()
+    )
 
 
 def test_a_slow_but_moving_body_is_not_cut_off(running: Service) -> None:
@@ -96,6 +104,62 @@ def test_a_slow_but_moving_body_is_not_cut_off(running: Service) -> None:
         while chunk := sock.recv(65536):
             answer += chunk
     assert status_of(answer) == 200, answer[:300]
+
+
+def test_a_head_sent_a_byte_at_a_time_gets_408_all_the_same(running: Service) -> None:
+    # Slowloris: the head must be complete body_timeout (0.5 s) after its first byte,
+    # however often a byte comes.
+    port = int(running.url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for byte in b"POST /relays/blackhole/deliver HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)
+                if time.monotonic() - started > 3:
+                    break
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert status_of(answer) == 408
+    assert time.monotonic() - started < 2
+
+
+def test_a_pipelined_request_whose_body_stalls_gets_408(running: Service) -> None:
+    # The second request's head comes with the first: it is queued behind it, and its
+    # body is watched too once it is read.
+    body = json.dumps(BODY).encode()
+    first = (
+        b"POST /relays/blackhole/deliver HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    second = (
+        b"POST /relays/blackhole/deliver HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n" + body[:10]
+    )
+    started = time.monotonic()
+    answer = exchange(running, first + second)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"HTTP/1.1 408" in answer
+    assert b"stopped arriving" in answer
+    assert time.monotonic() - started < 5
+
+
+def test_oversized_headers_on_a_kept_alive_connection_still_get_431(running: Service) -> None:
+    port = int(running.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        answer = b""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert status_of(answer) == 431
 
 
 def test_the_service_still_serves_after_hostile_clients(running: Service) -> None:
