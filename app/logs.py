@@ -102,10 +102,15 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any], level: i
     if writer is None or not _only_writer_takes(logger, writer.handler):
         logger.log(level, message, extra=fields)
         return
-    request_id = REQUEST_ID.get()
-    if request_id != "-" and "request_id" not in fields:
+    if "request_id" not in fields and (request_id := _request_id()):
         fields["request_id"] = request_id
     writer.records.put(Event(time.time(), level, logger.name, message, fields))
+
+
+def _request_id() -> str | None:
+    """The current request's id; it lives in a contextvar, so it is read on the loop's side."""
+    request_id = REQUEST_ID.get()
+    return None if request_id == "-" else request_id
 
 
 def _only_writer_takes(logger: logging.Logger, handler: logging.Handler) -> bool:
@@ -124,10 +129,8 @@ class _ContextQueueHandler(logging.handlers.QueueHandler):
     The request id lives in a contextvar, so it is taken here, on the loop's side."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        if not hasattr(record, "request_id"):
-            request_id = REQUEST_ID.get()
-            if request_id != "-":
-                record.request_id = request_id
+        if not hasattr(record, "request_id") and (request_id := _request_id()):
+            record.request_id = request_id
         return record  # formatted by the writer thread, not here
 
 

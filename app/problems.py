@@ -67,27 +67,16 @@ def problem_response(
     )
 
 
-async def _problem_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProblemError)  # noqa: S101 - registered for this class only
-    return problem_response(request, exc.status, exc.detail, headers=exc.headers, errors=exc.errors)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)  # noqa: S101
-    return problem_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)  # noqa: S101
-    errors = [FieldError(loc=format_path(list(e["loc"])), message=str(e["msg"])) for e in exc.errors()]
-    return problem_response(request, 422, "the request is invalid", errors=errors)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    return internal_error(request, exc)
-
-
-def internal_error(request: Request, exc: Exception) -> Response:
+def problem_for(request: Request, exc: Exception) -> Response:
+    """The problem document for an exception out of a request: what every handler below
+    answers, and what the deliver route, served ahead of FastAPI, answers too."""
+    if isinstance(exc, ProblemError):
+        return problem_response(request, exc.status, exc.detail, headers=exc.headers, errors=exc.errors)
+    if isinstance(exc, StarletteHTTPException):
+        return problem_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
+    if isinstance(exc, RequestValidationError):
+        errors = [FieldError(loc=format_path(list(e["loc"])), message=str(e["msg"])) for e in exc.errors()]
+        return problem_response(request, 422, "the request is invalid", errors=errors)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
         request,
@@ -96,8 +85,10 @@ def internal_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _handle(request: Request, exc: Exception) -> Response:
+    return problem_for(request, exc)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ProblemError, _problem_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _internal_error)
+    for kind in (ProblemError, StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(kind, _handle)

@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from app import idempotency, logs
@@ -19,7 +18,7 @@ from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_rela
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
 from app.lifespan import Runtime, Services
 from app.metrics import IN_FLIGHT, REFUSED, child, record_delivery
-from app.problems import PROBLEM_JSON, ProblemError, internal_error, problem_doc, problem_response
+from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
 from relays import progress
 from relays.base import Relay, check_results
 from relays.instruments import TALLY
@@ -265,12 +264,8 @@ async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -
     request = Request(scope, receive)
     try:
         response = await deliver(name, request)
-    except ProblemError as exc:
-        response = problem_response(request, exc.status, exc.detail, headers=exc.headers, errors=exc.errors)
-    except StarletteHTTPException as exc:
-        response = problem_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
-    except Exception as exc:  # a bug: logged, and answered 500 as the framework would
-        response = internal_error(request, exc)
+    except Exception as exc:  # as the framework's handlers would answer (a bug: logged, 500)
+        response = problem_for(request, exc)
     await response(scope, receive, send)
 
 

@@ -8,7 +8,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn, Self, cast
@@ -320,35 +320,56 @@ class SmtpSession:
         within `command_timeout`. Returns the replies that came and, if not all did, the reply
         for the rest (a timeout or a lost connection; the connection is then closed).
 
-        aiosmtplib reads one reply per command, so our own reader takes the transport for
-        the exchange and hands it back afterwards, as for the message data."""
+        Our own reader takes the transport for the exchange (`_reading_replies`)."""
+        transport = self._live_transport()
+        if transport is None:
+            return [], replies.connection_lost(names[0])
+        lost: Reply | None = None
+        with self._reading_replies(transport) as reader:
+            reader.expect(len(names))
+            try:
+                transport.write(payload)
+                while len(reader.replies) < len(names):
+                    await reader.read(len(reader.replies) + 1, self.settings.command_timeout)
+            except TimeoutError:
+                lost = replies.timed_out(names[len(reader.replies)], f"the reply to {names[len(reader.replies)]}")
+            except (aiosmtplib.SMTPException, OSError):
+                lost = replies.connection_lost(names[min(len(reader.replies), len(names) - 1)])
+        if lost is not None:
+            self.close()
+        elif not reader.clean:  # all replies came, then more or an end: closed, so no data
+            lost = replies.connection_lost(names[-1])
+        return reader.replies[: len(names)], lost
+
+    def _live_transport(self) -> asyncio.Transport | None:
+        """The connection's transport; None (and the connection closed) when it is gone."""
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         transport = cast(asyncio.Transport | None, self.smtp.transport)
         if transport is None or transport.is_closing():
             self.close()
-            return [], replies.connection_lost(names[0])
+            return None
+        return transport
+
+    @contextlib.contextmanager
+    def _reading_replies(self, transport: asyncio.Transport) -> Iterator["_ReplyReader"]:
+        """Our reader on the transport for the block, aiosmtplib's protocol back afterwards.
+
+        aiosmtplib reads one reply per command and drops data it did not ask for, so
+        pipelined commands and the message data are answered through our own reader.
+        A connection left out of step (replies missing or extra, an error) is closed;
+        a 421 marks it broken.
+        """
         original = transport.get_protocol()
         reader = _ReplyReader()
         transport.set_protocol(reader)
-        lost: Reply | None = None
-        reader.expect(len(names))
         try:
-            transport.write(payload)
-            while len(reader.replies) < len(names):
-                await reader.read(len(reader.replies) + 1, self.settings.command_timeout)
-        except TimeoutError:
-            lost = replies.timed_out(names[len(reader.replies)], f"the reply to {names[len(reader.replies)]}")
-        except (aiosmtplib.SMTPException, OSError):
-            lost = replies.connection_lost(names[min(len(reader.replies), len(names) - 1)])
+            yield reader
         finally:
             transport.set_protocol(original)
-            if lost is not None or not reader.clean:
+            if not reader.clean:
                 self.close()
-        if lost is None and not reader.clean:  # all replies came, then more or an end: closed, so no data
-            lost = replies.connection_lost(names[-1])
-        got = reader.replies[: len(names)]
-        if any(r.code == 421 for r in got):
-            self._broken = True
-        return got, lost
+            if any(r.code == 421 for r in reader.replies):
+                self._broken = True
 
     async def _end_empty_data(self) -> None:
         """DATA was accepted although the transaction cannot go on: a lone "." ends it (RFC 2920)."""
@@ -390,55 +411,45 @@ class SmtpSession:
     async def _send_data(
         self, data: tuple[bytes, bytes], recipients: Sequence[str], count: int
     ) -> tuple[list[SMTPResponse], Reply, bool]:
-        """Write the message (body and terminator, from `encode_data`) and read up to `count` replies (LMTP: one per accepted recipient).
+        """Write the message (body and terminator, from `encode_data`) and read up to `count`
+        replies (LMTP: one per accepted recipient), through our reader (`_reading_replies`).
 
         Returns the replies that came, the reply for those that did not (a
         timeout or a lost connection), and whether the whole message went out
-        (then the server may have delivered it to `recipients`).
-        aiosmtplib reads one reply per command and drops data it did not ask
-        for, so our own reader takes over the transport for this phase and
-        hands it back afterwards. `data_timeout` bounds each wait: for the
-        server to take the next chunk, and for the replies after the last.
+        (then the server may have delivered it to `recipients`). `data_timeout`
+        bounds each wait: for the server to take the next chunk, and for the
+        replies after the last.
         """
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        transport = cast(asyncio.Transport | None, self.smtp.transport)
-        if transport is None or transport.is_closing():
-            self.close()
+        transport = self._live_transport()
+        if transport is None:
             return [], replies.connection_lost("[SEND_DATA]"), False
-        original = transport.get_protocol()
-        reader = _ReplyReader()
-        transport.set_protocol(reader)
         failure: Reply | None = None
         whole_sent = False
-        try:
-            body, end = data
-            view = memoryview(body)
-            for offset in range(0, max(len(view), 1), _DATA_CHUNK):  # an empty body still gets its "."
-                chunk = view[offset : offset + _DATA_CHUNK]
-                if offset + _DATA_CHUNK >= len(view):
-                    # The final "." goes out with this chunk: from here on the server may deliver.
-                    may_have_delivered(recipients)
-                    whole_sent = True
-                    transport.writelines([chunk, end])  # one system call for both where the loop can
-                else:
-                    transport.write(chunk)
-                await reader.writable(self.settings.data_timeout)
-            reader.expect(count)
-            await reader.read(count, self.settings.data_timeout)
-        except TimeoutError:
-            failure = replies.timed_out(
-                "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
-            )
-        except (aiosmtplib.SMTPException, OSError):
-            failure = replies.connection_lost("[SEND_DATA]", maybe_delivered=True)
-        finally:
-            transport.set_protocol(original)
-            if failure is not None or not reader.clean:
-                # abort, not close: close would still send the buffered rest of the message.
-                self.close()
+        with self._reading_replies(transport) as reader:
+            try:
+                body, end = data
+                view = memoryview(body)
+                for offset in range(0, max(len(view), 1), _DATA_CHUNK):  # an empty body still gets its "."
+                    chunk = view[offset : offset + _DATA_CHUNK]
+                    if offset + _DATA_CHUNK >= len(view):
+                        # The final "." goes out with this chunk: from here on the server may deliver.
+                        may_have_delivered(recipients)
+                        whole_sent = True
+                        transport.writelines([chunk, end])  # one system call for both where the loop can
+                    else:
+                        transport.write(chunk)
+                    await reader.writable(self.settings.data_timeout)
+                reader.expect(count)
+                await reader.read(count, self.settings.data_timeout)
+            except TimeoutError:
+                failure = replies.timed_out(
+                    "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
+                )
+            except (aiosmtplib.SMTPException, OSError):
+                failure = replies.connection_lost("[SEND_DATA]", maybe_delivered=True)
+        if failure is not None:
+            self.close()  # abort, not close: close would still send the buffered rest of the message
         finals = reader.replies
-        if any(r.code == 421 for r in finals):
-            self._broken = True
         return finals, failure or replies.protocol_error("[SEND_DATA]", "fewer replies than recipients"), whole_sent
 
     async def _reset(self) -> None:
