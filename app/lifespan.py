@@ -10,8 +10,11 @@ from typing import TypedDict
 from fastapi import FastAPI
 
 from app.auth import KeyRing
+from app.delivery import DeliveryCore
 from app.idempotency import IdempotencyStore, close_quietly, open_store
 from app.limits import Limiter
+from app.logs import DeliveryLog
+from app.metrics import DeliveryMetrics
 from relays.base import Relay
 from relays.instruments import TALLY
 from relays.registry import close_relays, open_relays
@@ -29,6 +32,7 @@ class Runtime:
     keyring: KeyRing
     limiter: Limiter
     idempotency: IdempotencyStore
+    core: DeliveryCore
     active: int = 0  # deliveries running on these relays
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -36,13 +40,17 @@ class Runtime:
     def build(
         cls, config: ServiceConfig, relays: Mapping[str, Relay], idempotency: IdempotencyStore | None = None
     ) -> "Runtime":
-        return cls(
-            config=config,
-            relays=relays,
-            keyring=KeyRing(config.mailrelay.auth.keys),
-            limiter=Limiter(config.mailrelay.limits, config.relay),
-            idempotency=idempotency or open_store(config.mailrelay.idempotency),
+        settings = config.mailrelay
+        limiter = Limiter(settings.limits, config.relay)
+        store = idempotency or open_store(settings.idempotency)
+        core = DeliveryCore(
+            limiter,
+            store,
+            (DeliveryMetrics(), DeliveryLog()),
+            queue_timeout=settings.limits.queue_timeout,
+            retry_after=settings.retry_after,
         )
+        return cls(config, relays, KeyRing(settings.auth.keys), limiter, store, core)
 
     def enter(self) -> None:
         self.active += 1

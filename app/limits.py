@@ -1,12 +1,18 @@
 """Backpressure: bounded deliveries in flight, a bounded wait for a slot, and no unbounded queue."""
 
 import asyncio
-import math
 from collections.abc import Iterable
 
-from app.metrics import REFUSED, child
-from app.problems import ProblemError
 from schemas.config import LimitSettings
+
+
+class Overloaded(Exception):
+    """No slot came free in time: `what` ("the service", "relay 'x'") has `limit` deliveries in flight."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} already has {limit} deliveries in flight")
+        self.what = what
+        self.limit = limit
 
 
 class Slots:
@@ -60,20 +66,20 @@ class Limiter:
                 self.per_relay[name] = Slots(limit, limit)
 
     async def acquire(self, relay: str, wait: float) -> tuple[Slots, ...]:
-        """The slots `relay` needs, held (give them to `release`); or a 503 problem after at
+        """The slots `relay` needs, held (give them to `release`); or Overloaded after at
         most `wait` seconds. Plain calls, not a context manager: this runs on every delivery."""
         per_relay = self.per_relay.get(relay)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(0.0, wait)
         if per_relay is not None:
             if not await per_relay.acquire(give_up - loop.time()):
-                raise self._overloaded(relay, f"relay {relay!r}", per_relay.limit)
+                raise Overloaded(f"relay {relay!r}", per_relay.limit)
             held: tuple[Slots, ...] = (per_relay, self.total)
         else:
             held = (self.total,)
         try:
             if not await self.total.acquire(give_up - loop.time()):
-                raise self._overloaded(relay, "the service", self.total.limit)
+                raise Overloaded("the service", self.total.limit)
         except BaseException:
             if per_relay is not None:
                 per_relay.release()
@@ -84,13 +90,3 @@ class Limiter:
     def release(held: tuple[Slots, ...]) -> None:
         for slots in held:
             slots.release()
-
-    def _overloaded(self, relay: str, what: str, limit: int) -> ProblemError:
-        child(REFUSED, relay, "overloaded").inc()
-        retry_after = max(1, math.ceil(self.settings.queue_timeout))
-        return ProblemError(
-            503,
-            f"overloaded: {what} already has {limit} deliveries in flight and none finished in time; "
-            "nothing was delivered, retry later",
-            headers={"Retry-After": str(retry_after)},
-        )

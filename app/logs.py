@@ -8,11 +8,15 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Literal, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
 
 import orjson
 
 from app.observability import REQUEST_ID
+from schemas.delivery import DeliveryResult, domain_of
+
+if TYPE_CHECKING:  # the core imports nothing of ours at run time, and we nothing of it
+    from app.delivery import Delivery
 
 LogFormat = Literal["auto", "json", "text"]
 #: Attributes every LogRecord has; anything else was passed in `extra` and is a field.
@@ -105,6 +109,42 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any], level: i
     if "request_id" not in fields and (request_id := _request_id()):
         fields["request_id"] = request_id
     writer.records.put(Event(time.time(), level, logger.name, message, fields))
+
+
+class DeliveryLog:
+    """The delivery core's observer that writes one line per delivery: who, which relay, how many,
+    what came back; never addresses or content."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger("mailrelay.delivery")
+
+    def started(self, delivery: "Delivery") -> None:
+        pass
+
+    def ended(self, delivery: "Delivery") -> None:
+        pass
+
+    def finished(self, delivery: "Delivery", result: DeliveryResult, seconds: float) -> None:
+        sender = delivery.envelope.sender
+        outcome = result.status
+        event(
+            self.logger,
+            f"delivery via {result.relay}: {outcome}",
+            {
+                "event": "delivery",
+                "relay": result.relay,
+                "key": delivery.caller,
+                "sender_domain": domain_of(sender) if sender else "",
+                "recipients": len(result.recipients),
+                "codes": [r.reply.code for r in result.recipients],
+                "outcome": outcome,
+                "elapsed_ms": result.elapsed_ms,
+                "possibly_delivered": sum(r.possibly_delivered for r in result.recipients),
+            },
+        )
+
+    def refused(self, relay_name: str, reason: str) -> None:
+        pass
 
 
 def _request_id() -> str | None:

@@ -7,7 +7,7 @@ answers /metrics adds them all up.
 """
 
 import os
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +22,9 @@ from prometheus_client import (
 
 from relays.instruments import TALLY
 from schemas.delivery import DeliveryResult
+
+if TYPE_CHECKING:  # the core imports nothing of ours at run time, and we nothing of it
+    from app.delivery import Delivery
 
 #: From 1 ms (blackhole, a pooled SMTP hop) to a minute (the longest deadline worth waiting for).
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -74,20 +77,32 @@ def child(metric: _Metric, *labels: str) -> _Metric:
     return found  # type: ignore[return-value]
 
 
-def record_delivery(result: DeliveryResult, outcome: str, seconds: float) -> None:
-    relay = result.relay
-    TALLY.add(child(DELIVERIES, relay, outcome))
-    TALLY.observe(child(DURATION, relay), seconds)
-    classes: dict[str, int] = {}
-    maybe = 0
-    for r in result.recipients:
-        key = f"{r.reply.code // 100}xx"
-        classes[key] = classes.get(key, 0) + 1
-        maybe += r.possibly_delivered
-    for key, count in classes.items():
-        TALLY.add(child(RECIPIENTS, relay, key), count)
-    if maybe:
-        TALLY.add(child(POSSIBLY_DELIVERED, relay), maybe)
+class DeliveryMetrics:
+    """The delivery core's observer for the Prometheus metrics (changes go through TALLY)."""
+
+    def started(self, delivery: "Delivery") -> None:
+        TALLY.add(child(IN_FLIGHT, delivery.relay_name))
+
+    def ended(self, delivery: "Delivery") -> None:
+        TALLY.add(child(IN_FLIGHT, delivery.relay_name), -1)
+
+    def finished(self, delivery: "Delivery", result: DeliveryResult, seconds: float) -> None:
+        relay = result.relay
+        TALLY.add(child(DELIVERIES, relay, result.status))
+        TALLY.observe(child(DURATION, relay), seconds)
+        classes: dict[str, int] = {}
+        maybe = 0
+        for r in result.recipients:
+            key = f"{r.reply.code // 100}xx"
+            classes[key] = classes.get(key, 0) + 1
+            maybe += r.possibly_delivered
+        for key, count in classes.items():
+            TALLY.add(child(RECIPIENTS, relay, key), count)
+        if maybe:
+            TALLY.add(child(POSSIBLY_DELIVERED, relay), maybe)
+
+    def refused(self, relay_name: str, reason: str) -> None:
+        child(REFUSED, relay_name, reason).inc()
 
 
 def exposition() -> tuple[bytes, str]:

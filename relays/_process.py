@@ -10,9 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relays import replies
-from relays.base import RelayError
+from relays.base import DeliveryContext, RelayError
 from relays.instruments import PROCESS_RUNS
-from relays.progress import may_have_delivered
 from schemas.config import ConfigError
 from schemas.relay_options import ProcessOptions
 from schemas.reply import Reply
@@ -76,7 +75,9 @@ class ProcessRunner:
             }
         )
 
-    async def run(self, args: Sequence[str], message: bytes, recipients: Sequence[str]) -> Exit:
+    async def run(
+        self, args: Sequence[str], message: bytes, recipients: Sequence[str], context: DeliveryContext
+    ) -> Exit:
         """Run `args` with `message` on stdin, delivering to `recipients`. Raises RelayError when
         the command cannot be started (4.3.5) or outlives `timeout` (4.4.2; its whole process
         group is killed)."""
@@ -88,11 +89,13 @@ class ProcessRunner:
                 replies.timed_out(self.step, f"a free process slot ({self.timeout:g} s)")
             ) from None
         try:
-            return await self._run(args, message, recipients)
+            return await self._run(args, message, recipients, context)
         finally:
             self._limit.release()
 
-    async def _run(self, args: Sequence[str], message: bytes, recipients: Sequence[str]) -> Exit:
+    async def _run(
+        self, args: Sequence[str], message: bytes, recipients: Sequence[str], context: DeliveryContext
+    ) -> Exit:
         try:
             process = await asyncio.create_subprocess_exec(
                 *args,
@@ -110,7 +113,7 @@ class ProcessRunner:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
         # A command may act before it has read its input, so once it runs it may have delivered.
-        may_have_delivered(recipients)
+        context.data_sent(recipients)
         stdout, stderr = bytearray(), bytearray()
         io = asyncio.gather(
             _read_capped(process.stdout, stdout), _read_capped(process.stderr, stderr), _feed(process, message)

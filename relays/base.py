@@ -1,13 +1,47 @@
 """The relay interface and the error tree relays use internally."""
 
+import asyncio
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from typing_extensions import TypeIs
 
 from schemas.delivery import Envelope, RecipientResult
 from schemas.reply import Reply
+
+
+class DeliveryContext:
+    """What the service tells a relay about one delivery, and what the relay tells it back.
+
+    `deadline` is the event loop time (`loop.time()`) at which the service
+    cancels `deliver()` and answers every recipient with a transient failure.
+    Before that, a relay calls `data_sent(recipients)` at the moment the next
+    hop could act on the message for those recipients (the final "." of the
+    SMTP data written, a delivery agent started, an HTTP request sent): if the
+    deadline then cuts the delivery off, those recipients are answered
+    `possibly_delivered`, so the client knows a retry may send a second copy.
+    Tasks the relay starts may share the context; it is used from the event
+    loop's thread only.
+    """
+
+    __slots__ = ("_sent", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._sent: set[str] = set()
+
+    def remaining(self) -> float:
+        """Seconds until the deadline (negative once past it)."""
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def data_sent(self, recipients: Iterable[str]) -> None:
+        """The next hop may now deliver to these recipients, whatever happens next."""
+        self._sent.update(recipients)
+
+    def may_have(self, recipient: str) -> bool:
+        """True once `data_sent` named `recipient`."""
+        return recipient in self._sent
 
 
 @runtime_checkable
@@ -17,11 +51,14 @@ class Relay(Protocol):
     `deliver()` returns exactly one RecipientResult per recipient of the
     envelope, in the same order, and never raises for a delivery outcome
     (refusals, timeouts, unreachable hosts are results). An exception out of
-    `deliver()` is a bug and becomes a 500. `aclose()` releases connections,
-    processes and clients; it is called once, at shutdown.
+    `deliver()` is a bug and becomes a 500. The service cancels `deliver()`
+    at `context.deadline`; a relay tells it through `context.data_sent()`
+    which recipients the next hop may already have (see DeliveryContext).
+    `aclose()` releases connections, processes and clients; it is called
+    once, at shutdown.
     """
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]: ...
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]: ...
 
     async def aclose(self) -> None: ...
 

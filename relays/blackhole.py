@@ -1,6 +1,6 @@
 """`blackhole`: accepts every message and discards it."""
 
-from relays.base import same_result
+from relays.base import DeliveryContext, same_result
 from relays.ids import unique_hex
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import BlackholeOptions
@@ -13,7 +13,7 @@ class BlackholeRelay:
     def __init__(self, name: str, options: BlackholeOptions, context: object = None) -> None:
         self.name = name
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         reply = Reply(
             code=250,
             enhanced_status="2.0.0",

@@ -1,12 +1,17 @@
 """`custom`: a relay built by an importable factory, `"package.module:symbol"`."""
 
 import importlib
+import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from relays.base import Relay, is_relay
+from relays.base import DeliveryContext, Relay, is_relay
 from schemas.config import ConfigError
+from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import CustomOptions
+
+logger = logging.getLogger(__name__)
 
 
 def import_factory(spec: str) -> Callable[..., Any]:
@@ -48,6 +53,45 @@ def load_custom_relay(name: str, options: CustomOptions, context: object = None)
         raise ConfigError.at(
             path,
             f'factory "{options.factory}" returned {type(relay).__name__}, which is not a relay '
-            "(it needs `async def deliver(envelope)` and `async def aclose()`)",
+            "(it needs `async def deliver(envelope, context)` and `async def aclose()`)",
         )
+    if _positional_parameters(relay.deliver) == 1:
+        logger.warning(
+            "relay %r: deliver(envelope) takes no context; cut off by the deadline, all its recipients are "
+            "answered possibly_delivered. Write deliver(envelope, context) and call context.data_sent()",
+            name,
+            extra={"event": "config_warning", "path": path},
+        )
+        return _WithoutContext(relay)
     return relay
+
+
+def _positional_parameters(method: Callable[..., Any]) -> int | None:
+    """How many positional arguments `method` takes; None for *args or an unreadable signature."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+
+
+class _WithoutContext:
+    """A relay written for `deliver(envelope)`, before the context existed.
+
+    It cannot say when the message left, so the service assumes the worst:
+    from the start, every recipient may have it (a deadline answers them
+    possibly_delivered rather than invite a retry that could send twice).
+    """
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+        context.data_sent(envelope.recipients)
+        results: list[RecipientResult] = await self.relay.deliver(envelope)
+        return results
+
+    async def aclose(self) -> None:
+        await self.relay.aclose()

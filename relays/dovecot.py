@@ -5,7 +5,7 @@ import os
 import shutil
 
 from relays._process import ProcessRunner, error_text, exit_reply
-from relays.base import RelayError
+from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import DovecotOptions
@@ -25,17 +25,17 @@ class DovecotRelay:
         self.runner = ProcessRunner(options, name, STEP)
         self.path = find_lda(options.path)
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
-        replies = await asyncio.gather(*(self._deliver_one(envelope, rcpt) for rcpt in envelope.recipients))
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+        replies = await asyncio.gather(*(self._deliver_one(envelope, rcpt, context) for rcpt in envelope.recipients))
         return [
             RecipientResult(recipient=r, reply=reply) for r, reply in zip(envelope.recipients, replies, strict=True)
         ]
 
-    async def _deliver_one(self, envelope: Envelope, recipient: str) -> Reply:
+    async def _deliver_one(self, envelope: Envelope, recipient: str, context: DeliveryContext) -> Reply:
         sender = envelope.sender or "MAILER-DAEMON"
         args = [self.path, "-e", *self.options.extra_args, "-f", sender, "-d", recipient]
         try:
-            exit = await self.runner.run(args, envelope.message, [recipient])
+            exit = await self.runner.run(args, envelope.message, [recipient], context)
         except RelayError as exc:
             return exc.reply
         return exit_reply(exit, STEP, error_text(exit), transient=frozenset({75}), what="dovecot-lda")

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from relays import replies
+from relays.base import DeliveryContext
 from relays.context import RelayContext
-from relays.progress import may_have_delivered
 from relays.tls import client_context
 from schemas.delivery import Envelope, RecipientResult, delivery_status
 from schemas.relay_options import HttpOptions
@@ -64,7 +64,7 @@ class HttpRelay:
             ),
         )
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         recipients = list(envelope.recipients)
         headers = [
             ("Content-Type", "message/rfc822"),
@@ -85,7 +85,7 @@ class HttpRelay:
             yield envelope.message
             # httpx asks for more only once the message is written: the next hop may act on it now.
             sent = True
-            may_have_delivered(recipients)
+            context.data_sent(recipients)
 
         try:
             async with (

@@ -1,7 +1,7 @@
 """`maildrop`: local delivery with courier maildrop, `maildrop -f <sender> [extra args]`."""
 
 from relays._process import ProcessRunner, error_text, exit_reply
-from relays.base import RelayError
+from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import MaildropOptions
@@ -18,10 +18,10 @@ class MaildropRelay:
         self.options = options
         self.runner = ProcessRunner(options, name, STEP)
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         args = [self.options.path, "-f", envelope.sender or "MAILER-DAEMON", *self.options.extra_args]
         try:
-            exit = await self.runner.run(args, envelope.message, envelope.recipients)
+            exit = await self.runner.run(args, envelope.message, envelope.recipients, context)
         except RelayError as exc:
             reply = exc.reply
         else:

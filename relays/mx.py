@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from relays import replies
-from relays.base import PermanentRelayError, RelayError, TransientRelayError
+from relays.base import DeliveryContext, PermanentRelayError, RelayError, TransientRelayError
 from relays.context import RelayContext
 from relays.dns import DnsFailure, NoSuchDomain
 from relays.smtp.pool import SmtpPool
@@ -45,7 +45,7 @@ class MxRelay:
         self.settings = SessionSettings.from_options(options, name, lmtp=False)
         self._pools: dict[Destination, SmtpPool] = {}
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         results: list[RecipientResult | None] = [None] * len(envelope.recipients)
         groups: dict[str, list[int]] = {}
         for i, rcpt in enumerate(envelope.recipients):
@@ -56,15 +56,20 @@ class MxRelay:
                 results[i] = RecipientResult(recipient=rcpt, reply=replies.no_domain())
         if len(groups) == 1:  # the usual case: no task to start and schedule
             ((domain, indexes),) = groups.items()
-            await self._deliver_domain(envelope, domain, indexes, results)
+            await self._deliver_domain(envelope, domain, indexes, results, context)
         elif groups:
             async with asyncio.TaskGroup() as group:
                 for domain, indexes in groups.items():
-                    group.create_task(self._deliver_domain(envelope, domain, indexes, results))
+                    group.create_task(self._deliver_domain(envelope, domain, indexes, results, context))
         return [r for r in results if r is not None]
 
     async def _deliver_domain(
-        self, envelope: Envelope, domain: str, indexes: Sequence[int], results: list[RecipientResult | None]
+        self,
+        envelope: Envelope,
+        domain: str,
+        indexes: Sequence[int],
+        results: list[RecipientResult | None],
+        context: DeliveryContext,
     ) -> None:
         recipients = [envelope.recipients[i] for i in indexes]
         transaction: Transaction | None = None
@@ -85,7 +90,7 @@ class MxRelay:
                     continue
                 for address in addresses:
                     destination = Destination(address, route.port, name)
-                    transaction = await self._pool(destination).deliver(envelope, recipients)
+                    transaction = await self._pool(destination).deliver(envelope, recipients, context)
                     attempts += 1
                     if transaction.data_sent or not all(r.is_transient for r in transaction.replies):
                         break

@@ -3,7 +3,7 @@
 import asyncio
 
 from relays._process import ProcessRunner, error_text, exit_reply
-from relays.base import RelayError
+from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import PipeOptions
@@ -22,20 +22,20 @@ class PipeRelay:
         self.options = options
         self.runner = ProcessRunner(options, name, STEP)
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         # One run per recipient, concurrently; the runner bounds how many at once.
-        replies = await asyncio.gather(*(self._deliver_one(envelope, rcpt) for rcpt in envelope.recipients))
+        replies = await asyncio.gather(*(self._deliver_one(envelope, rcpt, context) for rcpt in envelope.recipients))
         return [
             RecipientResult(recipient=r, reply=reply) for r, reply in zip(envelope.recipients, replies, strict=True)
         ]
 
-    async def _deliver_one(self, envelope: Envelope, recipient: str) -> Reply:
+    async def _deliver_one(self, envelope: Envelope, recipient: str, context: DeliveryContext) -> Reply:
         values = macro_values(envelope, recipient)
         args = [arg.format_map(values) for arg in self.options.args]
         if refusal := _option_injection(self.options.args, args):
             return refusal
         try:
-            exit = await self.runner.run(args, envelope.message, [recipient])
+            exit = await self.runner.run(args, envelope.message, [recipient], context)
         except RelayError as exc:
             return exc.reply
         return exit_reply(

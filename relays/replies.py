@@ -1,5 +1,8 @@
 """Replies mailrelay synthesises when the next hop gave none: functions, never shared constants."""
 
+from collections.abc import Sequence
+
+from schemas.delivery import RecipientResult
 from schemas.reply import Reply
 
 
@@ -71,3 +74,19 @@ def null_mx(domain: str) -> Reply:
 
 def no_domain() -> Reply:
     return _reply(550, "5.1.3", "Recipient address has no domain", "[ROUTE]")
+
+
+def deadline_reached(seconds: float, *, maybe_delivered: bool) -> Reply:
+    outcome = "the message may have been delivered" if maybe_delivered else "not delivered"
+    return _reply(451, "4.4.7", f"Delivery deadline ({seconds:g} s) reached; {outcome}", "[DEADLINE]")
+
+
+def partial_delivery(results: Sequence[RecipientResult], first_failure: Reply) -> Reply:
+    """A partial outcome answered as a transient failure of the whole envelope."""
+    failed = sum(r.status != "delivered" for r in results)
+    return Reply.parse(
+        451,
+        f"4.5.0 Partial delivery: {failed} of {len(results)} recipients failed "
+        f"(first: {first_failure.code} {first_failure.message}); the envelope may be retried as a whole",
+        first_failure.command,
+    )

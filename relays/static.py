@@ -1,5 +1,6 @@
 """`static`: SMTP to one host, through a pool of reused connections."""
 
+from relays.base import DeliveryContext
 from relays.context import RelayContext
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings
@@ -18,9 +19,9 @@ class StaticRelay:
         destination = Destination(address=options.host, port=options.port, name=options.host)
         self.pool = SmtpPool(destination, settings, options.concurrent_connections, options.idle_timeout)
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         recipients = list(envelope.recipients)
-        transaction = await self.pool.deliver(envelope, recipients)
+        transaction = await self.pool.deliver(envelope, recipients, context)
         host = self.pool.destination.label
         return [
             RecipientResult(recipient=rcpt, reply=reply, host=host, possibly_delivered=i in transaction.in_doubt)

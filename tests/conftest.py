@@ -1,5 +1,6 @@
 """Shared fixtures: configurations, in-process clients, free ports."""
 
+import asyncio
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.config import parse_config
 from app.main import create_app
-from relays.base import Relay
+from relays.base import DeliveryContext, Relay
 from relays.registry import close_relays, open_relays
 from schemas.config import ServiceConfig
 from schemas.delivery import Envelope
@@ -98,6 +99,11 @@ async def opened(text: str) -> AsyncIterator[dict[str, Relay]]:
 def envelope(*recipients: str, sender: str = "alice@example.com", message: bytes | None = None) -> Envelope:
     body = message or b"From: alice@example.com\r\nSubject: test\r\nMessage-Id: <t1@example.com>\r\n\r\nHello\r\n"
     return Envelope(sender=sender, recipients=list(recipients), message=body)
+
+
+def context(seconds: float = 60.0) -> DeliveryContext:
+    """A delivery context with its deadline `seconds` from now, as the service makes one."""
+    return DeliveryContext(asyncio.get_running_loop().time() + seconds)
 
 
 def post_delivery(

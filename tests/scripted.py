@@ -3,12 +3,15 @@
 Options: `replies`, a mapping recipient -> "CODE text" (others get 250);
 `command`, the command the scripted replies answered (default RCPT);
 `misbehave`: "raise" or "drop_one" to break the relay contract on purpose;
-`delay`: seconds each delivery takes (for limits and deadlines).
+`delay`: seconds each delivery takes (for limits and deadlines);
+`stall_after_data`: seconds to wait after telling the context the data went out
+(a next hop that took the message and never answered).
 """
 
 import asyncio
 from typing import Any
 
+from relays.base import DeliveryContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.reply import Reply
 
@@ -19,15 +22,19 @@ class ScriptedRelay:
         self.command: str = options.get("command", "RCPT")
         self.misbehave: str | None = options.get("misbehave")
         self.delay: float = float(options.get("delay", 0))
+        self.stall_after_data: float = float(options.get("stall_after_data", 0))
         self.delivered: list[Envelope] = []
         self.closed = False
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.misbehave == "raise":
             raise RuntimeError("scripted failure")
         self.delivered.append(envelope)
+        if self.stall_after_data:
+            context.data_sent(envelope.recipients)
+            await asyncio.sleep(self.stall_after_data)
         results = []
         for rcpt in envelope.recipients:
             code, _, text = self.replies.get(rcpt, "250 2.0.0 Ok: queued").partition(" ")
@@ -43,6 +50,25 @@ class ScriptedRelay:
 
 def factory(options: dict[str, Any]) -> ScriptedRelay:
     return ScriptedRelay(options)
+
+
+class OneArgumentRelay:
+    """A relay written for the first contract, `deliver(envelope)`, with no context."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.delay: float = float(options.get("delay", 0))
+
+    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
+        await asyncio.sleep(self.delay)
+        reply = Reply.parse(250, "2.0.0 Ok", "[SEND_DATA]")
+        return [RecipientResult(recipient=r, reply=reply) for r in envelope.recipients]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def one_argument_factory(options: dict[str, Any]) -> OneArgumentRelay:
+    return OneArgumentRelay(options)
 
 
 def not_a_relay(options: dict[str, Any]) -> object:

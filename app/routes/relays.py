@@ -1,10 +1,6 @@
 """`/relays`: the configured relays, and delivery through one of them."""
 
-import asyncio
-import contextlib
-import logging
 import math
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,23 +8,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from app import idempotency, logs
-from app.auth import Principal
+from app import idempotency
+from app.delivery import Deadline, Delivery, Refused
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, is_raw_form, read_envelope
-from app.lifespan import Runtime, Services
-from app.metrics import IN_FLIGHT, REFUSED, child, record_delivery
+from app.lifespan import Services
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
-from relays import progress
-from relays.base import Relay, check_results
-from relays.instruments import TALLY
-from schemas.delivery import DeliveryResult, Envelope, RecipientResult, domain_of
+from schemas.delivery import DeliveryResult
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
-from schemas.reply import Reply
 
-logger = logging.getLogger(__name__)
-delivery_log = logging.getLogger("mailrelay.delivery")
 router = APIRouter(prefix="/relays", tags=["relays"])
 
 
@@ -219,7 +208,6 @@ async def deliver(name: RelayName, request: Request) -> Response:
     """
     # The hot path does without FastAPI's dependency solving, which costs more
     # per request than these lookups (see bench/).
-    loop = asyncio.get_running_loop()
     services = await get_services(request)
     runtime = services.current
     # Counted before the first await: a reload or a drain waits for this request,
@@ -230,12 +218,20 @@ async def deliver(name: RelayName, request: Request) -> Response:
         relay = find_relay(name, runtime, principal)
         _refuse_if_draining(services, name)
         settings = runtime.config.mailrelay
-        seconds = _deadline(request, settings.delivery_deadline)
-        deadline = loop.time() + seconds
+        deadline = Deadline.within(_deadline(request, settings.delivery_deadline))
         key = _idempotency_key(request)
         envelope = await read_envelope(request, settings)
         _refuse_if_draining(services, name)  # the body may have taken a while
-        return await _deliver_once(request, runtime, principal, name, relay, envelope, (deadline, seconds), key)
+        delivery = Delivery(name, relay, envelope, deadline, principal.name, key, is_raw_form(request))
+        try:
+            answer = await runtime.core.deliver(delivery)
+        except Refused as refused:
+            headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after is not None else None
+            raise ProblemError(refused.status, refused.detail, headers=headers) from None
+        headers = answer.headers
+        if answer.replayed:
+            headers = {**headers, "Idempotent-Replayed": "true"}
+        return Response(answer.body, status_code=answer.status, media_type=JSON, headers=headers)
     finally:
         runtime.leave()
 
@@ -271,181 +267,8 @@ async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -
 
 def _refuse_if_draining(services: Services, relay: str) -> None:
     if services.draining:
-        child(REFUSED, relay, "draining").inc()
-        raise ProblemError(503, "shutting down; not accepting deliveries", headers={"Retry-After": "5"})
-
-
-async def _deliver_once(
-    request: Request,
-    runtime: Runtime,
-    principal: Principal,
-    name: str,
-    relay: Relay,
-    envelope: Envelope,
-    deadline: tuple[float, float],
-    key: str | None,
-) -> Response:
-    """Deliver, or replay what an earlier request with the same Idempotency-Key got.
-    `deadline` is (loop time, its length in seconds)."""
-    loop = asyncio.get_running_loop()
-    settings = runtime.config.mailrelay
-    if key is None:
-        return await _deliver(request, runtime, name, relay, envelope, deadline, principal)
-
-    store = runtime.idempotency
-    key = idempotency.scoped_key(principal.name, key)
-    fingerprint = idempotency.fingerprint(name, envelope)
-    try:
-        # The claim outlives any delivery (deadline), so it cannot lapse while one runs.
-        claim = await store.claim(key, fingerprint, hold=deadline[0] - loop.time() + _CLAIM_MARGIN)
-    except idempotency.StoreUnavailable as exc:
-        logger.error("idempotency store unavailable: %s", exc)
-        raise ProblemError(
-            503,
-            "the idempotency store is unavailable, so a repeat could not be recognised; nothing was delivered",
-            headers={"Retry-After": str(settings.retry_after)},
-        ) from None
-    if isinstance(claim, idempotency.Replay):
-        stored = claim.response
-        return Response(
-            stored.body,
-            status_code=stored.status,
-            media_type=JSON,
-            headers={**stored.headers, "Idempotent-Replayed": "true"},
-        )
-    if isinstance(claim, idempotency.Running):
-        raise ProblemError(
-            409,
-            "a request with this Idempotency-Key is still running; retry when it has finished",
-            headers={"Retry-After": "1"},
-        )
-    if isinstance(claim, idempotency.Mismatch):
-        raise ProblemError(
-            422,
-            "this Idempotency-Key was used for a different request (relay, envelope or message); "
-            "use a new key for a new message",
-        )
-
-    try:
-        response = await _deliver(request, runtime, name, relay, envelope, deadline, principal)
-    except BaseException:
-        with contextlib.suppress(idempotency.StoreUnavailable):
-            await asyncio.shield(store.release(key, claim))
-        raise
-    try:
-        if response.status_code == 503:  # not final (a raw-form partial too): the same key may be retried
-            await store.release(key, claim)
-        else:
-            headers = {k: v for k, v in response.headers.items() if k.lower() in _STORED_HEADERS}
-            await store.complete(
-                key, claim, fingerprint, idempotency.StoredResponse(response.status_code, headers, bytes(response.body))
-            )
-    except idempotency.StoreUnavailable as exc:
-        # The delivery happened; the client gets its result. A repeat may not be recognised.
-        logger.error("idempotency store unavailable after delivery; the result was not stored: %s", exc)
-    return response
-
-
-#: The claim's margin over the deadline, for writing the result back.
-_CLAIM_MARGIN = 30.0
-_STORED_HEADERS = {"x-smtp-reply", "retry-after"}
-
-
-async def _deliver(
-    request: Request,
-    runtime: Runtime,
-    name: str,
-    relay: Relay,
-    envelope: Envelope,
-    deadline_at: tuple[float, float],
-    principal: Principal,
-) -> Response:
-    """Wait for a slot, deliver within the deadline, and build the response."""
-    loop = asyncio.get_running_loop()
-    settings = runtime.config.mailrelay
-    deadline, limit = deadline_at
-    in_flight = child(IN_FLIGHT, name)
-    held = await runtime.limiter.acquire(name, min(settings.limits.queue_timeout, deadline - loop.time()))
-    TALLY.add(in_flight)
-    in_doubt = progress.track()
-    started = time.perf_counter()
-    timer = asyncio.timeout_at(deadline)
-    try:
-        async with timer:
-            results = await relay.deliver(envelope)
-    except TimeoutError:
-        if not timer.expired():
-            raise
-        results = _deadline_results(envelope, in_doubt, limit)
-    finally:
-        TALLY.add(in_flight, -1)
-        runtime.limiter.release(held)
-    seconds = time.perf_counter() - started
-    elapsed_ms = round(seconds * 1000, 3)
-    check_results(name, envelope, results)
-    result = DeliveryResult(
-        relay=name,
-        message_id=envelope.message_id,
-        elapsed_ms=elapsed_ms,
-        recipients=results,
-    )
-
-    outcome = result.status
-    status = _HTTP_STATUS[outcome]
-    summary = summary_reply(result)
-    if outcome == "partial" and is_raw_form(request):
-        # slimta's http relay reads any 2xx as success for every recipient, so a 207
-        # would lose the failed ones. Mail systems prefer a duplicate to a loss: say
-        # "try again" for the whole envelope (the JSON body still has every outcome).
-        status = 503
-        failed = sum(r.status != "delivered" for r in result.recipients)
-        summary = Reply.parse(
-            451,
-            f"4.5.0 Partial delivery: {failed} of {len(result.recipients)} recipients failed "
-            f"(first: {summary.code} {summary.message}); the envelope may be retried as a whole",
-            summary.command,
-        )
-    headers = {"X-Smtp-Reply": format_smtp_reply(summary)}
-    if status == 503:
-        headers["Retry-After"] = str(settings.retry_after)
-    record_delivery(result, outcome, seconds)
-    _log_delivery(result, outcome, principal, envelope, elapsed_ms)
-    return Response(result.model_dump_json(), status_code=status, media_type=JSON, headers=headers)
-
-
-def _log_delivery(
-    result: DeliveryResult, outcome: str, principal: Principal, envelope: Envelope, elapsed_ms: float
-) -> None:
-    """One line per delivery: who, which relay, how many, what came back; never addresses or content."""
-    logs.event(
-        delivery_log,
-        f"delivery via {result.relay}: {outcome}",
-        {
-            "event": "delivery",
-            "relay": result.relay,
-            "key": principal.name,
-            "sender_domain": domain_of(envelope.sender) if envelope.sender else "",
-            "recipients": len(result.recipients),
-            "codes": [r.reply.code for r in result.recipients],
-            "outcome": outcome,
-            "elapsed_ms": elapsed_ms,
-            "possibly_delivered": sum(r.possibly_delivered for r in result.recipients),
-        },
-    )
-
-
-def _deadline_results(envelope: Envelope, in_doubt: set[str], limit: float) -> list[RecipientResult]:
-    """Every recipient's result when the deadline cut the delivery off."""
-    maybe = Reply.parse(
-        451, f"4.4.7 Delivery deadline ({limit:g} s) reached; the message may have been delivered", "[DEADLINE]"
-    )
-    not_sent = Reply.parse(451, f"4.4.7 Delivery deadline ({limit:g} s) reached; not delivered", "[DEADLINE]")
-    return [
-        RecipientResult(recipient=r, reply=maybe, possibly_delivered=True)
-        if r in in_doubt
-        else RecipientResult(recipient=r, reply=not_sent)
-        for r in envelope.recipients
-    ]
+        refused = services.current.core.refuse(relay, "draining", "shutting down; not accepting deliveries", 5)
+        raise ProblemError(503, refused.detail, headers={"Retry-After": "5"})
 
 
 def _deadline(request: Request, limit: float) -> float:
@@ -478,40 +301,3 @@ def _idempotency_key(request: Request) -> str | None:
             errors=[FieldError(loc=idempotency.HEADER, message=problem)],
         )
     return values[0]
-
-
-_HTTP_STATUS = {
-    "delivered": 200,
-    "partial": 207,
-    "transient_failure": 503,
-    "permanent_failure": 400,
-}
-
-
-def summary_reply(result: DeliveryResult) -> Reply:
-    """The reply that speaks for the whole delivery: the first one of the outcome's class.
-
-    For a partial outcome that is the first failed recipient's reply.
-    """
-    wanted = {"partial": ("transient_failure", "permanent_failure")}.get(result.status, (result.status,))
-    return next(r.reply for r in result.recipients if r.status in wanted)
-
-
-def format_smtp_reply(reply: Reply) -> str:
-    """slimta's `X-Smtp-Reply` header: `<code>; message="<text>"[; command="<cmd>"]`.
-
-    slimta's parser reads a quoted value up to the next `"` and knows no
-    escapes, so quotes inside become `'`; the value is kept to printable ASCII.
-    """
-    value = f'{reply.code}; message="{_header_text(reply.message)}"'
-    if reply.command:
-        value += f'; command="{_header_text(reply.command)}"'
-    return value
-
-
-def _header_text(text: str) -> str:
-    # Printable ASCII; `"` becomes `'` (slimta's parser stops at the next quote) and `\`
-    # is escaped as in a quoted-string, so our own parser reads the text back exactly.
-    if not (text.isascii() and text.isprintable()):  # the usual case needs no pass per character
-        text = "".join(c if " " <= c <= "~" else (" " if c in "\r\n\t" else "?") for c in text)
-    return text.replace("\\", "\\\\").replace('"', "'")

@@ -5,7 +5,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from relays.base import RelayError
+from relays.base import DeliveryContext, RelayError
 from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED, TALLY
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope
@@ -55,7 +55,7 @@ class SmtpPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def deliver(self, envelope: Envelope, recipients: list[str]) -> Transaction:
+    async def deliver(self, envelope: Envelope, recipients: list[str], context: DeliveryContext) -> Transaction:
         """One transaction on a pooled connection. A reused connection found dead
         before anything was sent is replaced by a fresh one, so a stale socket never fails a delivery."""
         session = await self._acquire(reuse=True)
@@ -72,7 +72,7 @@ class SmtpPool:
                     self._discard(session)
                     raise
             try:
-                transaction = await session.transaction(envelope, recipients)
+                transaction = await session.transaction(envelope, recipients, context)
             except StaleSessionError:
                 self._discard(session)
                 session = await self._acquire(reuse=False)  # a fresh connection never raises it again

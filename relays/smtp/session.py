@@ -17,8 +17,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from relays import replies
-from relays.base import RelayError
-from relays.progress import may_have_delivered
+from relays.base import DeliveryContext, RelayError
 from relays.tls import client_context
 from schemas.delivery import Envelope
 from schemas.relay_options import SmtpOptions
@@ -184,7 +183,7 @@ class SmtpSession:
             self._fail(_refusal(response, "HELO"))
         self.smtp.last_helo_response = response
 
-    async def transaction(self, envelope: Envelope, recipients: Sequence[str]) -> Transaction:
+    async def transaction(self, envelope: Envelope, recipients: Sequence[str], context: DeliveryContext) -> Transaction:
         """MAIL, one RCPT per recipient, DATA and the message; one reply per recipient.
 
         Raises StaleSessionError when a reused connection turns out dead at
@@ -214,6 +213,7 @@ class SmtpSession:
                 encode_data(envelope.message),
                 [recipients[i] for i in accepted],
                 len(accepted) if self.settings.lmtp else 1,
+                context,
             )
             if not self.settings.lmtp:
                 finals = finals * len(accepted)
@@ -409,7 +409,7 @@ class SmtpSession:
         return response
 
     async def _send_data(
-        self, data: tuple[bytes, bytes], recipients: Sequence[str], count: int
+        self, data: tuple[bytes, bytes], recipients: Sequence[str], count: int, context: DeliveryContext
     ) -> tuple[list[SMTPResponse], Reply, bool]:
         """Write the message (body and terminator, from `encode_data`) and read up to `count`
         replies (LMTP: one per accepted recipient), through our reader (`_reading_replies`).
@@ -433,7 +433,7 @@ class SmtpSession:
                     chunk = view[offset : offset + _DATA_CHUNK]
                     if offset + _DATA_CHUNK >= len(view):
                         # The final "." goes out with this chunk: from here on the server may deliver.
-                        may_have_delivered(recipients)
+                        context.data_sent(recipients)
                         whole_sent = True
                         transport.writelines([chunk, end])  # one system call for both where the loop can
                     else:

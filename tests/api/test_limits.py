@@ -142,6 +142,24 @@ def test_the_deadline_header_can_only_lower_the_service_deadline(make_client: Ca
     assert "(0.2 s)" in response.json()["recipients"][0]["reply"]["message"]
 
 
+def test_a_custom_relay_cut_off_by_the_deadline_says_what_may_have_been_delivered(
+    make_client: Callable[[str], TestClient],
+) -> None:
+    client = make_client(
+        "relay:\n"
+        "  told: {type: custom, factory: 'tests.scripted:factory', stall_after_data: 30}\n"
+        "  silent: {type: custom, factory: 'tests.scripted:factory', delay: 30}\n"
+        "  old: {type: custom, factory: 'tests.scripted:one_argument_factory', delay: 30}\n"
+    )
+    maybe = {}
+    for relay in ("told", "silent", "old"):
+        response = client.post(f"/relays/{relay}/deliver", json=BODY, headers={"X-Delivery-Timeout": "0.2"})
+        assert response.status_code == 503
+        maybe[relay] = [r["possibly_delivered"] for r in response.json()["recipients"]]
+    # `told` said the data went out; `silent` did not; `old` (deliver(envelope)) cannot say, so maybe.
+    assert maybe == {"told": [True], "silent": [False], "old": [True]}
+
+
 def test_an_invalid_deadline_header_is_422(client: TestClient) -> None:
     for value in ("soon", "0", "-1", "nan", "inf", ""):
         response = client.post("/relays/blackhole/deliver", json=BODY, headers={"X-Delivery-Timeout": value})

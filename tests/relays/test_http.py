@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from app.routes.relays import format_smtp_reply
+from app.delivery import format_smtp_reply
 from relays.http import parse_smtp_reply
 from schemas.reply import Reply
-from tests.conftest import envelope, opened
+from tests.conftest import context, envelope, opened
 from tests.servers.http import Answer, http_server
 from tests.servers.mailrelay import start_server, wait_ready
 
@@ -54,9 +54,11 @@ def next_hop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 async def test_chained_mailrelays_keep_per_recipient_outcomes(next_hop: str) -> None:
     async with opened(http(f"{next_hop}/relays/mixed/deliver")) as relays:
-        results = await relays["hop"].deliver(envelope("ok@example.net", "later@example.net", "bad@example.net"))
+        results = await relays["hop"].deliver(
+            envelope("ok@example.net", "later@example.net", "bad@example.net"), context()
+        )
     async with opened(http(f"{next_hop}/relays/discard/deliver")) as relays:
-        (discarded,) = await relays["hop"].deliver(envelope("x@example.net"))
+        (discarded,) = await relays["hop"].deliver(envelope("x@example.net"), context())
     assert [(r.status, r.reply.code, r.reply.command) for r in results] == [
         ("delivered", 250, "[SEND_DATA]"),
         ("transient_failure", 451, "RCPT"),
@@ -71,7 +73,7 @@ async def test_chained_mailrelays_keep_per_recipient_outcomes(next_hop: str) -> 
 async def test_unicode_addresses_survive_the_round_trip(next_hop: str) -> None:
     recipients = ("用户@例子.广告", "jörg@bücher.example")
     async with opened(http(f"{next_hop}/relays/discard/deliver")) as relays:
-        results = await relays["hop"].deliver(envelope(*recipients, sender="ñandú@example.com"))
+        results = await relays["hop"].deliver(envelope(*recipients, sender="ñandú@example.com"), context())
     assert [r.recipient for r in results] == list(recipients)
     assert all(r.status == "delivered" for r in results)
 
@@ -106,7 +108,7 @@ async def test_responses_and_failures_are_classified(
 ) -> None:
     with http_server(ANSWERS) as server:
         async with opened(http(server.url(path), "timeout: 1")) as relays:
-            (result,) = await relays["hop"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
         request = server.requests[0] if server.requests else {}
     assert (result.status, result.reply.code, result.reply.enhanced_status, result.reply.command) == (
         status,
@@ -128,7 +130,7 @@ async def test_keep_alive_only_with_idle_timeout() -> None:
         with http_server(ANSWERS) as server:
             async with opened(http(server.url("/ok"), extra)) as relays:
                 for _ in range(3):
-                    (result,) = await relays["hop"].deliver(envelope("bob@example.net"))
+                    (result,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
                     assert result.status == "delivered"
             assert server.connections == connections, extra
 
@@ -152,9 +154,9 @@ async def test_https_verified_and_failing_verification(ca: trustme.CA, tmp_path:
     ca.cert_pem.write_to_path(str(ca_file))
     with http_server(ANSWERS, tls=server_context(ca)) as server:
         async with opened(http(server.url("/ok"), f"tls: {{ca_certs: '{ca_file}'}}")) as relays:
-            (verified,) = await relays["hop"].deliver(envelope("bob@example.net"))
+            (verified,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
         async with opened(http(server.url("/ok"))) as relays:  # https:// alone: default verification
-            (unverified,) = await relays["hop"].deliver(envelope("bob@example.net"))
+            (unverified,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
     assert verified.status == "delivered"
     assert (unverified.status, unverified.reply.code, unverified.reply.enhanced_status) == (
         "transient_failure",
@@ -172,9 +174,9 @@ async def test_https_client_certificate(ca: trustme.CA, tmp_path: Path) -> None:
         async with opened(
             http(server.url("/ok"), f"tls: {{ca_certs: '{ca_file}', certfile: '{client_pem}'}}")
         ) as relays:
-            (with_cert,) = await relays["hop"].deliver(envelope("bob@example.net"))
+            (with_cert,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
         async with opened(http(server.url("/ok"), f"tls: {{ca_certs: '{ca_file}'}}")) as relays:
-            (without,) = await relays["hop"].deliver(envelope("bob@example.net"))
+            (without,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
     assert with_cert.status == "delivered"
     assert without.status == "transient_failure"
 
@@ -242,7 +244,7 @@ LYING = {
 async def test_next_hops_that_contradict_themselves(path: str, status: str, code: int) -> None:
     with http_server(LYING) as server:
         async with opened(http(server.url(path))) as relays:
-            (result,) = await relays["hop"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
         (request,) = server.requests
     assert (result.status, result.reply.code) == (status, code)
     assert request["Accept-Encoding"] == ["identity"]

@@ -1,6 +1,6 @@
 """`lmtp` against dovecot's real LMTP server, and aiosmtpd's LMTP for scripted per-recipient replies."""
 
-from tests.conftest import envelope, opened
+from tests.conftest import context, envelope, opened
 from tests.servers.dovecot import dovecot
 from tests.servers.smtp import Script, smtp_server
 
@@ -18,7 +18,7 @@ async def test_dovecot_answers_each_recipient_after_the_data() -> None:
     with dovecot() as store:
         async with opened(lmtp(store.lmtp_port)) as relays:
             results = await relays["store"].deliver(
-                envelope("alice@example.test", "ghost@example.test", "carol@example.test", message=message)
+                envelope("alice@example.test", "ghost@example.test", "carol@example.test", message=message), context()
             )
         assert [r.status for r in results] == ["delivered", "permanent_failure", "permanent_failure"], results
         alice, ghost, carol = (r.reply for r in results)
@@ -37,7 +37,7 @@ async def test_dovecot_connection_is_reused_after_lmtp_replies() -> None:
         async with opened(lmtp(store.lmtp_port)) as relays:
             for n in range(3):
                 (result,) = await relays["store"].deliver(
-                    envelope("bob@example.test", message=f"Subject: {n}\r\n\r\nhi\r\n".encode())
+                    envelope("bob@example.test", message=f"Subject: {n}\r\n\r\nhi\r\n".encode()), context()
                 )
                 assert result.status == "delivered"
             pool = relays["store"].pool  # type: ignore[attr-defined]
@@ -59,8 +59,8 @@ async def test_scripted_lmtp_replies_keep_rcpt_order() -> None:
                 "bad@example.test",
                 "ok2@example.test",
             ]
-            results = await relays["store"].deliver(envelope(*recipients))
-            again = await relays["store"].deliver(envelope("ok@example.test"))
+            results = await relays["store"].deliver(envelope(*recipients), context())
+            again = await relays["store"].deliver(envelope("ok@example.test"), context())
     assert [(r.recipient, r.reply.code) for r in results] == [
         ("ok@example.test", 250),
         ("full@example.test", 452),

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tests.conftest import envelope, opened
+from tests.conftest import context, envelope, opened
 from tests.servers.dovecot import dovecot
 from tests.servers.process import require_program, stop
 
@@ -19,9 +19,9 @@ async def test_dovecot_lda_outcomes() -> None:
     with dovecot() as store:
         async with opened(lda(store.config)) as relays:
             delivered, unknown = await relays["d"].deliver(
-                envelope("alice@example.test", "ghost@example.test", message=MESSAGE)
+                envelope("alice@example.test", "ghost@example.test", message=MESSAGE), context()
             )
-            (quota,) = await relays["d"].deliver(envelope("carol@example.test", message=BIG))
+            (quota,) = await relays["d"].deliver(envelope("carol@example.test", message=BIG), context())
         (stored,) = store.maildir("alice")
     assert (delivered.status, delivered.reply.code, delivered.reply.command) == ("delivered", 250, "[DOVECOT]")
     assert b"Subject: local" in stored
@@ -34,9 +34,9 @@ async def test_dovecot_lda_outcomes() -> None:
 async def test_dovecot_quota_tempfail_and_a_stopped_master() -> None:
     with dovecot("quota_full_tempfail = yes\n") as store:
         async with opened(lda(store.config)) as relays:
-            (quota,) = await relays["d"].deliver(envelope("carol@example.test", message=BIG))
+            (quota,) = await relays["d"].deliver(envelope("carol@example.test", message=BIG), context())
             stop(store.process)
-            (no_master,) = await relays["d"].deliver(envelope("alice@example.test", message=MESSAGE))
+            (no_master,) = await relays["d"].deliver(envelope("alice@example.test", message=MESSAGE), context())
     assert (quota.status, quota.reply.code) == ("transient_failure", 451)
     assert "Quota exceeded" in quota.reply.message
     # dovecot logs the reason to its log file, so the reply names the status
@@ -69,10 +69,10 @@ async def test_maildrop_outcomes(tmp_path: Path) -> None:
         path.chmod(0o600)
         async with opened(maildrop(path)) as relays:
             outcomes[name] = await relays["m"].deliver(
-                envelope("alice@example.test", "bob@example.test", message=MESSAGE)
+                envelope("alice@example.test", "bob@example.test", message=MESSAGE), context()
             )
     async with opened(maildrop(tmp_path / "missing.filter")) as relays:
-        (missing,) = await relays["m"].deliver(envelope("alice@example.test", message=MESSAGE))
+        (missing,) = await relays["m"].deliver(envelope("alice@example.test", message=MESSAGE), context())
 
     assert [r.status for r in outcomes["deliver"]] == ["delivered", "delivered"]
     (stored,) = (box / "new").iterdir()  # one run per message: the filter delivers it once

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, SmtpSession
 from schemas.relay_options import StaticOptions
-from tests.conftest import envelope, opened, post_delivery
+from tests.conftest import context, envelope, opened, post_delivery
 from tests.servers.raw import Conversation, RawServer, raw_server
 
 
@@ -31,7 +31,7 @@ async def test_data_that_outlasts_data_timeout_is_cut_off_not_delivered() -> Non
     with raw_server(slow_reader) as server:
         async with opened(relay(server.port, "data_timeout: 0.5")) as relays:
             started = time.monotonic()
-            (result,) = await relays["out"].deliver(envelope("bob@example.net", message=message))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
             elapsed = time.monotonic() - started
         await asyncio.sleep(0.5)
     assert not server.errors, server.errors
@@ -57,7 +57,7 @@ async def test_unexpected_2xx_replies_are_never_a_delivery() -> None:
     for handler, command in ((data_250, "DATA"), (ehlo_220, "EHLO")):
         with raw_server(handler) as server:
             async with opened(relay(server.port)) as relays:
-                (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+                (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
         assert result.status == "transient_failure", (command, result)
         assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.5.0", command)
 
@@ -75,7 +75,7 @@ async def test_mail_answered_with_any_2xx_goes_on() -> None:
 
     with raw_server(mail_252) as server:
         async with opened(relay(server.port)) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert result.status == "delivered"
     assert server.data_received[0][1]
 
@@ -89,7 +89,7 @@ async def test_lmtp_replies_before_a_lost_connection_stand() -> None:
 
     with raw_server(one_reply_then_close) as server:
         async with opened(relay(server.port, kind="lmtp")) as relays:
-            results = await relays["out"].deliver(envelope("a@x.test", "b@x.test", "c@x.test"))
+            results = await relays["out"].deliver(envelope("a@x.test", "b@x.test", "c@x.test"), context())
     assert [r.status for r in results] == ["delivered", "transient_failure", "transient_failure"]
     assert "may have been delivered" in results[1].reply.message
 
@@ -148,7 +148,7 @@ async def test_connections_saying_quit_still_count_against_the_limit() -> None:
         settings = SessionSettings.from_options(options, "out", lmtp=False)
         pool = SmtpPool(Destination("127.0.0.1", server.port, "127.0.0.1"), settings, 2, 0, session_factory=Counted)
         transactions = await asyncio.gather(
-            *(pool.deliver(envelope(f"r{i}@x.test"), [f"r{i}@x.test"]) for i in range(6))
+            *(pool.deliver(envelope(f"r{i}@x.test"), [f"r{i}@x.test"], context()) for i in range(6))
         )
         await pool.aclose()
     assert all(t.replies[0].code == 250 for t in transactions)
@@ -173,9 +173,9 @@ async def test_starttls_refused() -> None:
 
     with raw_server(refuses_tls) as server:
         async with opened(relay(server.port, "tls: {mode: opportunistic}")) as relays:
-            (plain,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (plain,) = await relays["out"].deliver(envelope("bob@example.net"), context())
         async with opened(relay(server.port, "tls: {mode: starttls}")) as relays:
-            (required,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (required,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert plain.status == "delivered"  # opportunistic: carried on in plain text
     assert (required.status, required.reply.code, required.reply.enhanced_status) == ("transient_failure", 451, "4.7.4")
     assert "502 5.5.1 not today" in required.reply.message or "not today" in required.reply.message

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from app.config import parse_config
 from schemas.config import ConfigError
 from schemas.delivery import ClientInfo, Envelope
-from tests.conftest import envelope, opened, post_delivery
+from tests.conftest import context, envelope, opened, post_delivery
 from tests.servers.process import traversable_tmpdir
 
 
@@ -49,7 +49,7 @@ async def test_exit_status_and_text_decide(
     tmp_path: Path, body: str, status: str, code: int, enhanced: str, text: str
 ) -> None:
     async with opened(pipe(str(script(tmp_path, body)))) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert (result.status, result.reply.code, result.reply.enhanced_status) == (status, code, enhanced)
     assert text in result.reply.message
     assert result.reply.command == "[PIPE]"
@@ -58,7 +58,7 @@ async def test_exit_status_and_text_decide(
 async def test_error_pattern_picks_the_text(tmp_path: Path) -> None:
     body = "echo 'noise before'; echo 'error: 5.7.1 relaying denied' >&2; exit 1"
     async with opened(pipe(str(script(tmp_path, body)), extra="error_pattern: 'error: (.*)'\n")) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert (result.reply.code, result.reply.enhanced_status, result.reply.message) == (
         550,
         "5.7.1",
@@ -89,7 +89,7 @@ async def test_every_macro_is_one_argument(tmp_path: Path) -> None:
         client=client,
     )
     async with opened(pipe(str(record), "--", *macros, "x{recipient}y")) as relays:
-        (result,) = await relays["p"].deliver(env)
+        (result,) = await relays["p"].deliver(env, context())
     assert result.status == "delivered"
     assert out.read_text().splitlines() == [
         "--",
@@ -110,11 +110,11 @@ async def test_a_recipient_starting_with_a_dash_is_never_an_option(tmp_path: Pat
     marker = tmp_path / "ran"
     body = f"touch {marker}"
     async with opened(pipe(str(script(tmp_path, body)), "{recipient}")) as relays:
-        (refused,) = await relays["p"].deliver(envelope("-rf@example.net"))
+        (refused,) = await relays["p"].deliver(envelope("-rf@example.net"), context())
     assert (refused.status, refused.reply.code, refused.reply.enhanced_status) == ("permanent_failure", 553, "5.1.3")
     assert not marker.exists()
     async with opened(pipe(str(script(tmp_path, body)), "--", "{recipient}")) as relays:
-        (allowed,) = await relays["p"].deliver(envelope("-rf@example.net"))
+        (allowed,) = await relays["p"].deliver(envelope("-rf@example.net"), context())
     assert allowed.status == "delivered"  # after "--" it is an operand
 
 
@@ -123,7 +123,7 @@ async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     body = f"sleep 30 & echo $! > {pids}; sleep 30"
     async with opened(pipe(str(script(tmp_path, body)), extra="timeout: 0.5\n")) as relays:
         started = time.monotonic()
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
         elapsed = time.monotonic() - started
     assert (result.status, result.reply.code, result.reply.enhanced_status) == ("transient_failure", 451, "4.4.2")
     assert elapsed < 10
@@ -137,7 +137,7 @@ async def test_a_missing_or_unrunnable_command(tmp_path: Path) -> None:
     not_executable.write_text("x")
     for command, reason in ((str(tmp_path / "nope"), "No such file"), (str(not_executable), "Permission denied")):
         async with opened(pipe(command)) as relays:
-            (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
         assert (result.status, result.reply.code, result.reply.enhanced_status) == ("transient_failure", 451, "4.3.5")
         assert reason in result.reply.message
 
@@ -145,7 +145,7 @@ async def test_a_missing_or_unrunnable_command(tmp_path: Path) -> None:
 async def test_output_is_capped(tmp_path: Path) -> None:
     body = "head -c 10000000 /dev/zero | tr '\\0' x; exit 1"
     async with opened(pipe(str(script(tmp_path, body)))) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert result.status == "permanent_failure"
     assert len(result.reply.message) < 1000
 
@@ -172,7 +172,7 @@ async def test_concurrent_processes_are_bounded(tmp_path: Path) -> None:
     log = tmp_path / "log"
     body = f"echo start >> {log}; sleep 0.3; echo end >> {log}"
     async with opened(pipe(str(script(tmp_path, body)), extra="concurrent_processes: 2\n")) as relays:
-        results = await relays["p"].deliver(envelope(*(f"r{i}@x.test" for i in range(6))))
+        results = await relays["p"].deliver(envelope(*(f"r{i}@x.test" for i in range(6))), context())
     assert all(r.status == "delivered" for r in results)
     running = most = 0
     for line in log.read_text().split():
@@ -210,7 +210,7 @@ async def test_cwd_env_and_user() -> None:
     command, out = _world_readable_script('echo "$(pwd) $(id -u) $GREETING ${HOME:-nohome}" > OUT')
     extra = "cwd: /\nenv: {GREETING: hello}\nuser: nobody\n"
     async with opened(pipe(str(command), extra=extra)) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert result.status == "delivered", result.reply
     assert out.read_text().split() == ["/", "65534", "hello", "nohome"]  # exactly the configured environment
     shutil.rmtree(out.parent)
@@ -227,7 +227,7 @@ async def test_a_hostile_message_id_stays_one_harmless_argument(tmp_path: Path) 
     record = script(tmp_path, f'for a in "$@"; do printf "[%s]\\n" "$a" >> {out}; done')
     message = b"Message-Id: <a\x00b;$(reboot)>\r\n folded\r\n\r\nbody\r\n"
     async with opened(pipe(str(record), "--", "{message_id}")) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net", message=message))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net", message=message), context())
     assert result.status == "delivered"
     assert out.read_text().splitlines() == ["[--]", "[<ab;$(reboot)> folded]"]
 
@@ -236,7 +236,7 @@ async def test_a_dash_from_any_macro_is_caught(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     command = str(script(tmp_path, f"touch {marker}"))
     async with opened(pipe(command, "{client_ehlo}{recipient}")) as relays:
-        (refused,) = await relays["p"].deliver(envelope("-oX@x.test"))
+        (refused,) = await relays["p"].deliver(envelope("-oX@x.test"), context())
     assert (refused.reply.code, refused.reply.enhanced_status) == (553, "5.1.3")
     assert not marker.exists()
 
@@ -253,7 +253,7 @@ def test_no_macro_may_choose_the_program() -> None:
 async def test_error_pattern_groups(tmp_path: Path, pattern: str, output: str, text: str) -> None:
     command = str(script(tmp_path, f"echo '{output}'; exit 1"))
     async with opened(pipe(command, extra=f"error_pattern: '{pattern}'\n")) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert result.reply.message == text
 
 
@@ -263,7 +263,7 @@ async def test_a_daemon_holding_the_output_open_does_not_hide_the_exit(tmp_path:
     body = f"cat > /dev/null; setsid sh -c 'echo $$ > {pids}; exec sleep 30' & exit 0"
     async with opened(pipe(str(script(tmp_path, body)), extra="timeout: 5\n")) as relays:
         started = time.monotonic()
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
         elapsed = time.monotonic() - started
     os.kill(int(pids.read_text()), 9)
     assert result.status == "delivered"
@@ -273,7 +273,7 @@ async def test_a_daemon_holding_the_output_open_does_not_hide_the_exit(tmp_path:
 async def test_the_wait_for_a_process_slot_is_bounded(tmp_path: Path) -> None:
     command = str(script(tmp_path, "cat > /dev/null; sleep 1"))
     async with opened(pipe(command, extra="timeout: 1.5\nconcurrent_processes: 1\n")) as relays:
-        results = await relays["p"].deliver(envelope(*(f"r{i}@x.test" for i in range(4))))
+        results = await relays["p"].deliver(envelope(*(f"r{i}@x.test" for i in range(4))), context())
     assert results[0].status == "delivered"
     waited = [r for r in results if r.reply.enhanced_status == "4.4.2"]
     assert waited
@@ -284,7 +284,7 @@ async def test_the_service_environment_is_not_passed_on(tmp_path: Path, monkeypa
     monkeypatch.setenv("SERVICE_SECRET", "s3cr3t")
     out = tmp_path / "env"
     async with opened(pipe(str(script(tmp_path, f"env > {out}")))) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert result.status == "delivered"
     names = {line.split("=", 1)[0] for line in out.read_text().splitlines()}
     assert "SERVICE_SECRET" not in names
@@ -294,7 +294,7 @@ async def test_the_service_environment_is_not_passed_on(tmp_path: Path, monkeypa
 async def test_control_characters_never_reach_the_reply(tmp_path: Path) -> None:
     command = str(script(tmp_path, "printf 'ok\\033[31m\\000x'; exit 1"))
     async with opened(pipe(command)) as relays:
-        (result,) = await relays["p"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["p"].deliver(envelope("bob@example.net"), context())
     assert result.reply.message.isprintable()
 
 
@@ -302,7 +302,7 @@ async def test_a_cancelled_delivery_kills_its_command(tmp_path: Path) -> None:
     pids = tmp_path / "pid"
     command = str(script(tmp_path, f"echo $$ > {pids}; exec sleep 30"))
     async with opened(pipe(command)) as relays:
-        task = asyncio.ensure_future(relays["p"].deliver(envelope("bob@example.net")))
+        task = asyncio.ensure_future(relays["p"].deliver(envelope("bob@example.net"), context()))
         await asyncio.sleep(0.5)  # the command has started by then
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -4,7 +4,7 @@ The raw server reads every command of the group before it answers any: a client
 that waited for each reply would stall until command_timeout.
 """
 
-from tests.conftest import envelope, opened
+from tests.conftest import context, envelope, opened
 from tests.relays.test_misbehaving_servers import relay
 from tests.servers.raw import Conversation, RawServer, raw_server
 
@@ -30,7 +30,7 @@ async def test_the_envelope_goes_in_one_write_and_replies_are_read_in_order() ->
 
     with raw_server(server_side) as server:
         async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            bob, ghost = await relays["out"].deliver(envelope("bob@example.net", "ghost@example.net"))
+            bob, ghost = await relays["out"].deliver(envelope("bob@example.net", "ghost@example.net"), context())
     assert not server.errors, server.errors
     assert seen == [
         ["MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.net>", "RCPT TO:<ghost@example.net>", "DATA"]
@@ -54,7 +54,7 @@ async def test_a_refused_sender_with_data_accepted_anyway_ends_with_a_lone_dot()
 
     with raw_server(server_side) as server:
         async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert not server.errors, server.errors
     assert (result.status, result.reply.code, result.reply.command) == ("permanent_failure", 553, "MAIL")
     assert after_group == [".", "QUIT"]  # no message content went out
@@ -67,7 +67,7 @@ async def test_a_connection_lost_in_the_middle_of_the_replies_delivers_nothing()
 
     with raw_server(server_side) as server:
         async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"))
+            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"), context())
     assert not server.errors, server.errors
     assert [r.status for r in results] == ["transient_failure"] * 2
     assert [(r.reply.enhanced_status, r.reply.command) for r in results] == [("4.4.2", "RCPT")] * 2

@@ -16,7 +16,7 @@ from schemas.config import ConfigError
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import OPTIONS_BY_TYPE, BlackholeOptions
 from schemas.reply import Reply
-from tests.conftest import config_from
+from tests.conftest import config_from, context
 from tests.scripted import ScriptedRelay
 
 ENVELOPE = Envelope(sender="a@x.test", recipients=["b@y.test", "c@z.test"], message=b"Subject: s\r\n\r\nbody\r\n")
@@ -28,7 +28,7 @@ def test_registry_and_options_union_name_the_same_types() -> None:
 
 async def test_blackhole_delivers_every_recipient_with_one_id_per_message() -> None:
     relay = BlackholeRelay("b", BlackholeOptions(type="blackhole"))
-    first, second = await relay.deliver(ENVELOPE), await relay.deliver(ENVELOPE)
+    first, second = await relay.deliver(ENVELOPE, context()), await relay.deliver(ENVELOPE, context())
     assert [r.recipient for r in first] == ["b@y.test", "c@z.test"]
     assert all(r.status == "delivered" and r.reply.code == 250 and r.reply.enhanced_status == "2.0.0" for r in first)
     assert first[0].reply.message.startswith("2.0.0 Message Delivered; ")
@@ -44,7 +44,7 @@ async def test_custom_factory_gets_every_option() -> None:
     relays = await open_relays(config)
     relay = relays["s"]
     assert isinstance(relay, ScriptedRelay)
-    results = await relay.deliver(ENVELOPE)
+    results = await relay.deliver(ENVELOPE, context())
     assert [r.status for r in results] == ["permanent_failure", "delivered"]
 
 

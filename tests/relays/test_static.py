@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from relays.smtp.session import encode_data
-from tests.conftest import envelope, opened, post_delivery
+from tests.conftest import context, envelope, opened, post_delivery
 from tests.servers.mailrelay import start_server, wait_ready
 from tests.servers.process import free_port
 from tests.servers.sink import smtp_sink
@@ -31,7 +31,9 @@ async def test_delivers_and_reports_each_recipient(pipelining: bool) -> None:
     message = b"Subject: dots\r\n\r\n.leading dot\r\nbare LF\nend"
     with smtp_server(pipelining=pipelining) as server:
         async with opened(static(server.port)) as relays:
-            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.org", message=message))
+            results = await relays["out"].deliver(
+                envelope("bob@example.net", "carol@example.org", message=message), context()
+            )
     assert [r.status for r in results] == ["delivered", "delivered"]
     assert results[0].reply.code == 250
     assert results[0].reply.command == "[SEND_DATA]"
@@ -87,7 +89,9 @@ async def test_mail_and_data_failures_apply_to_every_accepted_recipient(
     script.rcpt["refused@example.net"] = "550 5.1.1 No such user"
     with smtp_server(script, pipelining=pipelining) as server:
         async with opened(static(server.port)) as relays:
-            results = await relays["out"].deliver(envelope("a@example.net", "refused@example.net", "b@example.net"))
+            results = await relays["out"].deliver(
+                envelope("a@example.net", "refused@example.net", "b@example.net"), context()
+            )
     codes = [(r.reply.code, r.reply.command) for r in results]
     if command == "MAIL":
         assert codes == [(code, "MAIL")] * 3
@@ -100,7 +104,7 @@ async def test_a_stalled_server_is_a_bounded_transient_failure(pipelining: bool)
     with smtp_server(Script(rcpt_delay=5), pipelining=pipelining) as server:
         async with opened(static(server.port, "command_timeout: 0.5")) as relays:
             started = time.monotonic()
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
             elapsed = time.monotonic() - started
     assert result.status == "transient_failure"
     assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.4.2", "RCPT")
@@ -112,7 +116,7 @@ async def test_a_stalled_server_is_a_bounded_transient_failure(pipelining: bool)
 async def test_a_connection_dropped_during_data_is_never_delivered(pipelining: bool) -> None:
     with smtp_server(Script(drop_in_data=True), pipelining=pipelining) as server:
         async with opened(static(server.port)) as relays:
-            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"))
+            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"), context())
     assert [r.status for r in results] == ["transient_failure"] * 2
     assert results[0].reply.command == "[SEND_DATA]"
     assert "may have been delivered" in results[0].reply.message
@@ -120,7 +124,7 @@ async def test_a_connection_dropped_during_data_is_never_delivered(pipelining: b
 
 async def test_connection_refused_is_transient() -> None:
     async with opened(static(free_port())) as relays:
-        (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+        (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.4.1", "[CONNECT]")
     assert "refused" in result.reply.message.lower()
 
@@ -128,7 +132,7 @@ async def test_connection_refused_is_transient() -> None:
 async def test_starttls_with_a_verified_certificate(tmp_path: Path) -> None:
     with tls_material(tmp_path) as tls, smtp_server(tls=tls) as server:
         async with opened(static(server.port, f"tls: {{ca_certs: '{tls.ca_file}'}}")) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert result.status == "delivered"
     assert server.received[0].tls
 
@@ -136,7 +140,7 @@ async def test_starttls_with_a_verified_certificate(tmp_path: Path) -> None:
 async def test_starttls_failing_verification_is_transient(tmp_path: Path) -> None:
     with tls_material(tmp_path) as tls, smtp_server(tls=tls) as server:
         async with opened(static(server.port, "tls: {}")) as relays:  # system CAs: the test CA is unknown
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.7.5", "STARTTLS")
     assert "CERTIFICATE_VERIFY_FAILED" in result.reply.message
     assert server.received == []
@@ -145,7 +149,7 @@ async def test_starttls_failing_verification_is_transient(tmp_path: Path) -> Non
 async def test_starttls_required_but_not_offered() -> None:
     with smtp_server() as server:
         async with opened(static(server.port, "tls: {mode: starttls}")) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.7.4", "STARTTLS")
 
 
@@ -153,7 +157,7 @@ async def test_opportunistic_tls(tmp_path: Path) -> None:
     with tls_material(tmp_path) as tls, smtp_server(tls=tls) as with_tls, smtp_server() as plain:
         for server, encrypted in ((with_tls, True), (plain, False)):
             async with opened(static(server.port, "tls: {mode: opportunistic}")) as relays:
-                (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+                (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
             assert result.status == "delivered"
             assert server.received[0].tls is encrypted
 
@@ -161,7 +165,7 @@ async def test_opportunistic_tls(tmp_path: Path) -> None:
 async def test_implicit_tls(tmp_path: Path) -> None:
     with tls_material(tmp_path) as tls, smtp_server(tls=tls, implicit_tls=True) as server:
         async with opened(static(server.port, f"tls: {{mode: implicit, ca_certs: '{tls.ca_file}'}}")) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert result.status == "delivered"
     assert server.received[0].tls
 
@@ -171,7 +175,7 @@ async def test_auth(password: str, status: str) -> None:
     with smtp_server(auth=True) as server:
         config = static(server.port, f"credentials: {{username: relay-user, password: {password}}}")
         async with opened(config) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert result.status == status
     if status == "delivered":
         assert server.received[0].login == b"relay-user"
@@ -201,7 +205,7 @@ def test_smtp_sink_through_the_api(make_client: Callable[[str], TestClient]) -> 
 async def test_helo_fallback_when_ehlo_is_refused() -> None:
     with smtp_sink("-e") as sink:
         async with opened(static(sink.port)) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert result.status == "delivered"
     assert any(line.endswith(": HELO localhost\n") for line in sink.log)
 
@@ -210,9 +214,9 @@ async def test_eight_bit_message() -> None:
     message = "Subject: café\r\n\r\nnaïve\r\n".encode()
     with smtp_sink("-8") as without, smtp_sink() as with_8bit:
         async with opened(static(without.port)) as relays:
-            (refused,) = await relays["out"].deliver(envelope("bob@example.net", message=message))
+            (refused,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
         async with opened(static(with_8bit.port)) as relays:
-            (sent,) = await relays["out"].deliver(envelope("bob@example.net", message=message))
+            (sent,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
         dumps = with_8bit.messages()
         assert without.messages() == []
     assert (refused.reply.code, refused.reply.enhanced_status) == (554, "5.6.3")
@@ -224,7 +228,7 @@ async def test_sequential_deliveries_reuse_one_connection() -> None:
     with smtp_sink() as sink:
         async with opened(static(sink.port)) as relays:
             for _ in range(5):
-                (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+                (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
                 assert result.status == "delivered"
         # closed at shutdown with QUIT
         await asyncio.sleep(0.2)
@@ -237,7 +241,9 @@ async def test_sequential_deliveries_reuse_one_connection() -> None:
 async def test_concurrent_deliveries_stay_within_concurrent_connections() -> None:
     with smtp_sink() as sink:
         async with opened(static(sink.port, "concurrent_connections: 3")) as relays:
-            results = await asyncio.gather(*(relays["out"].deliver(envelope(f"r{i}@example.net")) for i in range(30)))
+            results = await asyncio.gather(
+                *(relays["out"].deliver(envelope(f"r{i}@example.net"), context()) for i in range(30))
+            )
         assert all(r[0].status == "delivered" for r in results)
         assert sink.most_at_once <= 3
         assert sink.connects <= 3
@@ -247,9 +253,9 @@ async def test_concurrent_deliveries_stay_within_concurrent_connections() -> Non
 async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
     with smtp_sink("-t", "1") as sink:  # the sink drops connections idle for 1 s
         async with opened(static(sink.port, "idle_timeout: 30")) as relays:
-            (first,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
             await asyncio.sleep(1.6)
-            (second,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (second,) = await relays["out"].deliver(envelope("bob@example.net"), context())
         assert (first.status, second.status) == ("delivered", "delivered")
         assert sink.connects == 2
 
@@ -257,10 +263,10 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
 async def test_idle_connections_are_closed_after_idle_timeout() -> None:
     with smtp_sink() as sink:
         async with opened(static(sink.port, "idle_timeout: 0.2")) as relays:
-            await relays["out"].deliver(envelope("bob@example.net"))
+            await relays["out"].deliver(envelope("bob@example.net"), context())
             await asyncio.sleep(0.8)
             assert sink.disconnects == 1  # QUIT sent by the pool, not at shutdown
-            await relays["out"].deliver(envelope("bob@example.net"))
+            await relays["out"].deliver(envelope("bob@example.net"), context())
         await asyncio.sleep(0.2)
         assert sink.connects == 2
 
@@ -269,9 +275,11 @@ async def test_each_idle_connection_expires_idle_timeout_after_its_own_last_use(
     with smtp_sink() as sink:
         async with opened(static(sink.port, "idle_timeout: 0.6", "concurrent_connections: 2")) as relays:
             out = relays["out"]
-            await asyncio.gather(out.deliver(envelope("a@example.net")), out.deliver(envelope("b@example.net")))
+            await asyncio.gather(
+                out.deliver(envelope("a@example.net"), context()), out.deliver(envelope("b@example.net"), context())
+            )
             await asyncio.sleep(0.3)
-            await out.deliver(envelope("c@example.net"))  # takes the last used; the other stays idle
+            await out.deliver(envelope("c@example.net"), context())  # takes the last used; the other stays idle
             await asyncio.sleep(0.45)  # 0.75 s after the burst, 0.45 s after the last use
             assert (sink.connects, sink.disconnects) == (2, 1)
             await asyncio.sleep(0.4)  # 0.85 s after the last use
@@ -281,7 +289,7 @@ async def test_each_idle_connection_expires_idle_timeout_after_its_own_last_use(
 async def test_a_refusing_banner_is_the_reply() -> None:
     with smtp_sink("-r", "CONNECT") as sink:
         async with opened(static(sink.port)) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"))
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
     assert (result.reply.code, result.reply.command) == (450, "[BANNER]")
     assert result.status == "transient_failure"
 
@@ -332,13 +340,13 @@ async def test_a_cancelled_delivery_never_leaves_its_connection_in_the_pool() ->
     script = Script(rcpt_delay=1.0)
     with smtp_server(script) as server:
         async with opened(static(server.port)) as relays:
-            task = asyncio.ensure_future(relays["out"].deliver(envelope("bob@example.net")))
+            task = asyncio.ensure_future(relays["out"].deliver(envelope("bob@example.net"), context()))
             await asyncio.sleep(0.3)  # stalled at RCPT
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             script.rcpt_delay = 0
-            (result,) = await relays["out"].deliver(envelope("carol@example.net"))
+            (result,) = await relays["out"].deliver(envelope("carol@example.net"), context())
     assert result.status == "delivered"
     assert server.connection_count == 2  # the interrupted connection was closed, not reused
     assert [r.recipients for r in server.received] == [["carol@example.net"]]
@@ -348,9 +356,9 @@ async def test_internationalised_addresses_need_smtputf8() -> None:
     recipients = ("ascii@example.net", "用户@例子.广告")
     with smtp_server(smtputf8=True) as utf8, smtp_sink() as sink:  # smtp-sink does not offer SMTPUTF8
         async with opened(static(utf8.port)) as relays:
-            offered = await relays["out"].deliver(envelope(*recipients))
+            offered = await relays["out"].deliver(envelope(*recipients), context())
         async with opened(static(sink.port)) as relays:
-            missing = await relays["out"].deliver(envelope(*recipients))
+            missing = await relays["out"].deliver(envelope(*recipients), context())
         dumps = sink.messages()
     assert [r.status for r in offered] == ["delivered", "delivered"]
     assert "SMTPUTF8" in utf8.received[0].mail_options

@@ -1,0 +1,195 @@
+"""The delivery core without HTTP: slots, the deadline, idempotency keys, observers."""
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from app.delivery import Answer, Deadline, Delivery, DeliveryCore, Refused, RefusalReason
+from app.idempotency import MemoryStore
+from app.limits import Limiter
+from relays.base import DeliveryContext, Relay
+from relays.custom import load_custom_relay
+from schemas.config import IdempotencySettings, LimitSettings
+from schemas.delivery import DeliveryResult, Envelope, RecipientResult
+from schemas.relay_options import CustomOptions
+from schemas.reply import Reply
+from tests.conftest import envelope
+from tests.scripted import ScriptedRelay
+
+
+@dataclass
+class Recorder:
+    """An observer that keeps what it was told."""
+
+    events: list[tuple[str, str]] = field(default_factory=list)
+    results: list[DeliveryResult] = field(default_factory=list)
+
+    def started(self, delivery: Delivery) -> None:
+        self.events.append(("started", delivery.relay_name))
+
+    def ended(self, delivery: Delivery) -> None:
+        self.events.append(("ended", delivery.relay_name))
+
+    def finished(self, delivery: Delivery, result: DeliveryResult, seconds: float) -> None:
+        self.events.append(("finished", result.status))
+        self.results.append(result)
+
+    def refused(self, relay_name: str, reason: RefusalReason) -> None:
+        self.events.append(("refused", reason))
+
+
+def make_core(
+    recorder: Recorder, *, max_in_flight: int = 10, queue_timeout: float = 1.0, relay: str = "out"
+) -> DeliveryCore:
+    limits = LimitSettings(max_in_flight=max_in_flight, queue_timeout=queue_timeout)
+    return DeliveryCore(
+        Limiter(limits, [relay]),
+        MemoryStore(IdempotencySettings()),
+        [recorder],
+        queue_timeout=queue_timeout,
+        retry_after=30,
+    )
+
+
+def scripted(**options: object) -> ScriptedRelay:
+    return ScriptedRelay(dict(options))
+
+
+def delivery(relay: Relay, env: Envelope, *, seconds: float = 10.0, key: str | None = None) -> Delivery:
+    return Delivery("out", relay, env, Deadline.within(seconds), "client-a", key)
+
+
+def body(answer: Answer) -> dict[str, object]:
+    parsed: dict[str, object] = json.loads(answer.body)
+    return parsed
+
+
+async def test_a_delivery_answers_with_every_recipient_and_tells_the_observers() -> None:
+    recorder = Recorder()
+    relay = scripted(replies={"bad@example.net": "550 5.1.1 no such user"})
+    answer = await make_core(recorder).deliver(delivery(relay, envelope("bob@example.net", "bad@example.net")))
+    assert answer.status == 207
+    assert not answer.replayed
+    assert answer.result is not None and answer.result.status == "partial"
+    assert answer.headers["X-Smtp-Reply"] == '550; message="5.1.1 no such user"; command="RCPT"'
+    assert [r["status"] for r in body(answer)["recipients"]] == ["delivered", "permanent_failure"]  # type: ignore[index]
+    assert recorder.events == [("started", "out"), ("ended", "out"), ("finished", "partial")]
+
+
+async def test_a_partial_outcome_for_the_whole_envelope_is_a_transient_answer() -> None:
+    relay = scripted(replies={"bad@example.net": "550 5.1.1 no such user"})
+    job = delivery(relay, envelope("bob@example.net", "bad@example.net"))
+    job.retry_whole_envelope = True
+    answer = await make_core(Recorder()).deliver(job)
+    assert answer.status == 503
+    assert answer.headers["Retry-After"] == "30"
+    assert answer.headers["X-Smtp-Reply"].startswith('451; message="4.5.0 Partial delivery: 1 of 2 recipients failed')
+
+
+async def test_a_relay_cut_off_after_it_said_data_sent_answers_possibly_delivered() -> None:
+    relay = scripted(stall_after_data=30)
+    answer = await make_core(Recorder()).deliver(delivery(relay, envelope("bob@example.net"), seconds=0.2))
+    assert answer.status == 503
+    assert answer.result is not None
+    (result,) = answer.result.recipients
+    assert result.possibly_delivered
+    assert result.reply.code == 451 and result.reply.command == "[DEADLINE]"
+    assert "may have been delivered" in result.reply.message
+
+
+async def test_a_relay_cut_off_before_any_data_answers_not_delivered() -> None:
+    relay = scripted(delay=30)
+    answer = await make_core(Recorder()).deliver(delivery(relay, envelope("bob@example.net"), seconds=0.2))
+    assert answer.result is not None
+    (result,) = answer.result.recipients
+    assert not result.possibly_delivered
+    assert result.reply.message == "4.4.7 Delivery deadline (0.2 s) reached; not delivered"
+
+
+async def test_a_one_argument_custom_relay_cut_off_is_possibly_delivered() -> None:
+    # It cannot say when the message left: the honest answer is "maybe".
+    relay = load_custom_relay(
+        "old", CustomOptions(type="custom", factory="tests.scripted:one_argument_factory", delay=30)
+    )
+    answer = await make_core(Recorder()).deliver(delivery(relay, envelope("bob@example.net"), seconds=0.2))
+    assert answer.result is not None
+    assert [r.possibly_delivered for r in answer.result.recipients] == [True]
+    relay = load_custom_relay("old", CustomOptions(type="custom", factory="tests.scripted:one_argument_factory"))
+    answer = await make_core(Recorder()).deliver(delivery(relay, envelope("bob@example.net")))
+    assert answer.status == 200
+
+
+async def test_a_relay_that_raises_gives_its_slot_back() -> None:
+    recorder = Recorder()
+    core = make_core(recorder, max_in_flight=1)
+    with pytest.raises(RuntimeError, match="scripted failure"):
+        await core.deliver(delivery(scripted(misbehave="raise"), envelope("bob@example.net")))
+    assert recorder.events == [("started", "out"), ("ended", "out")]
+    answer = await core.deliver(delivery(scripted(), envelope("bob@example.net")))
+    assert answer.status == 200
+
+
+async def test_no_free_slot_within_the_queue_timeout_is_refused_and_counted() -> None:
+    recorder = Recorder()
+    core = make_core(recorder, max_in_flight=1, queue_timeout=0.1)
+    running = asyncio.ensure_future(core.deliver(delivery(scripted(delay=5), envelope("a@example.net"))))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Refused) as refused:
+        await core.deliver(delivery(scripted(), envelope("b@example.net")))
+    assert (refused.value.status, refused.value.reason, refused.value.retry_after) == (503, "overloaded", 1)
+    assert "the service already has 1 deliveries in flight" in refused.value.detail
+    assert ("refused", "overloaded") in recorder.events
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+
+async def test_a_key_replays_a_final_answer_and_refuses_a_different_request() -> None:
+    core = make_core(Recorder())
+    relay = scripted()
+    first = await core.deliver(delivery(relay, envelope("bob@example.net"), key="k1"))
+    again = await core.deliver(delivery(relay, envelope("bob@example.net"), key="k1"))
+    assert (first.status, again.status, again.replayed) == (200, 200, True)
+    assert again.body == first.body and again.headers == first.headers
+    assert len(relay.delivered) == 1
+    with pytest.raises(Refused) as refused:
+        await core.deliver(delivery(relay, envelope("carol@example.net"), key="k1"))
+    assert (refused.value.status, refused.value.reason) == (422, "key_mismatch")
+
+
+async def test_a_key_is_per_caller() -> None:
+    core = make_core(Recorder())
+    relay = scripted()
+    await core.deliver(delivery(relay, envelope("bob@example.net"), key="k1"))
+    other = delivery(relay, envelope("bob@example.net"), key="k1")
+    other.caller = "client-b"
+    assert not (await core.deliver(other)).replayed
+    assert len(relay.delivered) == 2
+
+
+async def test_a_key_in_use_is_refused_and_a_transient_outcome_frees_it() -> None:
+    core = make_core(Recorder())
+    slow = scripted(delay=0.3, replies={"bob@example.net": "451 4.3.0 later"})
+    running = asyncio.ensure_future(core.deliver(delivery(slow, envelope("bob@example.net"), key="k2")))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Refused) as refused:
+        await core.deliver(delivery(slow, envelope("bob@example.net"), key="k2"))
+    assert (refused.value.status, refused.value.reason, refused.value.retry_after) == (409, "key_in_use", 1)
+    assert (await running).status == 503
+    retried = await core.deliver(delivery(scripted(), envelope("bob@example.net"), key="k2"))
+    assert (retried.status, retried.replayed) == (200, False)
+
+
+async def test_a_relay_that_breaks_the_contract_is_a_bug() -> None:
+    class Backwards:
+        async def deliver(self, env: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+            reply = Reply.parse(250, "2.0.0 Ok")
+            return [RecipientResult(recipient=r, reply=reply) for r in reversed(env.recipients)]
+
+        async def aclose(self) -> None:
+            pass
+
+    with pytest.raises(RuntimeError, match="out of recipient order"):
+        await make_core(Recorder()).deliver(delivery(Backwards(), envelope("a@example.net", "b@example.net")))
