@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from app.delivery import Answer, Deadline, Delivery, DeliveryCore, Refused, RefusalReason
+from app.delivery import Answer, Deadline, Delivery, DeliveryCore, RefusalReason, Refused
 from app.idempotency import MemoryStore
 from app.limits import Limiter
 from relays.base import DeliveryContext, Relay
@@ -61,9 +61,9 @@ def delivery(relay: Relay, env: Envelope, *, seconds: float = 10.0, key: str | N
     return Delivery("out", relay, env, Deadline.within(seconds), "client-a", key)
 
 
-def body(answer: Answer) -> dict[str, object]:
-    parsed: dict[str, object] = json.loads(answer.body)
-    return parsed
+def statuses(answer: Answer) -> list[str]:
+    """The recipients' statuses as the client reads them from the body."""
+    return [r["status"] for r in json.loads(answer.body)["recipients"]]
 
 
 async def test_a_delivery_answers_with_every_recipient_and_tells_the_observers() -> None:
@@ -74,7 +74,7 @@ async def test_a_delivery_answers_with_every_recipient_and_tells_the_observers()
     assert not answer.replayed
     assert answer.result is not None and answer.result.status == "partial"
     assert answer.headers["X-Smtp-Reply"] == '550; message="5.1.1 no such user"; command="RCPT"'
-    assert [r["status"] for r in body(answer)["recipients"]] == ["delivered", "permanent_failure"]  # type: ignore[index]
+    assert statuses(answer) == ["delivered", "permanent_failure"]
     assert recorder.events == [("started", "out"), ("ended", "out"), ("finished", "partial")]
 
 
