@@ -72,7 +72,8 @@ async def test_a_delivery_answers_with_every_recipient_and_tells_the_observers()
     answer = await make_core(recorder).deliver(delivery(relay, envelope("bob@example.net", "bad@example.net")))
     assert answer.status == 207
     assert not answer.replayed
-    assert answer.result is not None and answer.result.status == "partial"
+    assert answer.result is not None
+    assert answer.result.status == "partial"
     assert answer.headers["X-Smtp-Reply"] == '550; message="5.1.1 no such user"; command="RCPT"'
     assert statuses(answer) == ["delivered", "permanent_failure"]
     assert recorder.events == [("started", "out"), ("ended", "out"), ("finished", "partial")]
@@ -95,7 +96,8 @@ async def test_a_relay_cut_off_after_it_said_data_sent_answers_possibly_delivere
     assert answer.result is not None
     (result,) = answer.result.recipients
     assert result.possibly_delivered
-    assert result.reply.code == 451 and result.reply.command == "[DEADLINE]"
+    assert result.reply.code == 451
+    assert result.reply.command == "[DEADLINE]"
     assert "may have been delivered" in result.reply.message
 
 
@@ -152,7 +154,8 @@ async def test_a_key_replays_a_final_answer_and_refuses_a_different_request() ->
     first = await core.deliver(delivery(relay, envelope("bob@example.net"), key="k1"))
     again = await core.deliver(delivery(relay, envelope("bob@example.net"), key="k1"))
     assert (first.status, again.status, again.replayed) == (200, 200, True)
-    assert again.body == first.body and again.headers == first.headers
+    assert again.body == first.body
+    assert again.headers == first.headers
     assert len(relay.delivered) == 1
     with pytest.raises(Refused) as refused:
         await core.deliver(delivery(relay, envelope("carol@example.net"), key="k1"))
