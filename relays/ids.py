@@ -1,4 +1,9 @@
-"""Unique ids that are cheap to make: the per-request hot path cannot afford a urandom call each."""
+"""Unique ids that are cheap to make: the per-request hot path cannot afford a urandom call each.
+
+uuid4().hex costs about 3.4 us (a getrandom system call), unique_hex 0.4 us; a
+blackhole delivery makes two (request id, message id): about 6 us of ~170 us
+(timeit in-process, 2026-11-30).
+"""
 
 import itertools
 import secrets
