@@ -155,7 +155,9 @@ async def _finish_io(process: asyncio.subprocess.Process, io: "asyncio.Future[tu
         io.cancel()
     except Exception:  # noqa: S110 - a pipe error after the exit changes nothing
         pass
-    transport = getattr(process, "_transport", None)  # closes our ends of the pipes
+    # Closes our ends of the pipes. A private attribute: asyncio.subprocess.Process has no
+    # public close (tests/canaries/test_stdlib.py fails when this changes).
+    transport = getattr(process, "_transport", None)
     if transport is not None:
         transport.close()
 

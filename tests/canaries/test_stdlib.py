@@ -1,0 +1,59 @@
+"""Canaries for the standard library's private names we rely on: each fails naming the name."""
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+
+import pytest
+import uvloop
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,  # the service's loop when installed (app.cli)
+}
+PROCESS_TRANSPORT = (
+    "relays/_process.py _finish_io closes asyncio.subprocess.Process._transport (the loop's subprocess "
+    "transport) to close our ends of the pipes"
+)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_closing_a_process_transport_ends_reading_a_pipe_an_escaped_child_holds(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    async def run() -> None:
+        # The shell exits at once; its background child keeps the shell's stdout open.
+        process = await asyncio.create_subprocess_exec(
+            "sh", "-c", "sleep 30 & exit 0", stdout=asyncio.subprocess.PIPE, start_new_session=True
+        )
+        try:
+            await asyncio.wait_for(_exited(process), 10)
+            transport = getattr(process, "_transport", None)
+            assert transport is not None, f"{PROCESS_TRANSPORT}: the attribute is gone"
+            assert callable(getattr(transport, "close", None)), f"{PROCESS_TRANSPORT}: it has no close()"
+            transport.close()
+            assert process.stdout is not None
+            try:
+                left = await asyncio.wait_for(process.stdout.read(), 5)
+            except TimeoutError:
+                pytest.fail(f"{PROCESS_TRANSPORT}: closing it no longer ends reading the pipe")
+            assert left == b"", f"{PROCESS_TRANSPORT}: reading after close() gave {left!r}"
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run())
+
+
+async def _exited(process: asyncio.subprocess.Process) -> None:
+    # process.wait() may also wait for the pipes (it does on newer Pythons), which the
+    # background child holds: the exit status is what counts, as in relays/_process.py.
+    waiting = asyncio.ensure_future(process.wait())
+    try:
+        while not (await asyncio.wait({waiting}, timeout=0.05))[0] and process.returncode is None:
+            pass
+    finally:
+        waiting.cancel()
