@@ -69,58 +69,46 @@ def parse_config(text: str, source: str, base_dir: Path | None = None) -> Loaded
 
 
 def _parse(text: str, source: str, base_dir: Path, warnings: list[ConfigProblem]) -> LoadedConfig:
-    document = _parse_yaml(text, source, warnings)
+    """The loader's steps in order. Past the document's shape every step adds to one list of
+    problems, so that a broken file is reported whole."""
+    sections = _own_sections(_parse_yaml(text, source, warnings), source, base_dir, warnings)
+    relays = _clean_relays(sections["relay"], warnings)
+    candidate = {**sections, "relay": relays}
+    problems = _apply_environment(candidate)
+    config, found = _validate(candidate)
+    problems += found
+    problems += _custom_relay_problems(relays, problems)
+    if problems or config is None:
+        raise ConfigError(problems, warnings)
+    warnings.extend(_ehlo_warnings(config, relays))
+    return LoadedConfig(config=config, source=source, warnings=warnings)
+
+
+def _own_sections(document: Any, source: str, base_dir: Path, warnings: list[ConfigProblem]) -> dict[str, Any]:
+    """Our sections of the document with `!include` resolved, `relay` among them and a mapping.
+    slimta's other sections are warned about and ignored. A document of the wrong shape is
+    raised as its one problem: nothing else in it could be checked."""
     if document is None:
         raise ConfigError.at("", f"{source}: the file is empty; it needs a `relay:` section")
     if not isinstance(document, dict):
-        raise ConfigError.at(
-            "",
-            f"{source}: the top level must be a mapping of sections such as `relay:`",
-        )
-    for section in document:
-        if section not in OWN_SECTIONS:
-            warnings.append(ConfigProblem(path=str(section), message="section not used by mailrelay; ignored"))
+        raise ConfigError.at("", f"{source}: the top level must be a mapping of sections such as `relay:`")
+    warnings.extend(
+        ConfigProblem(path=str(section), message="section not used by mailrelay; ignored")
+        for section in document
+        if section not in OWN_SECTIONS
+    )
     ours = {k: _resolve_tags(document[k], k, base_dir, warnings) for k in OWN_SECTIONS if k in document}
     relays = ours.get("relay")
     if not relays:
         raise ConfigError.at("relay", "missing or empty; configure at least one relay")
     if not isinstance(relays, dict):
         raise ConfigError.at("relay", "must be a mapping of relay names to their options")
+    return ours
 
-    relays = {name: _drop_unknown_keys(f"relay.{name}", options, warnings) for name, options in relays.items()}
-    candidate = {**ours, "relay": relays}
-    problems = _apply_environment(candidate)
-    try:
-        config = ServiceConfig.model_validate(candidate)
-    except ValidationError as exc:
-        problems += [_problem(e) for e in exc.errors()]
-    else:
-        problems += _unknown_relay_names(config)
-    # Import custom factories now (calling them waits for start-up), reported with the rest.
-    for name, options in relays.items():
-        path = f"relay.{name}.factory"
-        if isinstance(options, dict) and options.get("type") == "custom" and not any(p.path == path for p in problems):
-            try:
-                import_factory(str(options.get("factory")))
-            except ValueError as exc:
-                problems.append(ConfigProblem(path=path, message=str(exc)))
-    for name, options in relays.items():
-        if isinstance(options, dict) and options.get("type") == "custom":
-            try:
-                json.dumps(options)
-            except (TypeError, ValueError) as exc:
-                problems.append(
-                    ConfigProblem(path=f"relay.{name}", message=f"options must be plain YAML values: {exc}")
-                )
-    if problems:
-        raise ConfigError(problems, warnings)
-    for name, options in config.relay.items():
-        ehlo = getattr(options, "ehlo_as", None)
-        if ehlo and (warning := ehlo_warning(ehlo)):
-            if "ehlo_as" not in relays[name]:
-                warning = f"not set, so this machine's FQDN is used: {warning}"
-            warnings.append(ConfigProblem(path=f"relay.{name}.ehlo_as", message=warning))
-    return LoadedConfig(config=config, source=source, warnings=warnings)
+
+def _clean_relays(relays: dict[Any, Any], warnings: list[ConfigProblem]) -> dict[Any, Any]:
+    """Every relay's options without the keys its type does not know, each dropped with a warning."""
+    return {name: _drop_unknown_keys(f"relay.{name}", options, warnings) for name, options in relays.items()}
 
 
 def _apply_environment(candidate: dict[str, Any]) -> list[ConfigProblem]:
@@ -135,14 +123,7 @@ def _apply_environment(candidate: dict[str, Any]) -> list[ConfigProblem]:
         idempotency = settings.get("idempotency")
         settings["idempotency"] = {**(idempotency if isinstance(idempotency, dict) else {}), "redis_url": redis_url}
     if api_keys := os.environ.get("MAILRELAY_API_KEYS", "").strip():
-        added = []
-        for n, secret in enumerate((k.strip() for k in api_keys.split(",") if k.strip()), start=1):
-            try:
-                digest = key_digest(check_key(secret, f"$MAILRELAY_API_KEYS (key {n})"))
-            except ValueError as exc:
-                problems.append(ConfigProblem(path="$MAILRELAY_API_KEYS", message=str(exc)))
-                continue
-            added.append({"name": f"env-{n}", "sha256": digest.hex(), "relays": ["*"]})
+        added, problems = _environment_keys(api_keys)
         auth = settings.get("auth")
         auth = dict(auth) if isinstance(auth, dict) else {}
         keys = auth.get("keys")
@@ -153,8 +134,33 @@ def _apply_environment(candidate: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
-def _unknown_relay_names(config: ServiceConfig) -> list[ConfigProblem]:
-    """Relay names in the settings must name configured relays: a typo would silently deny or not limit."""
+def _environment_keys(api_keys: str) -> tuple[list[dict[str, Any]], list[ConfigProblem]]:
+    """$MAILRELAY_API_KEYS as key entries allowed every relay (named env-1, env-2, ...), and
+    the problems of the keys refused."""
+    added: list[dict[str, Any]] = []
+    problems = []
+    for n, secret in enumerate((k.strip() for k in api_keys.split(",") if k.strip()), start=1):
+        try:
+            digest = key_digest(check_key(secret, f"$MAILRELAY_API_KEYS (key {n})"))
+        except ValueError as exc:
+            problems.append(ConfigProblem(path="$MAILRELAY_API_KEYS", message=str(exc)))
+            continue
+        added.append({"name": f"env-{n}", "sha256": digest.hex(), "relays": ["*"]})
+    return added, problems
+
+
+def _validate(candidate: dict[str, Any]) -> tuple[ServiceConfig | None, list[ConfigProblem]]:
+    """The models' validation; once it passes, the cross-checks between sections."""
+    try:
+        config = ServiceConfig.model_validate(candidate)
+    except ValidationError as exc:
+        return None, [_problem(e) for e in exc.errors()]
+    return config, _cross_checks(config)
+
+
+def _cross_checks(config: ServiceConfig) -> list[ConfigProblem]:
+    """Relay names in the settings must name configured relays (a typo would silently deny or not
+    limit), and no API key or key name may appear twice."""
     problems = []
     known = config.relay.keys()
     for i, key in enumerate(config.mailrelay.auth.keys):
@@ -176,6 +182,45 @@ def _unknown_relay_names(config: ServiceConfig) -> list[ConfigProblem]:
         if name in names[:i]:
             problems.append(ConfigProblem(path=f"mailrelay.auth.keys[{i}].name", message=f"{name!r} is used twice"))
     return problems
+
+
+def _custom_relay_problems(relays: dict[Any, Any], found: list[ConfigProblem]) -> list[ConfigProblem]:
+    """`custom` relays: the factory imports (calling it waits for start-up) unless its path is
+    already reported, and the options are plain YAML values (the factory gets them as they are)."""
+    custom = {
+        name: options
+        for name, options in relays.items()
+        if isinstance(options, dict) and options.get("type") == "custom"
+    }
+    reported = {problem.path for problem in found}
+    problems = []
+    for name, options in custom.items():
+        path = f"relay.{name}.factory"
+        if path in reported:
+            continue
+        try:
+            import_factory(str(options.get("factory")))
+        except ValueError as exc:
+            problems.append(ConfigProblem(path=path, message=str(exc)))
+            reported.add(path)
+    for name, options in custom.items():
+        try:
+            json.dumps(options)
+        except (TypeError, ValueError) as exc:
+            problems.append(ConfigProblem(path=f"relay.{name}", message=f"options must be plain YAML values: {exc}"))
+    return problems
+
+
+def _ehlo_warnings(config: ServiceConfig, relays: dict[Any, Any]) -> list[ConfigProblem]:
+    """EHLO names receiving servers refuse, also when it is this machine's FQDN, the default."""
+    warnings = []
+    for name, options in config.relay.items():
+        ehlo = getattr(options, "ehlo_as", None)
+        if ehlo and (warning := ehlo_warning(ehlo)):
+            if "ehlo_as" not in relays[name]:
+                warning = f"not set, so this machine's FQDN is used: {warning}"
+            warnings.append(ConfigProblem(path=f"relay.{name}.ehlo_as", message=warning))
+    return warnings
 
 
 def _drop_unknown_keys(path: str, options: Any, warnings: list[ConfigProblem]) -> Any:

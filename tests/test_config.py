@@ -9,7 +9,7 @@ import pytest
 
 from app.config import DEFAULT_SOURCE, load_config, parse_config
 from schemas.config import ConfigError
-from schemas.relay_options import OPTIONS_BY_TYPE, machine_fqdn, public_options
+from schemas.relay_options import OPTIONS_BY_TYPE, ehlo_warning, machine_fqdn, public_options
 
 DATA = Path(__file__).parent / "data"
 FQDN = machine_fqdn()
@@ -374,3 +374,40 @@ def test_dns_nameservers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
         "relay:\n  b: {type: blackhole}\nmailrelay: {dns_nameservers: [10.0.0.1]}\n", "<t>"
     ).config.mailrelay
     assert settings.nameservers() == [("127.0.0.1", 5353), ("192.0.2.53", 53)]
+
+
+def test_every_step_reports_with_the_others_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Environment, validation, custom factories, plain values: one error, and the warnings before it.
+    monkeypatch.setenv("MAILRELAY_API_KEYS", "short")
+    text = """\
+queue: {}
+relay:
+  a: {type: static, host: h, port: x, pool_size: 3}
+  d: {type: custom, factory: "no_such_module_here:make"}
+  e: {type: custom, factory: 'tests.scripted:factory', blob: !!binary /w==}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "<test>")
+    assert [p.path for p in info.value.problems] == [
+        "$MAILRELAY_API_KEYS",
+        "relay.a.port",
+        "relay.d.factory",
+        "relay.e",
+    ]
+    assert [(w.path, w.message) for w in info.value.warnings] == [
+        ("queue", "section not used by mailrelay; ignored"),
+        ("relay.a.pool_size", "unknown option for type 'static'; ignored"),
+    ]
+
+
+def test_a_factory_that_fails_validation_is_not_imported_too() -> None:
+    assert problems("relay:\n  d: {type: custom, factory: 5}\n") == ["relay.d.factory: Input should be a valid string"]
+
+
+def test_the_ehlo_warning_of_the_default_says_it_is_the_default() -> None:
+    # The default is this machine's FQDN: the warning depends on the machine, its wording not.
+    warnings = parse_config("relay:\n  o: {type: static, host: h}\n", "<test>").warnings
+    expected = ehlo_warning(FQDN)
+    assert [(w.path, w.message) for w in warnings] == (
+        [("relay.o.ehlo_as", f"not set, so this machine's FQDN is used: {expected}")] if expected else []
+    )
