@@ -16,7 +16,6 @@ from app.limits import Limiter
 from app.logs import DeliveryLog
 from app.metrics import DeliveryMetrics
 from relays.base import Relay
-from relays.instruments import TALLY
 from relays.registry import close_relays, open_relays
 from schemas.config import ServiceConfig
 
@@ -151,6 +150,5 @@ def make_lifespan(
             yield {"services": services}
         finally:
             await services.aclose()
-            TALLY.flush()  # with several workers, the last second's counts reach the shared files
 
     return lifespan

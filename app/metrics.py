@@ -3,7 +3,8 @@
 Several worker processes: `mailrelay serve --workers N` sets
 PROMETHEUS_MULTIPROC_DIR (a private directory) before any worker imports
 prometheus_client; every worker writes its values there and the one that
-answers /metrics adds them all up.
+answers /metrics adds them all up. Changes are applied as they happen, with
+prometheus_client's own calls (see relays.instruments on the tally that was).
 """
 
 import os
@@ -20,7 +21,6 @@ from prometheus_client import (
     multiprocess,
 )
 
-from relays.instruments import TALLY
 from schemas.delivery import DeliveryResult
 
 if TYPE_CHECKING:  # the core imports nothing of ours at run time, and we nothing of it
@@ -78,18 +78,18 @@ def child(metric: _Metric, *labels: str) -> _Metric:
 
 
 class DeliveryMetrics:
-    """The delivery core's observer for the Prometheus metrics (changes go through TALLY)."""
+    """The delivery core's observer for the Prometheus metrics."""
 
     def started(self, delivery: "Delivery") -> None:
-        TALLY.add(child(IN_FLIGHT, delivery.relay_name))
+        child(IN_FLIGHT, delivery.relay_name).inc()
 
     def ended(self, delivery: "Delivery") -> None:
-        TALLY.add(child(IN_FLIGHT, delivery.relay_name), -1)
+        child(IN_FLIGHT, delivery.relay_name).dec()
 
     def finished(self, delivery: "Delivery", result: DeliveryResult, seconds: float) -> None:
         relay = result.relay
-        TALLY.add(child(DELIVERIES, relay, result.status))
-        TALLY.observe(child(DURATION, relay), seconds)
+        child(DELIVERIES, relay, result.status).inc()
+        child(DURATION, relay).observe(seconds)
         classes: dict[str, int] = {}
         maybe = 0
         for r in result.recipients:
@@ -97,9 +97,9 @@ class DeliveryMetrics:
             classes[key] = classes.get(key, 0) + 1
             maybe += r.possibly_delivered
         for key, count in classes.items():
-            TALLY.add(child(RECIPIENTS, relay, key), count)
+            child(RECIPIENTS, relay, key).inc(count)
         if maybe:
-            TALLY.add(child(POSSIBLY_DELIVERED, relay), maybe)
+            child(POSSIBLY_DELIVERED, relay).inc(maybe)
 
     def refused(self, relay_name: str, reason: str) -> None:
         child(REFUSED, relay_name, reason).inc()
@@ -107,7 +107,6 @@ class DeliveryMetrics:
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition of every metric (of every worker, in multiprocess mode)."""
-    TALLY.flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

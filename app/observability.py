@@ -10,7 +10,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import HTTP_DURATION, HTTP_REQUESTS, child
 from relays.ids import unique_hex
-from relays.instruments import TALLY
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mailrelay_request_id", default="-")
 _MAX_ID = 128
@@ -55,5 +54,5 @@ class RequestContext:
             route = scope.get("route")
             # The route's template (/relays/{name}/deliver), never the path: bounded labels.
             template = getattr(route, "path", None) or "unmatched"
-            TALLY.add(child(HTTP_REQUESTS, template, scope["method"], str(status)))
-            TALLY.observe(child(HTTP_DURATION, template), time.perf_counter() - started)
+            child(HTTP_REQUESTS, template, scope["method"], str(status)).inc()
+            child(HTTP_DURATION, template).observe(time.perf_counter() - started)

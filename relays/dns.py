@@ -13,7 +13,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from relays.instruments import DNS_CACHE_HITS, DNS_LOOKUPS, TALLY
+from relays.instruments import DNS_CACHE_HITS, DNS_LOOKUPS
 
 #: Cap on how long any answer is kept, whatever its TTL says.
 MAX_TTL = 3600.0
@@ -129,7 +129,7 @@ class DnsResolver:
         entry = self._cache.get((name, rdtype)) or self._cache.get((name.lower().rstrip("."), rdtype))
         if entry is not None and entry.expires > time.monotonic():
             self.cache_hits += 1
-            TALLY.add(DNS_CACHE_HITS)
+            DNS_CACHE_HITS.inc()
             return entry
         return None
 
@@ -145,7 +145,7 @@ class DnsResolver:
             future.add_done_callback(lambda f: self._lookup_done(key, f))
         else:
             self.cache_hits += 1
-            TALLY.add(DNS_CACHE_HITS)
+            DNS_CACHE_HITS.inc()
         # shield: one caller giving up (its deadline) must not cancel the others' lookup.
         return await asyncio.shield(future)
 

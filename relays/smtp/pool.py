@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable
 
 from relays.base import DeliveryContext, RelayError
-from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED, TALLY
+from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope
 
@@ -114,10 +114,10 @@ class SmtpPool:
     def _take_idle(self) -> SmtpSession | None:
         while self._idle:
             session = self._idle.pop()
-            TALLY.add(self._idle_gauge, -1)
+            self._idle_gauge.dec()
             del self._idle_since[session]
             if session.usable and time.monotonic() - session.created < MAX_CONNECTION_AGE:
-                TALLY.add(self._reused)
+                self._reused.inc()
                 return session
             self._discard(session)
         return None
@@ -130,7 +130,7 @@ class SmtpPool:
         loop = asyncio.get_running_loop()
         self._idle.append(session)
         self._idle_since[session] = loop.time()
-        TALLY.add(self._idle_gauge)
+        self._idle_gauge.inc()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.idle_timeout, self._sweep)
         self._wake()
@@ -143,7 +143,7 @@ class SmtpPool:
         while self._idle and self._idle_since[self._idle[0]] + self.idle_timeout <= now:
             session = self._idle.pop(0)  # the bottom of the stack: idle the longest
             del self._idle_since[session]
-            TALLY.add(self._idle_gauge, -1)
+            self._idle_gauge.dec()
             self._discard(session, quit=True)
         if self._idle:
             self._sweeper = loop.call_at(self._idle_since[self._idle[0]] + self.idle_timeout, self._sweep)
@@ -179,7 +179,7 @@ class SmtpPool:
             self._sweeper = None
         self._idle_since.clear()
         idle, self._idle = self._idle, []
-        TALLY.add(self._idle_gauge, -len(idle))
+        self._idle_gauge.dec(len(idle))
         for session in idle:
             self._discard(session, quit=True)
         if self._closing:
