@@ -8,7 +8,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn, Self, cast
@@ -101,6 +101,39 @@ class Transaction:
     in_doubt: frozenset[int] = frozenset()
 
 
+@dataclass(slots=True)
+class _TransactionState:
+    """One transaction under way: what MAIL and RCPT send, and each recipient's reply so far.
+
+    `results[i]` is None until recipient i is answered; `pending` holds the
+    recipients that go to the server (in RCPT order) and `rcpts` their RCPT
+    arguments. Both envelope paths, pipelined and stepwise, take and fill it.
+    """
+
+    recipients: Sequence[str]
+    results: list[Reply | None]
+    reused: bool  # the connection served a transaction before: a dead one is StaleSessionError
+    mail: list[bytes]  # FROM:<sender> and the MAIL parameters
+    pending: list[int]
+    rcpts: list[bytes]
+
+    @classmethod
+    def answered(cls, recipients: Sequence[str], reply: Reply, reused: bool) -> Self:
+        """A transaction over before it began: `reply` for every recipient."""
+        return cls(recipients, [reply] * len(recipients), reused, [], [], [])
+
+    def answer(self, indexes: Iterable[int], reply: Reply) -> None:
+        for i in indexes:
+            self.results[i] = reply
+
+    def answer_rest(self, reply: Reply) -> None:
+        """`reply` for every recipient not answered yet."""
+        self.results = [r if r is not None else reply for r in self.results]
+
+    def replies(self) -> list[Reply]:
+        return [r for r in self.results if r is not None]
+
+
 class StaleSessionError(Exception):
     """A reused connection was found dead at the start of a transaction: nothing was sent."""
 
@@ -189,127 +222,118 @@ class SmtpSession:
         Raises StaleSessionError when a reused connection turns out dead at
         MAIL; every other failure becomes the replies of the recipients it hit.
         """
-        reused = self.transactions > 0
+        state = self._prepare(envelope, recipients)
         self.transactions += 1
-        results: list[Reply | None] = [None] * len(recipients)
         data_sent = False
         in_doubt: frozenset[int] = frozenset()
         try:
-            options, encoding = self._mail_options(envelope, recipients, results)
-            if all(r is not None for r in results):
-                return Transaction([r for r in results if r is not None], False)
-            pending = [i for i, r in enumerate(results) if r is None]
-            sender = b"FROM:<" + envelope.sender.encode(encoding) + b">"
-            rcpts = [b"TO:<" + recipients[i].encode(encoding) + b">" for i in pending]
-            if self.smtp.supports_extension("pipelining"):
-                accepted = await self._envelope_pipelined(sender, options, rcpts, pending, results, reused)
-            else:
-                accepted = await self._envelope_stepwise(sender, options, rcpts, pending, results, reused)
-            if not accepted:
-                return Transaction([r for r in results if r is not None], False)
-
-            data_sent = True
-            finals, failure, whole_sent = await self._send_data(
-                encode_data(envelope.message),
-                [recipients[i] for i in accepted],
-                len(accepted) if self.settings.lmtp else 1,
-                context,
-            )
-            if not self.settings.lmtp:
-                finals = finals * len(accepted)
-            # LMTP: replies that came before a failure stand; only the rest get the failure.
-            for n, i in enumerate(accepted):
-                results[i] = _final(finals[n], "[SEND_DATA]") if n < len(finals) else failure
-            if whole_sent:
-                in_doubt = frozenset(i for n, i in enumerate(accepted) if n >= len(finals))
+            if state.pending:
+                if self.smtp.supports_extension("pipelining"):
+                    accepted = await self._envelope_pipelined(state)
+                else:
+                    accepted = await self._envelope_stepwise(state)
+                if accepted:
+                    data_sent = True
+                    in_doubt = await self._send_data(state, accepted, envelope.message, context)
         except RelayError as exc:
-            results = [r if r is not None else exc.reply for r in results]
-        return Transaction([r for r in results if r is not None], data_sent, in_doubt)
+            state.answer_rest(exc.reply)
+        return Transaction(state.replies(), data_sent, in_doubt)
 
-    async def _envelope_stepwise(
-        self,
-        sender: bytes,
-        options: list[bytes],
-        rcpts: list[bytes],
-        pending: list[int],
-        results: list[Reply | None],
-        reused: bool,
-    ) -> list[int]:
+    def _prepare(self, envelope: Envelope, recipients: Sequence[str]) -> "_TransactionState":
+        """The transaction's MAIL and RCPT arguments, with the parameters 8-bit data and UTF-8
+        addresses need; recipients that cannot go (the server lacks the extension) are answered here."""
+        reused = self.transactions > 0
+        results: list[Reply | None] = [None] * len(recipients)
+        options: list[bytes] = []
+        encoding = "ascii"
+        if not envelope.message.isascii():
+            if not self.smtp.supports_extension("8bitmime"):
+                return _TransactionState.answered(recipients, replies.eight_bit_refused(), reused)
+            options.append(b"BODY=8BITMIME")
+        if not envelope.sender.isascii() or not all(r.isascii() for r in recipients):
+            if self.smtp.supports_extension("smtputf8"):
+                options.append(b"SMTPUTF8")
+                encoding = "utf-8"
+            elif not envelope.sender.isascii():
+                return _TransactionState.answered(recipients, replies.utf8_refused(), reused)
+            else:
+                refused = replies.utf8_refused()
+                results = [None if r.isascii() else refused for r in recipients]
+        pending = [i for i, r in enumerate(results) if r is None]
+        return _TransactionState(
+            recipients,
+            results,
+            reused,
+            mail=[b"FROM:<" + envelope.sender.encode(encoding) + b">", *options],
+            pending=pending,
+            rcpts=[b"TO:<" + recipients[i].encode(encoding) + b">" for i in pending],
+        )
+
+    async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
         """MAIL, RCPT and DATA one at a time, each waiting for its reply. Returns the indexes of
-        the recipients to send the message for (DATA got 354), filling `results` for the others."""
+        the recipients to send the message for (DATA got 354), answering the others in `state`."""
         try:
-            response = await self._command("MAIL", b"MAIL", sender, *options)
+            response = await self._command("MAIL", b"MAIL", *state.mail)
         except RelayError:
-            if reused:
+            if state.reused:
                 raise StaleSessionError from None
             raise
         if response.code // 100 != 2:
-            if reused and response.code == 421:
+            if state.reused and response.code == 421:
                 raise StaleSessionError
             self._fail(_refusal(response, "MAIL"))
         accepted: list[int] = []
-        for i, rcpt in zip(pending, rcpts, strict=True):
+        for i, rcpt in zip(state.pending, state.rcpts, strict=True):
             response = await self._command("RCPT", b"RCPT", rcpt)
             if response.code // 100 == 2:
                 accepted.append(i)
             else:
-                results[i] = _refusal(response, "RCPT")
+                state.results[i] = _refusal(response, "RCPT")
         if not accepted:
             await self._reset()
             return []
         response = await self._command("DATA", b"DATA")
         if response.code != 354:
-            failed = _refusal(response, "DATA")
-            for i in accepted:
-                results[i] = failed
+            state.answer(accepted, _refusal(response, "DATA"))
             await self._reset()
             return []
         return accepted
 
-    async def _envelope_pipelined(
-        self,
-        sender: bytes,
-        options: list[bytes],
-        rcpts: list[bytes],
-        pending: list[int],
-        results: list[Reply | None],
-        reused: bool,
-    ) -> list[int]:
+    async def _envelope_pipelined(self, state: "_TransactionState") -> list[int]:
         """MAIL, every RCPT and DATA in one write, then their replies (RFC 2920): one round
         trip instead of two plus one per recipient. Same outcome as `_envelope_stepwise`."""
-        names = ["MAIL", *["RCPT"] * len(rcpts), "DATA"]
-        lines = [b" ".join([b"MAIL", sender, *options]), *(b"RCPT " + r for r in rcpts), b"DATA"]
+        rcpt_count = len(state.rcpts)
+        names = ["MAIL", *["RCPT"] * rcpt_count, "DATA"]
+        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), b"DATA"]
         if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
             # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
             self._fail(Reply.parse(501, "5.5.4 Invalid characters in command arguments", "MAIL"))
         got, lost = await self._exchange(b"".join(line + b"\r\n" for line in lines), names)
-        if reused and (not got or got[0].code == 421):
+        if state.reused and (not got or got[0].code == 421):
             raise StaleSessionError  # a pooled connection the server had given up on: nothing happened
         if lost is not None and not got:
             self._fail(lost)
-        mail, rcpt_replies, data = got[0], got[1 : 1 + len(rcpts)], got[1 + len(rcpts) :]
+        mail, rcpt_replies, data = got[0], got[1 : 1 + rcpt_count], got[1 + rcpt_count :]
         if mail.code // 100 != 2:
             if data and data[0].code == 354:
                 await self._end_empty_data()
             self._fail(_refusal(mail, "MAIL"))
         accepted: list[int] = []
-        for n, i in enumerate(pending):
+        for n, i in enumerate(state.pending):
             if n >= len(rcpt_replies):
-                results[i] = lost  # the connection went before this reply came
-            elif rcpt_replies[n].code // 100 == 2:
+                break  # the connection went before this reply came: `lost` answers the rest
+            if rcpt_replies[n].code // 100 == 2:
                 accepted.append(i)
             else:
-                results[i] = _refusal(rcpt_replies[n], "RCPT")
+                state.results[i] = _refusal(rcpt_replies[n], "RCPT")
         if lost is not None:
-            for i in accepted:
-                results[i] = lost
+            state.answer_rest(lost)
             return []
         if not accepted or data[0].code != 354:
             if data[0].code == 354:
                 await self._end_empty_data()  # the server took DATA with no recipient: end it empty
             else:
-                for i in accepted:
-                    results[i] = _refusal(data[0], "DATA")
+                state.answer(accepted, _refusal(data[0], "DATA"))
             if self.usable:
                 await self._reset()
             return []
@@ -377,30 +401,6 @@ class SmtpSession:
         if not got:
             self._broken = True
 
-    def _mail_options(
-        self, envelope: Envelope, recipients: Sequence[str], results: list[Reply | None]
-    ) -> tuple[list[bytes], str]:
-        """MAIL parameters for 8-bit data and UTF-8 addresses; fills `results` for what cannot go."""
-        options: list[bytes] = []
-        if not envelope.message.isascii():
-            if not self.smtp.supports_extension("8bitmime"):
-                results[:] = [replies.eight_bit_refused()] * len(results)
-                return options, "ascii"
-            options.append(b"BODY=8BITMIME")
-        utf8_needed = not envelope.sender.isascii() or not all(r.isascii() for r in recipients)
-        if not utf8_needed:
-            return options, "ascii"
-        if self.smtp.supports_extension("smtputf8"):
-            options.append(b"SMTPUTF8")
-            return options, "utf-8"
-        if not envelope.sender.isascii():
-            results[:] = [replies.utf8_refused()] * len(results)
-        else:
-            for i, rcpt in enumerate(recipients):
-                if not rcpt.isascii():
-                    results[i] = replies.utf8_refused()
-        return options, "ascii"
-
     async def _command(self, step: str, *args: bytes) -> SMTPResponse:
         async with self._step(step):
             response = await self.smtp.execute_command(*args, timeout=self.settings.command_timeout)
@@ -409,31 +409,32 @@ class SmtpSession:
         return response
 
     async def _send_data(
-        self, data: tuple[bytes, bytes], recipients: Sequence[str], count: int, context: DeliveryContext
-    ) -> tuple[list[SMTPResponse], Reply, bool]:
-        """Write the message (body and terminator, from `encode_data`) and read up to `count`
-        replies (LMTP: one per accepted recipient), through our reader (`_reading_replies`).
+        self, state: "_TransactionState", accepted: list[int], message: bytes, context: DeliveryContext
+    ) -> frozenset[int]:
+        """Write the message (dot-stuffed, then its terminator) and read the replies (LMTP: one per
+        accepted recipient), through our reader (`_reading_replies`); answers `accepted` in `state`.
 
-        Returns the replies that came, the reply for those that did not (a
-        timeout or a lost connection), and whether the whole message went out
-        (then the server may have delivered it to `recipients`). `data_timeout`
-        bounds each wait: for the server to take the next chunk, and for the
-        replies after the last.
+        Returns the recipients the server may have delivered to without a
+        reply: the whole message went out, then the replies stopped coming.
+        `data_timeout` bounds each wait: for the server to take the next
+        chunk, and for the replies after the last.
         """
         transport = self._live_transport()
         if transport is None:
-            return [], replies.connection_lost("[SEND_DATA]"), False
+            state.answer(accepted, replies.connection_lost("[SEND_DATA]"))
+            return frozenset()
+        count = len(accepted) if self.settings.lmtp else 1
         failure: Reply | None = None
         whole_sent = False
+        body, end = encode_data(message)
         with self._reading_replies(transport) as reader:
             try:
-                body, end = data
                 view = memoryview(body)
                 for offset in range(0, max(len(view), 1), _DATA_CHUNK):  # an empty body still gets its "."
                     chunk = view[offset : offset + _DATA_CHUNK]
                     if offset + _DATA_CHUNK >= len(view):
                         # The final "." goes out with this chunk: from here on the server may deliver.
-                        context.data_sent(recipients)
+                        context.data_sent([state.recipients[i] for i in accepted])
                         whole_sent = True
                         transport.writelines([chunk, end])  # one system call for both where the loop can
                     else:
@@ -450,7 +451,16 @@ class SmtpSession:
         if failure is not None:
             self.close()  # abort, not close: close would still send the buffered rest of the message
         finals = reader.replies
-        return finals, failure or replies.protocol_error("[SEND_DATA]", "fewer replies than recipients"), whole_sent
+        if not self.settings.lmtp and finals:
+            state.answer(accepted, _final(finals[0], "[SEND_DATA]"))
+            return frozenset()
+        # LMTP: replies that came before a failure stand; only the rest get the failure.
+        for i, response in zip(accepted, finals, strict=False):
+            state.results[i] = _final(response, "[SEND_DATA]")
+        missing = accepted[len(finals) :]
+        if missing:
+            state.answer(missing, failure or replies.protocol_error("[SEND_DATA]", "fewer replies than recipients"))
+        return frozenset(missing) if whole_sent else frozenset()
 
     async def _reset(self) -> None:
         """RSET after a refused transaction, so the connection can serve the next one."""
