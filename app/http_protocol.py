@@ -8,6 +8,27 @@ complete within the timeout of its first byte; the body must not fall silent
 for the timeout (a slow but moving upload is not cut off). Here, not around
 the application's receive(): an asyncio.timeout per request cost more than a
 tenth of a blackhole delivery's overhead (bench/).
+
+uvicorn has no public hook for either, so this relies on its internals (bounded
+in pyproject.toml; tests/canaries/test_uvicorn_protocol.py fails naming the one
+that changed):
+
+- `uvicorn.protocols.http.httptools_impl.HttpToolsProtocol`, its constructor
+  passed through, and the methods overridden here, each calling uvicorn's:
+  `connection_made` (sets `transport` and `flow`), `data_received` (feeds the
+  httptools parser, which calls the callbacks below within it),
+  `on_headers_complete` and `on_message_complete` (httptools callbacks: the
+  protocol is its parser's callback object), `connection_lost` (the request
+  under way is marked disconnected: the application's receive() then returns
+  http.disconnect);
+- its attributes `loop`, `transport`, `flow` (replaced after connection_made:
+  every request's cycle takes it from there) and `cycle` (None before the first
+  request, then the latest request's `RequestResponseCycle`);
+- the cycle's `response_started`, `response_complete` and `scope` (the very
+  dict the application gets);
+- `uvicorn.protocols.http.flow_control.FlowControl(transport)`: `read_paused`,
+  and `pause_reading()`/`resume_reading()`, through which uvicorn stops and
+  resumes reading (a pipelined request, a body the application has not read).
 """
 
 import asyncio
