@@ -242,7 +242,8 @@ def setup_logging(level: str, log_format: LogFormat, stream: TextIO | None = Non
     if chosen == "auto":
         chosen = "text" if stream.isatty() else "json"
     # Record fields no formatter here prints; computing them costs every log call a stack walk
-    # (findCaller) and several lookups (logging's "Optimization" section).
+    # (findCaller) and several lookups (logging's "Optimization" section). `_srcfile` is private,
+    # with no public equivalent: tests/canaries/test_stdlib.py fails if setting it stops working.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

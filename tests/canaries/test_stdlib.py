@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import Callable
@@ -13,6 +14,10 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,  # the service's loop when installed (app.cli)
 }
+SRCFILE = (
+    "app/logs.py setup_logging sets logging._srcfile = None (logging HOWTO, 'Optimization') so that "
+    "no log call looks up its caller"
+)
 PROCESS_TRANSPORT = (
     "relays/_process.py _finish_io closes asyncio.subprocess.Process._transport (the loop's subprocess "
     "transport) to close our ends of the pipes"
@@ -57,3 +62,40 @@ async def _exited(process: asyncio.subprocess.Process) -> None:
             pass
     finally:
         waiting.cancel()
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _CallerLookups(logging.Logger):
+    lookups = 0
+
+    def findCaller(self, stack_info: bool = False, stacklevel: int = 1) -> tuple[str, int, str, str | None]:
+        self.lookups += 1
+        return super().findCaller(stack_info, stacklevel)
+
+
+def test_logging_srcfile_none_skips_the_caller_lookup() -> None:
+    assert hasattr(logging, "_srcfile"), f"{SRCFILE}: the attribute is gone"
+    logger = _CallerLookups("canary.srcfile")
+    kept = _Kept()
+    logger.addHandler(kept)
+    saved = logging._srcfile
+    try:
+        logging._srcfile = None
+        logger.warning("skipped")
+        assert logger.lookups == 0, f"{SRCFILE}: findCaller runs all the same"
+        # The check above means something only if logging looks when it is set, as it is at
+        # import (setup_logging may have run in this process already).
+        logging._srcfile = os.path.normcase(logging.__file__)
+        logger.warning("looked up")
+        assert logger.lookups == 1, f"{SRCFILE}: findCaller is not how logging finds the caller any more"
+    finally:
+        logging._srcfile = saved
+    assert [r.getMessage() for r in kept.records] == ["skipped", "looked up"]
