@@ -8,7 +8,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn, Self, cast
@@ -18,6 +18,7 @@ from aiosmtplib import SMTPResponse
 
 from relays import replies
 from relays.base import DeliveryContext, RelayError
+from relays.smtp.reader import ReplyReader, reading_replies
 from relays.tls import client_context
 from schemas.delivery import Envelope
 from schemas.relay_options import SmtpOptions
@@ -28,8 +29,6 @@ TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
 QUIT_TIMEOUT = 5.0
 #: The message is written in pieces this size, each waiting until the server takes the last.
 _DATA_CHUNK = 256 * 1024
-#: A reply longer than this is garbage, not SMTP.
-_MAX_REPLY_BYTES = 64 * 1024
 
 
 class Destination(NamedTuple):
@@ -344,12 +343,12 @@ class SmtpSession:
         within `command_timeout`. Returns the replies that came and, if not all did, the reply
         for the rest (a timeout or a lost connection; the connection is then closed).
 
-        Our own reader takes the transport for the exchange (`_reading_replies`)."""
+        Our own reader takes the transport for the exchange (`reading_replies`)."""
         transport = self._live_transport()
         if transport is None:
             return [], replies.connection_lost(names[0])
         lost: Reply | None = None
-        with self._reading_replies(transport) as reader:
+        with reading_replies(transport, self._after_reading) as reader:
             reader.expect(len(names))
             try:
                 transport.write(payload)
@@ -374,26 +373,13 @@ class SmtpSession:
             return None
         return transport
 
-    @contextlib.contextmanager
-    def _reading_replies(self, transport: asyncio.Transport) -> Iterator["_ReplyReader"]:
-        """Our reader on the transport for the block, aiosmtplib's protocol back afterwards.
-
-        aiosmtplib reads one reply per command and drops data it did not ask for, so
-        pipelined commands and the message data are answered through our own reader.
-        A connection left out of step (replies missing or extra, an error) is closed;
-        a 421 marks it broken.
-        """
-        original = transport.get_protocol()
-        reader = _ReplyReader()
-        transport.set_protocol(reader)
-        try:
-            yield reader
-        finally:
-            transport.set_protocol(original)
-            if not reader.clean:
-                self.close()
-            if any(r.code == 421 for r in reader.replies):
-                self._broken = True
+    def _after_reading(self, reader: ReplyReader) -> None:
+        """A connection our reader left out of step (replies missing or extra, an error) is
+        closed; a 421 marks it broken."""
+        if not reader.clean:
+            self.close()
+        if any(r.code == 421 for r in reader.replies):
+            self._broken = True
 
     async def _end_empty_data(self) -> None:
         """DATA was accepted although the transaction cannot go on: a lone "." ends it (RFC 2920)."""
@@ -412,7 +398,7 @@ class SmtpSession:
         self, state: "_TransactionState", accepted: list[int], message: bytes, context: DeliveryContext
     ) -> frozenset[int]:
         """Write the message (dot-stuffed, then its terminator) and read the replies (LMTP: one per
-        accepted recipient), through our reader (`_reading_replies`); answers `accepted` in `state`.
+        accepted recipient), through our reader (`reading_replies`); answers `accepted` in `state`.
 
         Returns the recipients the server may have delivered to without a
         reply: the whole message went out, then the replies stopped coming.
@@ -427,7 +413,7 @@ class SmtpSession:
         failure: Reply | None = None
         whole_sent = False
         body, end = encode_data(message)
-        with self._reading_replies(transport) as reader:
+        with reading_replies(transport, self._after_reading) as reader:
             try:
                 view = memoryview(body)
                 for offset in range(0, max(len(view), 1), _DATA_CHUNK):  # an empty body still gets its "."
@@ -589,99 +575,3 @@ def encode_data(message: bytes) -> tuple[bytes, bytes]:
     if data.startswith(b".") or b"\n." in data:
         data = _LEADING_DOT.sub(b"..", data)
     return data, b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
-
-
-class _ReplyReader(asyncio.Protocol):
-    """Collects complete replies from the transport while the message data is sent and answered."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.replies: list[SMTPResponse] = []
-        self._lines: list[str] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self._paused = False
-        self._expected = 0
-
-    @property
-    def clean(self) -> bool:
-        """Nothing left over and nothing wrong: the connection may go back to aiosmtplib."""
-        return self._error is None and not self._buffer and not self._lines and len(self.replies) == self._expected
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._wake()
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while (end := self._buffer.find(b"\n")) >= 0:
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            if len(line) < 3 or not line[:3].isdigit():
-                self._set_error(aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:80]!r}"))
-                return
-            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                self.replies.append(SMTPResponse(int(line[:3]), "\n".join(self._lines)))
-                self._lines = []
-        if len(self._buffer) > _MAX_REPLY_BYTES:
-            self._set_error(aiosmtplib.SMTPResponseException(-1, "reply too long"))
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._set_error(aiosmtplib.SMTPServerDisconnected("Connection lost"))
-
-    def eof_received(self) -> bool:
-        self._set_error(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
-        return False
-
-    def _set_error(self, exc: BaseException) -> None:
-        if self._error is None:
-            self._error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _wait(self, deadline: float) -> None:
-        """Until something happens on the connection; TimeoutError at `deadline` (loop time).
-        A timer on the waiter, not asyncio.timeout: that costs a task lookup and a
-        cancellation per wait, several times per message (bench/)."""
-        if self._error is not None:
-            raise self._error
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_at(deadline, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-
-    async def writable(self, timeout: float) -> None:  # noqa: ASYNC109 - see _wait
-        """Until the transport's write buffer is below its high-water mark again, within `timeout` s."""
-        if self._paused:
-            deadline = asyncio.get_running_loop().time() + timeout
-            while self._paused:
-                await self._wait(deadline)
-        if self._error is not None:
-            raise self._error
-
-    def expect(self, count: int) -> None:
-        """The number of replies the commands written ask for: more or fewer is not `clean`."""
-        self._expected = count
-
-    async def read(self, count: int, timeout: float) -> None:  # noqa: ASYNC109 - see _wait
-        """Until `count` replies are in `replies`, within `timeout` s; raises TimeoutError, or on a
-        lost connection (keeping the replies that came)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(self.replies) < count:
-            await self._wait(deadline)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
