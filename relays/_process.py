@@ -245,16 +245,14 @@ def exit_reply(
     `5.X.Y` in `text` decides; otherwise the exit status does (those in `transient`, and
     death by a signal, are transient)."""
     if exit.status == 0:
-        return Reply(code=250, enhanced_status="2.0.0", message=f"2.0.0 {text or 'Delivered'}", command=step)
+        return replies.program_delivered(step, text)
     if text_decides and text[:2] in ("4.", "5."):
+        # The program's own reply, as it wrote it: a parse, not a synthesis.
         reply = Reply.parse(550 if text[0] == "5" else 451, text, step)
         if reply.enhanced_status:
             return reply
     if exit.signal is not None:
-        default = f"{what} was killed by signal {exit.signal}"
-        return Reply(code=451, enhanced_status="4.3.0", message=f"4.3.0 {text or default}", command=step)
+        return replies.program_failed(step, text or f"{what} was killed by signal {exit.signal}", transient=True)
     meaning = _SYSEXITS.get(exit.status or 0)
     default = f"{what} exited with status {exit.status}" + (f" ({meaning})" if meaning else "")
-    if exit.status in transient:
-        return Reply(code=451, enhanced_status="4.3.0", message=f"4.3.0 {text or default}", command=step)
-    return Reply(code=554, enhanced_status="5.3.0", message=f"5.3.0 {text or default}", command=step)
+    return replies.program_failed(step, text or default, transient=exit.status in transient)

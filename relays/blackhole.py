@@ -1,10 +1,10 @@
 """`blackhole`: accepts every message and discards it."""
 
+from relays import replies
 from relays.base import DeliveryContext, same_result
 from relays.ids import unique_hex
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import BlackholeOptions
-from schemas.reply import Reply
 
 
 class BlackholeRelay:
@@ -14,12 +14,7 @@ class BlackholeRelay:
         self.name = name
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
-        reply = Reply(
-            code=250,
-            enhanced_status="2.0.0",
-            message=f"2.0.0 Message Delivered; {unique_hex()}",
-        )
-        return same_result(envelope, reply)
+        return same_result(envelope, replies.blackholed(unique_hex()))
 
     async def aclose(self) -> None:
         return None

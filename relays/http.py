@@ -116,16 +116,10 @@ class HttpRelay:
         # The header's code decides (relays.md); the first header only, if there are several.
         header = parse_smtp_reply(next(iter(response.headers.get_list("X-Smtp-Reply")), ""))
         status = response.status_code
-        ok = 200 <= status < 300
-        text = f"{self.host} answered HTTP {status} {response.reason_phrase}"
-        if header is not None and (ok or not header.is_success):  # a "250" on an HTTP error is not believed
-            reply = header
-        elif ok:
-            reply = Reply.parse(250, f"2.0.0 Accepted by {self.host} (HTTP {status})", "[HTTP]")
-        elif 400 <= status < 500:
-            reply = Reply.parse(554, f"5.0.0 {text}", "[HTTP]")
+        if header is not None and (200 <= status < 300 or not header.is_success):
+            reply = header  # a "250" on an HTTP error is not believed
         else:
-            reply = Reply.parse(451, f"4.0.0 {text}", "[HTTP]")
+            reply = replies.http_answer(self.host, status, response.reason_phrase)
         return self._same(recipients, reply)
 
     def _same(self, recipients: list[str], reply: Reply, *, possibly_delivered: bool = False) -> list[RecipientResult]:

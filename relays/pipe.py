@@ -2,6 +2,7 @@
 
 import asyncio
 
+from relays import replies
 from relays._process import ProcessRunner, error_text, exit_reply
 from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
@@ -24,9 +25,9 @@ class PipeRelay:
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         # One run per recipient, concurrently; the runner bounds how many at once.
-        replies = await asyncio.gather(*(self._deliver_one(envelope, rcpt, context) for rcpt in envelope.recipients))
+        outcomes = await asyncio.gather(*(self._deliver_one(envelope, rcpt, context) for rcpt in envelope.recipients))
         return [
-            RecipientResult(recipient=r, reply=reply) for r, reply in zip(envelope.recipients, replies, strict=True)
+            RecipientResult(recipient=r, reply=reply) for r, reply in zip(envelope.recipients, outcomes, strict=True)
         ]
 
     async def _deliver_one(self, envelope: Envelope, recipient: str, context: DeliveryContext) -> Reply:
@@ -73,11 +74,5 @@ def _option_injection(templates: list[str], args: list[str]) -> Reply | None:
         if template == "--":
             return None
         if arg.startswith("-") and not template.startswith("-"):
-            return Reply(
-                code=553,
-                enhanced_status="5.1.3",
-                message=f"5.1.3 The argument {arg[:64]!r} would be read as an option; "
-                'put "--" before the macros in the relay\'s args',
-                command=STEP,
-            )
+            return replies.argument_is_an_option(STEP, arg)
     return None

@@ -45,6 +45,11 @@ def protocol_error(command: str, detail: str) -> Reply:
     return _reply(451, "4.5.0", f"Unexpected reply from the server: {detail}", command)
 
 
+def invalid_characters(command: str) -> Reply:
+    """A command argument with CR, LF or NUL: never sent (validated addresses have none)."""
+    return _reply(501, "5.5.4", "Invalid characters in command arguments", command)
+
+
 def eight_bit_refused() -> Reply:
     return _reply(554, "5.6.3", "The message has 8-bit data and the server does not support 8BITMIME", "MAIL")
 
@@ -67,13 +72,50 @@ def no_mail_host(domain: str, ipv4_only: bool) -> Reply:
 
 
 def null_mx(domain: str) -> Reply:
-    return Reply(
-        code=556, enhanced_status="5.1.10", message=f"5.1.10 Domain {domain} accepts no mail (null MX)", command="[DNS]"
-    )
+    return _reply(556, "5.1.10", f"Domain {domain} accepts no mail (null MX)", "[DNS]")
 
 
 def no_domain() -> Reply:
     return _reply(550, "5.1.3", "Recipient address has no domain", "[ROUTE]")
+
+
+def http_answer(host: str, status: int, reason: str) -> Reply:
+    """An HTTP next hop's answer that carried no reply of its own: 2xx is a delivery, 4xx a
+    refusal, anything else (5xx, a redirect not followed) a transient failure."""
+    if 200 <= status < 300:
+        return _reply(250, "2.0.0", f"Accepted by {host} (HTTP {status})", "[HTTP]")
+    text = f"{host} answered HTTP {status} {reason}"
+    if 400 <= status < 500:
+        return _reply(554, "5.0.0", text, "[HTTP]")
+    return _reply(451, "4.0.0", text, "[HTTP]")
+
+
+def program_delivered(command: str, text: str) -> Reply:
+    """A delivery command exited 0; `text` is what it printed, if anything."""
+    return _reply(250, "2.0.0", text or "Delivered", command)
+
+
+def program_failed(command: str, text: str, *, transient: bool) -> Reply:
+    """A delivery command failed; `text` is its own words, or how it ended."""
+    if transient:
+        return _reply(451, "4.3.0", text, command)
+    return _reply(554, "5.3.0", text, command)
+
+
+def argument_is_an_option(command: str, argument: str) -> Reply:
+    """A request's value would have become an option of a delivery command."""
+    return _reply(
+        553,
+        "5.1.3",
+        f'The argument {argument[:64]!r} would be read as an option; put "--" before the macros in the relay\'s args',
+        command,
+    )
+
+
+def blackholed(queue_id: str) -> Reply:
+    """The blackhole relay's answer: accepted and discarded, like a queue that says its id."""
+    # No command, and none passed: its validator would run for nothing (blackhole is the fastest path).
+    return Reply(code=250, enhanced_status="2.0.0", message=f"2.0.0 Message Delivered; {queue_id}")
 
 
 def deadline_reached(seconds: float, *, maybe_delivered: bool) -> Reply:

@@ -306,7 +306,7 @@ class SmtpSession:
         lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), b"DATA"]
         if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
             # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
-            self._fail(Reply.parse(501, "5.5.4 Invalid characters in command arguments", "MAIL"))
+            self._fail(replies.invalid_characters("MAIL"))
         got, lost = await self._exchange(b"".join(line + b"\r\n" for line in lines), names)
         if state.reused and (not got or got[0].code == 421):
             raise StaleSessionError  # a pooled connection the server had given up on: nothing happened
@@ -533,7 +533,7 @@ class SmtpSession:
         if isinstance(exc, OSError):
             return replies.connection_failed(target, _os_reason(exc))
         if isinstance(exc, ValueError):  # aiosmtplib's command-injection guard: never reached with validated input
-            return Reply.parse(501, "5.5.4 Invalid characters in command arguments", command)
+            return replies.invalid_characters(command)
         return replies.protocol_error(command, str(exc))
 
 
