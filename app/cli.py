@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import json
@@ -10,20 +11,20 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Literal, Self
 
 import uvicorn
 
 from app.config import DEFAULT_SOURCE, LoadedConfig, load_config
 from app.http_protocol import bounded_protocol
 from app.lifespan import Services
-from app.logs import setup_logging
+from app.logs import chosen_format, setup_logging
 from app.main import create_app, openapi_document
 from app.metrics import RELOADS
 from app.workers import supervise
 from relays.registry import open_relays
-from schemas.config import ConfigError
+from schemas.config import ConfigError, ServiceConfig
 
 logger = logging.getLogger("mailrelay")
 
@@ -191,27 +192,37 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
 
 
+Exposure = Literal["safe", "insecure", "refused"]
+
+
+def network_exposure(config: ServiceConfig, host: str, insecure_flag: bool) -> Exposure:
+    """The loopback rule. An open relay on a network is a spam cannon: without API keys, listen on
+    loopback only, unless told otherwise (`insecure_flag`, or the setting insecure_allow_unauthenticated)."""
+    auth = config.mailrelay.auth
+    if auth.keys or is_loopback(host):
+        return "safe"
+    if insecure_flag or auth.insecure_allow_unauthenticated:
+        return "insecure"
+    return "refused"
+
+
 def _exposure_allowed(loaded: LoadedConfig, args: argparse.Namespace, *, quiet: bool = False) -> bool:
-    """An open relay on a network is a spam cannon: without keys, loopback only unless told otherwise."""
-    auth = loaded.config.mailrelay.auth
-    if auth.keys or is_loopback(args.host):
-        return True
-    if args.insecure_allow_unauthenticated or auth.insecure_allow_unauthenticated:
-        if quiet:
-            return True
+    """The loopback rule at start-up: a refusal printed, an override logged (unless `quiet`)."""
+    exposure = network_exposure(loaded.config, args.host, args.insecure_allow_unauthenticated)
+    if exposure == "insecure" and not quiet:
         logger.warning(
             "INSECURE: listening on %s with no API key configured; anyone who reaches this port can send mail "
             "through every relay",
             args.host,
         )
-        return True
-    print(
-        f"refusing to listen on {args.host} with no API key configured: anyone reaching the port could send mail. "
-        "Configure mailrelay.auth.keys or $MAILRELAY_API_KEYS, listen on 127.0.0.1, or pass "
-        "--insecure-allow-unauthenticated",
-        file=sys.stderr,
-    )
-    return False
+    elif exposure == "refused":
+        print(
+            f"refusing to listen on {args.host} with no API key configured: anyone reaching the port could send "
+            "mail. Configure mailrelay.auth.keys or $MAILRELAY_API_KEYS, listen on 127.0.0.1, or pass "
+            "--insecure-allow-unauthenticated",
+            file=sys.stderr,
+        )
+    return exposure != "refused"
 
 
 def is_loopback(host: str) -> bool:
@@ -225,30 +236,81 @@ def is_loopback(host: str) -> bool:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, with mailrelay's SIGTERM: drain first, then stop.
+    """uvicorn's server without signal handlers of its own: `_Signals` has them all."""
 
-    uvicorn would close the listener at once; instead /readyz turns 503 and new
-    deliveries are refused while running ones finish (up to shutdown_grace), so
-    the load balancer sees the instance leave before connections are refused.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's would replace ours while serving, then re-raise what they caught to the
+        # previous handlers once stopped. That serve() enters this method is the one uvicorn
+        # internal relied on here (tests/canaries/test_uvicorn_server.py).
+        yield
+
+
+class _Signals:
+    """The service's signals, all handled one way: as event loop callbacks, from before the
+    relays are built until the server has stopped.
+
+    SIGTERM drains, then stops: /readyz turns 503 and new deliveries are refused while the
+    running ones finish (up to shutdown_grace), so a load balancer sees the instance leave
+    before connections are refused; a second SIGTERM stops without waiting for the drain.
+    SIGINT stops as uvicorn would (a second one does not wait for connections). SIGHUP reloads
+    the configuration; one that comes during start-up is acted on once started.
     """
 
-    services: Services | None = None
-    _draining = False
-    _drain: asyncio.Task[None] | None = None
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.services is not None and not self._draining:
-            self._captured_signals.append(sig)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.server: _Server | None = None
+        self.services: Services | None = None
+        self._stop_requested = False
+        self._reload_requested = False
+        self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __enter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        for sig in self.HANDLED:
+            loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self.HANDLED:
+            loop.remove_signal_handler(sig)
+        # Stopped, the process exits 0 by itself: a late SIGTERM (a supervisor passing on the
+        # Ctrl+C its workers also got) must not turn that into death by a signal.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def attach(self, server: _Server) -> None:
+        self.server = server
+        server.should_exit = self._stop_requested
+
+    def started(self, services: Services) -> None:
+        self.services = services
+        if self._reload_requested:
+            self._spawn(reload_configuration(services, self.args))
+
+    def _received(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            if self.services is None:
+                self._reload_requested = True  # the configuration is read again once started
+            else:
+                self._spawn(reload_configuration(self.services, self.args))
+        elif self.server is None:
+            self._stop_requested = True
+        elif sig == signal.SIGTERM and self.services is not None and not self._draining:
             self._draining = True
-            # A signal handler may run in the middle of the loop's own code: hand over via its wakeup pipe.
-            asyncio.get_event_loop().call_soon_threadsafe(self._start_drain, self.services)
-            return
-        super().handle_exit(sig, frame)
+            self._spawn(self._drain_then_stop(self.server, self.services))
+        else:
+            self.server.handle_exit(sig, None)
 
-    def _start_drain(self, services: Services) -> None:
-        self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit(services))
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _drain_then_exit(self, services: Services) -> None:
+    async def _drain_then_stop(self, server: _Server, services: Services) -> None:
         running = services.current.active
         grace = services.current.config.mailrelay.shutdown_grace
         logger.info(
@@ -265,79 +327,65 @@ class _Server(uvicorn.Server):
                 services.current.active,
                 extra={"event": "drained", "running": services.current.active},
             )
-        self.should_exit = True
+        server.should_exit = True
 
 
 def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     async def serve() -> int:
-        # Relays are built before the server starts, so a failing custom factory
-        # is one clear line and exit 1 instead of a lifespan traceback.
-        try:
-            relays = await open_relays(loaded.config)
-        except ConfigError as exc:
-            _print_problems(exc)
-            return 1
-        settings = loaded.config.mailrelay
-        loop = asyncio.get_running_loop()
-        server: _Server
-        reloads: set[asyncio.Task[None]] = set()
+        with _Signals(args) as signals:
+            # Relays are built before the server starts, so a failing custom factory
+            # is one clear line and exit 1 instead of a lifespan traceback.
+            try:
+                relays = await open_relays(loaded.config)
+            except ConfigError as exc:
+                _print_problems(exc)
+                return 1
+            settings = loaded.config.mailrelay
 
-        def started(services: Services) -> None:
-            server.services = services
+            def started(services: Services) -> None:
+                signals.started(services)
+                _freeze_heap()
 
-            def hangup() -> None:
-                task = loop.create_task(_reload(services, args))
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
-
-            loop.add_signal_handler(signal.SIGHUP, hangup)
-            _freeze_heap()
-
-        app = create_app(loaded.config, relays, on_start=started)
-        # A worker's inherited socket: uvicorn's fd= would wrap it as a unix socket (no TCP_NODELAY).
-        sockets = [socket.socket(fileno=args.worker_fd)] if args.worker_fd is not None else None
-        where = {"worker_fd": args.worker_fd} if sockets else {"host": args.host, "port": args.port}
-        text = (args.log_format or settings.log_format) == "text" or (
-            (args.log_format or settings.log_format) == "auto" and sys.stderr.isatty()
-        )
-        server = _Server(
-            uvicorn.Config(
-                app,
-                host=args.host,
-                port=args.port,
-                log_level=args.log_level,
-                log_config=None,  # ours (app.logs) stays in place
-                access_log=text,  # JSON logs have one line per delivery instead
-                lifespan="on",
-                server_header=False,
-                http=bounded_protocol(settings.max_recipients, settings.body_timeout),
-                timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+            app = create_app(loaded.config, relays, on_start=started)
+            # A worker's inherited socket: uvicorn's fd= would wrap it as a unix socket (no TCP_NODELAY).
+            sockets = [socket.socket(fileno=args.worker_fd)] if args.worker_fd is not None else None
+            where = {"worker_fd": args.worker_fd} if sockets else {"host": args.host, "port": args.port}
+            server = _Server(
+                uvicorn.Config(
+                    app,
+                    host=args.host,
+                    port=args.port,
+                    log_level=args.log_level,
+                    log_config=None,  # ours (app.logs) stays in place
+                    # JSON logs have one line per delivery instead
+                    access_log=chosen_format(args.log_format or settings.log_format) == "text",
+                    lifespan="on",
+                    server_header=False,
+                    http=bounded_protocol(settings.max_recipients, settings.body_timeout),
+                    timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+                )
             )
-        )
-        logger.info(
-            "starting: pid %d",
-            os.getpid(),
-            extra={"event": "startup", "relays": len(relays), **where},
-        )
-        await server.serve(sockets=sockets)
-        logger.info("stopped", extra={"event": "shutdown"})
+            signals.attach(server)
+            logger.info(
+                "starting: pid %d",
+                os.getpid(),
+                extra={"event": "startup", "relays": len(relays), **where},
+            )
+            await server.serve(sockets=sockets)
+            logger.info("stopped", extra={"event": "shutdown"})
         return 0 if server.started else 1
 
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the
-    # previous handler; a no-op one lets the process exit 0 after a clean stop.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(serve())
 
 
-async def _reload(services: Services, args: argparse.Namespace) -> None:
-    """SIGHUP: a valid new configuration replaces the old one as a whole; an invalid one changes nothing."""
+async def reload_configuration(services: Services, args: argparse.Namespace) -> None:
+    """SIGHUP: a valid new configuration replaces the old one as a whole; an invalid one, or one
+    the loopback rule refuses for this address, changes nothing."""
     try:
         loaded = load_config(args.config)
-        if not loaded.config.mailrelay.auth.keys and not is_loopback(args.host):
-            auth = loaded.config.mailrelay.auth
-            if not (args.insecure_allow_unauthenticated or auth.insecure_allow_unauthenticated):
-                raise ConfigError.at("mailrelay.auth.keys", f"no API key, and the service listens on {args.host}")
+        if network_exposure(loaded.config, args.host, args.insecure_allow_unauthenticated) == "refused":
+            raise ConfigError.at("mailrelay.auth.keys", f"no API key, and the service listens on {args.host}")
         await services.swap(loaded.config)
     except Exception as exc:  # any failure keeps the running configuration
         RELOADS.labels("failure").inc()

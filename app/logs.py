@@ -234,13 +234,18 @@ class _Writer:
 _writer: _Writer | None = None
 
 
+def chosen_format(log_format: LogFormat, stream: TextIO | None = None) -> Literal["json", "text"]:
+    """The format of lines to `stream` (standard error): "auto" is text on a terminal, else JSON."""
+    if log_format == "auto":
+        return "text" if (stream or sys.stderr).isatty() else "json"
+    return log_format
+
+
 def setup_logging(level: str, log_format: LogFormat, stream: TextIO | None = None) -> None:
     """The service's logging: every line to `stream` (standard error) from one writer thread."""
     global _writer
     stream = stream or sys.stderr
-    chosen = log_format
-    if chosen == "auto":
-        chosen = "text" if stream.isatty() else "json"
+    chosen = chosen_format(log_format, stream)
     # Record fields no formatter here prints; computing them costs every log call a stack walk
     # (findCaller) and several lookups (logging's "Optimization" section). `_srcfile` is private,
     # with no public equivalent: tests/canaries/test_stdlib.py fails if setting it stops working.

@@ -1,19 +1,27 @@
 """The `mailrelay` command run for real: check-config, openapi, serve as a subprocess."""
 
+import argparse
 import base64
+import gc
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.cli import main
+from app.cli import main, network_exposure, reload_configuration
+from app.config import parse_config
+from app.lifespan import Runtime, Services
+from app.logs import chosen_format
 from app.main import openapi_document
+from relays.registry import open_relays
 from tests.servers.mailrelay import Server, start_server, wait_ready
 from tests.servers.process import free_port
 
@@ -244,3 +252,104 @@ def test_serve_refuses_a_port_out_of_range() -> None:
     result = run("serve", "--port", "70000")
     assert result.returncode == 2
     assert "'70000' is not a port number from 1 to 65535" in result.stderr
+
+
+def test_auto_log_format_is_text_on_a_terminal_only() -> None:
+    controller, terminal_fd = os.openpty()
+    with open(terminal_fd, "w") as terminal, open(os.devnull, "w") as file:
+        assert chosen_format("auto", terminal) == "text"
+        assert chosen_format("auto", file) == "json"
+        assert chosen_format("json", terminal) == "json"
+        assert chosen_format("text", file) == "text"
+    os.close(controller)
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "flag", "setting", "expected"),
+    [
+        ("127.0.0.1", False, False, False, "safe"),
+        ("::1", False, False, False, "safe"),
+        ("0.0.0.0", True, False, False, "safe"),  # noqa: S104
+        ("0.0.0.0", False, True, False, "insecure"),  # noqa: S104
+        ("0.0.0.0", False, False, True, "insecure"),  # noqa: S104
+        ("0.0.0.0", False, False, False, "refused"),  # noqa: S104
+        ("mail.example.com", False, False, False, "refused"),
+    ],
+)
+def test_the_loopback_rule(host: str, keys: bool, flag: bool, setting: bool, expected: str) -> None:
+    auth: dict[str, object] = {"insecure_allow_unauthenticated": setting}
+    if keys:
+        auth["keys"] = [{"name": "k", "sha256": "a" * 64}]
+    text = f"relay:\n  a: {{type: blackhole}}\nmailrelay:\n  auth: {json.dumps(auth)}\n"
+    assert network_exposure(parse_config(text, "<t>").config, host, flag) == expected
+
+
+async def test_a_reload_follows_the_loopback_rule(
+    write_config: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    first = parse_config("relay:\n  first: {type: blackhole}\n", "<t>").config
+    services = Services(Runtime.build(first, await open_relays(first)))
+    path = write_config("relay:\n  second: {type: blackhole}\n")
+    public = argparse.Namespace(config=str(path), host="0.0.0.0", insecure_allow_unauthenticated=False)  # noqa: S104
+    try:
+        with caplog.at_level(logging.ERROR, logger="mailrelay"):
+            await reload_configuration(services, public)
+        assert list(services.current.relays) == ["first"]
+        assert "mailrelay.auth.keys: no API key, and the service listens on 0.0.0.0" in caplog.text
+        await reload_configuration(services, argparse.Namespace(**{**vars(public), "host": "127.0.0.1"}))
+        assert list(services.current.relays) == ["second"]
+        path.write_text("relay:\n  third: {type: blackhole}\n")
+        await reload_configuration(
+            services, argparse.Namespace(**{**vars(public), "insecure_allow_unauthenticated": True})
+        )
+        assert list(services.current.relays) == ["third"]
+    finally:
+        await services.aclose()
+        gc.unfreeze()  # a reload freezes the heap, as in the service; not this test process's
+
+
+def _serve_slow_start(tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """mailrelay serving a relay that takes a second to build, once its factory has been called."""
+    marker = tmp_path / "factory-called"
+    config = tmp_path / "mailrelay.yaml"
+    config.write_text(
+        "relay:\n  slow:\n    type: custom\n    factory: tests.slow_start:factory\n"
+        f"    marker: {json.dumps(str(marker))}\n    seconds: 1\n"
+    )
+    process, port = start_server(config, {})
+    for _ in range(300):
+        if marker.exists() or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[1]
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_relays_are_built_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
+    process, _ = _serve_slow_start(tmp_path)
+    process.send_signal(sig)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_sighup_while_relays_are_built_reloads_once_started(tmp_path: Path) -> None:
+    process, url = _serve_slow_start(tmp_path)
+    try:
+        process.send_signal(signal.SIGHUP)
+        wait_ready(url, process)
+        for _ in range(100):
+            if 'mailrelay_config_reloads_total{result="success"} 1.0' in httpx.get(f"{url}/metrics").text:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("no reload within 10 s of start-up")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
