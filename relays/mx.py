@@ -2,13 +2,14 @@
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
-from typing import NamedTuple
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Self
 
 from relays import replies
 from relays.base import DeliveryContext, PermanentRelayError, RelayError, TransientRelayError
 from relays.context import RelayContext
-from relays.dns import DnsFailure, NoSuchDomain
+from relays.dns import DnsFailure, DnsResolver, NoSuchDomain
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, Transaction
 from schemas.delivery import Envelope, RecipientResult, domain_of
@@ -20,14 +21,67 @@ MAX_ATTEMPTS = 5
 #: Pools kept before the empty ones are dropped.
 _PRUNE_AT = 256
 
+_host_name = operator.attrgetter("name")
 
-class _Route(NamedTuple):
-    """Where a domain's mail goes: host names (or addresses) in order, and whether they need DNS."""
 
-    hosts: list[str]
-    port: int
-    resolve: bool
-    implicit: bool = False  # no MX record: the domain's own address
+class _Candidates:
+    """Where a domain's mail goes: the addresses to try, in order, at most MAX_ATTEMPTS of them.
+
+    A host's addresses are looked up only when every address before them was
+    tried: backups cost nothing while the first answers. A host whose lookup
+    failed is skipped, its failure kept as the reply should nothing else work.
+    Without `dns`, the hosts are addresses already (an address literal, force_mx).
+
+    An async iterator, not an async generator: nothing to close when the first
+    address answers, the usual case. MxRelay.deliver on a stub pool and DNS
+    (timeit): 7.71 us, as with the nested loops it replaced (7.65 us); an async
+    generator under aclosing() cost 0.9 us more per domain.
+    """
+
+    __slots__ = ("_addresses", "_dns", "_hosts", "_implicit", "_ipv4_only", "_name", "_port", "attempts", "failure")
+
+    def __init__(
+        self, hosts: Iterable[str], port: int, dns: DnsResolver | None, ipv4_only: bool, *, implicit: bool = False
+    ) -> None:
+        self._hosts = iter(hosts)
+        self._port = port
+        self._dns = dns
+        self._ipv4_only = ipv4_only
+        self._implicit = implicit  # no MX record: the domain's own address
+        self._name = ""
+        self._addresses: list[str] = []  # the current host's untried addresses, the next one last
+        self.attempts = 0
+        self.failure: Reply | None = None  # the last host lookup that failed
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Destination:
+        if self.attempts >= MAX_ATTEMPTS:
+            raise StopAsyncIteration
+        while not self._addresses:
+            name = next(self._hosts, None)
+            if name is None:
+                raise StopAsyncIteration
+            if self._dns is None:
+                self._name, self._addresses = name, [name]
+                break
+            try:
+                found = await self._dns.addresses(name, ipv4_only=self._ipv4_only)
+            except DnsFailure as exc:
+                self.failure = replies.dns_failure(name, str(exc))
+                continue
+            self._name, self._addresses = name, found[::-1]
+        self.attempts += 1
+        return Destination(self._addresses.pop(), self._port, self._name)
+
+    def nowhere(self, domain: str) -> Reply:
+        """The reply when there was no address to try."""
+        if self.failure is not None:
+            return self.failure
+        if self._implicit:
+            return replies.no_mail_host(domain, self._ipv4_only)
+        return replies.dns_failure(domain, "no MX host has an address")
 
 
 class MxRelay:
@@ -71,48 +125,25 @@ class MxRelay:
         results: list[RecipientResult | None],
         context: DeliveryContext,
     ) -> None:
-        recipients = [envelope.recipients[i] for i in indexes]
-        transaction: Transaction | None = None
-        destination: Destination | None = None
         try:
-            route = await self._route(domain)
-            attempts = 0
-            failure: Reply | None = None
-            # Hosts in order, each one's addresses looked up only when the ones before failed:
-            # backups cost nothing while the first answers.
-            for name in route.hosts:
-                try:
-                    addresses = (
-                        await self.dns.addresses(name, ipv4_only=self.options.ipv4_only) if route.resolve else [name]
-                    )
-                except DnsFailure as exc:
-                    failure = replies.dns_failure(name, str(exc))
-                    continue
-                for address in addresses:
-                    destination = Destination(address, route.port, name)
-                    transaction = await self._pool(destination).deliver(envelope, recipients, context)
-                    attempts += 1
-                    if transaction.data_sent or not all(r.is_transient for r in transaction.replies):
-                        break
-                    if attempts >= MAX_ATTEMPTS:
-                        break
-                else:
-                    continue
-                break
-            if transaction is None:
-                if failure is not None:
-                    raise TransientRelayError(failure)
-                if route.implicit:
-                    raise PermanentRelayError(replies.no_mail_host(domain, self.options.ipv4_only))
-                raise TransientRelayError(replies.dns_failure(domain, "no MX host has an address"))
+            candidates = await self._candidates(domain)
         except RelayError as exc:
-            if transaction is None:
-                for i in indexes:
-                    results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
-                return
-        # Either a transaction was made or the RelayError above returned.
-        assert transaction is not None  # noqa: S101
-        assert destination is not None  # noqa: S101
+            for i in indexes:
+                results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
+            return
+        recipients = [envelope.recipients[i] for i in indexes]
+        last: tuple[Destination, Transaction] | None = None
+        async for destination in candidates:
+            transaction = await self._pool(destination).deliver(envelope, recipients, context)
+            last = destination, transaction
+            if transaction.data_sent or not all(r.is_transient for r in transaction.replies):
+                break  # final: a 5xx, a delivery, or data that went out (never sent twice)
+        if last is None:
+            reply = candidates.nowhere(domain)
+            for i in indexes:
+                results[i] = RecipientResult(recipient=envelope.recipients[i], reply=reply)
+            return
+        destination, transaction = last
         for n, (i, reply) in enumerate(zip(indexes, transaction.replies, strict=True)):
             results[i] = RecipientResult(
                 recipient=envelope.recipients[i],
@@ -121,8 +152,8 @@ class MxRelay:
                 possibly_delivered=n in transaction.in_doubt,
             )
 
-    async def _route(self, domain: str) -> "_Route":
-        """The hosts to try for `domain`, in order. Raises RelayError when there are none."""
+    async def _candidates(self, domain: str) -> _Candidates:
+        """Where to try `domain`'s mail. Raises RelayError when DNS says there is nowhere."""
         port = self.options.port
         if domain.startswith("[") and domain.endswith("]"):
             literal = domain[1:-1].removeprefix("IPv6:").removeprefix("ipv6:")
@@ -130,10 +161,10 @@ class MxRelay:
                 ipaddress.ip_address(literal)
             except ValueError:
                 raise PermanentRelayError(replies.no_such_domain(domain)) from None
-            return _Route([literal], port, resolve=False)
+            return _Candidates((literal,), port, None, self.options.ipv4_only)
         if forced := self.options.force_mx.get(domain):
             host, forced_port = split_host_port(forced, port)
-            return _Route([host], forced_port, resolve=False)
+            return _Candidates((host,), forced_port, None, self.options.ipv4_only)
         try:
             exchangers = await self.dns.mx(domain)
         except NoSuchDomain:
@@ -143,8 +174,9 @@ class MxRelay:
         if exchangers == []:
             raise PermanentRelayError(replies.null_mx(domain))
         if exchangers is None:  # no MX: the domain itself (RFC 5321 5.1)
-            return _Route([domain], port, resolve=True, implicit=True)
-        return _Route([mx.name for mx in exchangers], port, resolve=True)
+            return _Candidates((domain,), port, self.dns, self.options.ipv4_only, implicit=True)
+        # map(): the names are read one by one, as far as the attempts go; no list per delivery.
+        return _Candidates(map(_host_name, exchangers), port, self.dns, self.options.ipv4_only)
 
     def _pool(self, destination: Destination) -> SmtpPool:
         pool = self._pools.get(destination)
