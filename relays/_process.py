@@ -14,7 +14,7 @@ from relays.base import DeliveryContext, RelayError
 from relays.instruments import PROCESS_RUNS
 from schemas.config import ConfigError
 from schemas.relay_options import ProcessOptions
-from schemas.reply import Reply
+from schemas.reply import Reply, Step
 
 #: Output kept from each of stdout and stderr; the rest is read and dropped.
 OUTPUT_CAP = 64 * 1024
@@ -41,7 +41,7 @@ class ProcessRunner:
     message on stdin, at most `concurrent_processes` at once (others wait, at most
     `timeout` seconds too)."""
 
-    def __init__(self, options: ProcessOptions, relay_name: str, step: str) -> None:
+    def __init__(self, options: ProcessOptions, relay_name: str, step: Step) -> None:
         self.timeout = options.timeout
         self.step = step
         self._limit = asyncio.Semaphore(options.concurrent_processes)
@@ -239,7 +239,7 @@ _SYSEXITS = {
 
 
 def exit_reply(
-    exit: Exit, step: str, text: str, *, transient: frozenset[int], what: str, text_decides: bool = False
+    exit: Exit, step: Step, text: str, *, transient: frozenset[int], what: str, text_decides: bool = False
 ) -> Reply:
     """The outcome of a finished command. With `text_decides` (pipe), a leading `4.X.Y` or
     `5.X.Y` in `text` decides; otherwise the exit status does (those in `transient`, and

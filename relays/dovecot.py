@@ -9,9 +9,9 @@ from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import DovecotOptions
-from schemas.reply import Reply
+from schemas.reply import Reply, Step
 
-STEP = "[DOVECOT]"
+STEP: Step = "[DOVECOT]"
 #: Where Debian installs it, off $PATH.
 DEBIAN_PATH = "/usr/lib/dovecot/dovecot-lda"
 

@@ -16,7 +16,7 @@ from relays.context import RelayContext
 from relays.tls import client_context
 from schemas.delivery import Envelope, RecipientResult, delivery_status
 from schemas.relay_options import HttpOptions
-from schemas.reply import Reply
+from schemas.reply import Reply, Step
 
 #: Largest response body read: a mailrelay result is about 300 bytes per recipient.
 _BODY_CAP = 64 * 1024
@@ -136,7 +136,7 @@ class HttpRelay:
         if isinstance(cause, ssl.SSLError):
             return replies.tls_failed("[CONNECT]", f"{getattr(cause, 'reason', None) or cause} ({self.host})")
         if isinstance(exc, httpx.TimeoutException):
-            command = "[CONNECT]" if isinstance(exc, httpx.ConnectTimeout) else "[HTTP]"
+            command: Step = "[CONNECT]" if isinstance(exc, httpx.ConnectTimeout) else "[HTTP]"
             return replies.timed_out(
                 command, f"{self.host}" if command == "[CONNECT]" else f"the response from {self.host}"
             )

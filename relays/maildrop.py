@@ -5,8 +5,9 @@ from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import MaildropOptions
+from schemas.reply import Step
 
-STEP = "[MAILDROP]"
+STEP: Step = "[MAILDROP]"
 _PREFIX = "maildrop: "
 
 

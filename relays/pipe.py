@@ -8,11 +8,11 @@ from relays.base import DeliveryContext, RelayError
 from relays.context import RelayContext
 from schemas.delivery import Envelope, RecipientResult
 from schemas.relay_options import PipeOptions
-from schemas.reply import Reply
+from schemas.reply import Reply, Step
 
 #: Postfix pipe(8) with sysexits.h: only EX_OSERR and EX_TEMPFAIL are worth retrying.
 TRANSIENT_STATUSES = frozenset({71, 75})
-STEP = "[PIPE]"
+STEP: Step = "[PIPE]"
 
 
 class PipeRelay:

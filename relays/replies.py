@@ -3,14 +3,14 @@
 from collections.abc import Sequence
 
 from schemas.delivery import RecipientResult
-from schemas.reply import Reply
+from schemas.reply import Command, Reply, SmtpCommand, Step
 
 
-def _reply(code: int, enhanced: str, text: str, command: str | None) -> Reply:
+def _reply(code: int, enhanced: str, text: str, command: Command | None) -> Reply:
     return Reply(code=code, enhanced_status=enhanced, message=f"{enhanced} {text}", command=command)
 
 
-def timed_out(command: str, what: str) -> Reply:
+def timed_out(command: Command, what: str) -> Reply:
     return _reply(451, "4.4.2", f"Timed out waiting for {what}", command)
 
 
@@ -18,22 +18,22 @@ def connection_failed(target: str, reason: str) -> Reply:
     return _reply(451, "4.4.1", f"Connection to {target} failed: {reason}", "[CONNECT]")
 
 
-def connection_lost(command: str, maybe_delivered: bool = False) -> Reply:
+def connection_lost(command: Command, maybe_delivered: bool = False) -> Reply:
     tail = "; the message may have been delivered" if maybe_delivered else ""
     return _reply(451, "4.4.2", f"Connection lost during {command}{tail}", command)
 
 
-def tls_failed(command: str, reason: str) -> Reply:
+def tls_failed(command: Command, reason: str) -> Reply:
     return _reply(451, "4.7.5", f"TLS with the server failed: {reason}", command)
 
 
-def not_offered(command: str, extension: str) -> Reply:
+def not_offered(command: SmtpCommand, extension: str) -> Reply:
     return _reply(
         451, "4.7.4", f"{extension} is required by the configuration but the server does not offer it", command
     )
 
 
-def cannot_start(command: str, program: str, reason: str) -> Reply:
+def cannot_start(command: Step, program: str, reason: str) -> Reply:
     return _reply(451, "4.3.5", f"Cannot run {program}: {reason}", command)
 
 
@@ -41,11 +41,11 @@ def tls_refused(detail: str) -> Reply:
     return _reply(451, "4.7.4", f"The server refused STARTTLS, which the configuration requires: {detail}", "STARTTLS")
 
 
-def protocol_error(command: str, detail: str) -> Reply:
+def protocol_error(command: Command, detail: str) -> Reply:
     return _reply(451, "4.5.0", f"Unexpected reply from the server: {detail}", command)
 
 
-def invalid_characters(command: str) -> Reply:
+def invalid_characters(command: Command) -> Reply:
     """A command argument with CR, LF or NUL: never sent (validated addresses have none)."""
     return _reply(501, "5.5.4", "Invalid characters in command arguments", command)
 
@@ -90,19 +90,19 @@ def http_answer(host: str, status: int, reason: str) -> Reply:
     return _reply(451, "4.0.0", text, "[HTTP]")
 
 
-def program_delivered(command: str, text: str) -> Reply:
+def program_delivered(command: Step, text: str) -> Reply:
     """A delivery command exited 0; `text` is what it printed, if anything."""
     return _reply(250, "2.0.0", text or "Delivered", command)
 
 
-def program_failed(command: str, text: str, *, transient: bool) -> Reply:
+def program_failed(command: Step, text: str, *, transient: bool) -> Reply:
     """A delivery command failed; `text` is its own words, or how it ended."""
     if transient:
         return _reply(451, "4.3.0", text, command)
     return _reply(554, "5.3.0", text, command)
 
 
-def argument_is_an_option(command: str, argument: str) -> Reply:
+def argument_is_an_option(command: Step, argument: str) -> Reply:
     """A request's value would have become an option of a delivery command."""
     return _reply(
         553,

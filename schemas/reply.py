@@ -1,9 +1,51 @@
 """The SMTP-style reply every outcome carries."""
 
 import re
-from typing import Self
+from collections.abc import Mapping
+from typing import Final, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: The SMTP and LMTP commands whose reply (or failure) can end a delivery attempt.
+SmtpCommand = Literal["EHLO", "HELO", "LHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA"]
+#: The steps mailrelay names in `Reply.command` when a reply answered no single command.
+Step = Literal[
+    "[DEADLINE]",
+    "[ROUTE]",
+    "[DNS]",
+    "[CONNECT]",
+    "[BANNER]",
+    "[SEND_DATA]",
+    "[HTTP]",
+    "[PIPE]",
+    "[MAILDROP]",
+    "[DOVECOT]",
+]
+#: Every `command` a reply from mailrelay's own relays carries: the one definition that
+#: relays/replies.py, the relays (typed with it) and the OpenAPI description follow.
+Command = Literal[SmtpCommand, Step]
+
+#: What each step covers, for the API's description of `command`.
+STEP_MEANINGS: Final[Mapping[Step, str]] = {
+    "[DEADLINE]": "the service's delivery deadline passed first",
+    "[ROUTE]": "the recipient has nowhere to go (no domain)",
+    "[DNS]": "looking up the domain's mail hosts and their addresses",
+    "[CONNECT]": "connecting to the next hop (TLS included)",
+    "[BANNER]": "the SMTP or LMTP server's greeting",
+    "[SEND_DATA]": "sending the message data and waiting for the final reply",
+    "[HTTP]": "the request to an http next hop",
+    "[PIPE]": "running the pipe relay's command",
+    "[MAILDROP]": "running maildrop",
+    "[DOVECOT]": "running dovecot-lda",
+}
+
+COMMAND_DESCRIPTION: Final = (
+    "what this reply answered: an SMTP command ("
+    + ", ".join(get_args(SmtpCommand))
+    + ") or a step of the delivery that mailrelay names: "
+    + "; ".join(f"{step} {meaning}" for step, meaning in STEP_MEANINGS.items())
+    + ". A result carried from an http next hop keeps the command that hop reported."
+)
 
 _ESCAPED_ONLY = re.compile(r"[^\ud800-\udc7f\udd00-\udfff]*", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -31,7 +73,7 @@ class Reply(BaseModel):
     )
     command: str | None = Field(
         default=None,
-        description="the command this reply answered: MAIL, RCPT, DATA, or a step such as [CONNECT], [SEND_DATA], [TIMEOUT]",
+        description=COMMAND_DESCRIPTION,
         examples=["[SEND_DATA]"],
     )
 

@@ -22,7 +22,7 @@ from relays.smtp.reader import ReplyReader, reading_replies
 from relays.tls import client_context
 from schemas.delivery import Envelope
 from schemas.relay_options import SmtpOptions
-from schemas.reply import Reply
+from schemas.reply import Command, Reply
 
 TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
 #: Most seconds to wait for the reply to QUIT.
@@ -302,7 +302,8 @@ class SmtpSession:
         """MAIL, every RCPT and DATA in one write, then their replies (RFC 2920): one round
         trip instead of two plus one per recipient. Same outcome as `_envelope_stepwise`."""
         rcpt_count = len(state.rcpts)
-        names = ["MAIL", *["RCPT"] * rcpt_count, "DATA"]
+        rcpt_names: list[Command] = ["RCPT"] * rcpt_count
+        names: list[Command] = ["MAIL", *rcpt_names, "DATA"]
         lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), b"DATA"]
         if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
             # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
@@ -338,7 +339,7 @@ class SmtpSession:
             return []
         return accepted
 
-    async def _exchange(self, payload: bytes, names: Sequence[str]) -> tuple[list[SMTPResponse], Reply | None]:
+    async def _exchange(self, payload: bytes, names: Sequence[Command]) -> tuple[list[SMTPResponse], Reply | None]:
         """Write `payload` (pipelined commands) and read one reply per name in `names`, each
         within `command_timeout`. Returns the replies that came and, if not all did, the reply
         for the rest (a timeout or a lost connection; the connection is then closed).
@@ -387,7 +388,7 @@ class SmtpSession:
         if not got:
             self._broken = True
 
-    async def _command(self, step: str, *args: bytes) -> SMTPResponse:
+    async def _command(self, step: Command, *args: bytes) -> SMTPResponse:
         async with self._step(step):
             response = await self.smtp.execute_command(*args, timeout=self.settings.command_timeout)
         if response.code == 421:  # the server is closing this connection
@@ -449,12 +450,14 @@ class SmtpSession:
         return frozenset(missing) if whole_sent else frozenset()
 
     async def _reset(self) -> None:
-        """RSET after a refused transaction, so the connection can serve the next one."""
+        """RSET after a refused transaction, so the connection can serve the next one. Its reply
+        answers no recipient, so no RelayError: a connection that fails it is not reused."""
         try:
-            response = await self._command("RSET", b"RSET")
-            if response.code != 250:
-                self._broken = True
-        except RelayError:
+            response = await self.smtp.execute_command(b"RSET", timeout=self.settings.command_timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            self.close()  # as in _step: a late reply must never answer the next command
+            return
+        if response.code != 250:
             self._broken = True
 
     async def quit(self) -> None:
@@ -488,7 +491,7 @@ class SmtpSession:
         raise RelayError.from_reply(reply)
 
     @asynccontextmanager
-    async def _step(self, command: str, *, after_data: bool = False) -> AsyncIterator[None]:
+    async def _step(self, command: Command, *, after_data: bool = False) -> AsyncIterator[None]:
         """The one place where aiosmtplib, OS, TLS and timeout errors become replies.
 
         A connection that failed this way is closed: after a timeout a late
@@ -505,7 +508,7 @@ class SmtpSession:
             self.close()
             raise RelayError.from_reply(self._translate(exc, command, after_data)) from exc
 
-    def _translate(self, exc: BaseException, command: str, after_data: bool) -> Reply:
+    def _translate(self, exc: BaseException, command: Command, after_data: bool) -> Reply:
         target = self.destination.label
         cause = exc.__cause__
         if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
@@ -544,14 +547,14 @@ def _os_reason(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _final(response: SMTPResponse, command: str) -> Reply:
+def _final(response: SMTPResponse, command: Command) -> Reply:
     """A reply that ends a recipient's delivery, as the server sent it."""
     if response.code // 100 in (2, 4, 5):
         return Reply.parse(response.code, response.message, command)
     return replies.protocol_error(command, f"{response.code} {response.message}"[:200])
 
 
-def _refusal(response: SMTPResponse, command: str) -> Reply:
+def _refusal(response: SMTPResponse, command: Command) -> Reply:
     """The reply of a step that did not succeed. A 2xx or 3xx here is a server
     out of protocol (DATA answered 250, EHLO answered 220): never a delivery."""
     if response.code // 100 in (4, 5):

@@ -1,15 +1,32 @@
-"""Every reply mailrelay makes up comes from relays/replies.py, and reads as its own parse would."""
+"""Every reply mailrelay makes up comes from relays/replies.py, reads as its own parse would, and
+names a command of schemas/reply.py's one definition, which the API description lists."""
 
 import ast
+import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+import app
 from relays import replies
 from schemas.delivery import RecipientResult
-from schemas.reply import Reply
+from schemas.reply import STEP_MEANINGS, Command, Reply, SmtpCommand, Step
 
 RELAYS = Path(replies.__file__).parent
+APP = Path(app.__file__).parent
+_STEP_LITERAL = re.compile(r"\[[A-Z_]+\]")
+
+
+def _string_constants(*folders: Path) -> set[str]:
+    return {
+        node.value
+        for folder in folders
+        for path in folder.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
 
 #: One of each synthesised reply.
 SYNTHESISED = [
@@ -86,3 +103,26 @@ def test_replies_are_made_up_only_in_relays_replies() -> None:
     assert sources
     found = [where for path in sources for where in _reply_constructions(path)]
     assert found == [], "build these in relays/replies.py"
+
+
+@pytest.mark.parametrize("reply", SYNTHESISED, ids=lambda r: f"{r.code}-{r.message[:30]}")
+def test_a_synthesised_reply_names_a_command_of_the_definition(reply: Reply) -> None:
+    assert reply.command is None or reply.command in get_args(Command)
+
+
+def test_the_steps_written_in_the_code_are_exactly_the_defined_ones() -> None:
+    # Typed code cannot pass an unknown step (mypy checks the Literal); this also catches an
+    # untyped one, and a step the definition still lists after the code stopped using it.
+    written = {c for c in _string_constants(RELAYS, APP) if _STEP_LITERAL.fullmatch(c)}
+    assert written == set(get_args(Step))
+
+
+def test_every_defined_smtp_command_is_sent_by_the_relays() -> None:
+    assert set(get_args(SmtpCommand)) <= _string_constants(RELAYS)
+
+
+def test_the_api_describes_every_command_and_only_those() -> None:
+    description = Reply.model_json_schema()["properties"]["command"]["description"]
+    assert set(STEP_MEANINGS) == set(get_args(Step))
+    assert all(command in description for command in get_args(Command))
+    assert set(_STEP_LITERAL.findall(description)) == set(get_args(Step))
