@@ -491,7 +491,7 @@ class SmtpSession:
         raise RelayError.from_reply(reply)
 
     @asynccontextmanager
-    async def _step(self, command: Command, *, after_data: bool = False) -> AsyncIterator[None]:
+    async def _step(self, command: Command) -> AsyncIterator[None]:
         """The one place where aiosmtplib, OS, TLS and timeout errors become replies.
 
         A connection that failed this way is closed: after a timeout a late
@@ -503,12 +503,12 @@ class SmtpSession:
             # The server answered: the connection is in step, unless it was the banner.
             if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
                 self.close()
-            raise RelayError.from_reply(self._translate(exc, command, after_data)) from exc
+            raise RelayError.from_reply(self._translate(exc, command)) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
             self.close()
-            raise RelayError.from_reply(self._translate(exc, command, after_data)) from exc
+            raise RelayError.from_reply(self._translate(exc, command)) from exc
 
-    def _translate(self, exc: BaseException, command: Command, after_data: bool) -> Reply:
+    def _translate(self, exc: BaseException, command: Command) -> Reply:
         target = self.destination.label
         cause = exc.__cause__
         if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
@@ -523,14 +523,9 @@ class SmtpSession:
         if isinstance(exc, aiosmtplib.SMTPConnectError):
             return replies.connection_failed(target, _os_reason(cause) if isinstance(cause, OSError) else str(exc))
         if isinstance(exc, TimeoutError):
-            what = (
-                "the reply to the message data; the message may have been delivered"
-                if after_data
-                else f"the reply to {command}"
-            )
-            return replies.timed_out(command, what)
+            return replies.timed_out(command, f"the reply to {command}")
         if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
-            return replies.connection_lost(command, maybe_delivered=after_data)
+            return replies.connection_lost(command)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             return _refusal(SMTPResponse(exc.code, exc.message), command)
         if isinstance(exc, OSError):
