@@ -1,4 +1,19 @@
-"""One SMTP or LMTP connection on aiosmtplib: every step under its timeout, every failure a Reply."""
+"""One SMTP or LMTP connection on aiosmtplib: every step under its timeout, every failure a Reply.
+
+aiosmtplib has no public API for pipelining, for LHLO, or for reading the replies to the message
+data as they come, so the session uses these parts of it that its documentation does not cover
+(pyproject.toml bounds aiosmtplib at the version tested; tests/canaries/test_aiosmtplib.py fails
+naming the one that changed):
+
+- `SMTP.transport`: the connection's asyncio transport (the TLS one after STARTTLS, None once
+  closed), written to by the pipelined exchange and the data, aborted by `close()`;
+- that transport's protocol, aiosmtplib's `SMTPProtocol`, swapped out for our reader and back
+  (relays/smtp/reader.py `reading_replies`), after which it reads the next reply as before;
+- `SMTP.last_ehlo_response` (its setter parses what `supports_extension()` and `login()` read)
+  and `SMTP.last_helo_response`, set after our own EHLO, LHLO or HELO so that `starttls()` and
+  `login()` do not greet again;
+- `SMTPConnectError.__cause__`, the OSError of a failed connect, whose errno words the reply.
+"""
 
 import asyncio
 import contextlib
