@@ -17,19 +17,15 @@ from typing import Any, cast
 
 import aiosmtplib
 import pytest
-import uvloop
 from aiosmtplib import SMTPResponse
 
 from relays.smtp.reader import ReplyReader, reading_replies
+from tests.canaries import LOOPS
 from tests.servers.process import free_port
 from tests.servers.raw import Conversation, RawServer, raw_server
 from tests.servers.smtp import smtp_server, tls_material
 
 VERSION = f"aiosmtplib {aiosmtplib.__version__}"
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,  # the service's loop when installed (app.cli)
-}
 TRANSPORT = (
     "SMTP.transport (read by relays/smtp/session.py _live_transport and close(): the connection's "
     "asyncio transport, the TLS one after STARTTLS, None once closed)"
@@ -190,7 +186,7 @@ def test_a_set_ehlo_response_keeps_login_from_greeting_again() -> None:
         assert seen == ["AUTH", "QUIT"], f"{VERSION}: {EHLO}: after our EHLO, login() sent {seen}"
         assert not server.errors, server.errors
 
-    run(uvloop.new_event_loop, test)
+    run(LOOPS["uvloop"], test)
 
 
 def test_a_set_helo_response_keeps_aiosmtplib_from_greeting_again() -> None:
@@ -213,7 +209,7 @@ def test_a_set_helo_response_keeps_aiosmtplib_from_greeting_again() -> None:
         assert seen == ["MAIL", "QUIT"], f"{VERSION}: {HELO}: after our HELO, aiosmtplib sent {seen}"
         assert not server.errors, server.errors
 
-    run(uvloop.new_event_loop, test)
+    run(LOOPS["uvloop"], test)
 
 
 def test_a_refused_connect_carries_the_os_error() -> None:
@@ -225,4 +221,4 @@ def test_a_refused_connect_carries_the_os_error() -> None:
         assert isinstance(cause, OSError), f"{VERSION}: {CONNECT_CAUSE} is {cause!r}"
         assert cause.errno == errno.ECONNREFUSED, f"{VERSION}: {CONNECT_CAUSE} has errno {cause.errno}"
 
-    run(uvloop.new_event_loop, test)
+    run(LOOPS["uvloop"], test)

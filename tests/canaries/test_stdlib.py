@@ -8,12 +8,9 @@ import signal
 from collections.abc import Callable
 
 import pytest
-import uvloop
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,  # the service's loop when installed (app.cli)
-}
+from tests.canaries import LOOPS
+
 SRCFILE = (
     "app/logs.py setup_logging sets logging._srcfile = None (logging HOWTO, 'Optimization') so that "
     "no log call looks up its caller"
