@@ -23,6 +23,12 @@ def connection_lost(command: Command, maybe_delivered: bool = False) -> Reply:
     return _reply(451, "4.4.2", f"Connection lost during {command}{tail}", command)
 
 
+def reply_too_long(command: Command, detail: str, *, maybe_delivered: bool = False) -> Reply:
+    """The server's reply went past the reader's bound (relays/smtp/reader.py): the connection was dropped."""
+    tail = "; the message may have been delivered" if maybe_delivered else ""
+    return _reply(451, "4.5.0", f"Unexpected reply from the server: {detail}; connection dropped{tail}", command)
+
+
 def tls_failed(command: Command, reason: str) -> Reply:
     return _reply(451, "4.7.5", f"TLS with the server failed: {reason}", command)
 

@@ -47,6 +47,11 @@ COMMAND_DESCRIPTION: Final = (
     + ". A result carried from an http next hop keeps the command that hop reported."
 )
 
+#: Most characters of reply text a result carries (and so `X-Smtp-Reply`); longer text is cut
+#: there and ends with TRUNCATED. The readers bound a reply at 64 KiB; this keeps results small.
+MAX_TEXT = 1000
+TRUNCATED: Final = " [truncated]"
+
 _ESCAPED_ONLY = re.compile(r"[^\ud800-\udc7f\udd00-\udfff]*", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -68,7 +73,8 @@ class Reply(BaseModel):
         examples=["2.0.0"],
     )
     message: str = Field(
-        description="reply text as sent by the next hop",
+        description=f"reply text as sent by the next hop; text longer than {MAX_TEXT} characters is cut "
+        f"there and ends with {TRUNCATED.strip()!r}",
         examples=["2.0.0 Ok: queued as 4F1C"],
     )
     command: str | None = Field(
@@ -90,7 +96,11 @@ class Reply(BaseModel):
     def _valid_text(cls, text: str | None) -> str | None:
         # Servers send any bytes; aiosmtplib keeps undecodable ones as lone
         # surrogates, which no JSON encoder takes. Make them U+FFFD.
-        if text is None or text.isascii():
+        if text is None:
+            return text
+        if len(text) > MAX_TEXT:  # a reply can be 64 KiB: results and headers carry at most this
+            text = text[:MAX_TEXT] + TRUNCATED
+        if text.isascii():
             return text
         try:
             text.encode("utf-8")

@@ -7,8 +7,16 @@ from collections.abc import Callable, Iterator
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
-#: A reply longer than this is garbage, not SMTP.
+#: Most bytes of one reply, all its lines together (aiosmtplib keeps 32 KiB for the replies it
+#: reads itself): past it the reply is garbage, not SMTP, and the connection is dropped.
 MAX_REPLY_BYTES = 64 * 1024
+
+
+class ReplyTooLongError(aiosmtplib.SMTPResponseException):
+    """A reply (all its lines) went past MAX_REPLY_BYTES, or more replies came than were asked for."""
+
+    def __init__(self, message: str = f"reply too long (over {MAX_REPLY_BYTES} bytes)") -> None:
+        super().__init__(-1, message)
 
 
 class ReplyReader(asyncio.Protocol):
@@ -16,13 +24,17 @@ class ReplyReader(asyncio.Protocol):
 
     Installed on the transport by `reading_replies`. `replies` grows as
     replies arrive; `read()` and `writable()` wait, each with its own time
-    limit, and raise the connection's error (lost, malformed) once there is one.
+    limit, and raise the connection's error (lost, malformed, too long) once
+    there is one. Memory is bounded whatever the server sends: one reply's
+    lines are kept as bytes, at most MAX_REPLY_BYTES of them, and no more
+    replies than `expect()` asked for.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self.replies: list[SMTPResponse] = []
-        self._lines: list[str] = []
+        self._text = bytearray()  # the lines of the reply under way, joined by "\n"
+        self._lines = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._paused = False
@@ -41,6 +53,8 @@ class ReplyReader(asyncio.Protocol):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return  # the connection is being dropped: nothing more is kept
         self._buffer += data
         while (end := self._buffer.find(b"\n")) >= 0:
             line = bytes(self._buffer[: end + 1])
@@ -48,12 +62,25 @@ class ReplyReader(asyncio.Protocol):
             if len(line) < 3 or not line[:3].isdigit():
                 self._set_error(aiosmtplib.SMTPResponseException(-1, f"malformed reply line {line[:80]!r}"))
                 return
-            self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "replace"))
+            if self._lines:
+                self._text += b"\n"
+            self._text += line[4:].strip(b" \t\r\n")
+            self._lines += 1
             if line[3:4] != b"-":
-                self.replies.append(SMTPResponse(int(line[:3]), "\n".join(self._lines)))
-                self._lines = []
-        if len(self._buffer) > MAX_REPLY_BYTES:
-            self._set_error(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+                if self._expected and len(self.replies) >= self._expected:
+                    # Replies nobody asked for: out of step, and each one would be kept.
+                    self._set_error(ReplyTooLongError("more replies than commands"))
+                    return
+                self.replies.append(SMTPResponse(int(line[:3]), self._text.decode("utf-8", "replace")))
+                self._text = bytearray()
+                self._lines = 0
+            elif len(self._text) > MAX_REPLY_BYTES:
+                break
+        if len(self._text) + len(self._buffer) > MAX_REPLY_BYTES:
+            self._buffer.clear()
+            self._text.clear()
+            self._set_error(ReplyTooLongError())
+            return
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:

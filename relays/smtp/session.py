@@ -33,7 +33,7 @@ from aiosmtplib import SMTPResponse
 
 from relays import replies
 from relays.base import DeliveryContext, RelayError
-from relays.smtp.reader import ReplyReader, reading_replies
+from relays.smtp.reader import ReplyReader, ReplyTooLongError, reading_replies
 from relays.tls import client_context
 from schemas.delivery import Envelope
 from schemas.relay_options import SmtpOptions
@@ -372,6 +372,8 @@ class SmtpSession:
                     await reader.read(len(reader.replies) + 1, self.settings.command_timeout)
             except TimeoutError:
                 lost = replies.timed_out(names[len(reader.replies)], f"the reply to {names[len(reader.replies)]}")
+            except ReplyTooLongError as exc:
+                lost = replies.reply_too_long(names[min(len(reader.replies), len(names) - 1)], exc.message)
             except (aiosmtplib.SMTPException, OSError):
                 lost = replies.connection_lost(names[min(len(reader.replies), len(names) - 1)])
         if lost is not None:
@@ -430,6 +432,7 @@ class SmtpSession:
         whole_sent = False
         body, end = encode_data(message)
         with reading_replies(transport, self._after_reading) as reader:
+            reader.expect(count)  # before the data: a reply beyond `count` is refused as it comes
             try:
                 view = memoryview(body)
                 for offset in range(0, max(len(view), 1), _DATA_CHUNK):  # an empty body still gets its "."
@@ -442,12 +445,13 @@ class SmtpSession:
                     else:
                         transport.write(chunk)
                     await reader.writable(self.settings.data_timeout)
-                reader.expect(count)
                 await reader.read(count, self.settings.data_timeout)
             except TimeoutError:
                 failure = replies.timed_out(
                     "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
                 )
+            except ReplyTooLongError as exc:
+                failure = replies.reply_too_long("[SEND_DATA]", exc.message, maybe_delivered=whole_sent)
             except (aiosmtplib.SMTPException, OSError):
                 failure = replies.connection_lost("[SEND_DATA]", maybe_delivered=True)
         if failure is not None:
@@ -515,8 +519,9 @@ class SmtpSession:
         try:
             yield
         except aiosmtplib.SMTPResponseException as exc:
-            # The server answered: the connection is in step, unless it was the banner.
-            if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+            # The server answered: the connection is in step, unless it was the banner, or no
+            # reply at all (code -1: aiosmtplib found it malformed or past its MAX_RESPONSE_LENGTH).
+            if exc.code < 0 or isinstance(exc, aiosmtplib.SMTPConnectResponseError):
                 self.close()
             raise RelayError.from_reply(self._translate(exc, command)) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
@@ -541,6 +546,8 @@ class SmtpSession:
             return replies.timed_out(command, f"the reply to {command}")
         if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError):
             return replies.connection_lost(command)
+        if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code < 0:  # not a reply: its own words
+            return replies.protocol_error(command, f"{exc.message[:200]}; connection dropped")
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             return _refusal(SMTPResponse(exc.code, exc.message), command)
         if isinstance(exc, OSError):
