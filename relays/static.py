@@ -17,7 +17,14 @@ class StaticRelay:
         self.name = name
         settings = SessionSettings.from_options(options, name, lmtp=self.lmtp)
         destination = Destination(address=options.host, port=options.port, name=options.host)
-        self.pool = SmtpPool(destination, settings, options.concurrent_connections, options.idle_timeout)
+        self.pool = SmtpPool(
+            destination,
+            settings,
+            options.concurrent_connections,
+            options.idle_timeout,
+            max_waiting=options.max_waiting,
+            metrics_destination=destination.label,  # one configured host: a bounded label
+        )
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         recipients = list(envelope.recipients)

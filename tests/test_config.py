@@ -19,6 +19,7 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "data_timeout": 60.0,
     "idle_timeout": 10.0,
     "concurrent_connections": 5,
+    "max_waiting": 100,
     "ehlo_as": FQDN,
     "tls": None,
     "credentials": None,
@@ -34,7 +35,17 @@ PROCESS_DEFAULTS: dict[str, Any] = {
 
 # (the relay's mapping in the file, every option GET /relays must show)
 DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
-    ({"type": "mx"}, {"type": "mx", **SMTP_DEFAULTS, "force_mx": {}, "port": 25}),
+    (
+        {"type": "mx"},
+        {
+            "type": "mx",
+            **SMTP_DEFAULTS,
+            "force_mx": {},
+            "port": 25,
+            "mx_address_limit": 5,
+            "allow_internal_destinations": False,
+        },
+    ),
     (
         {"type": "static", "host": "smtp.example.com"},
         {"type": "static", **SMTP_DEFAULTS, "host": "smtp.example.com", "port": 25},

@@ -9,9 +9,19 @@ from relays.base import DeliveryContext, RelayError
 from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope
+from schemas.reply import Reply
 
 #: Like Postfix's smtp_connection_reuse_time_limit: a connection is not reused past this age.
 MAX_CONNECTION_AGE = 300.0
+#: The default of the `max_waiting` option (schemas.relay_options.SmtpOptions).
+MAX_WAITING = 100
+#: The `destination` label of a pool's metrics unless its relay names one: mx's destinations
+#: are recipients' mail hosts, a series per host would grow without bound and name them.
+ANY_DESTINATION = "*"
+
+
+class _TooManyWaiting(Exception):
+    pass
 
 
 class SmtpPool:
@@ -20,6 +30,10 @@ class SmtpPool:
 
     An idle connection is kept `idle_timeout` seconds, then closed with QUIT.
     A connection that failed, timed out, or got a 421 is closed, never reused.
+    At most `max_waiting` deliveries wait for a connection; one more fails at once
+    (451 4.4.5): each waiting delivery holds an in-flight slot of the service, and a
+    slow destination must not take them all from the other relays and destinations.
+    Metrics are labelled `metrics_destination`: a fixed set, never a recipient's host.
     """
 
     def __init__(
@@ -29,11 +43,15 @@ class SmtpPool:
         size: int,
         idle_timeout: float,
         session_factory: Callable[[Destination, SessionSettings], SmtpSession] = SmtpSession,
+        *,
+        max_waiting: int = MAX_WAITING,
+        metrics_destination: str = ANY_DESTINATION,
     ) -> None:
         self.destination = destination
         self.settings = settings
         self.size = size
         self.idle_timeout = idle_timeout
+        self.max_waiting = max_waiting
         self.open_count = 0
         # A stack: the connection used last goes out first, so a burst's extra connections
         # sink to the bottom and expire. Each idle connection's start is in `_idle_since`.
@@ -45,7 +63,7 @@ class SmtpPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
         self._closed = False
-        labels = (settings.relay, destination.label)
+        labels = (settings.relay, metrics_destination)
         self._open_gauge = SMTP_CONNECTIONS.labels(*labels, "open")
         self._idle_gauge = SMTP_CONNECTIONS.labels(*labels, "idle")
         self._opened = SMTP_OPENED.labels(*labels)
@@ -58,7 +76,13 @@ class SmtpPool:
     async def deliver(self, envelope: Envelope, recipients: list[str], context: DeliveryContext) -> Transaction:
         """One transaction on a pooled connection. A reused connection found dead
         before anything was sent is replaced by a fresh one, so a stale socket never fails a delivery."""
-        session = await self._acquire(reuse=True)
+        try:
+            session = await self._acquire(reuse=True)
+        except _TooManyWaiting:
+            reply = Reply.parse(
+                451, f"4.4.5 Too many deliveries waiting for {self.destination.label}; try again later", "[CONNECT]"
+            )
+            return Transaction([reply] * len(recipients), False)
         while True:
             if session is None:
                 session = self._session_factory(self.destination, self.settings)
@@ -84,7 +108,9 @@ class SmtpPool:
             return transaction
 
     async def _acquire(self, *, reuse: bool) -> SmtpSession | None:
-        """An idle connection, or None with a slot reserved for opening one."""
+        """An idle connection, or None with a slot reserved for opening one.
+        Raises _TooManyWaiting when a new delivery (`reuse`) would have to wait behind `max_waiting` others."""
+        bounded = reuse  # a delivery that waited once, or replaces a stale connection, is never refused
         while True:
             if reuse and (session := self._take_idle()):
                 return session
@@ -92,6 +118,9 @@ class SmtpPool:
                 self.open_count += 1
                 self._open_gauge.inc()
                 return None
+            if bounded and len(self._waiters) >= self.max_waiting:
+                raise _TooManyWaiting
+            bounded = False
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
