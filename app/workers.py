@@ -5,10 +5,13 @@ own event loop, relays and pools, and none shares state with another by accident
 The supervisor forwards SIGTERM (each worker drains) and SIGHUP (each worker
 reloads), replaces a worker that dies, and gives up if workers die at start-up.
 Metrics: every worker writes to a private PROMETHEUS_MULTIPROC_DIR, set before it
-starts, so whichever answers /metrics reports all of them.
+starts, so whichever answers /metrics reports all of them. A dead worker's files are
+folded into one file per metric type (`retire_worker_files`), so replacing workers
+never grows the directory.
 """
 
 import argparse
+import glob
 import logging
 import os
 import shutil
@@ -20,9 +23,31 @@ import tempfile
 import time
 
 from prometheus_client import multiprocess
+from prometheus_client.mmap_dict import MmapedDict
 
 logger = logging.getLogger("mailrelay")
 _STARTUP_WINDOW = 10.0  # a worker dying this soon after starting means the configuration cannot run
+#: Metric types whose values outlive the process that counted them; a dead worker's gauges do not.
+_CUMULATIVE = ("counter", "histogram", "summary")
+
+
+def retire_worker_files(pid: int, directory: str) -> None:
+    """Clean up after the worker `pid` died: its live gauges go (prometheus_client's
+    mark_process_dead), its counts are added into one `<type>_retired.db` per type (totals
+    never go backwards), and every file of its own is removed."""
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    for path in glob.glob(os.path.join(glob.escape(directory), f"*_{pid}.db")):
+        kind = os.path.basename(path).split("_", 1)[0]
+        if kind in _CUMULATIVE:
+            # The files' keys are opaque to us: added value by value, as prometheus_client wrote them.
+            archive = MmapedDict(os.path.join(directory, f"{kind}_retired.db"))  # type: ignore[no-untyped-call]
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                    total = archive.read_value(key)[0] + value  # type: ignore[no-untyped-call]
+                    archive.write_value(key, total, timestamp)  # type: ignore[no-untyped-call]
+            finally:
+                archive.close()  # type: ignore[no-untyped-call]
+        os.remove(path)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -93,7 +118,7 @@ def supervise(args: argparse.Namespace, source: str) -> int:
                 code = process.poll()
                 if code is None:
                     continue
-                multiprocess.mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                retire_worker_files(process.pid, metrics_dir)
                 if stopping:
                     status = status or code
                     workers.remove((process, started))

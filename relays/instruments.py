@@ -1,7 +1,9 @@
 """Prometheus metrics the relays keep themselves: connections, DNS, local processes.
 
-Labels are bounded: relay names come from the configuration, destinations are
-next hops (host:port), results are a fixed set. Correct with several worker
+Labels are bounded: relay names come from the configuration, results are a
+fixed set, and `destination` is the configured host:port of a `static` or
+`lmtp` relay, `*` for `mx`: its destinations are recipients' mail hosts, a
+series each would grow without bound and name them in /metrics. Correct with several worker
 processes: prometheus_client's multiprocess mode is switched on by the
 environment before this module is imported (see app.cli).
 
@@ -15,7 +17,7 @@ from prometheus_client import Counter, Gauge
 
 SMTP_CONNECTIONS = Gauge(
     "mailrelay_smtp_connections",
-    "SMTP/LMTP connections by state: open (in use, idle or closing) and idle",
+    "SMTP/LMTP connections by state: open (in use, idle or closing) and idle; destination * for mx",
     ["relay", "destination", "state"],
     multiprocess_mode="livesum",
 )

@@ -1,13 +1,23 @@
 """Attacks on the service's shared limits: a slow destination, metric labels, secrets shown back (issue 14)."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers.mailrelay import service
+from app.workers import retire_worker_files
+from tests.conftest import post_delivery
+from tests.servers.mailrelay import ROOT, service
+from tests.servers.process import free_port
 from tests.servers.raw import Conversation, RawServer, raw_server
 from tests.servers.smtp import smtp_server
 
@@ -77,3 +87,68 @@ async def test_a_tarpit_destination_leaves_every_other_relay_at_full_speed(tmp_p
         assert f"waiting for 127.0.0.1:{slow.port}" in reply["message"]
     assert all(a.status_code == 503 for a in answers)
     assert slow.most_at_once <= 2
+
+
+def relay_series(text: str, relay: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("relay") == relay
+    }
+
+
+def test_mx_destinations_add_no_metric_series(make_client: Callable[[str], TestClient]) -> None:
+    """Every mail host the mx relay reached once added series forever, named in the open
+    /metrics. Now deliveries to ever more destinations leave the set of series as it was."""
+    ports = [free_port() for _ in range(25)]  # nothing listens there: each is a quick 451 4.4.1
+    forced = ", ".join(f"d{i}.attacker.test: '127.0.0.1:{port}'" for i, port in enumerate(ports))
+    client = make_client(f"relay:\n  spread:\n    type: mx\n    force_mx: {{{forced}}}\n")
+    assert post_delivery(client, "spread", ["x@d0.attacker.test"]).status_code == 503
+    first = relay_series(client.get("/metrics").text, "spread")
+    assert any(name.startswith("mailrelay_smtp_connections") for name, _ in first)
+    recipients = [f"x@d{i}.attacker.test" for i in range(1, len(ports))]
+    assert post_delivery(client, "spread", recipients).status_code == 503
+    text = client.get("/metrics").text
+    assert relay_series(text, "spread") == first
+    assert "attacker.test" not in text
+    assert not any(f":{port}" in text for port in ports)
+
+
+def collect(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+
+
+def test_metric_files_of_dead_workers_do_not_pile_up(tmp_path: Path) -> None:
+    """With --workers, each replaced worker left its metric files behind for good. Now a dead
+    worker's counts are folded into one file per type and its own files are removed:
+    the directory stays the same size, and no total goes backwards."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    worker = (
+        "from app.metrics import DELIVERIES, DURATION, IN_FLIGHT\n"
+        "DELIVERIES.labels('r', 'delivered').inc()\n"
+        "DURATION.labels('r').observe(0.003)\n"
+        "IN_FLIGHT.labels('r').inc()\n"
+    )
+    for n in range(1, 5):
+        process = subprocess.run([sys.executable, "-c", worker], cwd=ROOT, env=env, check=True, timeout=30)  # noqa: S603
+        pids = {p.name.rsplit("_", 1)[1].removesuffix(".db") for p in directory.glob("*.db")} - {"retired"}
+        (pid,) = pids
+        retire_worker_files(int(pid), str(directory))
+        assert sorted(p.name for p in directory.iterdir()) == ["counter_retired.db", "histogram_retired.db"]
+        values = collect(directory)
+        assert values[("mailrelay_deliveries_total", (("outcome", "delivered"), ("relay", "r")))] == n
+        assert values[("mailrelay_delivery_duration_seconds_count", (("relay", "r"),))] == n
+        assert values[("mailrelay_delivery_duration_seconds_bucket", (("le", "0.005"), ("relay", "r")))] == n
+        assert ("mailrelay_deliveries_in_flight", (("relay", "r"),)) not in values or (
+            values[("mailrelay_deliveries_in_flight", (("relay", "r"),))] == 0
+        )
+        assert process.returncode == 0
