@@ -361,7 +361,15 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                     access_log=chosen_format(args.log_format or settings.log_format) == "text",
                     lifespan="on",
                     server_header=False,
-                    http=bounded_protocol(settings.max_recipients, settings.body_timeout),
+                    # The connection bound lives in the protocol, not uvicorn's limit_concurrency: that
+                    # one counts tasks too, answers only once a head arrived (never, for a silent
+                    # connection) and refuses the newcomer, where closing an idle one serves /healthz.
+                    http=bounded_protocol(
+                        settings.max_recipients,
+                        settings.body_timeout,
+                        send_timeout=settings.send_timeout,
+                        max_connections=settings.max_connections,
+                    ),
                     timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
                 )
             )

@@ -62,6 +62,12 @@ HTTP_DURATION = Histogram(
     buckets=SECONDS_BUCKETS,
 )
 RELOADS = Counter("mailrelay_config_reloads", "configuration reloads (SIGHUP) by result", ["result"])
+CONNECTIONS_SHED = Counter(
+    "mailrelay_connections_shed",
+    "client connections closed to stay within bounds, by reason (idle_closed: the oldest idle one, to make room "
+    "under max_connections; refused: none was idle; send_timeout: the client stopped reading)",
+    ["reason"],
+)
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 _children: dict[tuple[object, tuple[str, ...]], object] = {}

@@ -153,6 +153,9 @@ async def _finish_io(process: asyncio.subprocess.Process, io: "asyncio.Future[tu
             await asyncio.shield(io)
     except (TimeoutError, asyncio.CancelledError):
         io.cancel()
+        # A cancelled gather ends with its CancelledError set as its exception, which asyncio
+        # logs at error level ("exception was never retrieved") unless someone retrieves it.
+        io.add_done_callback(_retrieve)
     except Exception:  # noqa: S110 - a pipe error after the exit changes nothing
         pass
     # Closes our ends of the pipes. A private attribute: asyncio.subprocess.Process has no
@@ -160,6 +163,11 @@ async def _finish_io(process: asyncio.subprocess.Process, io: "asyncio.Future[tu
     transport = getattr(process, "_transport", None)
     if transport is not None:
         transport.close()
+
+
+def _retrieve(future: "asyncio.Future[tuple[None, None, None]]") -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _switch_user(uid: int, gid: int) -> Callable[[], None]:

@@ -142,6 +142,14 @@ class LimitSettings(BaseModel):
         le=600,
         description="seconds a delivery may wait for a free slot before it is refused with 503 (0: refuse at once)",
     )
+    body_budget: int = Field(
+        default=256 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1 << 40,
+        description="bytes of request bodies (and, in the JSON form, their decoded messages) held at once, from "
+        "the first byte read until the answer; a request that does not fit waits up to queue_timeout, then gets "
+        "503. A request needing more than the whole budget waits until it has all of it",
+    )
 
     def relay_limit(self, name: str) -> int | None:
         return self.per_relay.get(name, self.max_in_flight_per_relay)
@@ -158,6 +166,13 @@ class IdempotencySettings(BaseModel):
     )
     ttl: int = Field(default=86400, ge=1, description="seconds a stored result is replayed")
     max_entries: int = Field(default=100_000, ge=1, description="memory backend: most stored results")
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1 << 40,
+        description="memory backend: most bytes of stored results (compressed) and claims; past it the oldest "
+        "finished results are forgotten first, running claims never",
+    )
     redis_url: str | None = Field(
         default=None,
         description="redis backend: `redis://[:password@]host:port/db` (or rediss://); $MAILRELAY_REDIS_URL overrides",
@@ -211,7 +226,28 @@ class ServiceSettings(BaseModel):
         default=30.0,
         gt=0,
         le=3600,
-        description="seconds the service waits for the next piece of a request body before answering 408",
+        description="seconds the service waits for the next piece of a request body before answering 408; also "
+        "how long a request head may take from its first byte (the first request's: from the connection), "
+        "after which the connection is closed (408 if it sent part of a head)",
+    )
+    send_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds a client may leave our answer unread (the connection's write buffer full) before "
+        "the connection is dropped",
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="most open client connections per process; past it the connection idle longest is closed "
+        "to make room, or, when none is idle, the new one gets 503. Default: half the soft RLIMIT_NOFILE",
+    )
+    api_docs: bool = Field(
+        default=True,
+        description="serve the API pages /docs and /redoc (their scripts come from the installed package "
+        "fastapi-offline, never a third-party host); /openapi.json is served either way",
     )
     shutdown_grace: float = Field(
         default=30.0,
