@@ -7,9 +7,11 @@ pyproject.toml bounds uvicorn at the version these pass with.
 
 import asyncio
 import inspect
+import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
@@ -32,8 +34,12 @@ except ImportError as exc:  # the message says whose import broke
 OVERRIDDEN = {
     "connection_made": ["self", "transport"],
     "data_received": ["self", "data"],
+    "on_message_begin": ["self"],  # an httptools parser callback
     "on_headers_complete": ["self"],  # an httptools parser callback
     "on_message_complete": ["self"],  # an httptools parser callback
+    "on_response_complete": ["self"],  # each cycle's on_response
+    "pause_writing": ["self"],  # the transport's write flow control
+    "resume_writing": ["self"],
     "connection_lost": ["self", "exc"],
 }
 #: The FlowControl methods uvicorn stops and resumes reading through, and the one overridden.
@@ -97,6 +103,13 @@ class _Probe(HttpToolsProtocol):
         )
         self.expect(getattr(self.flow, "read_paused", None) is False, "FlowControl.read_paused is not False at first")
         self.expect(self.cycle is None, "HttpToolsProtocol.cycle is not None before the first request")
+        self.expect(
+            self.client == transport.get_extra_info("peername"), "HttpToolsProtocol.client is not the peer's address"
+        )
+        self.expect(
+            self.logger is logging.getLogger("uvicorn.error"), "HttpToolsProtocol.logger is not uvicorn.error's logger"
+        )
+        self.expect(isinstance(self.pipeline, deque), "HttpToolsProtocol.pipeline is not a deque")
         self.flow = _CountingFlow(self.transport, self.calls)  # as app/http_protocol.py replaces it
 
     def data_received(self, data: bytes) -> None:
@@ -117,11 +130,27 @@ class _Probe(HttpToolsProtocol):
             self.expect(
                 cycle.response_complete is False, "RequestResponseCycle.response_complete is not False at first"
             )
+            self.expect(
+                cycle.on_response == self.on_response_complete,
+                "RequestResponseCycle.on_response is not the protocol's on_response_complete",
+            )
+            self.expect(cycle.disconnected is False, "RequestResponseCycle.disconnected is not False at first")
+            self.expect(
+                isinstance(cycle.message_event, asyncio.Event), "RequestResponseCycle.message_event is not an Event"
+            )
             cycle.scope["canary.request"] = self.requests  # type: ignore[typeddict-unknown-key]  # our own key
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.calls.append("on_message_begin")
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.calls.append("on_message_complete")
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.calls.append("on_response_complete")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -188,6 +217,8 @@ def test_a_connection_goes_as_app_http_protocol_expects() -> None:
     assert _Probe.problems == []
     calls = _Probe.calls
     assert calls[0] == "connection_made", "HttpToolsProtocol.connection_made was not called first"
+    assert calls.count("on_message_begin") == 4, f"httptools did not call on_message_begin per request: {calls}"
+    assert calls.count("on_response_complete") == 4, f"uvicorn did not call on_response per response: {calls}"
     assert calls.count("on_headers_complete") == 4, f"httptools did not call on_headers_complete per request: {calls}"
     assert calls.count("on_message_complete") == 4, f"httptools did not call on_message_complete per request: {calls}"
     assert "data after a response" in calls, f"RequestResponseCycle.response_complete was never True: {calls}"
@@ -195,3 +226,29 @@ def test_a_connection_goes_as_app_http_protocol_expects() -> None:
     assert "resume_reading, read_paused=False" in calls, f"uvicorn no longer resumes reading through .flow: {calls}"
     assert calls[-1] == "connection_lost", f"HttpToolsProtocol.connection_lost was not called last: {calls}"
     assert _seen_by_app == [1, 2, 3, 4], f"RequestResponseCycle.scope is not the dict the application gets: {calls}"
+
+
+class _Warnings(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Records what uvicorn's protocol logs through its `logger` (as app/http_protocol.py's _PeerLog)."""
+
+    seen: ClassVar[list[tuple[int, object, tuple[object, ...]]]] = []
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        self.seen.append((level, msg, args))
+
+
+class _LoggerProbe(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self.logger = _Warnings(self.logger, {})  # type: ignore[assignment]
+
+
+def test_a_malformed_request_is_a_warning_through_the_protocols_logger() -> None:
+    _Warnings.seen.clear()
+    with serving(_LoggerProbe) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\x01 / HTTP/9\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+    assert (logging.WARNING, "Invalid HTTP request received.", ()) in _Warnings.seen, (
+        f"uvicorn no longer logs a malformed request as a warning without arguments through "
+        f"HttpToolsProtocol.logger (relied on in {HERE}): {_Warnings.seen}"
+    )
