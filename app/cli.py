@@ -360,6 +360,9 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                     # JSON logs have one line per delivery instead
                     access_log=chosen_format(args.log_format or settings.log_format) == "text",
                     lifespan="on",
+                    # No WebSocket routes: an upgrade would hand the connection to a protocol that
+                    # the connection bound (app/http_protocol.py) does not see close.
+                    ws="none",
                     server_header=False,
                     # The connection bound lives in the protocol, not uvicorn's limit_concurrency: that
                     # one counts tasks too, answers only once a head arrived (never, for a silent

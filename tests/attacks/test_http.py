@@ -273,3 +273,19 @@ def _no_leftover_rlimit() -> Iterator[None]:
     before = resource.getrlimit(resource.RLIMIT_NOFILE)
     yield
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+
+
+def test_connections_that_ask_for_an_upgrade_do_not_use_up_the_connection_limit(tmp_path: Path) -> None:
+    # A connection handed to another protocol (a WebSocket) would leave the count it held.
+    with service(write_config(tmp_path, "{max_connections: 4}")) as served:
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port_of(served)), timeout=2) as sock:
+                sock.sendall(
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                )
+                sock.recv(65536)
+        time.sleep(0.2)
+        assert healthz_seconds(served) < 1
+        assert metric(served, "mailrelay_connections_shed_total") == 0
+        assert_clean_log(served)
