@@ -1,4 +1,9 @@
-"""`custom`: a relay built by an importable factory, `"package.module:symbol"`."""
+"""`custom`: a relay built by an importable factory, `"package.module:symbol"`.
+
+GET /relays shows a custom relay's options masked ("***"), all but those its factory
+declares safe to show in a `PUBLIC_OPTIONS` attribute (a list or tuple of option names,
+e.g. `PUBLIC_OPTIONS = ("region", "endpoint")` on the factory class or function).
+"""
 
 import importlib
 import inspect
@@ -9,7 +14,7 @@ from typing import Any
 from relays.base import DeliveryContext, Relay, is_relay
 from schemas.config import ConfigError
 from schemas.delivery import Envelope, RecipientResult
-from schemas.relay_options import CustomOptions
+from schemas.relay_options import CustomOptions, declare_public_options
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,10 @@ def import_factory(spec: str) -> Callable[..., Any]:
             raise ValueError(f'symbol "{attr_path}" not found in module "{module_name}"') from None
     if not callable(obj):
         raise ValueError(f'"{spec}" is not callable')
+    public = getattr(obj, "PUBLIC_OPTIONS", ())
+    if not isinstance(public, list | tuple | frozenset | set) or not all(isinstance(n, str) for n in public):
+        raise ValueError(f'"{spec}": PUBLIC_OPTIONS must be a list of option names, not {public!r}')
+    declare_public_options(spec, frozenset(public))
     return obj  # type: ignore[no-any-return]
 
 

@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -17,6 +18,10 @@ from relays.tls import client_context
 from schemas.delivery import Envelope, RecipientResult, delivery_status
 from schemas.relay_options import HttpOptions
 from schemas.reply import Reply, Step
+
+# httpx logs every request at info level with the whole URL, its password and query
+# included; the delivery log line says what happened.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: Largest response body read: a mailrelay result is about 300 bytes per recipient.
 _BODY_CAP = 64 * 1024

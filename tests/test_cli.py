@@ -68,6 +68,30 @@ def test_check_config_valid(write_config: Callable[..., Path]) -> None:
     assert "do-not-print" not in result.stdout + result.stderr
 
 
+def test_check_config_masks_as_get_relays_does(write_config: Callable[..., Path]) -> None:
+    path = write_config(
+        "relay:\n"
+        "  hop: {type: http, url: 'https://hop:pw@with-at@relay.example/deliver?token=tok-1'}\n"
+        "  archive: {type: pipe, args: [/bin/deliver, --password=pw-2, -p, pw-3, '{recipient}']}\n"
+        "  local: {type: maildrop, extra_args: [--token, tok-4]}\n"
+        "  broken: {type: http, url: 'https://hop:pw/5@relay.example/'}\n"
+    )
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    broken = write_config(path.read_text().replace("  broken:", "  # broken:"), name="fixed.yaml")
+    fixed = run("check-config", str(broken))
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stdout.splitlines()[1:] == [
+        "hop: http: HTTP POST to https://***@relay.example/deliver?token=***",
+        "archive: pipe: runs /bin/deliver --password=*** -p *** {recipient} per recipient",
+        "local: maildrop: maildrop delivery with maildrop --token ***",
+    ]
+    for output in (result.stdout + result.stderr, fixed.stdout + fixed.stderr):
+        for secret in ("pw@with-at", "with-at", "tok-1", "pw-2", "pw-3", "tok-4", "pw/5", "'pw'"):
+            assert secret not in output, output
+    assert "relay.broken.url: not a valid URL: its host or port cannot be read" in result.stderr
+
+
 def test_check_config_invalid_lists_every_problem(write_config: Callable[..., Path]) -> None:
     path = write_config("edge: {}\nrelay:\n  outbound: {type: static, host: h, port: abc}\n  x: {type: nope}\n")
     result = run("check-config", str(path))

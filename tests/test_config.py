@@ -373,10 +373,76 @@ relay:
     relays = parse_config(text, "<test>").config.relay
     shown = {name: public_options(options) for name, options in relays.items()}
     assert shown["p"]["env"] == {"DB_PASSWORD": "***", "PATH": "***"}
-    assert shown["h"]["url"] == "https://user:***@relay.example/deliver"
-    assert (shown["c"]["auth_header"], shown["c"]["dsn"], shown["c"]["note"]) == ("***", "***", "x://a:***@c")
-    for secret in ("hunter2", "s3cr3t", "Bearer abc", ":pw@"):
+    assert shown["h"]["url"] == "https://***@relay.example/deliver"  # the userinfo whole
+    # A custom relay's options are masked unless its factory declares them public.
+    assert (shown["c"]["auth_header"], shown["c"]["dsn"], shown["c"]["note"]) == ("***", "***", "***")
+    for secret in ("hunter2", "s3cr3t", "Bearer abc", ":pw@", "user:"):
         assert secret not in str(shown)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # httpx splits the userinfo at the last "@": so does the mask.
+        ("https://user:p@ss@word@relay.example/x", "https://***@relay.example/x"),
+        ("https://token-only@relay.example/", "https://***@relay.example/"),
+        ("https://relay.example/x?token=abc&empty=&flag", "https://relay.example/x?token=***&empty=***&***"),
+        ("https://relay.example/a@b?", "https://relay.example/a@b?"),
+        ("https://relay.example:8443/deliver", "https://relay.example:8443/deliver"),
+    ],
+)
+def test_urls_lose_their_userinfo_and_query_values(url: str, shown: str) -> None:
+    relays = parse_config(f"relay:\n  h: {{type: http, url: '{url}'}}\n", "<test>").config.relay
+    assert public_options(relays["h"])["url"] == shown
+    assert relays["h"].describe() == f"HTTP POST to {shown}"
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (
+            ["--password=pw1", "--db-token", "t1", "-p", "pw2", "-ppw3"],
+            ["--password=***", "--db-token", "***", "-p", "***", "-p***"],
+        ),
+        (
+            ["--api-key=k", "--port", "25", "-P", "80", "--", "{recipient}"],
+            ["--api-key=***", "--port", "25", "-P", "80", "--", "{recipient}"],
+        ),
+        (["--url=https://u:pw@h/x?sig=abc"], ["--url=https://***@h/x?sig=***"]),
+    ],
+)
+def test_secret_looking_command_arguments_are_masked(args: list[str], shown: list[str]) -> None:
+    text = f"relay:\n  p: {{type: pipe, args: {['/usr/bin/deliver', *args]!r}}}\n  m: {{type: maildrop, extra_args: {args!r}}}\n"
+    relays = parse_config(text, "<test>").config.relay
+    assert public_options(relays["p"])["args"] == ["/usr/bin/deliver", *shown]
+    assert public_options(relays["m"])["extra_args"] == shown
+    assert relays["p"].describe() == f"runs {' '.join(['/usr/bin/deliver', *shown])} per recipient"
+    assert relays["m"].describe() == f"maildrop delivery with {' '.join(['maildrop', *shown])}"
+
+
+def test_a_custom_factory_declares_which_options_are_public() -> None:
+    text = (
+        "relay:\n  c:\n    type: custom\n    factory: 'tests.attacks.test_limits:PluginRelay'\n"
+        "    region: eu-west\n    key: k1\n    endpoint: null\n"
+    )
+    shown = public_options(parse_config(text, "<test>").config.relay["c"])
+    assert shown == {
+        "type": "custom",
+        "factory": "tests.attacks.test_limits:PluginRelay",
+        "region": "eu-west",
+        "key": "***",
+        "endpoint": None,
+    }
+
+
+def test_public_options_must_be_a_list_of_names() -> None:
+    (found,) = problems("relay:\n  c: {type: custom, factory: 'tests.test_config:BadlyDeclared'}\n")
+    assert found.startswith("relay.c.factory: ")
+    assert "PUBLIC_OPTIONS must be a list of option names" in found
+
+
+class BadlyDeclared:
+    PUBLIC_OPTIONS = "region"  # a string, not a list of names
 
 
 def test_dns_nameservers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

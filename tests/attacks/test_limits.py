@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 from fastapi.testclient import TestClient
@@ -15,7 +16,11 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.workers import retire_worker_files
+from relays.base import DeliveryContext
+from schemas.delivery import Envelope, RecipientResult
+from schemas.reply import Reply
 from tests.conftest import post_delivery
+from tests.servers.http import Answer, http_server
 from tests.servers.mailrelay import ROOT, service
 from tests.servers.process import free_port
 from tests.servers.raw import Conversation, RawServer, raw_server
@@ -152,3 +157,88 @@ def test_metric_files_of_dead_workers_do_not_pile_up(tmp_path: Path) -> None:
             values[("mailrelay_deliveries_in_flight", (("relay", "r"),))] == 0
         )
         assert process.returncode == 0
+
+
+class PluginRelay:
+    """A custom relay whose factory (the class) declares one option safe to show."""
+
+    PUBLIC_OPTIONS: ClassVar[tuple[str, ...]] = ("region",)
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+        reply = Reply.parse(250, "2.0.0 Accepted", "[HTTP]")
+        return [RecipientResult(recipient=r, reply=reply) for r in envelope.recipients]
+
+    async def aclose(self) -> None:
+        return None
+
+
+SECRETS = (
+    "hop-user",
+    "pw@rt-secret",
+    "rt-secret",
+    "tok-secret-1",
+    "q-secret-2",
+    "key-secret-1",
+    "pwd-secret-1",
+    "ak-secret-1",
+    "pipe-secret-1",
+    "pipe-secret-2",
+    "pipe-secret-3",
+)
+
+
+def test_no_secret_is_shown_by_get_relays_check_config_or_the_logs(tmp_path: Path) -> None:
+    """GET /relays showed most of a URL password holding "@", query tokens, a custom relay's
+    key/pwd/access_key and a pipe's --password=; check-config printed the URL password whole;
+    httpx logged the URL with both. Now none of them is shown anywhere."""
+    query = "token=tok-secret-1&x=q-secret-2"
+    with http_server({f"/deliver?{query}": Answer(200)}) as hop:
+        config = tmp_path / "mailrelay.yaml"
+        config.write_text(
+            "relay:\n"
+            f"  hop: {{type: http, url: 'http://hop-user:pw@rt-secret@127.0.0.1:{hop.port}/deliver?{query}'}}\n"
+            "  plugin:\n"
+            "    type: custom\n"
+            "    factory: tests.attacks.test_limits:PluginRelay\n"
+            "    region: eu-west\n"
+            "    key: key-secret-1\n"
+            "    pwd: pwd-secret-1\n"
+            "    access_key: ak-secret-1\n"
+            "  archive:\n"
+            "    type: pipe\n"
+            "    args: [/bin/cat, --password=pipe-secret-1, --token, pipe-secret-2, -p, pipe-secret-3, '{recipient}']\n",
+            encoding="utf-8",
+        )
+        with service(config) as running, httpx.Client(base_url=running.url) as http:
+            shown = http.get("/relays")
+            delivered = http.post("/relays/hop/deliver", json=BODY)
+            logs = running.logs()
+        checked = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "app", "check-config", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert delivered.status_code == 200, delivered.text
+    assert hop.requests  # the password still reaches the next hop, as Basic auth
+    assert checked.returncode == 0, checked.stderr
+    for where, text in (("GET /relays", shown.text), ("logs", logs), ("check-config", checked.stdout + checked.stderr)):
+        for secret in SECRETS:
+            assert secret not in text, (where, secret, text)
+    relays = {r["name"]: r["options"] for r in shown.json()["relays"]}
+    assert relays["hop"]["url"] == f"http://***@127.0.0.1:{hop.port}/deliver?token=***&x=***"
+    assert relays["plugin"] == {
+        "type": "custom",
+        "factory": "tests.attacks.test_limits:PluginRelay",
+        "region": "eu-west",
+        "key": "***",
+        "pwd": "***",
+        "access_key": "***",
+    }
+    assert relays["archive"]["args"] == ["/bin/cat", "--password=***", "--token", "***", "-p", "***", "{recipient}"]
+    assert f"hop: http: HTTP POST to http://***@127.0.0.1:{hop.port}/deliver?token=***&x=***" in checked.stdout
