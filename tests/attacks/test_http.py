@@ -130,6 +130,26 @@ def test_silent_connections_past_the_fd_limit_leave_healthz_fast(tmp_path: Path)
     assert re.search(r"\d+ connection", shed_lines[0]), shed_lines[0]
 
 
+def test_past_the_connection_limit_with_none_idle_a_newcomer_gets_a_clean_503(tmp_path: Path) -> None:
+    relays = '  slow: {type: pipe, args: [/bin/sh, -c, "sleep 1; cat >/dev/null"]}\n'
+    with service(write_config(tmp_path, "{max_connections: 2}", relays)) as served, contextlib.ExitStack() as stack:
+        busy = [stack.enter_context(socket.create_connection(("127.0.0.1", port_of(served)), timeout=5)) for _ in "ab"]
+        for sock in busy:
+            sock.sendall(deliver_request("slow"))
+        time.sleep(0.3)  # both deliveries under way: no connection is idle
+        with socket.create_connection(("127.0.0.1", port_of(served)), timeout=2) as sock:
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+        assert b"application/problem+json" in answer
+        for sock in busy:  # the deliveries under way were not disturbed
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert metric(served, 'mailrelay_connections_shed_total{reason="refused"}') == 1
+        assert_clean_log(served)
+
+
 def test_a_silent_connection_is_closed_after_the_timeout(tmp_path: Path) -> None:
     with (
         service(write_config(tmp_path, "{body_timeout: 0.5}")) as served,
