@@ -250,6 +250,29 @@ async def test_concurrent_deliveries_stay_within_concurrent_connections() -> Non
         assert len(sink.messages()) == 30
 
 
+async def test_past_max_waiting_a_delivery_fails_at_once_and_the_others_go_through() -> None:
+    # Two connections, three waiting: of ten deliveries to a slow server, five are refused at once
+    # (transient, naming the destination, nothing sent) and the other five are delivered in turn.
+    with smtp_server(Script(rcpt_delay=0.3)) as server:
+        async with opened(static(server.port, "concurrent_connections: 2", "max_waiting: 3")) as relays:
+            results = [
+                r
+                for (r,) in await asyncio.gather(
+                    *(relays["out"].deliver(envelope(f"r{i}@example.net"), context()) for i in range(10))
+                )
+            ]
+    refused = [r for r in results if r.status != "delivered"]
+    assert len(refused) == 5
+    for result in refused:
+        assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (451, "4.4.5", "[CONNECT]")
+        assert f"Too many deliveries waiting for 127.0.0.1:{server.port}" in result.reply.message
+        assert not result.possibly_delivered
+    assert sorted(r.recipients[0] for r in server.received) == sorted(
+        r.recipient for r in results if r.status == "delivered"
+    )
+    assert len(server.received) == 5
+
+
 async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
     with smtp_sink("-t", "1") as sink:  # the sink drops connections idle for 1 s
         async with opened(static(sink.port, "idle_timeout: 30")) as relays:
