@@ -61,7 +61,7 @@ def test_check_config_valid(write_config: Callable[..., Path]) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"{path}: valid, 3 relay(s)",
-        "outbound: static: SMTP to smtp.example.com:25 (tls: no, auth: yes, 5 connections)",
+        "outbound: static: SMTP to smtp.example.com:25 (tls: no, auth: yes, 5 connections, 100 waiting)",
         "discard: blackhole: accepts every message and discards it",
         "scripted: custom: custom relay from tests.scripted:factory",
     ]
