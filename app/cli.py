@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -350,6 +351,22 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             # A worker's inherited socket: uvicorn's fd= would wrap it as a unix socket (no TCP_NODELAY).
             sockets = [socket.socket(fileno=args.worker_fd)] if args.worker_fd is not None else None
             where = {"worker_fd": args.worker_fd} if sockets else {"host": args.host, "port": args.port}
+            protocol = bounded_protocol(
+                settings.max_recipients,
+                settings.body_timeout,
+                send_timeout=settings.send_timeout,
+                max_connections=settings.max_connections,
+            )
+            cap = protocol.open_connections.cap
+            fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if fd_limit != resource.RLIM_INFINITY and cap >= fd_limit:
+                logger.warning(
+                    "mailrelay.max_connections (%d) is not below the file descriptor limit (%d): clients can "
+                    "exhaust it before the limit refuses them, and relays then fail",
+                    cap,
+                    fd_limit,
+                    extra={"event": "connection_limit", "max_connections": cap, "fd_limit": fd_limit},
+                )
             server = _Server(
                 uvicorn.Config(
                     app,
@@ -367,12 +384,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                     # The connection bound lives in the protocol, not uvicorn's limit_concurrency: that
                     # one counts tasks too, answers only once a head arrived (never, for a silent
                     # connection) and refuses the newcomer, where closing an idle one serves /healthz.
-                    http=bounded_protocol(
-                        settings.max_recipients,
-                        settings.body_timeout,
-                        send_timeout=settings.send_timeout,
-                        max_connections=settings.max_connections,
-                    ),
+                    http=protocol,
                     timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
                 )
             )
@@ -380,7 +392,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             logger.info(
                 "starting: pid %d",
                 os.getpid(),
-                extra={"event": "startup", "relays": len(relays), **where},
+                extra={"event": "startup", "relays": len(relays), "max_connections": cap, **where},
             )
             await server.serve(sockets=sockets)
             logger.info("stopped", extra={"event": "shutdown"})
