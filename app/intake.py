@@ -1,20 +1,23 @@
 """Turn a deliver request, in either form, into a validated Envelope, or refuse it."""
 
+import asyncio
 import ipaddress
+import re
 
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
+from app.budget import Holding
 from app.http_protocol import BODY_TIMED_OUT, body_timeout_detail
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
 from schemas.delivery import (
     ClientInfo,
     ClientText,
-    DeliveryRequest,
     Envelope,
     check_address,
     decode_base64,
+    request_model,
 )
 from schemas.problem import FieldError
 
@@ -26,6 +29,13 @@ _JSON_OVERHEAD_FACTOR = 6
 _JSON_OVERHEAD_BYTES = 64 * 1024
 #: A recipient of up to 254 octets, every one escaped, plus quotes and a comma.
 _JSON_BYTES_PER_RECIPIENT = 254 * _JSON_OVERHEAD_FACTOR + 4
+#: Bodies up to this size are parsed without counting their values first: at most about 40,000
+#: values, whose parse (and the 422 that the recipients' max_length gives) takes a few milliseconds.
+_CHECKED_JSON_BYTES = 128 * 1024
+#: A JSON string as the parser reads it (possessive: no backtracking on a long message).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+#: A chunked body's share of the budget grows by at least this much at a time.
+_BUDGET_STEP = 256 * 1024
 _EHLO: TypeAdapter[str] = TypeAdapter(ClientText)
 #: slimta's HTTP edge split recipient headers on commas and semicolons.
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
@@ -40,20 +50,42 @@ def is_raw_form(request: Request) -> bool:
     return media_type(request) == RFC822
 
 
-async def read_envelope(request: Request, settings: ServiceSettings) -> Envelope:
-    """Read and validate the whole request before anything is delivered."""
+class OutOfBudget(Exception):
+    """The body did not fit in the body budget within queue_timeout: nothing was read or delivered."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(f"request bodies being handled already hold the body budget of {budget} bytes")
+        self.budget = budget
+
+
+def json_body_limit(settings: ServiceSettings) -> int:
+    return (
+        settings.max_message_size * _JSON_OVERHEAD_FACTOR
+        + _JSON_OVERHEAD_BYTES
+        + settings.max_recipients * _JSON_BYTES_PER_RECIPIENT
+    )
+
+
+def json_value_limit(max_recipients: int) -> int:
+    """Most values (and separators) a large JSON body may hold before it is parsed: a valid request
+    has fewer than 3 per recipient plus 40. The 40,000 more are what a body of _CHECKED_JSON_BYTES
+    may hold anyway: a list somewhat over the limit is parsed (a few ms) and its recipients counted
+    exactly, and nothing larger ever is."""
+    return 3 * max_recipients + 40_000
+
+
+async def read_envelope(request: Request, settings: ServiceSettings, holding: Holding | None = None) -> Envelope:
+    """Read and validate the whole request before anything is delivered.
+
+    With `holding`, the body's bytes (and a JSON body's decoded message) are taken from its
+    budget as they are read, waiting up to `limits.queue_timeout` (else OutOfBudget); the
+    caller releases them when the request ends."""
     form = media_type(request)
     if form == JSON:
-        body = await _read_body(
-            request,
-            settings.max_message_size * _JSON_OVERHEAD_FACTOR
-            + _JSON_OVERHEAD_BYTES
-            + settings.max_recipients * _JSON_BYTES_PER_RECIPIENT,
-            settings,
-        )
-        envelope, recipients_loc = _from_json(body), "recipients"
+        body = await _read_body(request, json_body_limit(settings), settings, holding, decoded=True)
+        envelope, recipients_loc = _from_json(body, settings.max_recipients), "recipients"
     elif form == RFC822:
-        body = await _read_body(request, settings.max_message_size, settings)
+        body = await _read_body(request, settings.max_message_size, settings, holding, decoded=False)
         envelope, recipients_loc = _from_raw(request, body, settings), "X-Envelope-Recipient"
     else:
         raise ProblemError(
@@ -89,14 +121,26 @@ def _invalid(errors: list[FieldError]) -> ProblemError:
     return ProblemError(422, "the request is invalid; nothing was delivered", errors=errors)
 
 
-async def _read_body(request: Request, limit: int, settings: ServiceSettings) -> bytes:
+async def _read_body(
+    request: Request, limit: int, settings: ServiceSettings, holding: Holding | None, *, decoded: bool
+) -> bytes:
     """The body, refused with 413 as soon as it passes `limit`, not after reading it all.
 
     A client that stops sending is cut off by the HTTP protocol after `body_timeout`
-    (app.http_protocol: 408); here that arrives as a disconnect."""
+    (app.http_protocol: 408); here that arrives as a disconnect. `decoded`: the body
+    is JSON, whose message is decoded beside it (at most the body, at most the message limit)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    expected = int(declared) if declared.isdigit() else None
+    if expected is not None and expected > limit:
         raise _too_large(settings, limit)
+    give_up_at: float | None = None
+    if holding is not None and expected is not None:
+        # A declared length: the whole share at once; the usual case, free with nobody waiting, without a wait.
+        taken = holding.budget.try_take(_share(expected, settings, decoded))
+        if taken is not None:
+            holding.held = taken
+        else:
+            give_up_at = await _hold(holding, settings, expected, decoded, give_up_at)
     chunks: list[bytes] = []
     size = 0
     receive = request.receive  # the ASGI messages themselves: Request.stream() adds a generator per request
@@ -111,6 +155,10 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
         size += len(chunk)
         if size > limit:
             raise _too_large(settings, limit)
+        if holding is not None and expected is None and _share(size, settings, decoded) > holding.held:
+            # A chunked body: its share grows ahead of it, doubling, so a large one waits a few times at most.
+            ahead = min(limit, max(2 * size, size + _BUDGET_STEP))
+            give_up_at = await _hold(holding, settings, ahead, decoded, give_up_at)
         if chunk:
             chunks.append(chunk)
         if not message.get("more_body", False):
@@ -119,17 +167,43 @@ async def _read_body(request: Request, limit: int, settings: ServiceSettings) ->
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _from_json(body: bytes) -> Envelope:
+def _share(size: int, settings: ServiceSettings, decoded: bool) -> int:
+    """The budget a body of `size` bytes needs: itself, and in the JSON form its decoded message."""
+    return size + min(size, settings.max_message_size) if decoded else size
+
+
+async def _hold(
+    holding: Holding, settings: ServiceSettings, size: int, decoded: bool, give_up_at: float | None
+) -> float | None:
+    """Hold the budget for a body of `size` bytes; returns when waiting for it gives up (None: not yet known)."""
+    budget = holding.budget
+    more = min(_share(size, settings, decoded), budget.capacity) - holding.held
+    if more <= 0:
+        return give_up_at
+    taken = budget.try_take(more)
+    if taken is None:
+        loop = asyncio.get_running_loop()
+        if give_up_at is None:  # one wait of at most queue_timeout for the whole body, as for a slot
+            give_up_at = loop.time() + settings.limits.queue_timeout
+        taken = await budget.take(more, give_up_at)
+        if taken is None:
+            raise OutOfBudget(budget.capacity)
+    holding.held += taken
+    return give_up_at
+
+
+def _from_json(body: bytes, max_recipients: int) -> Envelope:
+    if len(body) > _CHECKED_JSON_BYTES:
+        _check_json_values(body, max_recipients)
     try:
-        parsed = DeliveryRequest.model_validate_json(body)
+        # Recipients are counted before each is validated (max_length stops at the first one too many).
+        parsed = request_model(max_recipients).model_validate_json(body)
     except ValidationError as exc:
         raise _invalid(
             [
-                FieldError(
-                    loc=format_path(list(e["loc"])) or "body",
-                    message=e["msg"].removeprefix("Value error, "),
-                )
-                for e in exc.errors()
+                FieldError(loc=format_path(list(e["loc"])) or "body", message=_message(e, max_recipients))
+                # Without the input: for a long list, converting it is most of the cost of the 422.
+                for e in exc.errors(include_input=False, include_url=False)
             ]
         ) from None
     return Envelope(
@@ -138,6 +212,51 @@ def _from_json(body: bytes) -> Envelope:
         message=parsed.raw_message,
         client=parsed.client,
     )
+
+
+def _message(error: object, max_recipients: int) -> str:
+    e = dict(error)  # type: ignore[call-overload]  # pydantic's ErrorDetails
+    if e["type"] == "too_long" and tuple(e["loc"]) == ("recipients",):
+        return f"{e['ctx']['actual_length']} recipients; the limit is {max_recipients}"
+    return str(e["msg"]).removeprefix("Value error, ")
+
+
+def _check_json_values(body: bytes, max_recipients: int) -> None:
+    """Refuse a JSON body with more values than a valid request can hold, before it is parsed:
+    the parser would hold every value of a flood of recipients (15 M of them: seconds, and GBs).
+
+    Every value but the first follows a `,`, `:` or `[`, and a key follows `{` or `,`, so the
+    separators outside strings (plus the strings, which bound this walk) bound what the parser makes.
+    Counted first over the whole body (bytes.count: no Python per byte); only when that is too many,
+    as with a long message full of commas, once more skipping the strings."""
+    limit = json_value_limit(max_recipients)
+    if _separators(body, 0, len(body)) <= limit:
+        return
+    seen, pos = 1, 0
+    while seen <= limit:
+        start = body.find(b'"', pos)
+        if start < 0:
+            seen += _separators(body, pos, len(body))
+            break
+        seen += 1 + _separators(body, pos, start)
+        string = _JSON_STRING.match(body, start)
+        if string is None:
+            break  # an unterminated string: the parser stops there
+        pos = string.end()
+    if seen > limit:
+        raise _invalid(
+            [
+                FieldError(
+                    loc="body",
+                    message=f"more JSON values than a request with at most {max_recipients} recipients holds",
+                )
+            ]
+        )
+
+
+def _separators(body: bytes, start: int, end: int) -> int:
+    """Twice the `,` and `{` and once the `[` in body[start:end]: the values and keys they can introduce."""
+    return 2 * (body.count(b",", start, end) + body.count(b"{", start, end)) + body.count(b"[", start, end)
 
 
 #: Peer address -> parsed: the same few peers (load balancers) send every request, and
@@ -230,7 +349,13 @@ def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envel
         # Both values are checked (the address came from ip_address): no second validation per request.
         client = ClientInfo.model_construct(ehlo=ehlo, ip=client_ip(request, settings))
     except ValidationError:
-        errors.append(FieldError(loc="X-Ehlo", message="must be one line of at most 255 characters"))
+        errors.append(
+            FieldError(
+                loc="X-Ehlo",
+                message="must be one line of at most 255 characters, without control, line separator or "
+                "invisible formatting characters",
+            )
+        )
     if not body:
         errors.append(FieldError(loc="body", message="the message is empty"))
     if errors:

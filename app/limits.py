@@ -3,6 +3,7 @@
 import asyncio
 from collections.abc import Iterable
 
+from app.budget import ByteBudget
 from schemas.config import LimitSettings
 
 
@@ -60,6 +61,8 @@ class Limiter:
         # Waiters are bounded too: at most as many as may run, so memory stays bounded under any load.
         self.total = Slots(settings.max_in_flight, settings.max_in_flight)
         self.per_relay: dict[str, Slots] = {}
+        # Request bodies are read before a slot is taken: their bytes are bounded on their own.
+        self.bodies = ByteBudget(settings.body_budget)
         for name in relay_names:
             limit = settings.relay_limit(name)
             if limit is not None:

@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    create_model,
     model_validator,
 )
 
@@ -147,8 +149,29 @@ Recipient = Annotated[
         json_schema_extra={"minLength": 1, "maxLength": MAX_ADDRESS_OCTETS, "pattern": _ADDRESS_PATTERN},
     ),
 ]
-#: Free text that ends up in process arguments and logs: one line, bounded.
-ClientText = Annotated[str, Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
+#: Characters refused in client text: controls (Cc), format characters (Cf: the soft hyphen, zero-width
+#: and bidirectional marks), which display as nothing, and the line and paragraph separators (Zl, Zp),
+#: which break a line for some readers; all reach pipe arguments and logs.
+_NOT_CLIENT_TEXT = frozenset(("Cc", "Cf", "Zl", "Zp"))
+
+
+def _check_client_text(value: str) -> str:
+    if not value.isprintable():  # fast path: printable text has none of them
+        for char in value:
+            if unicodedata.category(char) in _NOT_CLIENT_TEXT:
+                raise ValueError(
+                    f"contains a control, line separator or invisible formatting character (U+{ord(char):04X})"
+                )
+    return value
+
+
+#: Free text that ends up in process arguments and logs: one line, bounded. The pattern is for the
+#: OpenAPI document (the common cases); _check_client_text is the rule.
+ClientText = Annotated[
+    str,
+    Field(max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]*$"),
+    AfterValidator(_check_client_text),
+]
 
 
 class ClientInfo(BaseModel):
@@ -210,6 +233,21 @@ class DeliveryRequest(BaseModel):
     @property
     def raw_message(self) -> bytes:
         return self._raw
+
+
+@functools.lru_cache(maxsize=16)
+def request_model(max_recipients: int) -> type[DeliveryRequest]:
+    """DeliveryRequest whose recipients are counted before any is validated: a list longer than
+    `max_recipients` fails at its first extra item, not after every address was checked."""
+    model = create_model(
+        "DeliveryRequest",
+        __base__=DeliveryRequest,
+        recipients=(
+            list[Recipient],
+            Field(min_length=1, max_length=max_recipients, description="one or more envelope recipients (RCPT TO)"),
+        ),
+    )
+    return model
 
 
 def decode_base64(value: str, *, what: str) -> bytes:

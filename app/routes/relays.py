@@ -9,9 +9,10 @@ from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from app import idempotency
+from app.budget import Holding
 from app.delivery import Deadline, Delivery, Refused
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
-from app.intake import JSON, RFC822, is_raw_form, read_envelope
+from app.intake import JSON, RFC822, OutOfBudget, is_raw_form, read_envelope
 from app.lifespan import Services
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
 from schemas.delivery import DeliveryResult
@@ -213,6 +214,8 @@ async def deliver(name: RelayName, request: Request) -> Response:
     # Counted before the first await: a reload or a drain waits for this request,
     # and closes these relays only after it.
     runtime.enter()
+    # The body's bytes are held from the first one read until the answer is made.
+    holding = Holding(runtime.limiter.bodies)
     try:
         principal = runtime.keyring.identify(request)
         relay = find_relay(name, runtime, principal)
@@ -220,7 +223,14 @@ async def deliver(name: RelayName, request: Request) -> Response:
         settings = runtime.config.mailrelay
         deadline = Deadline.within(_deadline(request, settings.delivery_deadline))
         key = _idempotency_key(request)
-        envelope = await read_envelope(request, settings)
+        try:
+            envelope = await read_envelope(request, settings, holding)
+        except OutOfBudget as exc:
+            retry_after = max(1, math.ceil(settings.limits.queue_timeout))
+            refused = runtime.core.refuse(
+                name, "overloaded", f"overloaded: {exc}; nothing was delivered, retry later", retry_after
+            )
+            raise ProblemError(503, refused.detail, headers={"Retry-After": str(retry_after)}) from None
         _refuse_if_draining(services, name)  # the body may have taken a while
         delivery = Delivery(name, relay, envelope, deadline, principal.name, key, is_raw_form(request))
         try:
@@ -233,6 +243,7 @@ async def deliver(name: RelayName, request: Request) -> Response:
             headers = {**headers, "Idempotent-Replayed": "true"}
         return Response(answer.body, status_code=answer.status, media_type=JSON, headers=headers)
     finally:
+        holding.release()
         runtime.leave()
 
 

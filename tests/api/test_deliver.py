@@ -223,6 +223,10 @@ GOOD: dict[str, Any] = {"sender": "a@example.com", "recipients": ["b@example.net
         ({"extra": 1}, "extra"),
         ({"client": {"ip": "not-an-ip"}}, "client.ip"),
         ({"client": {"ehlo": "a\r\nb"}}, "client.ehlo"),
+        ({"client": {"host": "a\u2028b"}}, "client.host"),
+        ({"client": {"ehlo": "a\u2029b"}}, "client.ehlo"),
+        ({"client": {"auth": "\u00ad-x"}}, "client.auth"),
+        ({"client": {"protocol": "ESMTP\u200b"}}, "client.protocol"),
     ],
 )
 def test_json_validation_refuses_before_delivery(client: TestClient, change: dict[str, Any], loc: str) -> None:
@@ -471,3 +475,25 @@ def test_json_escapes_do_not_count_against_the_size_limit(make_client: Callable[
     assert len(body) > 3 * 10000
     response = client.post("/relays/b/deliver", content=body.encode(), headers={"Content-Type": "application/json"})
     assert response.status_code == 200
+
+
+def test_too_many_recipients_are_counted_before_they_are_validated(client: TestClient) -> None:
+    response = post_json(client, {**GOOD, "recipients": ["not an address"] * 9})
+    assert response.status_code == 422
+    assert response.json()["errors"] == [{"loc": "recipients", "message": "9 recipients; the limit is 5"}]
+
+
+def test_a_large_body_is_counted_before_it_is_parsed(make_client: Callable[[str], TestClient]) -> None:
+    client = make_client("relay:\n  b: {type: blackhole}\nmailrelay: {max_recipients: 5, max_message_size: 400000}\n")
+    # Over the size parsed without counting (128 KiB), full of commas, brackets and quotes: delivered.
+    message = "Subject: x\r\n\r\n" + 'a, [b], {"c": d}, \\"e\\"\r\n' * 8000
+    body = {"sender": "", "recipients": ["a@x.test"], "message": message}
+    assert len(json.dumps(body)) > 128 * 1024
+    assert client.post("/relays/b/deliver", json=body).status_code == 200
+    # The same size of values: refused before the parser sees them.
+    flood = {"sender": "", "recipients": [0] * 100_000, "message": "Subject: x\r\n\r\nhi\r\n"}
+    response = client.post("/relays/b/deliver", json=flood)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {"loc": "body", "message": "more JSON values than a request with at most 5 recipients holds"}
+    ]
