@@ -198,7 +198,7 @@ def test_an_endless_pipelined_header_is_cut_off_at_the_head_limit(tmp_path: Path
             sock.settimeout(1)
             sock.connect(("127.0.0.1", port_of(served)))
             # Answers the client never reads: the last one stays half written while the next head streams in.
-            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
             line = b"a" * 65536
             started = time.monotonic()
@@ -220,6 +220,30 @@ def test_an_endless_pipelined_header_is_cut_off_at_the_head_limit(tmp_path: Path
         assert sent < 8 * 1024 * 1024, f"{sent} bytes of one header line were taken in"
         assert growth < 8 * 1024 * 1024, f"RSS grew by {growth} bytes"
         assert all(seconds < 1 for seconds in healthz), healthz
+        assert healthz_seconds(served) < 1
+        assert_clean_log(served)
+
+
+def test_a_pipelined_head_trickling_in_is_timed_too(tmp_path: Path) -> None:
+    with service(write_config(tmp_path, "{body_timeout: 0.5}")) as served:
+        sock = socket.socket()
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(1)
+            sock.connect(("127.0.0.1", port_of(served)))
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            started = time.monotonic()
+            closed = False
+            try:
+                while time.monotonic() - started < 5:  # a byte every 0.1 s: slowloris
+                    sock.sendall(b"a")
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            held = time.monotonic() - started
+        assert closed, "a pipelined head trickling in was held for 5 s"
+        assert held < 3, held
         assert healthz_seconds(served) < 1
         assert_clean_log(served)
 
