@@ -85,8 +85,8 @@ class RateLimitedLog:
     """One line at most every LOG_INTERVAL seconds for something that may happen thousands of
     times a second (a client's doing): the first at once, the rest summed up in one line later."""
 
-    def __init__(self, level: int, message: str) -> None:
-        self.level, self.message = level, message  # message: "%d ..." with the count, then "%s" the peer
+    def __init__(self, level: int, message: str, event: str = "client") -> None:
+        self.level, self.message, self.event = level, message, event  # message: "%d" the count, "%s" the peer
         self._count = 0
         self._peer = ""
         self._next = 0.0
@@ -105,7 +105,8 @@ class RateLimitedLog:
 
     def _emit(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pending = None
-        logger.log(self.level, self.message, self._count, self._peer, extra={"event": "client", "count": self._count})
+        fields = {"event": self.event, "count": self._count, "peer": self._peer}
+        logger.log(self.level, self.message, self._count, self._peer, extra=fields)
         self._count = 0
         self._next = loop.time() + LOG_INTERVAL
 
@@ -128,6 +129,7 @@ class _Connections:
             logging.WARNING,
             f"connection limit ({cap}) reached: %d connection(s) shed (idle ones closed to make room, "
             "or new ones refused), the latest for %s",
+            "connection_limit",
         )
 
 
@@ -175,9 +177,8 @@ class _WatchedFlow(FlowControl):
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """Set `head_limit`, `idle_timeout`, `send_timeout` and `open_connections` on a
-    subclass (see
-    `bounded_protocol`).
+    """Set `head_limit`, `idle_timeout`, `send_timeout` and `open_connections` on a subclass
+    (see `bounded_protocol`).
 
     The head must be complete within `idle_timeout` of its first byte, and the first
     request's within `idle_timeout` of the connection (a connection that never sends
