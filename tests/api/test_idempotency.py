@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,3 +209,37 @@ def test_a_raw_form_partial_answered_503_is_not_stored(make_client: Callable[[st
     # "Retry the whole envelope" must not be replayed to the retry it asks for.
     assert first.status_code == again.status_code == 503
     assert "idempotent-replayed" not in again.headers
+
+
+async def test_memory_store_is_bounded_in_bytes_and_keeps_running_claims() -> None:
+    from app.idempotency import ENTRY_OVERHEAD
+
+    store = MemoryStore(IdempotencySettings(max_bytes=64 * 1024))
+    big = StoredResponse(
+        200, {"X-Smtp-Reply": "250"}, json.dumps([f"r{i}@example.net delivered" for i in range(800)]).encode()
+    )
+    running = await store.claim("running", "fp", hold=60)
+    assert isinstance(running, Claimed)
+    for i in range(200):
+        claim = await store.claim(f"k{i}", "fp", hold=60)
+        assert isinstance(claim, Claimed)
+        await store.complete(f"k{i}", claim, "fp", big)
+        assert store.bytes <= store.max_bytes
+    assert isinstance(await store.claim("running", "fp", hold=60), Running)  # never evicted
+    assert isinstance(await store.claim("k0", "fp", hold=60), Claimed)  # the oldest result went first
+    replay = await store.claim("k199", "fp", hold=60)
+    assert isinstance(replay, Replay)
+    assert replay.response == big  # compressed, and given back as it was
+    # Roughly what is counted: a compressed 23 KB answer takes far less than its size.
+    assert len(store) > 20
+    assert store.bytes / len(store) < len(big.body) / 4 + ENTRY_OVERHEAD
+
+
+async def test_memory_store_does_not_keep_a_result_larger_than_itself() -> None:
+    store = MemoryStore(IdempotencySettings(max_bytes=64 * 1024))
+    claim = await store.claim("k", "fp", hold=60)
+    assert isinstance(claim, Claimed)
+    await store.complete("k", claim, "fp", StoredResponse(200, {}, os.urandom(100_000)))  # incompressible
+    assert len(store) == 0
+    assert store.bytes == 0
+    assert isinstance(await store.claim("k", "fp", hold=60), Claimed)  # a repeat runs again
