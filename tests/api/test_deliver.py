@@ -1,5 +1,6 @@
 """POST /relays/{name}/deliver through the in-process client: both forms, validation, status mapping."""
 
+import asyncio
 import base64
 import json
 from collections.abc import Callable, MutableMapping
@@ -8,6 +9,7 @@ from typing import Any, cast
 import pytest
 from fastapi.testclient import TestClient
 
+from app.budget import ByteBudget
 from app.lifespan import Runtime, Services
 from app.main import create_app
 from relays.registry import open_relays
@@ -497,3 +499,44 @@ def test_a_large_body_is_counted_before_it_is_parsed(make_client: Callable[[str]
     assert response.json()["errors"] == [
         {"loc": "body", "message": "more JSON values than a request with at most 5 recipients holds"}
     ]
+
+
+async def test_the_body_budget_is_first_come_first_served_and_bounded_in_time() -> None:
+    loop = asyncio.get_running_loop()
+    budget = ByteBudget(100)
+    assert budget.try_take(60) == 60
+    big = asyncio.create_task(budget.take(80, loop.time() + 5))
+    await asyncio.sleep(0)
+    small = asyncio.create_task(budget.take(10, loop.time() + 5))
+    await asyncio.sleep(0)
+    assert not big.done()
+    assert not small.done()  # behind the larger waiter, though 40 are free
+    assert budget.try_take(1) is None  # nobody jumps the queue
+    budget.give(60)
+    assert await big == 80
+    assert await small == 10
+    assert budget.free == 10
+    assert await budget.take(50, loop.time() + 0.05) is None  # no room in time
+    assert budget.free == 10  # the one that gave up took nothing
+    assert budget.try_take(500) is None  # more than the whole budget: all of it, once free
+    budget.give(90)
+    assert budget.try_take(500) == 100
+
+
+def test_a_chunked_body_takes_the_budget_as_it_grows(make_client: Callable[[str], TestClient]) -> None:
+    client = make_client(
+        "relay:\n  b: {type: blackhole}\nmailrelay: {max_message_size: 300000, limits: {body_budget: 65536}}\n"
+    )
+    runtime = cast(Services, client.app_state["services"]).current
+
+    def chunks() -> Any:
+        yield b"Subject: x\r\n\r\n"
+        for _ in range(20):
+            yield b"y" * 9998 + b"\r\n"
+
+    headers = [("X-Envelope-Sender", b64("a@x.test")), ("X-Envelope-Recipient", b64("b@x.test"))]
+    response = client.post(
+        "/relays/b/deliver", content=chunks(), headers=[("Content-Type", "message/rfc822"), *headers]
+    )
+    assert response.status_code == 200  # 200 KB, more than the whole budget: it had all of it
+    assert runtime.limiter.bodies.free == 65536  # and gave it back
