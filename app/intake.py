@@ -221,8 +221,9 @@ def _message(error: object, max_recipients: int) -> str:
     return str(e["msg"]).removeprefix("Value error, ")
 
 
-#: The parser's nesting limit (jiter: a body nested deeper is refused, at about 200 levels).
-_JSON_DEPTH = 200
+#: Above the parser's nesting limit (jiter refuses a body nested deeper than about 200 levels).
+#: With c commas a body is a tree of at most c + 1 leaves, each under at most this many containers.
+_JSON_DEPTH = 256
 
 
 def _check_json_values(body: bytes, max_recipients: int) -> None:
