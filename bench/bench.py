@@ -578,7 +578,7 @@ def mailrelay_config(path: Path, sink_port: int) -> None:
         "relay:\n"
         "  blackhole:\n    type: blackhole\n"
         f"  sink:\n    type: static\n    host: 127.0.0.1\n    port: {sink_port}\n{smtp}"
-        f"  mx:\n    type: mx\n    port: {sink_port}\n{smtp}"
+        f"  mx:\n    type: mx\n    port: {sink_port}\n    allow_internal_destinations: true\n{smtp}"
     )
 
 

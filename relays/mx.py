@@ -1,6 +1,7 @@
 """`mx`: SMTP to each recipient domain's mail exchangers, found in DNS."""
 
 import asyncio
+import functools
 import ipaddress
 import operator
 from collections.abc import Iterable, Sequence
@@ -13,10 +14,11 @@ from relays.dns import DnsFailure, DnsResolver, NoSuchDomain
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, Transaction
 from schemas.delivery import Envelope, RecipientResult, domain_of
-from schemas.relay_options import MxOptions, split_host_port
+from schemas.relay_options import MxOptions, normal_domain, split_host_port
 from schemas.reply import Reply
 
-#: Addresses tried for one domain within one delivery (RFC 5321 asks for at least two).
+#: Addresses tried, and MX hosts looked up, for one domain within one delivery: the default of
+#: the `mx_address_limit` option (RFC 5321 asks for at least two; Postfix's smtp_mx_address_limit is 5).
 MAX_ATTEMPTS = 5
 #: Pools kept before the empty ones are dropped.
 _PRUNE_AT = 256
@@ -24,13 +26,28 @@ _PRUNE_AT = 256
 _host_name = operator.attrgetter("name")
 
 
+@functools.lru_cache(maxsize=4096)
+def is_private(address: str) -> bool:
+    """Whether `address` is no place for mail from outside: loopback, private, link-local,
+    unique-local, unspecified, shared, reserved or multicast, IPv4-mapped forms included.
+    Cached: resolved addresses repeat, and parsing one costs a microsecond."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    return not ip.is_global or ip.is_multicast or ip.is_reserved
+
+
 class _Candidates:
-    """Where a domain's mail goes: the addresses to try, in order, at most MAX_ATTEMPTS of them.
+    """Where a domain's mail goes: the addresses to try, in order, at most `limit` of them,
+    from at most `limit` hosts (a host whose lookup failed counts, so a zone of a thousand
+    broken MX hosts costs a handful of queries, not two thousand).
 
     A host's addresses are looked up only when every address before them was
     tried: backups cost nothing while the first answers. A host whose lookup
     failed is skipped, its failure kept as the reply should nothing else work.
     Without `dns`, the hosts are addresses already (an address literal, force_mx).
+    With `refuse_private`, a resolved address that `is_private` is skipped (not
+    an attempt), and refused as the reply should nothing else work.
 
     An async iterator, not an async generator: nothing to close when the first
     address answers, the usual case. MxRelay.deliver on a stub pool and DNS
@@ -38,47 +55,79 @@ class _Candidates:
     generator under aclosing() cost 0.9 us more per domain.
     """
 
-    __slots__ = ("_addresses", "_dns", "_hosts", "_implicit", "_ipv4_only", "_name", "_port", "attempts", "failure")
+    __slots__ = (
+        "_addresses",
+        "_dns",
+        "_hosts",
+        "_hosts_left",
+        "_implicit",
+        "_ipv4_only",
+        "_limit",
+        "_name",
+        "_port",
+        "_refuse_private",
+        "attempts",
+        "failure",
+        "refused",
+    )
 
     def __init__(
-        self, hosts: Iterable[str], port: int, dns: DnsResolver | None, ipv4_only: bool, *, implicit: bool = False
+        self,
+        hosts: Iterable[str],
+        port: int,
+        dns: DnsResolver | None,
+        ipv4_only: bool,
+        limit: int = MAX_ATTEMPTS,
+        refuse_private: bool = False,
+        implicit: bool = False,
     ) -> None:
         self._hosts = iter(hosts)
+        self._hosts_left = limit  # a counter, not islice(): 0.1 us less per delivery
         self._port = port
         self._dns = dns
         self._ipv4_only = ipv4_only
+        self._limit = limit
+        self._refuse_private = refuse_private
         self._implicit = implicit  # no MX record: the domain's own address
         self._name = ""
         self._addresses: list[str] = []  # the current host's untried addresses, the next one last
         self.attempts = 0
         self.failure: Reply | None = None  # the last host lookup that failed
+        self.refused: Reply | None = None  # the last private address skipped
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Destination:
-        if self.attempts >= MAX_ATTEMPTS:
-            raise StopAsyncIteration
-        while not self._addresses:
-            name = next(self._hosts, None)
-            if name is None:
-                raise StopAsyncIteration
-            if self._dns is None:
-                self._name, self._addresses = name, [name]
-                break
-            try:
-                found = await self._dns.addresses(name, ipv4_only=self._ipv4_only)
-            except DnsFailure as exc:
-                self.failure = replies.dns_failure(name, str(exc))
+        while self.attempts < self._limit:
+            while not self._addresses:
+                name = next(self._hosts, None) if self._hosts_left else None
+                if name is None:
+                    raise StopAsyncIteration
+                self._hosts_left -= 1
+                if self._dns is None:
+                    self._name, self._addresses = name, [name]
+                    break
+                try:
+                    found = await self._dns.addresses(name, ipv4_only=self._ipv4_only)
+                except DnsFailure as exc:
+                    self.failure = replies.dns_failure(name, str(exc))
+                    continue
+                self._name, self._addresses = name, found[::-1]
+            address = self._addresses.pop()
+            if self._refuse_private and is_private(address):  # checked only for the addresses tried
+                self.refused = replies.private_destination(f"{self._name} ({address})")
                 continue
-            self._name, self._addresses = name, found[::-1]
-        self.attempts += 1
-        return Destination(self._addresses.pop(), self._port, self._name)
+            self.attempts += 1
+            return Destination(address, self._port, self._name)
+        raise StopAsyncIteration
 
     def nowhere(self, domain: str) -> Reply:
         """The reply when there was no address to try."""
         if self.failure is not None:
             return self.failure
+        if self.refused is not None:
+            return self.refused
         if self._implicit:
             return replies.no_mail_host(domain, self._ipv4_only)
         return replies.dns_failure(domain, "no MX host has an address")
@@ -97,29 +146,37 @@ class MxRelay:
         self.options = options
         self.dns = context.dns
         self.settings = SessionSettings.from_options(options, name, lmtp=False)
+        self._limit = options.mx_address_limit
+        self._refuse_private = not options.allow_internal_destinations
         self._pools: dict[Destination, SmtpPool] = {}
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         results: list[RecipientResult | None] = [None] * len(envelope.recipients)
         groups: dict[str, list[int]] = {}
+        sent: Sequence[str] = envelope.recipients  # the addresses RCPT names
         for i, rcpt in enumerate(envelope.recipients):
             domain = domain_of(rcpt)
+            if domain and domain[-1] == ".":  # `example.org.` is example.org, for force_mx and DNS alike
+                domain = normal_domain(domain)
+                # and RCPT TO:<bob@example.org>, as Postfix rewrites it
+                sent = [*sent[:i], rcpt.rstrip("."), *sent[i + 1 :]]
             if domain:
                 groups.setdefault(domain, []).append(i)
             else:
                 results[i] = RecipientResult(recipient=rcpt, reply=replies.no_domain())
         if len(groups) == 1:  # the usual case: no task to start and schedule
             ((domain, indexes),) = groups.items()
-            await self._deliver_domain(envelope, domain, indexes, results, context)
+            await self._deliver_domain(envelope, sent, domain, indexes, results, context)
         elif groups:
             async with asyncio.TaskGroup() as group:
                 for domain, indexes in groups.items():
-                    group.create_task(self._deliver_domain(envelope, domain, indexes, results, context))
+                    group.create_task(self._deliver_domain(envelope, sent, domain, indexes, results, context))
         return [r for r in results if r is not None]
 
     async def _deliver_domain(
         self,
         envelope: Envelope,
+        sent: Sequence[str],
         domain: str,
         indexes: Sequence[int],
         results: list[RecipientResult | None],
@@ -131,7 +188,7 @@ class MxRelay:
             for i in indexes:
                 results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
             return
-        recipients = [envelope.recipients[i] for i in indexes]
+        recipients = [sent[i] for i in indexes]
         last: tuple[Destination, Transaction] | None = None
         async for destination in candidates:
             transaction = await self._pool(destination).deliver(envelope, recipients, context)
@@ -154,19 +211,22 @@ class MxRelay:
 
     async def _candidates(self, domain: str) -> _Candidates:
         """Where to try `domain`'s mail. Raises RelayError when DNS says there is nowhere."""
-        port = self.options.port
+        options = self.options
+        port = options.port
         if domain.startswith("[") and domain.endswith("]"):
             literal = domain[1:-1].removeprefix("IPv6:").removeprefix("ipv6:")
             try:
-                ipaddress.ip_address(literal)
+                private = is_private(literal)
             except ValueError:
                 raise PermanentRelayError(replies.no_such_domain(domain)) from None
-            return _Candidates((literal,), port, None, self.options.ipv4_only)
-        if forced := self.options.force_mx.get(domain):
+            if private and not options.allow_internal_destinations:
+                raise PermanentRelayError(replies.private_destination(domain))
+            return _Candidates((literal,), port, None, options.ipv4_only)
+        if forced := options.force_mx.get(domain):  # the operator's choice: private or not
             host, forced_port = split_host_port(forced, port)
-            return _Candidates((host,), forced_port, None, self.options.ipv4_only)
+            return _Candidates((host,), forced_port, None, options.ipv4_only)
         try:
-            exchangers = await self.dns.mx(domain)
+            exchangers = await self.dns.mx(domain, self._limit)
         except NoSuchDomain:
             raise PermanentRelayError(replies.no_such_domain(domain)) from None
         except DnsFailure as exc:
@@ -174,9 +234,11 @@ class MxRelay:
         if exchangers == []:
             raise PermanentRelayError(replies.null_mx(domain))
         if exchangers is None:  # no MX: the domain itself (RFC 5321 5.1)
-            return _Candidates((domain,), port, self.dns, self.options.ipv4_only, implicit=True)
+            return _Candidates((domain,), port, self.dns, options.ipv4_only, self._limit, self._refuse_private, True)
         # map(): the names are read one by one, as far as the attempts go; no list per delivery.
-        return _Candidates(map(_host_name, exchangers), port, self.dns, self.options.ipv4_only)
+        return _Candidates(
+            map(_host_name, exchangers), port, self.dns, options.ipv4_only, self._limit, self._refuse_private
+        )
 
     def _pool(self, destination: Destination) -> SmtpPool:
         pool = self._pools.get(destination)

@@ -81,6 +81,17 @@ def null_mx(domain: str) -> Reply:
     return _reply(556, "5.1.10", f"Domain {domain} accepts no mail (null MX)", "[DNS]")
 
 
+def private_destination(destination: str) -> Reply:
+    """An `mx` destination that is loopback, private or otherwise not global, refused
+    (the relay's `allow_internal_destinations` is off)."""
+    return _reply(
+        550,
+        "5.7.1",
+        f"Delivery to {destination} refused: an internal address (loopback, private, link-local or not global)",
+        "[ROUTE]",
+    )
+
+
 def no_domain() -> Reply:
     return _reply(550, "5.1.3", "Recipient address has no domain", "[ROUTE]")
 

@@ -28,7 +28,7 @@ Command = Literal[SmtpCommand, Step]
 #: What each step covers, for the API's description of `command`.
 STEP_MEANINGS: Final[Mapping[Step, str]] = {
     "[DEADLINE]": "the service's delivery deadline passed first",
-    "[ROUTE]": "the recipient has nowhere to go (no domain)",
+    "[ROUTE]": "the recipient has nowhere to go (no domain, or only internal addresses, which mx refuses by default)",
     "[DNS]": "looking up the domain's mail hosts and their addresses",
     "[CONNECT]": "connecting to the next hop (TLS included)",
     "[BANNER]": "the SMTP or LMTP server's greeting",

@@ -10,11 +10,16 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from relays.smtp.reader import MAX_REPLY_BYTES
 from schemas.delivery import RecipientResult
 from schemas.reply import MAX_TEXT, TRUNCATED
 from tests.conftest import context, envelope, opened
+from tests.servers.dns import DnsServer, dns_server
+from tests.servers.process import free_port
 from tests.servers.raw import Conversation, RawServer, raw_server
+from tests.servers.smtp import smtp_server
 
 #: What a hostile next hop sends as one reply: 20 MB of continuation lines.
 FLOOD_BYTES = 20 * 1024 * 1024
@@ -138,3 +143,93 @@ async def test_a_long_reply_under_the_byte_bound_is_truncated_in_the_result() ->
     assert result.status == "delivered"
     assert result.reply.message == text[:MAX_TEXT] + TRUNCATED
     assert result.reply.enhanced_status == "2.0.0"
+
+
+#: A hostile zone: a thousand MX hosts that all fail (SERVFAIL), one MX that points at loopback,
+#: one domain whose own address is private (implicit MX), and a public-looking one to force.
+HOSTILE_ZONE = (
+    "".join(f"wide.test. 300 IN MX {i} h{i}.servfail.test.\n" for i in range(1000))
+    + """
+evil.test.        300 IN MX 10 mx.evil.test.
+mx.evil.test.     300 IN A 127.0.0.5
+implicit.test.    300 IN A 10.1.2.3
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def hostile_dns() -> Iterator[DnsServer]:
+    with dns_server(HOSTILE_ZONE) as server:
+        yield server
+
+
+@pytest.fixture
+def dns(hostile_dns: DnsServer) -> DnsServer:
+    hostile_dns.queries.clear()
+    return hostile_dns
+
+
+def mx(dns: DnsServer, port: int, *extra: str) -> str:
+    lines = "".join(f"    {e}\n" for e in extra)
+    return (
+        f"relay:\n  out:\n    type: mx\n    port: {port}\n    ehlo_as: relay.example.test\n    command_timeout: 5\n"
+        f"{lines}mailrelay:\n  dns_nameservers: ['{dns.nameserver}']\n"
+    )
+
+
+async def test_a_thousand_failing_mx_hosts_cost_a_handful_of_queries_once(dns: DnsServer) -> None:
+    async with opened(mx(dns, free_port())) as relays:
+        (first,) = await relays["out"].deliver(envelope("bob@wide.test"), context(30))
+        asked = sum(dns.queries.values())
+        (second,) = await relays["out"].deliver(envelope("carol@wide.test"), context(30))
+    # One MX query, then A and AAAA for at most mx_address_limit (5) hosts: not 2001 queries.
+    assert asked <= 1 + 5 * 2
+    assert sum(dns.queries.values()) == asked  # the SERVFAILs are remembered: the next delivery asks nothing
+    for result in (first, second):
+        assert (result.reply.code, result.reply.enhanced_status) == (451, "4.4.3")
+        assert result.reply.command == "[DNS]"
+
+
+@pytest.mark.parametrize(
+    "recipient", ["bob@[127.0.0.5]", "bob@[::ffff:127.0.0.5]", "bob@[IPv6:::1]", "bob@[10.0.0.1]", "bob@[0.0.0.0]"]
+)
+async def test_internal_address_literals_are_refused(dns: DnsServer, recipient: str) -> None:
+    with smtp_server(host="127.0.0.5") as server:
+        async with opened(mx(dns, server.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope(recipient), context(30))
+    assert result.status == "permanent_failure"
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (550, "5.7.1", "[ROUTE]")
+    assert server.connections == []
+
+
+@pytest.mark.parametrize("recipient", ["bob@evil.test", "bob@implicit.test"])
+async def test_mx_hosts_that_resolve_to_internal_addresses_are_refused(dns: DnsServer, recipient: str) -> None:
+    with smtp_server(host="127.0.0.5") as server:
+        async with opened(mx(dns, server.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope(recipient), context(30))
+    assert result.status == "permanent_failure"
+    assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (550, "5.7.1", "[ROUTE]")
+    assert server.connections == []
+
+
+async def test_the_option_and_force_mx_still_reach_internal_servers(dns: DnsServer) -> None:
+    with smtp_server(host="127.0.0.5") as server:
+        async with opened(mx(dns, server.port, "allow_internal_destinations: true")) as relays:
+            (literal,) = await relays["out"].deliver(envelope("bob@[127.0.0.5]"), context(30))
+            (resolved,) = await relays["out"].deliver(envelope("bob@evil.test"), context(30))
+        forced = mx(dns, 25, f"force_mx: {{forced.test: '127.0.0.5:{server.port}'}}")
+        async with opened(forced) as relays:
+            (by_force,) = await relays["out"].deliver(envelope("bob@forced.test"), context(30))
+    assert [r.status for r in (literal, resolved, by_force)] == ["delivered"] * 3
+    assert len(server.received) == 3
+
+
+@pytest.mark.parametrize("recipient", ["bob@forced.test.", "bob@FORCED.Test.", "bob@forced.test"])
+async def test_a_trailing_dot_does_not_bypass_force_mx(dns: DnsServer, recipient: str) -> None:
+    with smtp_server() as server:
+        async with opened(mx(dns, 25, f"force_mx: {{Forced.Test.: '127.0.0.1:{server.port}'}}")) as relays:
+            (result,) = await relays["out"].deliver(envelope(recipient), context(30))
+    assert (result.status, result.host) == ("delivered", f"127.0.0.1:{server.port}")
+    assert result.recipient == recipient  # the result names the address as given...
+    assert server.received[0].recipients == [recipient.rstrip(".")]  # ...the next hop gets it without the dot
+    assert sum(dns.queries.values()) == 0

@@ -2,6 +2,7 @@
 how long, and one query for many waiters."""
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import dns.resolver
 import pytest
 from prometheus_client import REGISTRY
 
-from relays.dns import DEFAULT_NEGATIVE_TTL, MAX_TTL, DnsResolver, MxHost, NoSuchDomain
+from relays.dns import DEFAULT_NEGATIVE_TTL, FAILURE_TTL, MAX_TTL, DnsFailure, DnsResolver, MxHost, NoSuchDomain
 from tests.servers.dns import ZONE, DnsServer, dns_server
 
 #: The shared zone and a few names with TTLs the tests need.
@@ -23,6 +24,7 @@ TTL_ZONE = (
 short.test.        1     IN A 127.0.0.7
 long.test.         86400 IN A 127.0.0.8
 """
+    + "".join(f"wide.test. 300 IN MX {10 + i // 50 * 10} h{i}.wide.test.\n" for i in range(100))
 )
 
 
@@ -117,6 +119,43 @@ async def test_a_negative_answer_without_soa_is_kept_default_negative_ttl(resolv
     assert no_answer is not None
     assert nxdomain.expiration <= time.time() + DEFAULT_NEGATIVE_TTL
     assert no_answer.expiration <= time.time() + DEFAULT_NEGATIVE_TTL
+
+
+async def test_mx_gives_the_first_limit_hosts_by_preference_at_random(resolver: DnsResolver) -> None:
+    drawn = [await resolver.mx("wide.test", 5) for _ in range(20)]
+    everything = await resolver.mx("wide.test")
+    assert all(hosts is not None and len(hosts) == 5 for hosts in drawn)
+    assert {h.preference for hosts in drawn if hosts for h in hosts} == {10}  # the best 50 only
+    assert len({tuple(hosts) for hosts in drawn if hosts}) > 1  # equal preferences in random order
+    assert everything is not None
+    assert [h.preference for h in everything] == [10] * 50 + [20] * 50
+
+
+async def test_a_servfail_is_remembered_for_failure_ttl(server: DnsServer) -> None:
+    resolver = DnsResolver([("127.0.0.1", server.port)], failure_ttl=0.3)
+    for _ in range(3):
+        with pytest.raises(DnsFailure, match="SERVFAIL"):
+            await resolver.mx("servfail.test")
+    assert server.queries[("servfail.test", "MX")] == 1
+    await asyncio.sleep(0.4)
+    with pytest.raises(DnsFailure, match="SERVFAIL"):
+        await resolver.addresses("servfail.test", ipv4_only=True)
+    with pytest.raises(DnsFailure, match="SERVFAIL"):
+        await resolver.mx("servfail.test")
+    assert server.queries[("servfail.test", "MX")] == 2  # expired: asked again
+    assert server.queries[("servfail.test", "A")] == 1
+    assert FAILURE_TTL <= 300  # RFC 2308 section 7: at most five minutes
+
+
+async def test_a_timeout_is_remembered() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # takes queries, never answers
+        silent.bind(("127.0.0.1", 0))
+        resolver = DnsResolver([silent.getsockname()], lifetime=0.2)
+        with pytest.raises(DnsFailure, match="timed out"):
+            await resolver.mx("example.test")
+        with pytest.raises(DnsFailure, match="timed out"):
+            await resolver.mx("example.test")
+    assert resolver.queries == 1  # the second answer came from memory, not after another lifetime
 
 
 async def test_concurrent_identical_lookups_send_one_query(server: DnsServer, resolver: DnsResolver) -> None:

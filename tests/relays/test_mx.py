@@ -28,7 +28,17 @@ def dns(shared_dns: DnsServer) -> DnsServer:
 def mx(dns: DnsServer, port: int, *extra: str) -> str:
     lines = [f"    {e}" for e in extra]
     return (
-        "\n".join(["relay:", "  out:", "    type: mx", f"    port: {port}", "    ehlo_as: relay.example.test", *lines])
+        "\n".join(
+            [
+                "relay:",
+                "  out:",
+                "    type: mx",
+                f"    port: {port}",
+                "    ehlo_as: relay.example.test",
+                "    allow_internal_destinations: true",
+                *lines,
+            ]
+        )
         + f"\nmailrelay:\n  dns_nameservers: ['{dns.nameserver}']\n"
     )
 

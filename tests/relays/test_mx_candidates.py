@@ -50,6 +50,7 @@ def dns(shared_dns: DnsServer) -> DnsServer:
 def mx_config(dns: DnsServer, port: int) -> str:
     return (
         f"relay:\n  out:\n    type: mx\n    port: {port}\n    ehlo_as: relay.example.test\n    ipv4_only: true\n"
+        "    allow_internal_destinations: true\n"
         f"mailrelay:\n  dns_nameservers: ['{dns.nameserver}']\n"
     )
 
