@@ -573,7 +573,11 @@ class Bench:
 
 
 def mailrelay_config(path: Path, sink_port: int) -> None:
-    smtp = f"    concurrent_connections: {POOL}\n    idle_timeout: 60\n    ehlo_as: mailrelay.example.com\n"
+    # max_waiting above the largest concurrency: c128 with 8 connections queues 120 per destination.
+    smtp = (
+        f"    concurrent_connections: {POOL}\n    max_waiting: 128\n    idle_timeout: 60\n"
+        "    ehlo_as: mailrelay.example.com\n"
+    )
     path.write_text(
         "relay:\n"
         "  blackhole:\n    type: blackhole\n"

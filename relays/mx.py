@@ -246,7 +246,13 @@ class MxRelay:
             if len(self._pools) >= _PRUNE_AT:
                 # A pool with no connection left costs nothing to make again.
                 self._pools = {d: p for d, p in self._pools.items() if p.open_count > 0}
-            pool = SmtpPool(destination, self.settings, self.options.concurrent_connections, self.options.idle_timeout)
+            pool = SmtpPool(
+                destination,
+                self.settings,
+                self.options.concurrent_connections,
+                self.options.idle_timeout,
+                max_waiting=self.options.max_waiting,
+            )
             self._pools[destination] = pool
         return pool
 

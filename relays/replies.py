@@ -64,6 +64,10 @@ def utf8_refused() -> Reply:
     return _reply(553, "5.6.7", "Non-ASCII address and the server does not support SMTPUTF8", "MAIL")
 
 
+def too_many_waiting(target: str) -> Reply:
+    return _reply(451, "4.4.5", f"Too many deliveries waiting for {target}; try again later", "[CONNECT]")
+
+
 def dns_failure(domain: str, reason: str) -> Reply:
     return _reply(451, "4.4.3", f"DNS lookup for {domain} failed: {reason}", "[DNS]")
 

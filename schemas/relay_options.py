@@ -5,6 +5,7 @@ configuration file; what slimta lacked is marked "beyond slimta".
 """
 
 import ipaddress
+import itertools
 import os
 import re
 import socket
@@ -43,6 +44,11 @@ Concurrency = Annotated[int, NotBool, Field(ge=1, le=10000)]
 Secret = Annotated[SecretStr, PlainSerializer(lambda _: "***", return_type=str)]
 
 _NO_SPACE = re.compile(r"^[^\s\x00-\x1f\x7f]+$")
+
+
+def normal_domain(domain: str) -> str:
+    """A domain as `mx` compares it, in force_mx and before DNS: lower case, no trailing dot."""
+    return domain.lower().rstrip(".")
 
 
 @cache
@@ -224,6 +230,12 @@ class SmtpOptions(_Options):
         default=5,
         description="most simultaneous connections to one destination",
     )
+    max_waiting: Annotated[int, NotBool, Field(ge=0, le=10000)] = Field(
+        default=100,
+        description="beyond slimta: most deliveries waiting for a connection to one destination while all "
+        "`concurrent_connections` are busy; past it a delivery fails at once with 451 4.4.5, so one slow "
+        "destination cannot hold every in-flight slot",
+    )
     ehlo_as: EhloName = Field(
         default_factory=machine_fqdn,
         description="EHLO/HELO name; `{fqdn}` and `{hostname}` are filled in",
@@ -236,19 +248,31 @@ class SmtpOptions(_Options):
 def _smtp_extras(options: SmtpOptions) -> str:
     tls = options.tls.mode if options.tls else "no"
     auth = "yes" if options.credentials else "no"
-    return f" (tls: {tls}, auth: {auth}, {options.concurrent_connections} connections)"
+    return f" (tls: {tls}, auth: {auth}, {options.concurrent_connections} connections, {options.max_waiting} waiting)"
 
 
 class MxOptions(SmtpOptions):
     """SMTP to each recipient domain's MX hosts."""
 
     type: Literal["mx"]
-    force_mx: dict[Annotated[str, AfterValidator(str.lower)], HostPort] = Field(
+    force_mx: dict[Annotated[str, AfterValidator(normal_domain)], HostPort] = Field(
         default_factory=dict,
         validation_alias=AliasChoices("force_mx", "override_mx"),
-        description="domain -> `host` or `host:port` used instead of DNS (slimta's validator spelled it `override_mx`)",
+        description="domain -> `host` or `host:port` used instead of DNS (slimta's validator spelled it `override_mx`); "
+        "domains are compared lower-cased, without a trailing dot",
     )
     port: Port = Field(default=25, description="beyond slimta: port of every MX host")
+    mx_address_limit: Annotated[int, NotBool, Field(ge=1, le=100)] = Field(
+        default=5,
+        description="beyond slimta: most MX hosts looked up, and most addresses tried, for one recipient domain in "
+        "one delivery (Postfix's smtp_mx_address_limit); a host whose lookup failed counts",
+    )
+    allow_internal_destinations: bool = Field(
+        default=False,
+        description="beyond slimta: deliver to address literals and MX addresses that are loopback, private, "
+        "link-local, unique-local, unspecified or otherwise not global (IPv4-mapped forms included); when false "
+        "they are refused with 550 5.7.1. `force_mx` destinations are always allowed",
+    )
 
     def describe(self) -> str:
         forced = f", {len(self.force_mx)} forced domain(s)" if self.force_mx else ""
@@ -359,7 +383,7 @@ class PipeOptions(ProcessOptions):
     )
 
     def describe(self) -> str:
-        return f"runs {' '.join(self.args)} per recipient"
+        return f"runs {' '.join(mask_args(self.args))} per recipient"
 
     @field_validator("args")
     @classmethod
@@ -394,7 +418,7 @@ class DeliveryAgentOptions(ProcessOptions):
     label: ClassVar[str]
 
     def describe(self) -> str:
-        return f"{self.label} with {' '.join([self.path, *self.extra_args])}"
+        return f"{self.label} with {' '.join(mask_args([self.path, *self.extra_args]))}"
 
 
 class MaildropOptions(DeliveryAgentOptions):
@@ -423,8 +447,9 @@ def _check_url(value: str) -> str:
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as exc:
-        raise ValueError(f"not a valid URL: {exc}") from None
+    except ValueError:
+        # Not the parser's words: they quote the bad part, which may be a piece of the password.
+        raise ValueError("not a valid URL: its host or port cannot be read") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http:// or https:// URL")
     return value
@@ -451,7 +476,7 @@ class HttpOptions(_Options):
     )
 
     def describe(self) -> str:
-        return f"HTTP POST to {self.url}"
+        return f"HTTP POST to {mask_text(self.url)}"
 
 
 class BlackholeOptions(_Options):
@@ -464,24 +489,79 @@ class BlackholeOptions(_Options):
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-#: Keys of a custom relay whose values are shown as "***".
-_SECRET_KEY = re.compile(
-    r"pass|secret|token|api_?key|credential|private|auth|dsn|cookie|session|signature", re.IGNORECASE
+
+# Masking: GET /relays (public_options) and check-config (describe) show options through these.
+MASK = "***"
+#: Names that look secret: keys inside a custom relay's public options, and command-line options.
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|credential|private|auth|dsn|cookie|session|signature", re.I)
+#: A URL anywhere in a text. The authority ends at the first "/", "?" or "#", and its userinfo
+#: at the last "@" in it: as httpx reads a URL, so what is masked is what httpx would send.
+_URL = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/?#\s]*)(?P<path>[^?#\s]*)(?:\?(?P<query>[^#\s]*))?"
 )
-_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")
+#: `--name=value` or `-n=value`.
+_OPTION_WITH_VALUE = re.compile(r"^(-{1,2}[^=\s]+)=")
+#: Options whose next argument is masked: a secret-looking long option, or `-p` (a password by convention).
+_SECRET_OPTION = re.compile(r"^(--?[^=\s]*(" + _SECRET_NAME.pattern + r")[^=\s]*|(?-i:-p))$", re.I)
+#: Options that each custom relay's factory declared safe to show (`PUBLIC_OPTIONS`), by its
+#: "package.module:symbol"; filled in when the factory is imported (relays.custom).
+_PUBLIC_CUSTOM_OPTIONS: dict[str, frozenset[str]] = {}
 
 
-def _redact(value: Any, key: str = "") -> Any:
-    """Mask values of secret-looking keys and passwords in URLs, at any depth."""
+def _mask_url(match: re.Match[str]) -> str:
+    authority = match["authority"]
+    if "@" in authority:
+        authority = f"{MASK}@{authority.rpartition('@')[2]}"
+    url = match["head"] + authority + match["path"]
+    if match["query"] is not None:
+        url += "?" + "&".join(_mask_query_field(field) for field in match["query"].split("&"))
+    return url
+
+
+def _mask_query_field(field: str) -> str:
+    name, sep, _ = field.partition("=")
+    if sep:
+        return f"{name}={MASK}"
+    return MASK if field else field
+
+
+def mask_text(text: str) -> str:
+    """`text` with every URL's userinfo and query values masked."""
+    return _URL.sub(_mask_url, text) if "://" in text else text
+
+
+def mask_args(args: list[str]) -> list[str]:
+    """A command line as it may be shown: the value of `--name=value` and the argument after
+    `--name` masked when the name looks secret (password, token, key, ...), the argument after
+    `-p` (and what follows `-p` in one argument) too, and URLs masked as by mask_text."""
+    shown = [mask_text(args[0])] if args else []
+    for previous, arg in itertools.pairwise(args):
+        if _SECRET_OPTION.match(previous):
+            arg = MASK
+        elif (option := _OPTION_WITH_VALUE.match(arg)) and _SECRET_NAME.search(option[1]):
+            arg = f"{option[1]}={MASK}"
+        elif arg.startswith("-p") and len(arg) > 2 and not arg.startswith("--"):
+            arg = f"-p{MASK}"
+        shown.append(mask_text(arg))
+    return shown
+
+
+def _mask_values(value: Any, key: str = "") -> Any:
+    """Values of secret-looking keys masked at any depth, and URLs in every text."""
     if isinstance(value, dict):
-        return {k: _redact(v, str(k)) for k, v in value.items()}
+        return {k: _mask_values(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact(v, key) for v in value]
-    if value is not None and _SECRET_KEY.search(key):
-        return "***"
+        return [_mask_values(v, key) for v in value]
+    if value is not None and _SECRET_NAME.search(key):
+        return MASK
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1:***@", value)
+        return mask_text(value)
     return value
+
+
+def declare_public_options(factory: str, names: frozenset[str]) -> None:
+    """The options of relays made by `factory` that GET /relays may show; every other one is masked."""
+    _PUBLIC_CUSTOM_OPTIONS[factory] = names
 
 
 class CustomOptions(BaseModel):
@@ -523,9 +603,32 @@ OPTIONS_BY_TYPE: dict[str, type[BaseModel]] = {
 
 
 def public_options(options: BaseModel) -> dict[str, Any]:
-    """Options as `GET /relays` shows them: every default filled in, secrets masked."""
+    """Options as `GET /relays` shows them: every default filled in, secrets masked.
+
+    Typed secrets (passwords) and every `env` value are masked, URLs lose their userinfo
+    and query values, commands their secret-looking arguments (mask_args); a custom
+    relay shows only the options its factory declared public, and those masked as text."""
     dumped = options.model_dump(mode="json")
+    if isinstance(options, CustomOptions):
+        public = _PUBLIC_CUSTOM_OPTIONS.get(options.factory, frozenset())
+        shown = {
+            key: _mask_values(value) if key in public or key in ("type", "factory") or value is None else MASK
+            for key, value in dumped.items()
+        }
+        return {"type": shown.pop("type"), **shown}
     if isinstance(dumped.get("env"), dict):  # a command's environment often carries secrets under any name
-        dumped["env"] = dict.fromkeys(dumped["env"], "***")
-    dumped = _redact(dumped)
-    return {"type": dumped.pop("type"), **dumped}
+        dumped["env"] = dict.fromkeys(dumped["env"], MASK)
+    if isinstance(dumped.get("args"), list):
+        dumped["args"] = mask_args(dumped["args"])
+    if isinstance(dumped.get("extra_args"), list):  # they follow the program, as in describe()
+        dumped["extra_args"] = mask_args([dumped.get("path", ""), *dumped["extra_args"]])[1:]
+    shown = _mask_texts(dumped)
+    return {"type": shown.pop("type"), **shown}
+
+
+def _mask_texts(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_texts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_texts(v) for v in value]
+    return mask_text(value) if isinstance(value, str) else value

@@ -5,11 +5,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from relays import replies
 from relays.base import DeliveryContext, RelayError
 from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope
-from schemas.reply import Reply
 
 #: Like Postfix's smtp_connection_reuse_time_limit: a connection is not reused past this age.
 MAX_CONNECTION_AGE = 300.0
@@ -79,9 +79,7 @@ class SmtpPool:
         try:
             session = await self._acquire(reuse=True)
         except _TooManyWaiting:
-            reply = Reply.parse(
-                451, f"4.4.5 Too many deliveries waiting for {self.destination.label}; try again later", "[CONNECT]"
-            )
+            reply = replies.too_many_waiting(self.destination.label)
             return Transaction([reply] * len(recipients), False)
         while True:
             if session is None:
