@@ -133,6 +133,22 @@ class _Candidates:
         return replies.dns_failure(domain, "no MX host has an address")
 
 
+class _EnvelopeNames(DeliveryContext):
+    """The delivery's context for sessions whose RCPT names differ from the envelope's (a
+    trailing dot dropped): `data_sent` reports the envelope's names, which the service's
+    deadline answer looks up, so possibly_delivered is not lost."""
+
+    __slots__ = ("_names", "_outer")
+
+    def __init__(self, outer: DeliveryContext, names: dict[str, str]) -> None:
+        super().__init__(outer.deadline)
+        self._outer = outer
+        self._names = names
+
+    def data_sent(self, recipients: Iterable[str]) -> None:
+        self._outer.data_sent(self._names.get(r, r) for r in recipients)
+
+
 class MxRelay:
     """Groups recipients by domain; each group is one transaction, the groups run concurrently.
 
@@ -164,6 +180,8 @@ class MxRelay:
                 groups.setdefault(domain, []).append(i)
             else:
                 results[i] = RecipientResult(recipient=rcpt, reply=replies.no_domain())
+        if sent is not envelope.recipients:  # the context must hear the envelope's names, not RCPT's
+            context = _EnvelopeNames(context, dict(zip(sent, envelope.recipients, strict=True)))
         if len(groups) == 1:  # the usual case: no task to start and schedule
             ((domain, indexes),) = groups.items()
             await self._deliver_domain(envelope, sent, domain, indexes, results, context)

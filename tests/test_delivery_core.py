@@ -15,8 +15,9 @@ from schemas.config import IdempotencySettings, LimitSettings
 from schemas.delivery import DeliveryResult, Envelope, RecipientResult
 from schemas.relay_options import CustomOptions
 from schemas.reply import Reply
-from tests.conftest import envelope
+from tests.conftest import envelope, opened
 from tests.scripted import ScriptedRelay
+from tests.servers.smtp import Script, smtp_server
 
 
 @dataclass
@@ -196,3 +197,14 @@ async def test_a_relay_that_breaks_the_contract_is_a_bug() -> None:
 
     with pytest.raises(RuntimeError, match="out of recipient order"):
         await make_core(Recorder()).deliver(delivery(Backwards(), envelope("a@example.net", "b@example.net")))
+
+
+async def test_an_mx_recipient_with_a_trailing_dot_cut_off_after_the_data_is_possibly_delivered() -> None:
+    # RCPT drops the dot (bob@forced.test); the answer must still find bob@forced.test. as handed over.
+    with smtp_server(Script(data_delay=5)) as server:
+        config = f"relay:\n  out: {{type: mx, force_mx: {{forced.test: '127.0.0.1:{server.port}'}}}}\n"
+        async with opened(config) as relays:
+            job = delivery(relays["out"], envelope("bob@forced.test.", "carol@forced.test"), seconds=1.0)
+            answer = await make_core(Recorder()).deliver(job)
+    assert answer.result is not None
+    assert [r.possibly_delivered for r in answer.result.recipients] == [True, True]
