@@ -342,6 +342,15 @@ def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envel
         for v in request.headers.getlist("x-envelope-recipient")
         for p in v.translate(_RECIPIENT_SEPARATORS).split(",")
     ]
+    if len(pieces) > settings.max_recipients:  # counted before any is decoded: one error, not one per piece
+        raise _invalid(
+            [
+                FieldError(
+                    loc="X-Envelope-Recipient",
+                    message=f"{len(pieces)} recipients; the limit is {settings.max_recipients}",
+                )
+            ]
+        )
     recipients = [address(f"X-Envelope-Recipient[{i}]", p, allow_empty=False) for i, p in enumerate(pieces)]
     if not recipients:
         errors.append(

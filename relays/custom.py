@@ -64,7 +64,7 @@ def load_custom_relay(name: str, options: CustomOptions, context: object = None)
             f'factory "{options.factory}" returned {type(relay).__name__}, which is not a relay '
             "(it needs `async def deliver(envelope, context)` and `async def aclose()`)",
         )
-    if _positional_parameters(relay.deliver) == 1:
+    if _required_positional_parameters(relay.deliver) == 1:
         logger.warning(
             "relay %r: deliver(envelope) takes no context; cut off by the deadline, all its recipients are "
             "answered possibly_delivered. Write deliver(envelope, context) and call context.data_sent()",
@@ -75,15 +75,16 @@ def load_custom_relay(name: str, options: CustomOptions, context: object = None)
     return relay
 
 
-def _positional_parameters(method: Callable[..., Any]) -> int | None:
-    """How many positional arguments `method` takes; None for *args or an unreadable signature."""
+def _required_positional_parameters(method: Callable[..., Any]) -> int | None:
+    """How many positional arguments `method` needs (`deliver(self, envelope, timeout=30)`: one);
+    None for *args or an unreadable signature."""
     try:
         parameters = inspect.signature(method).parameters.values()
     except (TypeError, ValueError):
         return None
     if any(p.kind is p.VAR_POSITIONAL for p in parameters):
         return None
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in parameters)
 
 
 class _WithoutContext:

@@ -53,13 +53,14 @@ def factory(options: dict[str, Any]) -> ScriptedRelay:
 
 
 class OneArgumentRelay:
-    """A relay written for the first contract, `deliver(envelope)`, with no context."""
+    """A relay written for the first contract, `deliver(envelope)`, with no context (and, as some
+    had, an optional argument of its own that a context must not be passed to)."""
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.delay: float = float(options.get("delay", 0))
 
-    async def deliver(self, envelope: Envelope) -> list[RecipientResult]:
-        await asyncio.sleep(self.delay)
+    async def deliver(self, envelope: Envelope, delay: float | None = None) -> list[RecipientResult]:
+        await asyncio.sleep(self.delay if delay is None else delay)
         reply = Reply.parse(250, "2.0.0 Ok", "[SEND_DATA]")
         return [RecipientResult(recipient=r, reply=reply) for r in envelope.recipients]
 

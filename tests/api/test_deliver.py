@@ -133,6 +133,13 @@ def test_raw_form_empty_sender_and_ehlo(client: TestClient) -> None:
     assert envelope.client.ehlo == "edge.example.com"
 
 
+def test_raw_form_recipients_are_counted_before_they_are_decoded(client: TestClient) -> None:
+    # 1000 pieces against max_recipients 5: one error, not one per piece.
+    response = post_raw(client, [("X-Envelope-Sender", b64("a@example.com")), ("X-Envelope-Recipient", "," * 999)])
+    assert response.status_code == 422
+    assert response.json()["errors"] == [{"loc": "X-Envelope-Recipient", "message": "1000 recipients; the limit is 5"}]
+
+
 @pytest.mark.parametrize(
     ("recipients", "http_status", "status", "smtp_reply"),
     [
