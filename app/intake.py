@@ -74,18 +74,22 @@ def json_value_limit(max_recipients: int) -> int:
     return 3 * max_recipients + 40_000
 
 
-async def read_envelope(request: Request, settings: ServiceSettings, holding: Holding | None = None) -> Envelope:
+async def read_envelope(
+    request: Request, settings: ServiceSettings, holding: Holding | None = None, until: float | None = None
+) -> Envelope:
     """Read and validate the whole request before anything is delivered.
 
     With `holding`, the body's bytes (and a JSON body's decoded message) are taken from its
     budget as they are read, waiting up to `limits.queue_timeout` (else OutOfBudget); the
-    caller releases them when the request ends."""
+    caller releases them when the request ends. `until` (loop time, the delivery deadline):
+    a body still arriving then is refused with 408, so a client trickling a large body
+    holds its share of the budget for at most that long (plus one `body_timeout`)."""
     form = media_type(request)
     if form == JSON:
-        body = await _read_body(request, json_body_limit(settings), settings, holding, decoded=True)
+        body = await _read_body(request, json_body_limit(settings), settings, holding, until, decoded=True)
         envelope, recipients_loc = _from_json(body, settings.max_recipients), "recipients"
     elif form == RFC822:
-        body = await _read_body(request, settings.max_message_size, settings, holding, decoded=False)
+        body = await _read_body(request, settings.max_message_size, settings, holding, until, decoded=False)
         envelope, recipients_loc = _from_raw(request, body, settings), "X-Envelope-Recipient"
     else:
         raise ProblemError(
@@ -122,7 +126,13 @@ def _invalid(errors: list[FieldError]) -> ProblemError:
 
 
 async def _read_body(
-    request: Request, limit: int, settings: ServiceSettings, holding: Holding | None, *, decoded: bool
+    request: Request,
+    limit: int,
+    settings: ServiceSettings,
+    holding: Holding | None,
+    until: float | None,
+    *,
+    decoded: bool,
 ) -> bytes:
     """The body, refused with 413 as soon as it passes `limit`, not after reading it all.
 
@@ -163,6 +173,10 @@ async def _read_body(
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
+        if until is not None and asyncio.get_running_loop().time() > until:
+            raise ProblemError(
+                408, "the request body did not arrive within the delivery deadline; nothing was delivered"
+            )
     # One chunk (a small message) is used as it came: no copy.
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 

@@ -224,7 +224,7 @@ async def deliver(name: RelayName, request: Request) -> Response:
         deadline = Deadline.within(_deadline(request, settings.delivery_deadline))
         key = _idempotency_key(request)
         try:
-            envelope = await read_envelope(request, settings, holding)
+            envelope = await read_envelope(request, settings, holding, deadline.at)
         except OutOfBudget as exc:
             retry_after = max(1, math.ceil(settings.limits.queue_timeout))
             refused = runtime.core.refuse(

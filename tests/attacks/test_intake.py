@@ -3,6 +3,7 @@ an idempotency store filled with large results, invisible characters in client f
 
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -125,6 +126,49 @@ def test_concurrent_large_bodies_stay_within_the_body_budget(tmp_path: Path) -> 
         assert "body budget" in refused.json()["detail"]
     formula = budget + 3 * len(body)
     assert (peak - idle) * 1024 < formula + 4 * MiB, f"peak {peak} KiB, idle {idle} KiB, statuses {statuses}"
+
+
+def test_a_trickled_body_holds_the_budget_no_longer_than_the_deadline(tmp_path: Path) -> None:
+    """Item 6 (review): a client declaring a large body and sending a byte now and then (never
+    silent for body_timeout) held its share of the budget for ever; now for at most the delivery
+    deadline (plus one body_timeout): then 408, and other deliveries go through again."""
+    config = write_config(
+        tmp_path,
+        "relay:\n  bh: {type: blackhole}\n"
+        "mailrelay:\n  body_timeout: 2\n  delivery_deadline: 1.5\n"
+        "  limits: {body_budget: 65536, queue_timeout: 0.2}\n",
+    )
+    small = {"sender": "a@example.com", "recipients": ["b@example.net"], "message": "Subject: x\r\n\r\nhi\r\n"}
+    with service(config) as running:
+        host, port = running.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as slow:
+            slow.sendall(
+                b"POST /relays/bh/deliver HTTP/1.1\r\nHost: x\r\nContent-Type: message/rfc822\r\n"
+                b"X-Envelope-Sender: \r\nX-Envelope-Recipient: Yg==\r\nContent-Length: 65536\r\n\r\n"
+            )
+            slow.sendall(b"x")
+            time.sleep(0.3)
+            held = httpx.post(f"{running.url}/relays/bh/deliver", json=small)
+            answer = b""
+            for _ in range(20):  # a byte every 0.25 s for at most 5 s, until the service answers
+                slow.sendall(b"x")
+                slow.settimeout(0.25)
+                try:
+                    answer = slow.recv(4096)
+                except TimeoutError:
+                    continue
+                slow.settimeout(2)
+                while not answer.endswith(b"}"):  # the problem document may come in a second read
+                    more = slow.recv(4096)
+                    if not more:
+                        break
+                    answer += more
+                break
+            after = httpx.post(f"{running.url}/relays/bh/deliver", json=small)
+    assert held.status_code == 503, held.text  # the trickle holds the whole budget meanwhile
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"delivery deadline" in answer
+    assert after.status_code == 200, after.text
 
 
 def test_the_idempotency_store_is_bounded_in_bytes(tmp_path: Path) -> None:
