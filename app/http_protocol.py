@@ -243,6 +243,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._waiting is None:  # for the first request, the connection's own watch goes on
             self._watch("head")
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._waiting != "body":
+            super().on_header(name, value)
+            return
+        # A trailer (after a chunked body): uvicorn would append it to the running request's
+        # headers without end, and data_received counts only heads. Nothing here reads
+        # trailers: they are dropped, and bounded as a head is.
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.head_limit:
+            self._refuse(431, f"request trailers over {self.head_limit} bytes", head=False)
+
     def on_headers_complete(self) -> None:
         self._head_size = 0
         self.open_connections.idle.pop(self, None)

@@ -224,6 +224,36 @@ def test_an_endless_pipelined_header_is_cut_off_at_the_head_limit(tmp_path: Path
         assert_clean_log(served)
 
 
+def test_endless_trailers_after_a_chunked_body_are_cut_off(tmp_path: Path) -> None:
+    """Review: trailers (header lines after a chunked body's last chunk) were appended to the
+    running request's headers without any limit: 210 MB in 1.4 s, RSS +240 MB."""
+    with service(write_config(tmp_path)) as served:
+        before = rss_bytes(served)
+        sent = 0
+        closed = False
+        with socket.create_connection(("127.0.0.1", port_of(served)), timeout=1) as sock:
+            sock.sendall(
+                b"POST /relays/blackhole/deliver HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n"
+            )
+            trailer = b"X-T: " + b"a" * 8000 + b"\r\n"
+            started = time.monotonic()
+            try:
+                while time.monotonic() - started < 4:
+                    sock.sendall(trailer * 8)
+                    sent += len(trailer) * 8
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            except TimeoutError:
+                closed = closed_within(sock, 2)
+            growth = rss_bytes(served) - before
+        assert closed, f"{sent} bytes of trailers were taken in {time.monotonic() - started:.1f} s"
+        assert sent < 8 * 1024 * 1024, f"{sent} bytes of trailers were taken in"
+        assert growth < 8 * 1024 * 1024, f"RSS grew by {growth} bytes"
+        assert healthz_seconds(served) < 1
+        assert_clean_log(served)
+
+
 def test_a_pipelined_head_trickling_in_is_timed_too(tmp_path: Path) -> None:
     with service(write_config(tmp_path, "{body_timeout: 0.5}")) as served:
         sock = socket.socket()

@@ -36,6 +36,7 @@ OVERRIDDEN = {
     "data_received": ["self", "data"],
     "on_message_begin": ["self"],  # an httptools parser callback
     "on_headers_complete": ["self"],  # an httptools parser callback
+    "on_header": ["self", "name", "value"],  # an httptools parser callback (also for trailers)
     "on_message_complete": ["self"],  # an httptools parser callback
     "on_response_complete": ["self"],  # each cycle's on_response
     "pause_writing": ["self"],  # the transport's write flow control
