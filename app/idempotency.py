@@ -180,8 +180,9 @@ class MemoryStore:
             size += len(name) + len(value)
         headers = tuple(response.headers.items())
         done = _Entry(fingerprint, time.monotonic() + self.ttl, None, response.status, headers, body, compressed, size)
-        if done.size > self.max_bytes:
-            return  # larger than the whole store: not kept, so a repeat runs again
+        # A result larger than the whole store is kept all the same, alone (everything finished
+        # makes room): a repeat must replay it, never send again. The bound is then max_bytes
+        # plus one result, which max_recipients and max_message_size bound.
         self._make_room(time.monotonic(), done.size)
         self._entries[key] = done
         self.bytes += done.size
