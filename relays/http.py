@@ -32,7 +32,8 @@ _PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s"]+))')
 
 
 def parse_smtp_reply(header: str) -> Reply | None:
-    """`X-Smtp-Reply: <code>; message="<text>"[; command="<cmd>"]`, as slimta writes it; None when absent or malformed."""
+    """`X-Smtp-Reply: <code>; message="<text>"[; command="<cmd>"]` from a slimta-style hop (mailrelay writes
+    no command; its body has them); None when absent or malformed."""
     match = _CODE.match(header)
     if not match or int(match.group(1)) // 100 not in (2, 4, 5):
         return None

@@ -35,9 +35,12 @@ class RelayList(BaseModel):
 def _result(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     smtp_reply = {
         "X-Smtp-Reply": {
-            "description": 'the outcome in slimta\'s format: `<code>; message="<text>"[; command="<cmd>"]`',
+            "description": (
+                'the outcome in slimta\'s format: `<code>; message="<text>"` (no `command=`: slimta 5.0.5 '
+                "cannot read it; the body has each reply's command)"
+            ),
             "schema": {"type": "string"},
-            "example": '250; message="2.0.0 Ok: queued as 4F1C"; command="[SEND_DATA]"',
+            "example": '250; message="2.0.0 Ok: queued as 4F1C"',
         }
     }
     return {

@@ -64,7 +64,7 @@ def test_json_form_delivers_and_reports_each_recipient(client: TestClient) -> No
         }
         for rcpt in ("bob@example.net", "eve@example.org")
     ]
-    assert response.headers["X-Smtp-Reply"] == '250; message="2.0.0 Ok: queued"; command="[SEND_DATA]"'
+    assert response.headers["X-Smtp-Reply"] == '250; message="2.0.0 Ok: queued"'
     (envelope,) = scripted(client).delivered
     assert envelope.sender == "alice@example.com"
     assert list(envelope.recipients) == ["bob@example.net", "eve@example.org"]
@@ -143,25 +143,25 @@ def test_raw_form_recipients_are_counted_before_they_are_decoded(client: TestCli
 @pytest.mark.parametrize(
     ("recipients", "http_status", "status", "smtp_reply"),
     [
-        (["ok@example.net"], 200, "delivered", '250; message="2.0.0 Ok: queued"; command="[SEND_DATA]"'),
+        (["ok@example.net"], 200, "delivered", '250; message="2.0.0 Ok: queued"'),
         (
             ["ok@example.net", "bad@example.net"],
             207,
             "partial",
-            '550; message="5.1.1 <bad@example.net> User unknown"; command="RCPT"',
+            '550; message="5.1.1 <bad@example.net> User unknown"',
         ),
-        (["later@example.net"], 503, "transient_failure", '451; message="4.3.0 Try again later"; command="RCPT"'),
+        (["later@example.net"], 503, "transient_failure", '451; message="4.3.0 Try again later"'),
         (
             ["bad@example.net", "later@example.net"],
             503,
             "transient_failure",
-            '451; message="4.3.0 Try again later"; command="RCPT"',
+            '451; message="4.3.0 Try again later"',
         ),
         (
             ["quota@example.net", "bad@example.net"],
             400,
             "permanent_failure",
-            '552; message="5.2.2 Mailbox \'full\'"; command="RCPT"',
+            "552; message=\"5.2.2 Mailbox 'full'\"",
         ),
     ],
 )

@@ -193,11 +193,12 @@ def test_x_smtp_reply_reads_back_in_both_parsers(code: int, message: str, comman
     header = format_smtp_reply(Reply.parse(code, message, command))
     ours = parse_smtp_reply(header)
     assert ours is not None
-    assert (ours.code, ours.message, ours.command) == (code, message.replace('"', "'"), command)
+    # No command: python-slimta 5.0.5 cannot read one (tests/api/test_slimta.py).
+    assert (ours.code, ours.message, ours.command) == (code, message.replace('"', "'"), None)
     # slimta's own parser (python-slimta relay/http.py): a code, then name="value" pairs, no escapes.
     assert re.match(r"^\s*(\d\d\d)\s*;", header)
     found = dict(re.findall(r'\s(\w+)\s*=\s*"(.*?)"', header))
-    assert found["message"] == message.replace('"', "'").replace("\\", "\\\\")
+    assert found == {"message": message.replace('"', "'").replace("\\", "\\\\")}
 
 
 def _result_body(*pairs: tuple[str, int]) -> bytes:

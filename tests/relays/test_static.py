@@ -69,7 +69,7 @@ def test_mixed_recipients_through_the_api_give_207(make_client: Callable[[str], 
         "message": "5.1.1 No such user",
         "command": "RCPT",
     }
-    assert response.headers["X-Smtp-Reply"] == '451; message="4.3.0 Try again later"; command="RCPT"'
+    assert response.headers["X-Smtp-Reply"] == '451; message="4.3.0 Try again later"'
     assert server.received[0].recipients == ["ok@example.net"]
 
 
