@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ class DeliveryCore:
             ) from None
         if isinstance(claim, idempotency.Replay):
             stored = claim.response
-            return Answer(stored.status, dict(stored.headers), stored.body, None, replayed=True)
+            return Answer(stored.status, _replayed_headers(stored.headers), stored.body, None, replayed=True)
         if isinstance(claim, idempotency.Running):
             raise Refused(
                 "key_in_use", 409, "a request with this Idempotency-Key is still running; retry when it has finished", 1
@@ -289,6 +290,19 @@ def format_smtp_reply(reply: Reply) -> str:
     escapes, so quotes inside become `'`; the value is kept to printable ASCII.
     """
     return f'{reply.code}; message="{_header_text(reply.message)}"'
+
+
+#: `; command="..."` at the end of an X-Smtp-Reply stored by a version that still wrote it.
+_STORED_COMMAND = re.compile(r'; command="[^"]*"$')
+
+
+def _replayed_headers(stored: dict[str, str]) -> dict[str, str]:
+    """The stored headers, without the `command=` that earlier versions put in X-Smtp-Reply
+    (results outlive an upgrade in Redis for `ttl`; slimta's client hangs on it)."""
+    return {
+        name: _STORED_COMMAND.sub("", value) if name.lower() == "x-smtp-reply" else value
+        for name, value in stored.items()
+    }
 
 
 def _header_text(text: str) -> str:

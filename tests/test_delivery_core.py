@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from app import idempotency
 from app.delivery import Answer, Deadline, Delivery, DeliveryCore, RefusalReason, Refused
-from app.idempotency import MemoryStore
+from app.idempotency import MemoryStore, StoredResponse
 from app.limits import Limiter
 from relays.base import DeliveryContext, Relay
 from relays.custom import load_custom_relay
@@ -208,3 +209,18 @@ async def test_an_mx_recipient_with_a_trailing_dot_cut_off_after_the_data_is_pos
             answer = await make_core(Recorder()).deliver(job)
     assert answer.result is not None
     assert [r.possibly_delivered for r in answer.result.recipients] == [True, True]
+
+
+async def test_a_result_stored_by_an_earlier_version_is_replayed_without_command() -> None:
+    # Earlier versions wrote `; command=` into X-Smtp-Reply; slimta's HttpRelay hangs on it.
+    core = make_core(Recorder())
+    job = delivery(scripted(), envelope("bob@example.net"), key="old")
+    key = idempotency.scoped_key(job.caller, "old")
+    fingerprint = idempotency.fingerprint(job.relay_name, job.envelope)
+    claim = await core.store.claim(key, fingerprint, hold=60)
+    assert isinstance(claim, idempotency.Claimed)
+    header = '550; message="5.1.1 no such user"; command="RCPT"'
+    await core.store.complete(key, claim, fingerprint, StoredResponse(400, {"x-smtp-reply": header}, b"{}"))
+    answer = await core.deliver(job)
+    assert answer.replayed
+    assert answer.headers == {"x-smtp-reply": '550; message="5.1.1 no such user"'}
