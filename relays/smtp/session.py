@@ -579,19 +579,32 @@ def _refusal(response: SMTPResponse, command: Command) -> Reply:
     return replies.protocol_error(command, f"{response.code} {response.message}"[:200])
 
 
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+_LINE_ENDS = re.compile(rb"\r*\n")
+_LEADING_DOT = re.compile(rb"(^|\r)\.", re.MULTILINE)
+
+
+def _crlf_only(message: bytes) -> bool:
+    crlf = message.count(b"\r\n")
+    return message.count(b"\r") == crlf == message.count(b"\n")
 
 
 def encode_data(message: bytes) -> tuple[bytes, bytes]:
     """The message as DATA content: CRLF line ends, dot-stuffed, terminated by `.` (RFC 5321 4.5.2).
 
+    Line ends: an LF, with any CRs right before it, is one line end and becomes CRLF, so
+    `X-Test: a\\r\\r\\n` stays one header line and the header/body structure never changes. A lone
+    CR (not followed by LF) is not a line end: it is kept inside its line, as Postfix's smtpd
+    does (it ends lines at LF only and strips the CRs before it; 3.7 then stored the lone CR as
+    a space, tests/relays/test_postfix.py). A dot right after a lone CR is doubled too: a
+    receiver that takes a lone CR as a line end must not see `CR . CR LF` as the end of the data
+    (SMTP smuggling); a receiver that does not shows one more dot, in a message that was
+    malformed anyway.
+
     Returned as the body and the terminator, written one after the other: appending the
     terminator would copy the whole message. Most messages are already CRLF-only with no
     line starting with ".": then the body is the message itself, not a copy.
     """
-    crlf = message.count(b"\r\n")
-    data = message if message.count(b"\r") == crlf == message.count(b"\n") else _LINE_ENDS.sub(b"\r\n", message)
-    if data.startswith(b".") or b"\n." in data:
-        data = _LEADING_DOT.sub(b"..", data)
+    data = message if _crlf_only(message) else _LINE_ENDS.sub(b"\r\n", message)
+    if data.startswith(b".") or b"\n." in data or b"\r." in data:
+        data = _LEADING_DOT.sub(rb"\1..", data)
     return data, b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"

@@ -37,3 +37,14 @@ async def test_under_the_size_limit_is_delivered_byte_for_byte(server: Postfix) 
     status, code, text = await deliver(server, body)
     assert (status, code) == ("delivered", 250), text
     assert server.received(queue_id(text)) == body.replace(b"\r\n", b"\n")
+
+
+async def test_cr_before_lf_is_one_line_end_and_the_headers_stay_headers(server: Postfix) -> None:
+    sent = b"From: alice@example.com\r\nX-Test: a\r\r\nX-Cr: c\rd\r\nSubject: cr\r\n\r\nbody\r\n"
+    status, code, text = await deliver(server, sent)
+    assert (status, code) == ("delivered", 250), text
+    received = server.received(queue_id(text))
+    head, _, body = received.partition(b"\n\n")
+    assert [h.split(b":")[0] for h in head.split(b"\n")] == [b"From", b"X-Test", b"X-Cr", b"Subject"]
+    assert head.split(b"\n")[1:3] == [b"X-Test: a", b"X-Cr: c d"]  # Postfix stores the lone CR as a space
+    assert body == b"body\n"

@@ -350,7 +350,9 @@ def test_served_by_mailrelay_on_uvloop(tmp_path: Path) -> None:
     [
         (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
         (b"a\nb", b"a\r\nb\r\n.\r\n"),
-        (b"a\rb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b"a\rb\r\n", b"a\rb\r\n.\r\n"),  # a lone CR stays inside its line
+        (b"X: a\r\r\nY: b\r\n\r\nc", b"X: a\r\nY: b\r\n\r\nc\r\n.\r\n"),  # CRs before LF: one line end
+        (b"a\r.\r\nb\r.c\r\n", b"a\r..\r\nb\r..c\r\n.\r\n"),  # no CR . CR LF for CR-line-end servers
         (b".a\r\n..b\r\nc.\r\n", b"..a\r\n...b\r\nc.\r\n.\r\n"),
         (b"x\n.\n", b"x\r\n..\r\n.\r\n"),
     ],
