@@ -64,6 +64,13 @@ def utf8_refused() -> Reply:
     return _reply(553, "5.6.7", "Non-ASCII address and the server does not support SMTPUTF8", "MAIL")
 
 
+def size_exceeded(size: int, limit: int) -> Reply:
+    """The server declared a SIZE limit (RFC 1870) the message is over: refused before MAIL, nothing uploaded."""
+    return _reply(
+        552, "5.3.4", f"Message size exceeds the server's limit ({size} bytes, the server takes {limit})", "MAIL"
+    )
+
+
 def too_many_waiting(target: str) -> Reply:
     return _reply(451, "4.4.5", f"Too many deliveries waiting for {target}; try again later", "[CONNECT]")
 

@@ -273,6 +273,12 @@ class SmtpSession:
             else:
                 refused = replies.utf8_refused()
                 results = [None if r.isascii() else refused for r in recipients]
+        if self.smtp.supports_extension("size"):
+            size = data_size(envelope.message)
+            limit = self.smtp.esmtp_extensions["size"].strip()
+            if limit.isdigit() and 0 < int(limit) < size:
+                return _TransactionState.answered(recipients, replies.size_exceeded(size, int(limit)), reused)
+            options.append(b"SIZE=%d" % size)
         pending = [i for i, r in enumerate(results) if r is None]
         return _TransactionState(
             recipients,
@@ -586,6 +592,11 @@ _LEADING_DOT = re.compile(rb"(^|\r)\.", re.MULTILINE)
 def _crlf_only(message: bytes) -> bool:
     crlf = message.count(b"\r\n")
     return message.count(b"\r") == crlf == message.count(b"\n")
+
+
+def data_size(message: bytes) -> int:
+    """The message's size with CRLF line ends, as SIZE= declares it (RFC 1870: without dot-stuffing)."""
+    return len(message) if _crlf_only(message) else len(_LINE_ENDS.sub(b"\r\n", message))
 
 
 def encode_data(message: bytes) -> tuple[bytes, bytes]:

@@ -73,3 +73,36 @@ async def test_a_connection_lost_in_the_middle_of_the_replies_delivers_nothing()
     assert [(r.reply.enhanced_status, r.reply.command) for r in results] == [("4.4.2", "RCPT")] * 2
     assert not any(r.possibly_delivered for r in results)
     assert server.data_received == []
+
+
+async def test_size_without_a_limit_is_declared_and_an_advertised_limit_refuses_before_mail() -> None:
+    seen: list[list[str]] = []
+    body = b"Subject: s\r\n\r\n" + b"x" * 200 + b"\r\n"
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        conv.send("220 raw.test ESMTP")
+        conv.expect("EHLO", "250-raw.test\r\n250-PIPELINING\r\n250 SIZE")
+        seen.append([conv.command() for _ in range(3)])
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok", "354 go ahead")
+        server.data_received.append(conv.read_data())
+        conv.send("250 2.0.0 queued as S1")
+        conv.expect("QUIT", "221 bye")
+
+    def limited(conv: Conversation, server: RawServer) -> None:
+        conv.send("220 raw.test ESMTP")
+        conv.expect("EHLO", "250-raw.test\r\n250-PIPELINING\r\n250 SIZE 100")
+        seen.append([conv.command()])  # QUIT: no MAIL, no DATA
+        conv.send("221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (sent,) = await relays["out"].deliver(envelope("bob@example.net", message=body), context())
+    assert not server.errors, server.errors
+    with raw_server(limited) as small:
+        async with opened(relay(small.port, "command_timeout: 2")) as relays:
+            (refused,) = await relays["out"].deliver(envelope("bob@example.net", message=body), context())
+    assert not small.errors, small.errors
+    assert seen == [[f"MAIL FROM:<alice@example.com> SIZE={len(body)}", "RCPT TO:<bob@example.net>", "DATA"], ["QUIT"]]
+    assert sent.status == "delivered"
+    assert (refused.status, refused.reply.code, refused.reply.enhanced_status) == ("permanent_failure", 552, "5.3.4")
+    assert refused.reply.command == "MAIL"

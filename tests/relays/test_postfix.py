@@ -39,6 +39,20 @@ async def test_under_the_size_limit_is_delivered_byte_for_byte(server: Postfix) 
     assert server.received(queue_id(text)) == body.replace(b"\r\n", b"\n")
 
 
+async def test_over_the_advertised_size_limit_is_refused_before_mail(server: Postfix) -> None:
+    captured, logged = server.captured(), len(server.log)
+    body = message(LIMIT * 2)
+    status, code, text = await deliver(server, body)
+    assert (status, code) == ("permanent_failure", 552)
+    assert text == f"5.3.4 Message size exceeds the server's limit ({len(body)} bytes, the server takes {LIMIT})"
+    # Refused before MAIL: the session's summary counts no MAIL, and nothing was queued or delivered.
+    session = server.wait_log("disconnect from", since=logged)
+    assert "ehlo=1" in session
+    assert "mail=" not in session
+    assert "queued as" not in session
+    assert server.captured() == captured
+
+
 async def test_cr_before_lf_is_one_line_end_and_the_headers_stay_headers(server: Postfix) -> None:
     sent = b"From: alice@example.com\r\nX-Test: a\r\r\nX-Cr: c\rd\r\nSubject: cr\r\n\r\nbody\r\n"
     status, code, text = await deliver(server, sent)

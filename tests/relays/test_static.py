@@ -392,3 +392,15 @@ async def test_internationalised_addresses_need_smtputf8() -> None:
     assert (missing[1].reply.code, missing[1].reply.enhanced_status) == (553, "5.6.7")
     assert len(dumps) == 1
     assert "用户" not in dumps[0]
+
+
+@pytest.mark.parametrize(
+    "message", [b"Subject: s\r\n\r\nCRLF only\r\n", b"Subject: s\n\nbare LF\r\r\nlone\rCR\n"], ids=["crlf", "mixed"]
+)
+async def test_size_is_declared_when_offered(message: bytes) -> None:
+    with smtp_server() as server:  # aiosmtpd offers SIZE 33554432
+        async with opened(static(server.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
+    assert result.status == "delivered"
+    (received,) = server.received
+    assert f"SIZE={len(received.content)}" in received.mail_options
