@@ -29,7 +29,6 @@ from schemas.reply import Reply
 
 logger = logging.getLogger(__name__)
 
-JSON = "application/json"
 #: The claim's margin over the deadline, for writing the result back.
 CLAIM_MARGIN = 30.0
 #: The answer headers a replay repeats.
@@ -147,6 +146,11 @@ class DeliveryCore:
             observer.refused(relay_name, reason)
         return Refused(reason, 503, detail, retry_after)
 
+    def overloaded(self, relay_name: str, why: str) -> Refused:
+        """No room within queue_timeout (slots, or the body budget): a counted 503 refusal."""
+        detail = f"overloaded: {why}; nothing was delivered, retry later"
+        return self.refuse(relay_name, "overloaded", detail, max(1, math.ceil(self.queue_timeout)))
+
     async def deliver(self, delivery: Delivery) -> Answer:
         """Deliver, or replay what an earlier request with the same idempotency key got.
         Raises Refused when nothing was tried."""
@@ -207,12 +211,8 @@ class DeliveryCore:
         try:
             held = await self.limiter.acquire(name, min(self.queue_timeout, deadline.at - loop.time()))
         except Overloaded as exc:
-            raise self.refuse(
-                name,
-                "overloaded",
-                f"overloaded: {exc.what} already has {exc.limit} deliveries in flight and none finished in time; "
-                "nothing was delivered, retry later",
-                max(1, math.ceil(self.queue_timeout)),
+            raise self.overloaded(
+                name, f"{exc.what} already has {exc.limit} deliveries in flight and none finished in time"
             ) from None
         observers = self.observers
         for observer in observers:

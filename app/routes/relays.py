@@ -229,18 +229,13 @@ async def deliver(name: RelayName, request: Request) -> Response:
         try:
             envelope = await read_envelope(request, settings, holding, deadline.at)
         except OutOfBudget as exc:
-            retry_after = max(1, math.ceil(settings.limits.queue_timeout))
-            refused = runtime.core.refuse(
-                name, "overloaded", f"overloaded: {exc}; nothing was delivered, retry later", retry_after
-            )
-            raise ProblemError(503, refused.detail, headers={"Retry-After": str(retry_after)}) from None
+            raise _problem(runtime.core.overloaded(name, str(exc))) from None
         _refuse_if_draining(services, name)  # the body may have taken a while
         delivery = Delivery(name, relay, envelope, deadline, principal.name, key, is_raw_form(request))
         try:
             answer = await runtime.core.deliver(delivery)
         except Refused as refused:
-            headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after is not None else None
-            raise ProblemError(refused.status, refused.detail, headers=headers) from None
+            raise _problem(refused) from None
         headers = answer.headers
         if answer.replayed:
             headers = {**headers, "Idempotent-Replayed": "true"}
@@ -281,8 +276,13 @@ async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -
 
 def _refuse_if_draining(services: Services, relay: str) -> None:
     if services.draining:
-        refused = services.current.core.refuse(relay, "draining", "shutting down; not accepting deliveries", 5)
-        raise ProblemError(503, refused.detail, headers={"Retry-After": "5"})
+        raise _problem(services.current.core.refuse(relay, "draining", "shutting down; not accepting deliveries", 5))
+
+
+def _problem(refused: Refused) -> ProblemError:
+    """The core's refusal as the problem document that answers it."""
+    headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after is not None else None
+    return ProblemError(refused.status, refused.detail, headers=headers)
 
 
 def _deadline(request: Request, limit: float) -> float:
