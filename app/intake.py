@@ -87,28 +87,24 @@ async def read_envelope(
     form = media_type(request)
     if form == JSON:
         body = await _read_body(request, json_body_limit(settings), settings, holding, until, decoded=True)
-        envelope, recipients_loc = _from_json(body, settings.max_recipients), "recipients"
+        envelope = _from_json(body, settings.max_recipients)
     elif form == RFC822:
         body = await _read_body(request, settings.max_message_size, settings, holding, until, decoded=False)
-        envelope, recipients_loc = _from_raw(request, body, settings), "X-Envelope-Recipient"
+        envelope = _from_raw(request, body, settings)
     else:
         raise ProblemError(
             415,
             f"Content-Type must be {JSON} or {RFC822}, not {form or 'absent'}",
             headers={"Accept-Post": f"{JSON}, {RFC822}"},
         )
+    # Recipients were counted before they were validated, in each form (_from_json, _from_raw).
     if len(envelope.message) > settings.max_message_size:
         raise _too_large(settings)
-    if len(envelope.recipients) > settings.max_recipients:
-        raise _invalid(
-            [
-                FieldError(
-                    loc=recipients_loc,
-                    message=f"{len(envelope.recipients)} recipients; the limit is {settings.max_recipients}",
-                )
-            ]
-        )
     return envelope
+
+
+def _too_many(count: int, limit: int) -> str:
+    return f"{count} recipients; the limit is {limit}"
 
 
 def _too_large(settings: ServiceSettings, body_limit: int | None = None) -> ProblemError:
@@ -231,7 +227,7 @@ def _from_json(body: bytes, max_recipients: int) -> Envelope:
 def _message(error: object, max_recipients: int) -> str:
     e = dict(error)  # type: ignore[call-overload]  # pydantic's ErrorDetails
     if e["type"] == "too_long" and tuple(e["loc"]) == ("recipients",):
-        return f"{e['ctx']['actual_length']} recipients; the limit is {max_recipients}"
+        return _too_many(e["ctx"]["actual_length"], max_recipients)
     return str(e["msg"]).removeprefix("Value error, ")
 
 
@@ -361,7 +357,7 @@ def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envel
             [
                 FieldError(
                     loc="X-Envelope-Recipient",
-                    message=f"{len(pieces)} recipients; the limit is {settings.max_recipients}",
+                    message=_too_many(len(pieces), settings.max_recipients),
                 )
             ]
         )
