@@ -130,6 +130,7 @@ class _TransactionState:
     mail: list[bytes]  # FROM:<sender> and the MAIL parameters
     pending: list[int]
     rcpts: list[bytes]
+    data: bytes = b""  # the message with CRLF line ends (crlf_lines), not yet dot-stuffed
 
     @classmethod
     def answered(cls, recipients: Sequence[str], reply: Reply, reused: bool) -> Self:
@@ -248,7 +249,7 @@ class SmtpSession:
                     accepted = await self._envelope_stepwise(state)
                 if accepted:
                     data_sent = True
-                    in_doubt = await self._send_data(state, accepted, envelope.message, context)
+                    in_doubt = await self._send_data(state, accepted, context)
         except RelayError as exc:
             state.answer_rest(exc.reply)
         return Transaction(state.replies(), data_sent, in_doubt)
@@ -273,8 +274,9 @@ class SmtpSession:
             else:
                 refused = replies.utf8_refused()
                 results = [None if r.isascii() else refused for r in recipients]
+        data = crlf_lines(envelope.message)  # once: SIZE= counts it, DATA sends it
         if self.smtp.supports_extension("size"):
-            size = data_size(envelope.message)
+            size = len(data)
             limit = self.smtp.esmtp_extensions["size"].strip()
             if limit.isdigit() and 0 < int(limit) < size:
                 return _TransactionState.answered(recipients, replies.size_exceeded(size, int(limit)), reused)
@@ -287,6 +289,7 @@ class SmtpSession:
             mail=[b"FROM:<" + envelope.sender.encode(encoding) + b">", *options],
             pending=pending,
             rcpts=[b"TO:<" + recipients[i].encode(encoding) + b">" for i in pending],
+            data=data,
         )
 
     async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
@@ -419,7 +422,7 @@ class SmtpSession:
         return response
 
     async def _send_data(
-        self, state: "_TransactionState", accepted: list[int], message: bytes, context: DeliveryContext
+        self, state: "_TransactionState", accepted: list[int], context: DeliveryContext
     ) -> frozenset[int]:
         """Write the message (dot-stuffed, then its terminator) and read the replies (LMTP: one per
         accepted recipient), through our reader (`reading_replies`); answers `accepted` in `state`.
@@ -436,7 +439,7 @@ class SmtpSession:
         count = len(accepted) if self.settings.lmtp else 1
         failure: Reply | None = None
         whole_sent = False
-        body, end = encode_data(message)
+        body, end = stuff_dots(state.data)
         with reading_replies(transport, self._after_reading) as reader:
             reader.expect(count)  # before the data: a reply beyond `count` is refused as it comes
             try:
@@ -594,9 +597,10 @@ def _crlf_only(message: bytes) -> bool:
     return message.count(b"\r") == crlf == message.count(b"\n")
 
 
-def data_size(message: bytes) -> int:
-    """The message's size with CRLF line ends, as SIZE= declares it (RFC 1870: without dot-stuffing)."""
-    return len(message) if _crlf_only(message) else len(_LINE_ENDS.sub(b"\r\n", message))
+def crlf_lines(message: bytes) -> bytes:
+    """The message with CRLF line ends (see encode_data); the message itself when it has them
+    already. Its length is what SIZE= declares (RFC 1870: before dot-stuffing)."""
+    return message if _crlf_only(message) else _LINE_ENDS.sub(b"\r\n", message)
 
 
 def encode_data(message: bytes) -> tuple[bytes, bytes]:
@@ -615,7 +619,11 @@ def encode_data(message: bytes) -> tuple[bytes, bytes]:
     terminator would copy the whole message. Most messages are already CRLF-only with no
     line starting with ".": then the body is the message itself, not a copy.
     """
-    data = message if _crlf_only(message) else _LINE_ENDS.sub(b"\r\n", message)
+    return stuff_dots(crlf_lines(message))
+
+
+def stuff_dots(data: bytes) -> tuple[bytes, bytes]:
+    """`data` (CRLF line ends) dot-stuffed, and the terminator to write after it (encode_data)."""
     if data.startswith(b".") or b"\n." in data or b"\r." in data:
         data = _LEADING_DOT.sub(rb"\1..", data)
     return data, b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
