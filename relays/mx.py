@@ -133,22 +133,6 @@ class _Candidates:
         return replies.dns_failure(domain, "no MX host has an address")
 
 
-class _EnvelopeNames(DeliveryContext):
-    """The delivery's context for sessions whose RCPT names differ from the envelope's (a
-    trailing dot dropped): `data_sent` reports the envelope's names, which the service's
-    deadline answer looks up, so possibly_delivered is not lost."""
-
-    __slots__ = ("_names", "_outer")
-
-    def __init__(self, outer: DeliveryContext, names: dict[str, str]) -> None:
-        super().__init__(outer.deadline)
-        self._outer = outer
-        self._names = names
-
-    def data_sent(self, recipients: Iterable[str]) -> None:
-        self._outer.data_sent(self._names.get(r, r) for r in recipients)
-
-
 class MxRelay:
     """Groups recipients by domain; each group is one transaction, the groups run concurrently.
 
@@ -169,32 +153,26 @@ class MxRelay:
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         results: list[RecipientResult | None] = [None] * len(envelope.recipients)
         groups: dict[str, list[int]] = {}
-        sent: Sequence[str] = envelope.recipients  # the addresses RCPT names
         for i, rcpt in enumerate(envelope.recipients):
             domain = domain_of(rcpt)
             if domain and domain[-1] == ".":  # `example.org.` is example.org, for force_mx and DNS alike
-                domain = normal_domain(domain)
-                # and RCPT TO:<bob@example.org>, as Postfix rewrites it
-                sent = [*sent[:i], rcpt.rstrip("."), *sent[i + 1 :]]
+                domain = normal_domain(domain)  # (RCPT drops the dot: relays/smtp/session.py)
             if domain:
                 groups.setdefault(domain, []).append(i)
             else:
                 results[i] = RecipientResult(recipient=rcpt, reply=replies.no_domain())
-        if sent is not envelope.recipients:  # the context must hear the envelope's names, not RCPT's
-            context = _EnvelopeNames(context, dict(zip(sent, envelope.recipients, strict=True)))
         if len(groups) == 1:  # the usual case: no task to start and schedule
             ((domain, indexes),) = groups.items()
-            await self._deliver_domain(envelope, sent, domain, indexes, results, context)
+            await self._deliver_domain(envelope, domain, indexes, results, context)
         elif groups:
             async with asyncio.TaskGroup() as group:
                 for domain, indexes in groups.items():
-                    group.create_task(self._deliver_domain(envelope, sent, domain, indexes, results, context))
+                    group.create_task(self._deliver_domain(envelope, domain, indexes, results, context))
         return [r for r in results if r is not None]
 
     async def _deliver_domain(
         self,
         envelope: Envelope,
-        sent: Sequence[str],
         domain: str,
         indexes: Sequence[int],
         results: list[RecipientResult | None],
@@ -206,7 +184,7 @@ class MxRelay:
             for i in indexes:
                 results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
             return
-        recipients = [sent[i] for i in indexes]
+        recipients = [envelope.recipients[i] for i in indexes]
         last: tuple[Destination, Transaction] | None = None
         async for destination in candidates:
             transaction = await self._pool(destination).deliver(envelope, recipients, context)

@@ -288,7 +288,9 @@ class SmtpSession:
             reused,
             mail=[b"FROM:<" + envelope.sender.encode(encoding) + b">", *options],
             pending=pending,
-            rcpts=[b"TO:<" + recipients[i].encode(encoding) + b">" for i in pending],
+            # `bob@example.org.` goes as RCPT TO:<bob@example.org>, as Postfix rewrites it (servers
+            # refuse the dot); results and data_sent keep the address as given.
+            rcpts=[b"TO:<" + recipients[i].rstrip(".").encode(encoding) + b">" for i in pending],
             data=data,
         )
 
