@@ -137,6 +137,18 @@ class DeliveryCore:
         self.observers = tuple(observers)
         self.queue_timeout = queue_timeout
         self.retry_after = retry_after
+        #: The deadline timers of the deliveries running now, for `cut_running`.
+        self._running: set[asyncio.Timeout] = set()
+        self._shutting_down = False
+
+    def cut_running(self) -> int:
+        """Shutdown: cut every running delivery now, answered as a deadline cut (451 4.4.7, possibly
+        delivered where its data had left) with a text that names the shutdown. Returns how many."""
+        self._shutting_down = True
+        now = asyncio.get_running_loop().time()
+        for timer in self._running:
+            timer.reschedule(now)
+        return len(self._running)
 
     def refuse(
         self, relay_name: str, reason: Literal["overloaded", "draining"], detail: str, retry_after: int
@@ -220,14 +232,16 @@ class DeliveryCore:
         context = DeliveryContext(deadline.at)
         started = time.perf_counter()
         timer = asyncio.timeout_at(deadline.at)
+        self._running.add(timer)
         try:
             async with timer:
                 results = await delivery.relay.deliver(envelope, context)
         except TimeoutError:
             if not timer.expired():
                 raise
-            results = deadline_results(envelope, context, deadline.seconds)
+            results = deadline_results(envelope, context, deadline.seconds, shutdown=self._shutting_down)
         finally:
+            self._running.discard(timer)
             self.limiter.release(held)
             for observer in observers:
                 observer.ended(delivery)
@@ -258,11 +272,17 @@ class DeliveryCore:
         return Answer(status, headers, result.model_dump_json().encode(), result)
 
 
-def deadline_results(envelope: Envelope, context: DeliveryContext, seconds: float) -> list[RecipientResult]:
-    """Every recipient's result when the deadline cut the delivery off: possibly delivered
-    where the relay said the data had gone out."""
-    maybe = replies.deadline_reached(seconds, maybe_delivered=True)
-    not_sent = replies.deadline_reached(seconds, maybe_delivered=False)
+def deadline_results(
+    envelope: Envelope, context: DeliveryContext, seconds: float, *, shutdown: bool = False
+) -> list[RecipientResult]:
+    """Every recipient's result when the deadline (or a shutdown, `cut_running`) cut the delivery
+    off: possibly delivered where the relay said the data had gone out."""
+    if shutdown:
+        maybe = replies.shutdown_cut(maybe_delivered=True)
+        not_sent = replies.shutdown_cut(maybe_delivered=False)
+    else:
+        maybe = replies.deadline_reached(seconds, maybe_delivered=True)
+        not_sent = replies.deadline_reached(seconds, maybe_delivered=False)
     return [
         RecipientResult(recipient=r, reply=maybe, possibly_delivered=True)
         if context.may_have(r)

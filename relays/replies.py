@@ -151,6 +151,12 @@ def deadline_reached(seconds: float, *, maybe_delivered: bool) -> Reply:
     return _reply(451, "4.4.7", f"Delivery deadline ({seconds:g} s) reached; {outcome}", "[DEADLINE]")
 
 
+def shutdown_cut(*, maybe_delivered: bool) -> Reply:
+    """The service's shutdown grace ran out while the delivery was running (DeliveryCore.cut_running)."""
+    outcome = "the message may have been delivered" if maybe_delivered else "not delivered"
+    return _reply(451, "4.4.7", f"The service shut down during the delivery; {outcome}", "[DEADLINE]")
+
+
 def partial_delivery(results: Sequence[RecipientResult], first_failure: Reply) -> Reply:
     """A partial outcome answered as a transient failure of the whole envelope."""
     failed = sum(r.status != "delivered" for r in results)

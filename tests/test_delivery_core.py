@@ -224,3 +224,21 @@ async def test_a_result_stored_by_an_earlier_version_is_replayed_without_command
     answer = await core.deliver(job)
     assert answer.replayed
     assert answer.headers == {"x-smtp-reply": '550; message="5.1.1 no such user"'}
+
+
+async def test_a_shutdown_cuts_running_deliveries_with_an_honest_answer() -> None:
+    """cut_running (the end of shutdown_grace) answers like a deadline cut: 451 4.4.7, possibly
+    delivered only where the data had left, and a text that names the shutdown; never an error."""
+    core = make_core(Recorder())
+    sent = asyncio.ensure_future(core.deliver(delivery(scripted(stall_after_data=30), envelope("a@example.net"))))
+    waiting = asyncio.ensure_future(core.deliver(delivery(scripted(delay=30), envelope("b@example.net"))))
+    await asyncio.sleep(0.05)
+    assert core.cut_running() == 2
+    for task, maybe in ((sent, True), (waiting, False)):
+        answer = await asyncio.wait_for(task, 2)
+        assert answer.status == 503
+        body = json.loads(answer.body)["recipients"][0]
+        assert body["possibly_delivered"] is maybe
+        assert body["reply"]["code"] == 451
+        assert body["reply"]["enhanced_status"] == "4.4.7"
+        assert "shut down" in body["reply"]["message"]
