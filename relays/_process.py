@@ -96,6 +96,8 @@ class ProcessRunner:
     async def _run(
         self, args: Sequence[str], message: bytes, recipients: Sequence[str], context: DeliveryContext
     ) -> Exit:
+        # A command may act before it has read its input, so once it starts it may have delivered.
+        await context.sending(recipients)
         try:
             process = await asyncio.create_subprocess_exec(
                 *args,
@@ -112,8 +114,6 @@ class ProcessRunner:
             self._runs["not_started"].inc()
             reason = getattr(exc, "strerror", None) or str(exc)
             raise RelayError.from_reply(replies.cannot_start(self.step, args[0], reason)) from None
-        # A command may act before it has read its input, so once it runs it may have delivered.
-        context.data_sent(recipients)
         stdout, stderr = bytearray(), bytearray()
         io = asyncio.gather(
             _read_capped(process.stdout, stdout), _read_capped(process.stderr, stderr), _feed(process, message)

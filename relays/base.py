@@ -2,7 +2,7 @@
 
 import asyncio
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from typing_extensions import TypeIs
@@ -16,27 +16,44 @@ class DeliveryContext:
 
     `deadline` is the event loop time (`loop.time()`) at which the service
     cancels `deliver()` and answers every recipient with a transient failure.
-    Before that, a relay calls `data_sent(recipients)` at the moment the next
+    Before that, a relay awaits `sending(recipients)` right before the next
     hop could act on the message for those recipients (the final "." of the
     SMTP data written, a delivery agent started, an HTTP request sent): if the
     deadline then cuts the delivery off, those recipients are answered
     `possibly_delivered`, so the client knows a retry may send a second copy.
+    A relay that cannot await there may call `data_sent(recipients)` instead.
     Tasks the relay starts may share the context; it is used from the event
     loop's thread only.
     """
 
-    __slots__ = ("_sent", "deadline")
+    __slots__ = ("_before_sending", "_sent", "deadline")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, before_sending: Callable[[], Awaitable[None]] | None = None) -> None:
         self.deadline = deadline
         self._sent: set[str] = set()
+        #: The service's own step before any data leaves (an idempotency claim records the
+        #: progress); awaited once, by the first `sending`. It never raises.
+        self._before_sending = before_sending
+
+    async def sending(self, recipients: Iterable[str]) -> None:
+        """The data is about to leave for these recipients: await this, then send.
+
+        The service first records that durably where it must (an idempotency
+        key's claim, so that a retry after a crash cannot send a second copy),
+        then the recipients count as `data_sent`. Never raises.
+        """
+        hook = self._before_sending
+        if hook is not None:
+            self._before_sending = None
+            await hook()
+        self.data_sent(recipients)
 
     def remaining(self) -> float:
         """Seconds until the deadline (negative once past it)."""
         return self.deadline - asyncio.get_running_loop().time()
 
     def data_sent(self, recipients: Iterable[str]) -> None:
-        """The next hop may now deliver to these recipients, whatever happens next."""
+        """The next hop may now deliver to these recipients, whatever happens next (prefer `sending`)."""
         self._sent.update(recipients)
 
     def may_have(self, recipient: str) -> bool:
@@ -52,7 +69,7 @@ class Relay(Protocol):
     envelope, in the same order, and never raises for a delivery outcome
     (refusals, timeouts, unreachable hosts are results). An exception out of
     `deliver()` is a bug and becomes a 500. The service cancels `deliver()`
-    at `context.deadline`; a relay tells it through `context.data_sent()`
+    at `context.deadline`; a relay tells it through `await context.sending()`
     which recipients the next hop may already have (see DeliveryContext).
     `aclose()` releases connections, processes and clients; it is called
     once, at shutdown.

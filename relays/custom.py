@@ -99,7 +99,7 @@ class _WithoutContext:
         self.relay = relay
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
-        context.data_sent(envelope.recipients)
+        await context.sending(envelope.recipients)
         results: list[RecipientResult] = await self.relay.deliver(envelope)
         return results
 

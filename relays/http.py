@@ -88,10 +88,9 @@ class HttpRelay:
 
         async def content() -> AsyncIterator[bytes]:
             nonlocal sent
+            await context.sending(recipients)  # from here on the next hop may act on it
             yield envelope.message
-            # httpx asks for more only once the message is written: the next hop may act on it now.
-            sent = True
-            context.data_sent(recipients)
+            sent = True  # httpx asks for more only once the message is written
 
         try:
             async with (

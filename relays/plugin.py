@@ -6,7 +6,7 @@ A custom relay is any object with two coroutine methods (see `Relay`):
 
     class MyRelay:
         async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
-            ...  # hand the message over; right after, context.data_sent(envelope.recipients)
+            ...  # hand the message over; right before, await context.sending(envelope.recipients)
         async def aclose(self) -> None: ...
 
     def factory(options: dict) -> MyRelay:  # relay.<name>.factory: "package.module:factory"

@@ -33,7 +33,7 @@ class ScriptedRelay:
             raise RuntimeError("scripted failure")
         self.delivered.append(envelope)
         if self.stall_after_data:
-            context.data_sent(envelope.recipients)
+            await context.sending(envelope.recipients)
             await asyncio.sleep(self.stall_after_data)
         results = []
         for rcpt in envelope.recipients:

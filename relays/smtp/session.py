@@ -450,7 +450,7 @@ class SmtpSession:
                     chunk = view[offset : offset + _DATA_CHUNK]
                     if offset + _DATA_CHUNK >= len(view):
                         # The final "." goes out with this chunk: from here on the server may deliver.
-                        context.data_sent([state.recipients[i] for i in accepted])
+                        await context.sending([state.recipients[i] for i in accepted])
                         whole_sent = True
                         transport.writelines([chunk, end])  # one system call for both where the loop can
                     else:
