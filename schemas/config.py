@@ -249,6 +249,15 @@ class ServiceSettings(BaseModel):
         description="serve the API pages /docs and /redoc (their scripts come from the installed package "
         "fastapi-offline, never a third-party host); /openapi.json is served either way",
     )
+    drain_delay: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="seconds after SIGTERM during which /readyz answers 503 while deliveries are still served, "
+        "so that load balancers and Kubernetes take the instance out of rotation before it stops accepting; "
+        "then running deliveries get shutdown_grace. 5 s covers HAProxy checks every 1 s with fall 3 (or 2 s, fall 2) "
+        "and Kubernetes endpoint updates; keep it above the balancer's check interval x fall",
+    )
     shutdown_grace: float = Field(
         default=30.0,
         ge=0,
