@@ -1,10 +1,17 @@
 """Logging: JSON lines in a container, readable text on a terminal."""
 
+import asyncio
 import atexit
+import collections
+import contextlib
+import contextvars
 import json
 import logging
 import logging.handlers
+import os
 import queue
+import select
+import stat
 import sys
 import threading
 import time
@@ -108,7 +115,9 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any], level: i
         return
     if "request_id" not in fields and (request_id := _request_id()):
         fields["request_id"] = request_id
-    writer.records.put(Event(time.time(), level, logger.name, message, fields))
+    line = Event(time.time(), level, logger.name, message, fields)
+    if not writer.add(line) and writer.room(1):
+        writer.records.put(line)
 
 
 class DeliveryLog:
@@ -168,35 +177,160 @@ class _ContextQueueHandler(logging.handlers.QueueHandler):
     """Hands records to the writer thread: the event loop never waits on a slow log pipe.
     The request id lives in a contextvar, so it is taken here, on the loop's side."""
 
+    def __init__(self, writer: "_Writer") -> None:
+        super().__init__(writer.records)
+        self.writer = writer
+
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if not hasattr(record, "request_id") and (request_id := _request_id()):
             record.request_id = request_id
         return record  # formatted by the writer thread, not here
 
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self.writer.room(1):
+            super().enqueue(record)
 
-#: The most a log line waits for the writer thread under load.
+
+#: Kept for tests/servers/mailrelay.py, which polls a log file at this interval until it stops
+#: growing; the writer no longer sleeps between batches (a delivery's answer waits for its line).
 FLUSH_INTERVAL = 0.02
+#: The most lines waiting for the writer (records and delivery lines); past it a line is dropped,
+#: counted, and the count written with the next lines that fit.
+MAX_QUEUED = 10_000
+#: The longest a delivery's answer waits for its line when the log destination (a pipe, a
+#: terminal) takes nothing; the answer then goes out and the line stays queued.
+WRITE_WAIT = 5.0
+
+#: The number of this request's delivery line on the loop's side (`written` waits for it).
+_LINE: contextvars.ContextVar[int] = contextvars.ContextVar("mailrelay_log_line", default=0)
+
+
+class _Batch(NamedTuple):
+    """The delivery lines of one event-loop iteration, handed to the writer thread at once."""
+
+    events: list[Event]
+    last: int  # the number of its last line
 
 
 class _Writer:
-    """Formats and writes queued records on its own thread, in batches.
+    """Writes log lines with as few system calls as the lines' durability allows.
 
-    A thread woken for every record, writing every line with its own system
-    call (the GIL is let go during each), costs the event loop a hand-off per
-    line: about a third of a blackhole delivery's throughput (bench/). So a
-    batch is written with one call, and the thread then sleeps
-    FLUSH_INTERVAL seconds: under load a line waits at most that long.
+    Delivery lines (`event` on the event loop) are group-committed: those made in one
+    iteration of the loop are written with one write(2) at the start of the next, and
+    the answers wait for it (`written`). To a regular file that write is made on the
+    loop: it returns once the kernel has the bytes, it does not wait for a reader. To a
+    pipe, a terminal or a socket, which can block, the lines go to the writer thread;
+    the loop goes on, and the answers waiting for them are woken after the write, at
+    most WRITE_WAIT seconds later. Other records (warnings, errors, from any thread)
+    always go through the thread. Before, every line went to the thread, which slept
+    FLUSH_INTERVAL between batches: a kill -9 lost the lines of acknowledged deliveries.
     """
 
     _STOP = logging.makeLogRecord({"msg": "stop"})
 
     def __init__(self, formatter: _LineFormatter, stream: TextIO) -> None:
-        self.records: queue.SimpleQueue[logging.LogRecord | Event] = queue.SimpleQueue()
-        self.handler = _ContextQueueHandler(self.records)
+        self.records: queue.SimpleQueue[logging.LogRecord | Event | _Batch] = queue.SimpleQueue()
+        self.handler = _ContextQueueHandler(self)
         self.formatter = formatter
         self.stream = stream
+        self.fd = _fileno(stream)
+        self.inline = self.fd is not None and stat.S_ISREG(os.fstat(self.fd).st_mode)
+        self.lock = threading.Lock()  # one write at a time: the loop's (inline) and the thread's
+        self.counting = threading.Lock()  # `queued` and `dropped` change on several threads
+        self.queued = self.dropped = 0  # lines handed to the thread and not yet written; lines dropped
+        # The loop's side: its lines of this iteration, numbered; how far they are written; the
+        # answers waiting (line number, future). Touched only on `self.loop`'s thread.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pending: list[Event] = []
+        self.numbered = self.through = 0  # lines numbered; written through this number
+        self.waiting: list[tuple[int, asyncio.Future[None]]] = []
+        # Batches with the thread: when their answers stop waiting, and their last line.
+        self.unwritten: collections.deque[tuple[float, int]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
         self.thread = threading.Thread(target=self._run, name="mailrelay-log-writer", daemon=True)
         self.thread.start()
+
+    def room(self, lines: int) -> bool:
+        """Counts `lines` as queued if they fit under MAX_QUEUED, else as dropped."""
+        with self.counting:
+            if self.queued + lines > MAX_QUEUED:
+                self.dropped += lines
+                return False
+            self.queued += lines
+            return True
+
+    # -- the event loop's side
+
+    def add(self, event: Event) -> bool:
+        """Queues a delivery line from the event loop; False when not called on the writer's loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if loop is not self.loop:
+            if self.loop is not None:
+                return False  # another loop (a test client's thread): the thread writes it, unawaited
+            self.loop = loop
+        if not self.pending:
+            loop.call_soon(self._flush)
+        self.pending.append(event)
+        self.numbered += 1
+        _LINE.set(self.numbered)
+        return True
+
+    def _flush(self) -> None:
+        """The lines of the last iteration: one write, on the loop (a file) or by the thread."""
+        events, self.pending = self.pending, []
+        if self.inline:
+            self._write([self._line(e) for e in events])
+            self._mark_written(self.numbered)
+        elif self.room(len(events)):
+            self.records.put(_Batch(events, self.numbered))
+            loop = self.loop
+            assert loop is not None  # noqa: S101 - set with the first line
+            self.unwritten.append((loop.time() + WRITE_WAIT, self.numbered))
+            if self.timer is None:  # one timer for all the batches with the thread
+                self.timer = loop.call_at(self.unwritten[0][0], self._give_up)
+        else:
+            self._release(self.numbered)  # dropped: the answers do not wait for lines never written
+
+    def _mark_written(self, last: int) -> None:
+        if last > self.through:
+            self.through = last
+            while self.unwritten and self.unwritten[0][1] <= last:
+                self.unwritten.popleft()
+            self._release(last)
+
+    def _give_up(self) -> None:
+        """WRITE_WAIT has passed for the oldest batches with the thread: their answers go out."""
+        self.timer = None
+        loop = self.loop
+        assert loop is not None  # noqa: S101 - set with the first line
+        now = loop.time()
+        while self.unwritten and self.unwritten[0][0] <= now:
+            self._release(self.unwritten.popleft()[1])
+        if self.unwritten:
+            self.timer = loop.call_at(self.unwritten[0][0], self._give_up)
+
+    def _release(self, last: int) -> None:
+        """Wakes the answers waiting for lines up to `last` (written, or waited for long enough)."""
+        still = []
+        for number, future in self.waiting:
+            if number > last:
+                still.append((number, future))
+            elif not future.done():  # cancelled when its request was
+                future.set_result(None)
+        self.waiting = still
+
+    async def written(self) -> None:
+        number = _LINE.get()
+        if number <= self.through or self.loop is None:
+            return
+        future = self.loop.create_future()
+        self.waiting.append((number, future))
+        await future
+
+    # -- the writer thread
 
     def _run(self) -> None:
         while True:
@@ -206,15 +340,22 @@ class _Writer:
                     batch.append(self.records.get_nowait())
                 except queue.Empty:
                     break
-            lines = [self._line(r) for r in batch if r is not self._STOP]
-            try:
-                self.stream.write("".join(lines))
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass  # standard error is gone (a closed pipe): nowhere left to say so
+            lines: list[str] = []
+            last = 0
+            for item in batch:
+                if isinstance(item, _Batch):
+                    lines.extend(self._line(e) for e in item.events)
+                    last = item.last
+                elif item is not self._STOP:
+                    lines.append(self._line(item))
+            self._write(lines)
+            with self.counting:
+                self.queued -= len(lines)
+            if last and self.loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    self.loop.call_soon_threadsafe(self._mark_written, last)
             if any(r is self._STOP for r in batch):
                 return
-            time.sleep(FLUSH_INTERVAL)
 
     def _line(self, record: logging.LogRecord | Event) -> str:
         try:
@@ -224,11 +365,57 @@ class _Writer:
         except Exception as exc:  # a record that cannot be formatted must not stop the writer
             return f"log record from {record.name} could not be formatted: {exc!r}\n"
 
+    def _write(self, lines: list[str]) -> None:
+        with self.counting:
+            dropped, self.dropped = self.dropped, 0
+        if dropped:
+            lines.append(f"{dropped} log line(s) dropped: more than {MAX_QUEUED} were waiting to be written\n")
+        if not lines:
+            return
+        text = "".join(lines)
+        with self.lock:
+            try:
+                if self.fd is None:
+                    self.stream.write(text)
+                    self.stream.flush()
+                    return
+                data = memoryview(text.encode("utf-8", "backslashreplace"))
+                while data:
+                    try:
+                        data = data[os.write(self.fd, data) :]
+                    except BlockingIOError:  # someone made the descriptor non-blocking
+                        select.select([], [self.fd], [], 1.0)
+            except (OSError, ValueError):
+                pass  # standard error is gone (a closed pipe): nowhere left to say so
+
     def stop(self) -> None:
         """Write what is queued, then end the thread."""
+        if self.pending:  # the loop has ended (atexit) with lines of its last iteration
+            events, self.pending = self.pending, []
+            self._write([self._line(e) for e in events])
         if self.thread.is_alive():
             self.records.put(self._STOP)
             self.thread.join(timeout=5)
+
+
+def _fileno(stream: TextIO) -> int | None:
+    """The stream's descriptor, its buffered text flushed first; None for an in-memory stream."""
+    try:
+        fd = stream.fileno()
+        stream.flush()
+        os.fstat(fd)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fd
+
+
+async def written() -> None:
+    """Returns once this request's delivery line (if it made one) was handed to the OS: the route
+    awaits it before sending the answer, so that a crash cannot lose the line of an acknowledged
+    delivery. Waits at most WRITE_WAIT seconds when the log destination takes nothing."""
+    writer = _writer
+    if writer is not None:
+        await writer.written()
 
 
 _writer: _Writer | None = None

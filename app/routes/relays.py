@@ -8,7 +8,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from app import idempotency
+from app import idempotency, logs
 from app.budget import Holding
 from app.delivery import Deadline, Delivery, Refused
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
@@ -236,6 +236,9 @@ async def deliver(name: RelayName, request: Request) -> Response:
             answer = await runtime.core.deliver(delivery)
         except Refused as refused:
             raise _problem(refused) from None
+        # The delivery's log line is handed to the OS before its answer goes out: a crash
+        # cannot lose the line of an acknowledged delivery (app/logs.py, group-committed).
+        await logs.written()
         headers = answer.headers
         if answer.replayed:
             headers = {**headers, "Idempotent-Replayed": "true"}
