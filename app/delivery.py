@@ -29,8 +29,6 @@ from schemas.reply import Reply
 
 logger = logging.getLogger(__name__)
 
-#: The claim's margin over the deadline, for writing the result back.
-CLAIM_MARGIN = 30.0
 #: The answer headers a replay repeats.
 _STORED_HEADERS = ("X-Smtp-Reply", "Retry-After")
 
@@ -43,6 +41,30 @@ HTTP_STATUS: dict[DeliveryStatus, int] = {
 }
 
 RefusalReason = Literal["overloaded", "draining", "store_unavailable", "key_in_use", "key_mismatch"]
+#: What a keyed request's claim found (or what became of a delivery finishing in the background).
+KeyEvent = Literal[
+    "claimed",
+    "taken_over",
+    "replayed",
+    "in_doubt",
+    "in_use",
+    "mismatch",
+    "store_unavailable",
+    "background_started",
+    "background_stored",
+    "background_cut",
+    "background_full",
+]
+
+#: The answer to a repeat whose earlier attempt lapsed (its instance died) after the data was about
+#: to leave: the next hop may have it, so it is not sent again. A new key asks for a resend.
+IN_DOUBT = Reply(
+    code=451,
+    enhanced_status="4.3.0",
+    message="4.3.0 Idempotency-Key in doubt: an earlier attempt may have delivered this message; not sent again "
+    "(send it with a new Idempotency-Key to deliver it again)",
+    command="[SEND_DATA]",
+)
 
 
 class Refused(Exception):
@@ -117,7 +139,51 @@ class DeliveryObserver(Protocol):
         """It has a result; `seconds` is the time the relay took."""
 
     def refused(self, relay_name: str, reason: RefusalReason) -> None:
-        """It was refused before it started (overloaded, draining)."""
+        """It was refused before it started (overloaded, draining, and the key's refusals)."""
+
+
+class KeyObserver(Protocol):
+    """Optional, beside DeliveryObserver (the core uses observers that have `key_event`): the
+    idempotency keys' events, store errors by operation, and claims found lost by a compare-and-set."""
+
+    def key_event(self, relay_name: str, event: KeyEvent) -> None: ...
+
+    def store_error(self, operation: idempotency.Operation) -> None: ...
+
+    def claim_lost(self, operation: idempotency.Operation) -> None: ...
+
+
+class _Lease:
+    """A keyed delivery's claim while it runs: renewed by the core, and the relay's step before the
+    data leaves (`DeliveryContext.sending`), which records that in the claim."""
+
+    __slots__ = ("claim", "core", "finishing", "key", "relay_name", "sent")
+
+    def __init__(self, core: "DeliveryCore", key: str, claim: idempotency.Claimed, relay_name: str) -> None:
+        self.core, self.key, self.claim, self.relay_name = core, key, claim, relay_name
+        self.sent = False
+        #: A task finishes the delivery after its deadline cut, and stores the outcome.
+        self.finishing = False
+
+    async def sending(self) -> None:
+        """Never raises, and takes at most REDIS_TIMEOUT: a store that fails here is logged and
+        counted, and the delivery goes on (its claim then cannot tell a repeat after a crash)."""
+        self.sent = True
+        core = self.core
+        try:
+            async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+                held = await core.store.sending(self.key, self.claim)
+        except (idempotency.StoreUnavailable, TimeoutError) as exc:
+            logger.error("idempotency store unavailable before the data left; progress not recorded: %s", exc)
+            core.store_error("sending")
+            return
+        except Exception:
+            logger.exception("recording the progress of an idempotency claim failed")
+            core.store_error("sending")
+            return
+        if not held:
+            logger.error("idempotency claim lost before the data left (it lapsed and a repeat took the key)")
+            core.claim_lost("sending")
 
 
 class DeliveryCore:
@@ -140,6 +206,12 @@ class DeliveryCore:
         #: The deadline timers of the deliveries running now, for `cut_running`.
         self._running: set[asyncio.Timeout] = set()
         self._shutting_down = False
+        self.key_observers: tuple[KeyObserver, ...] = tuple(o for o in observers if hasattr(o, "key_event"))  # type: ignore[misc]
+        #: The claims held now (renewed every third of the lease by one task), and the deliveries
+        #: finishing in the background after a deadline cut (at most `finish_limit`).
+        self._leases: set[_Lease] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self.finishing: set[asyncio.Task[None]] = set()
 
     def cut_running(self) -> int:
         """Shutdown: cut every running delivery now, answered as a deadline cut (451 4.4.7, possibly
@@ -148,7 +220,31 @@ class DeliveryCore:
         now = asyncio.get_running_loop().time()
         for timer in self._running:
             timer.reschedule(now)
-        return len(self._running)
+        # Those finishing in the background stop too; their claims (data sent) lapse within the
+        # lease, and repeats then get the "may have been delivered; not sent again" answer.
+        for task in self.finishing:
+            task.cancel()
+        return len(self._running) + len(self.finishing)
+
+    def key_event(self, relay_name: str, event: KeyEvent) -> None:
+        for observer in self.key_observers:
+            observer.key_event(relay_name, event)
+
+    def store_error(self, operation: idempotency.Operation) -> None:
+        for observer in self.key_observers:
+            observer.store_error(operation)
+
+    def claim_lost(self, operation: idempotency.Operation) -> None:
+        for observer in self.key_observers:
+            observer.claim_lost(operation)
+
+    def _refuse_key(
+        self, relay_name: str, reason: RefusalReason, event: KeyEvent, status: int, detail: str, retry_after: int | None
+    ) -> Refused:
+        for observer in self.observers:
+            observer.refused(relay_name, reason)
+        self.key_event(relay_name, event)
+        return Refused(reason, status, detail, retry_after)
 
     def refuse(
         self, relay_name: str, reason: Literal["overloaded", "draining"], detail: str, retry_after: int
@@ -170,54 +266,136 @@ class DeliveryCore:
             return await self._run(delivery)
 
         store = self.store
+        name = delivery.relay_name
         key = idempotency.scoped_key(delivery.caller, delivery.idempotency_key)
-        fingerprint = idempotency.fingerprint(delivery.relay_name, delivery.envelope)
-        loop = asyncio.get_running_loop()
+        fingerprint = idempotency.fingerprint(name, delivery.envelope)
         try:
-            # The claim outlives any delivery (deadline), so it cannot lapse while one runs.
-            claim = await store.claim(key, fingerprint, hold=delivery.deadline.at - loop.time() + CLAIM_MARGIN)
+            claim = await store.claim(key, fingerprint)
         except idempotency.StoreUnavailable as exc:
             logger.error("idempotency store unavailable: %s", exc)
-            raise Refused(
+            self.store_error("claim")
+            raise self._refuse_key(
+                name,
+                "store_unavailable",
                 "store_unavailable",
                 503,
                 "the idempotency store is unavailable, so a repeat could not be recognised; nothing was delivered",
                 self.retry_after,
             ) from None
         if isinstance(claim, idempotency.Replay):
+            self.key_event(name, "replayed")
             stored = claim.response
             return Answer(stored.status, _replayed_headers(stored.headers), stored.body, None, replayed=True)
         if isinstance(claim, idempotency.Running):
-            raise Refused(
-                "key_in_use", 409, "a request with this Idempotency-Key is still running; retry when it has finished", 1
+            raise self._refuse_key(
+                name,
+                "key_in_use",
+                "in_use",
+                409,
+                "a request with this Idempotency-Key is still running; retry when it has finished",
+                1,
             )
         if isinstance(claim, idempotency.Mismatch):
-            raise Refused(
+            raise self._refuse_key(
+                name,
                 "key_mismatch",
+                "mismatch",
                 422,
                 "this Idempotency-Key was used for a different request (relay, envelope or message); "
                 "use a new key for a new message",
+                None,
             )
+        if isinstance(claim, idempotency.InDoubt):
+            self.key_event(name, "in_doubt")
+            return self._in_doubt(delivery)
 
+        self.key_event(name, "taken_over" if claim.taken_over else "claimed")
+        lease = _Lease(self, key, claim, name)
+        self._hold(lease)
         try:
-            answer = await self._run(delivery)
+            answer = await self._run(delivery, lease)
         except BaseException:
-            with contextlib.suppress(idempotency.StoreUnavailable):
-                await asyncio.shield(store.release(key, claim))
+            # A bug (500) or a cancellation. The key is freed unless the data may have left: then
+            # its lease lapses, and repeats are told the message may have been delivered.
+            self._leases.discard(lease)
+            if not lease.sent:
+                with contextlib.suppress(idempotency.StoreUnavailable):
+                    await asyncio.shield(store.release(key, claim))
             raise
+        if not lease.finishing:
+            await self._settle(lease, answer)
+        return answer
+
+    async def _settle(self, lease: _Lease, answer: Answer) -> None:
+        """Store the answer for repeats, or free the key when nothing was sent and a retry may send.
+
+        A transient answer is final too when the data may have left (a deadline cut after the
+        final ".", a lost reply): a retry with the same key must not send a second copy."""
+        self._leases.discard(lease)
+        store, key, claim = self.store, lease.key, lease.claim
+        result = answer.result
+        operation: idempotency.Operation = "complete"
         try:
-            if answer.status == 503:  # not final (a whole-envelope partial too): the same key may be retried
-                await store.release(key, claim)
+            if answer.status == 503 and not (result and any(r.possibly_delivered for r in result.recipients)):
+                operation = "release"
+                held = await store.release(key, claim)
             else:
                 headers = {name: answer.headers[name] for name in _STORED_HEADERS if name in answer.headers}
-                await store.complete(key, claim, fingerprint, StoredResponse(answer.status, headers, answer.body))
+                stored = StoredResponse(answer.status, headers, answer.body)
+                held = await store.complete(key, claim, claim.fingerprint, stored)
         except idempotency.StoreUnavailable as exc:
             # The delivery happened; the client gets its result. A repeat may not be recognised.
             logger.error("idempotency store unavailable after delivery; the result was not stored: %s", exc)
-        return answer
+            self.store_error(operation)
+            return
+        if not held:
+            # Its lease lapsed (the renewals failed for a whole lease) and a repeat took the key.
+            logger.error("idempotency claim lost before its result was stored (%s)", operation)
+            self.claim_lost(operation)
 
-    async def _run(self, delivery: Delivery) -> Answer:
-        """Wait for a slot, deliver within the deadline, and make the answer."""
+    def _hold(self, lease: _Lease) -> None:
+        self._leases.add(lease)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """Renews every claim held, every third of the lease, in one round trip; ends when none is."""
+        store = self.store
+        while self._leases:
+            await asyncio.sleep(store.settings.lease / 3)
+            leases = list(self._leases)
+            if not leases:
+                return
+            try:
+                async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+                    held = await store.renew([(lease.key, lease.claim) for lease in leases])
+            except (idempotency.StoreUnavailable, TimeoutError) as exc:
+                logger.error("idempotency store unavailable; %d claims not renewed: %s", len(leases), exc)
+                self.store_error("renew")
+                continue
+            for lease, ok in zip(leases, held, strict=True):
+                if not ok and lease in self._leases:  # not stored or released in the meantime
+                    logger.error("idempotency claim lost while its delivery ran (it lapsed and a repeat took it)")
+                    self.claim_lost("renew")
+                    self._leases.discard(lease)
+
+    def _in_doubt(self, delivery: Delivery) -> Answer:
+        envelope = delivery.envelope
+        recipients = [
+            RecipientResult(recipient=r, reply=IN_DOUBT, possibly_delivered=True) for r in envelope.recipients
+        ]
+        result = DeliveryResult(
+            relay=delivery.relay_name, message_id=envelope.message_id, elapsed_ms=0.0, recipients=recipients
+        )
+        headers = {"X-Smtp-Reply": format_smtp_reply(IN_DOUBT), "Retry-After": str(self.retry_after)}
+        return Answer(503, headers, result.model_dump_json().encode(), result)
+
+    async def _run(self, delivery: Delivery, lease: _Lease | None = None) -> Answer:
+        """Wait for a slot, deliver within the deadline, and make the answer.
+
+        With a claim (`lease`) the relay runs as its own task, so that when the deadline cuts it
+        after its data left, it may go on in the background (`_finish`) while the client gets
+        the deadline's answer; the claim is kept until the true outcome is stored."""
         name, envelope, deadline = delivery.relay_name, delivery.envelope, delivery.deadline
         loop = asyncio.get_running_loop()
         try:
@@ -229,13 +407,30 @@ class DeliveryCore:
         observers = self.observers
         for observer in observers:
             observer.started(delivery)
-        context = DeliveryContext(deadline.at)
         started = time.perf_counter()
         timer = asyncio.timeout_at(deadline.at)
+        background: asyncio.Task[list[RecipientResult]] | None = None
         self._running.add(timer)
         try:
-            async with timer:
-                results = await delivery.relay.deliver(envelope, context)
+            if lease is None:
+                context = DeliveryContext(deadline.at)
+                async with timer:
+                    results = await delivery.relay.deliver(envelope, context)
+            else:
+                context = DeliveryContext(deadline.at, lease.sending)
+                task = loop.create_task(delivery.relay.deliver(envelope, context))
+                try:
+                    async with timer:
+                        results = await asyncio.shield(task)
+                except BaseException:
+                    if timer.expired() and self._may_finish(name, envelope, context):
+                        background = task
+                    else:
+                        task.cancel()
+                        await asyncio.wait({task})  # unwinds as under the timeout itself
+                        if not task.cancelled():
+                            task.exception()  # retrieved: the relay was cut, its error does not matter
+                    raise
         except TimeoutError:
             if not timer.expired():
                 raise
@@ -255,7 +450,65 @@ class DeliveryCore:
         )
         for observer in observers:
             observer.finished(delivery, result, seconds)
-        return self._answer(delivery, result)
+        answer = self._answer(delivery, result)
+        if background is not None and lease is not None:
+            lease.finishing = True
+            finisher = loop.create_task(self._finish(delivery, background, lease, answer, started))
+            self.finishing.add(finisher)
+            finisher.add_done_callback(self.finishing.discard)
+        return answer
+
+    def _may_finish(self, name: str, envelope: Envelope, context: DeliveryContext) -> bool:
+        """Whether a keyed delivery cut by its deadline goes on in the background: only when its
+        data may have left (otherwise a retry may simply send), never at shutdown, and within
+        `finish_limit`."""
+        if self._shutting_down or not any(context.may_have(r) for r in envelope.recipients):
+            return False
+        if len(self.finishing) >= self.store.settings.finish_limit:
+            self.key_event(name, "background_full")
+            return False
+        self.key_event(name, "background_started")
+        return True
+
+    async def _finish(
+        self,
+        delivery: Delivery,
+        task: "asyncio.Task[list[RecipientResult]]",
+        lease: _Lease,
+        cut: Answer,
+        started: float,
+    ) -> None:
+        """Wait (at most finish_timeout) for the next hop's reply of a delivery cut by its deadline
+        after its data left, and store the true outcome for repeats (they get 409 until then)."""
+        name, envelope = delivery.relay_name, delivery.envelope
+        try:
+            async with asyncio.timeout(self.store.settings.finish_timeout):
+                results = await task
+            check_results(name, envelope, results)
+        except asyncio.CancelledError:
+            # cut_running (shutdown): the claim says the data left; it lapses into "in doubt".
+            self._leases.discard(lease)
+            self.key_event(name, "background_cut")
+            raise
+        except Exception:
+            if not task.done():
+                task.cancel()
+            logger.exception("a delivery finishing after its deadline failed; its deadline answer is stored")
+            self.key_event(name, "background_cut")
+            await self._settle(lease, cut)
+            return
+        seconds = time.perf_counter() - started
+        result = DeliveryResult(
+            relay=name, message_id=envelope.message_id, elapsed_ms=round(seconds * 1000, 3), recipients=results
+        )
+        logger.info(
+            "delivery finished after its deadline: %s in %.3f s; the result is stored for repeats",
+            result.status,
+            seconds,
+            extra={"event": "finished_in_background", "relay": name, "message_id": envelope.message_id},
+        )
+        self.key_event(name, "background_stored")
+        await self._settle(lease, self._answer(delivery, result))
 
     def _answer(self, delivery: Delivery, result: DeliveryResult) -> Answer:
         outcome = result.status

@@ -1,9 +1,14 @@
 """Idempotency keys: a repeated request replays the first one's result instead of sending again.
 
-The first request with a key claims it; the claim holds while the delivery
-runs (and expires, should the instance die). A final outcome is stored for
-`ttl` seconds and replayed to repeats of the same request; a transient
-failure releases the claim, so the client may retry with the same key.
+The first request with a key claims it. The claim is a lease of `lease` seconds,
+renewed while the delivery runs, so that after a crash a repeat waits seconds,
+not the whole deadline. Right before the data leaves, the claim records it: a
+repeat that finds a lapsed claim in that state is told the message may have
+been delivered and is not sent again (InDoubt); one that finds a lapsed claim
+that never got that far takes the key over and sends. A final outcome (and a
+transient one in which the data may have left) is stored for `ttl` seconds and
+replayed; a transient failure that sent nothing releases the key, so the client
+may retry with it.
 """
 
 import asyncio
@@ -13,8 +18,9 @@ import secrets
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -45,29 +51,48 @@ class StoredResponse:
         return cls(status=int(str(data["status"])), headers=dict(headers), body=str(data["body"]).encode("utf-8"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claimed:
-    """This request runs; `token` proves the claim when completing or releasing it."""
+    """This request runs; `token` proves the claim (a lease) when renewing, completing or releasing it.
+
+    `taken_over`: an earlier claim of the same request had lapsed (its instance died) before its
+    data could have left; this one replaces it."""
 
     token: str
+    fingerprint: str
+    taken_over: bool = False
+
+    @property
+    def head(self) -> str:
+        """The start of its running record in Redis: what a compare-and-set matches."""
+        return "R" + self.fingerprint + self.token
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Replay:
     response: StoredResponse
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Running:
-    """The same request is running now (on this or another instance)."""
+    """The same request is running now (on this or another instance), its lease renewed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mismatch:
     """The key was used for a different request."""
 
 
-Claim = Claimed | Replay | Running | Mismatch
+@dataclass(frozen=True, slots=True)
+class InDoubt:
+    """An earlier claim lapsed after it recorded that the data was about to leave: the next hop may
+    have the message. Not sent again; kept for `ttl`, so every repeat gets the same answer."""
+
+
+Claim = Claimed | Replay | Running | Mismatch | InDoubt
+
+#: The store operations, as the metrics name them.
+Operation = Literal["claim", "renew", "sending", "complete", "release"]
 
 
 class StoreUnavailable(Exception):
@@ -75,11 +100,23 @@ class StoreUnavailable(Exception):
 
 
 class IdempotencyStore(Protocol):
-    async def claim(self, key: str, fingerprint: str, hold: float) -> Claim: ...
+    """Claims are leases of `lease` seconds: the holder renews them while its delivery runs
+    (`renew`), records that the data is about to leave (`sending`), then stores the answer
+    (`complete`) or frees the key (`release`). Each of these returns False when the claim was no
+    longer held (it lapsed and another request took the key), and raises StoreUnavailable."""
 
-    async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> None: ...
+    settings: IdempotencySettings
+    lease: float
 
-    async def release(self, key: str, claim: Claimed) -> None: ...
+    async def claim(self, key: str, fingerprint: str) -> Claim: ...
+
+    async def renew(self, claims: Sequence[tuple[str, Claimed]]) -> list[bool]: ...
+
+    async def sending(self, key: str, claim: Claimed) -> bool: ...
+
+    async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool: ...
+
+    async def release(self, key: str, claim: Claimed) -> bool: ...
 
     async def aclose(self) -> None: ...
 
@@ -119,6 +156,11 @@ class _Entry:
     fingerprint: str
     expires: float
     token: str | None  # set while running
+    #: Running: the lease's end, and whether the data may have left.
+    until: float = 0.0
+    sent: bool = False
+    #: No result, but the data may have left: answered InDoubt.
+    doubt: bool = False
     #: A finished result: status, headers, and the body, zlib-compressed when `compressed`.
     status: int = 0
     headers: tuple[tuple[str, str], ...] = ()
@@ -135,12 +177,15 @@ class MemoryStore:
     """One instance's store: an insertion-ordered dict, bounded by `max_entries` and `max_bytes`.
 
     Finished results are kept compressed; when room is needed the oldest finished (or
-    expired) entries go first, running claims never (they are bounded by the in-flight
+    lapsed) entries go first, running claims never (they are bounded by the in-flight
     limits, and forgetting one would let a repeat run while the first still does).
+    Claims are leases as in Redis, so both stores answer alike.
     """
 
     def __init__(self, settings: IdempotencySettings) -> None:
+        self.settings = settings
         self.ttl = settings.ttl
+        self.lease = settings.lease
         self.max_entries = settings.max_entries
         self.max_bytes = settings.max_bytes
         self.bytes = 0
@@ -149,28 +194,58 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def claim(self, key: str, fingerprint: str, hold: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str) -> Claim:
         now = time.monotonic()
         entry = self._entries.get(key)
         if entry is not None and entry.expires <= now:
             self._forget(key)
             entry = None
+        taken_over = False
         if entry is not None:
             if entry.fingerprint != fingerprint:
                 return Mismatch()
-            return Running() if entry.token is not None else Replay(entry.response())
+            if entry.doubt:
+                return InDoubt()
+            if entry.token is None:
+                return Replay(entry.response())
+            if entry.until > now:
+                return Running()
+            if entry.sent:
+                entry.token, entry.doubt = None, True
+                return InDoubt()
+            self._forget(key)
+            taken_over = True
         token = secrets.token_hex(16)
         # Counted: what it holds (key, fingerprint, token), plus the objects around them.
-        entry = _Entry(fingerprint, now + hold, token, size=ENTRY_OVERHEAD + len(key) + len(fingerprint) + 32)
+        size = ENTRY_OVERHEAD + len(key) + len(fingerprint) + 32
+        entry = _Entry(fingerprint, now + self.ttl, token, until=now + self.lease, size=size)
         self._make_room(now, entry.size)
         self._entries[key] = entry
         self.bytes += entry.size
-        return Claimed(token)
+        return Claimed(token, fingerprint, taken_over)
 
-    async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> None:
+    def _held(self, key: str, claim: Claimed) -> _Entry | None:
         entry = self._entries.get(key)
-        if entry is None or entry.token != claim.token:
-            return  # the claim expired and someone else holds the key now
+        return entry if entry is not None and entry.token == claim.token else None
+
+    async def renew(self, claims: Sequence[tuple[str, Claimed]]) -> list[bool]:
+        until = time.monotonic() + self.lease
+        held = [self._held(key, claim) for key, claim in claims]
+        for entry in held:
+            if entry is not None:
+                entry.until = until
+        return [entry is not None for entry in held]
+
+    async def sending(self, key: str, claim: Claimed) -> bool:
+        entry = self._held(key, claim)
+        if entry is None:
+            return False
+        entry.sent, entry.until = True, time.monotonic() + self.lease
+        return True
+
+    async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
+        if self._held(key, claim) is None:
+            return False  # the claim lapsed and someone else holds the key now
         self._forget(key)
         body, compressed = response.body, len(response.body) >= _COMPRESS_FROM
         if compressed:
@@ -179,26 +254,37 @@ class MemoryStore:
         for name, value in response.headers.items():
             size += len(name) + len(value)
         headers = tuple(response.headers.items())
-        done = _Entry(fingerprint, time.monotonic() + self.ttl, None, response.status, headers, body, compressed, size)
+        done = _Entry(
+            fingerprint,
+            time.monotonic() + self.ttl,
+            None,
+            status=response.status,
+            headers=headers,
+            body=body,
+            compressed=compressed,
+            size=size,
+        )
         # A result larger than the whole store is kept all the same, alone (everything finished
         # makes room): a repeat must replay it, never send again. The bound is then max_bytes
         # plus one result, which max_recipients and max_message_size bound.
         self._make_room(time.monotonic(), done.size)
         self._entries[key] = done
         self.bytes += done.size
+        return True
 
-    async def release(self, key: str, claim: Claimed) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.token == claim.token:
-            self._forget(key)
+    async def release(self, key: str, claim: Claimed) -> bool:
+        if self._held(key, claim) is None:
+            return False
+        self._forget(key)
+        return True
 
     def _forget(self, key: str) -> None:
         self.bytes -= self._entries.pop(key).size
 
     def _make_room(self, now: float, size: int) -> None:
-        """Room for one more entry of `size` bytes: the oldest finished or expired entries go first (a
-        finished result moves to the end when it is stored); running claims stay. They are at most
-        the deliveries in flight, so the store passes its bounds only by that much."""
+        """Room for one more entry of `size` bytes: the oldest finished, lapsed or expired entries go
+        first (a finished result moves to the end when it is stored); running claims stay. They are
+        at most the deliveries in flight, so the store passes its bounds only by that much."""
         if len(self._entries) < self.max_entries and self.bytes + size <= self.max_bytes:
             return
         doomed = []
@@ -206,7 +292,7 @@ class MemoryStore:
         for key, entry in self._entries.items():
             if entries < self.max_entries and self.bytes - freed + size <= self.max_bytes:
                 break
-            if entry.token is None or entry.expires <= now:
+            if entry.token is None or entry.until <= now or entry.expires <= now:
                 doomed.append(key)
                 entries -= 1
                 freed += entry.size
@@ -218,68 +304,146 @@ class MemoryStore:
         self.bytes = 0
 
 
-# Compare-and-set and compare-and-delete: only the holder of a claim may complete or release it.
-_COMPLETE = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_REDIS_TIMEOUT = 2.0
+# The Redis records, one string per key (no JSON to parse inside Redis; the first byte says what):
+#   running  "R" fingerprint(64) token(32) sent("0"|"1") lease-end(ms, Redis's clock)
+#   in doubt "U" fingerprint(64)
+#   done     "D" fingerprint(64) response(JSON)
+# Every record lives for `ttl` from its claim (a running one too: its lease is inside, so a lapsed
+# claim still says how far it got). Lease ends use Redis's own clock (TIME), never the instances'.
+# Records of earlier versions (JSON, "{") are read as before.
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+#: KEYS[1]; ARGV: fingerprint, token, lease ms, ttl ms.
+_CLAIM = (
+    _NOW
+    + """local v = redis.call('GET', KEYS[1])
+local taken = 0
+if v then
+  local kind = string.sub(v, 1, 1)
+  if kind == '{' then return {'legacy', v} end
+  if string.sub(v, 2, 65) ~= ARGV[1] then return {'mismatch'} end
+  if kind == 'D' then return {'done', string.sub(v, 66)} end
+  if kind == 'U' then return {'doubt'} end
+  if tonumber(string.sub(v, 99)) > now then return {'running'} end
+  if string.sub(v, 98, 98) == '1' then
+    redis.call('SET', KEYS[1], 'U' .. ARGV[1], 'KEEPTTL')
+    return {'doubt'}
+  end
+  taken = 1
+end
+redis.call('SET', KEYS[1], 'R' .. ARGV[1] .. ARGV[2] .. '0' .. string.format('%d', now + ARGV[3]), 'PX', ARGV[4])
+return {'claimed', taken}"""
+)
+#: KEYS[1]; ARGV: the running record's head ("R" fingerprint token), lease ms, sent ("1", or "" to keep it).
+_RENEW = (
+    _NOW
+    + """local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 97) ~= ARGV[1] then return 0 end
+local sent = ARGV[3]
+if sent == '' then sent = string.sub(v, 98, 98) end
+redis.call('SET', KEYS[1], ARGV[1] .. sent .. string.format('%d', now + ARGV[2]), 'KEEPTTL')
+return 1"""
+)
+#: Compare-and-set and compare-and-delete: only the holder of a claim may complete or release it.
+_COMPLETE = """local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 97) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end
+return 0"""
+_RELEASE = """local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 97) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0"""
+#: Every Redis call gives up after this long (connect, send, reply): the bound on what a claim,
+#: the progress record before the data leaves, or a completion can add to a delivery.
+REDIS_TIMEOUT = 2.0
 
 
 class RedisStore:
-    """Shared by every instance: claims with SET NX PX, results stored with a TTL."""
+    """Shared by every instance: one Lua script per operation (one round trip each), registered
+    once and run by EVALSHA (redis-py loads it again on NOSCRIPT, after a Redis restart or failover)."""
 
     def __init__(self, settings: IdempotencySettings) -> None:
-        assert settings.redis_url is not None  # noqa: S101 - the settings model requires it
+        self.settings = settings
         self.ttl_ms = settings.ttl * 1000
+        self.lease = settings.lease
+        self.lease_ms = max(1, round(settings.lease * 1000))
         self.prefix = settings.key_prefix
-        self.client = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=_REDIS_TIMEOUT,
-            socket_connect_timeout=_REDIS_TIMEOUT,
-            decode_responses=True,
-        )
+        self.client = redis_client(settings)
+        self._claim = self.client.register_script(_CLAIM)
+        self._renew = self.client.register_script(_RENEW)
+        self._complete = self.client.register_script(_COMPLETE)
+        self._release = self.client.register_script(_RELEASE)
 
-    async def claim(self, key: str, fingerprint: str, hold: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str) -> Claim:
         token = secrets.token_hex(16)
-        running = _running_value(token, fingerprint)
         try:
-            # Twice at most: the key may expire between the failed SET and the GET.
-            for _ in range(2):
-                if await self.client.set(self.prefix + key, running, nx=True, px=max(1, int(hold * 1000))):
-                    return Claimed(token)
-                current = await self.client.get(self.prefix + key)
-                if current is not None:
-                    return _outcome(json.loads(current), fingerprint)
-        except (RedisError, OSError, ValueError) as exc:
+            reply = await self._claim(keys=[self.prefix + key], args=[fingerprint, token, self.lease_ms, self.ttl_ms])
+            kind = _text(reply[0])
+            if kind == "claimed":
+                return Claimed(token, fingerprint, taken_over=int(reply[1]) == 1)
+            if kind == "running":
+                return Running()
+            if kind == "mismatch":
+                return Mismatch()
+            if kind == "doubt":
+                return InDoubt()
+            if kind == "done":
+                return Replay(StoredResponse.loads(json.loads(reply[1])))
+            return _legacy(json.loads(reply[1]), fingerprint)
+        except (RedisError, OSError, ValueError, KeyError, IndexError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
-        raise StoreUnavailable("the key kept changing while it was claimed")
 
-    async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> None:
-        stored = json.dumps({"state": "done", "fp": fingerprint, "response": json.loads(response.dumps())})
+    async def renew(self, claims: Sequence[tuple[str, Claimed]]) -> list[bool]:
+        """Every claim in one round trip (a pipeline)."""
         try:
-            await self.client.eval(
-                _COMPLETE, 1, self.prefix + key, _running_value(claim.token, fingerprint), stored, self.ttl_ms
-            )
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, claim in claims:
+                    await self._renew(keys=[self.prefix + key], args=[claim.head, self.lease_ms, ""], client=pipe)
+                replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
+        return [int(r) == 1 for r in replies]
 
-    async def release(self, key: str, claim: Claimed) -> None:
-        # The running value holds the fingerprint too; match the token alone with a prefix-free compare.
+    async def sending(self, key: str, claim: Claimed) -> bool:
         try:
-            current = await self.client.get(self.prefix + key)
-            if current is not None and json.loads(current).get("token") == claim.token:
-                await self.client.eval(_RELEASE, 1, self.prefix + key, current)
-        except (RedisError, OSError, ValueError) as exc:
+            done = await self._renew(keys=[self.prefix + key], args=[claim.head, self.lease_ms, "1"])
+        except (RedisError, OSError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
+        return int(done) == 1
+
+    async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
+        stored = "D" + fingerprint + response.dumps()
+        try:
+            done = await self._complete(keys=[self.prefix + key], args=[claim.head, stored, self.ttl_ms])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(_reason(exc)) from None
+        return int(done) == 1
+
+    async def release(self, key: str, claim: Claimed) -> bool:
+        try:
+            done = await self._release(keys=[self.prefix + key], args=[claim.head])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(_reason(exc)) from None
+        return int(done) == 1
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-def _running_value(token: str, fingerprint: str) -> str:
-    return json.dumps({"state": "running", "fp": fingerprint, "token": token})
+def redis_client(settings: IdempotencySettings) -> "aioredis.Redis":
+    """The client for `redis_url`; hiredis parses the replies when it is installed (it is a dependency)."""
+    assert settings.redis_url is not None  # noqa: S101 - the settings model requires it
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        decode_responses=True,
+    )
 
 
-def _outcome(record: dict[str, object], fingerprint: str) -> Claim:
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _legacy(record: dict[str, object], fingerprint: str) -> Claim:
+    """A record written by an earlier version (JSON): its results are still replayed."""
     if record.get("fp") != fingerprint:
         return Mismatch()
     response = record.get("response")
@@ -301,7 +465,7 @@ def open_store(settings: IdempotencySettings) -> IdempotencyStore:
 
 async def close_quietly(store: IdempotencyStore) -> None:
     try:
-        async with asyncio.timeout(_REDIS_TIMEOUT):
+        async with asyncio.timeout(REDIS_TIMEOUT):
             await store.aclose()
     except (RedisError, OSError, TimeoutError):
         pass

@@ -49,7 +49,8 @@ POSSIBLY_DELIVERED = Counter(
 )
 REFUSED = Counter(
     "mailrelay_deliveries_refused",
-    "deliveries refused before they started, by reason (overloaded, draining)",
+    "deliveries refused before they started, by reason (overloaded, draining; store_unavailable, key_in_use, "
+    "key_mismatch: the Idempotency-Key's store was down, its request still running, or it named another request)",
     ["relay", "reason"],
 )
 HTTP_REQUESTS = Counter(
@@ -67,6 +68,29 @@ CONNECTIONS_SHED = Counter(
     "client connections closed to stay within bounds, by reason (idle_closed: the oldest idle one, to make room "
     "under max_connections; refused: none was idle; send_timeout: the client stopped reading)",
     ["reason"],
+)
+
+# Idempotency keys (app/idempotency.py, the core's KeyObserver). Bounded labels: relay names, and
+# the fixed sets of outcomes and store operations.
+IDEMPOTENCY_KEYS = Counter(
+    "mailrelay_idempotency_keys",
+    "keyed requests by relay and what the key's claim found (claimed; taken_over: a lapsed claim whose data "
+    "had not left, sent now; replayed; in_doubt: a lapsed claim whose data may have left, not sent again; "
+    "in_use: 409; mismatch: 422; store_unavailable: 503), and deliveries cut by their deadline after the data "
+    "left (background_started, background_stored: the true outcome stored, background_cut: shutdown or "
+    "finish_timeout, background_full: finish_limit reached, cut at once)",
+    ["relay", "outcome"],
+)
+IDEMPOTENCY_STORE_ERRORS = Counter(
+    "mailrelay_idempotency_store_errors",
+    "idempotency store calls that failed (unreachable, timed out), by operation (claim, renew, sending, complete, "
+    "release)",
+    ["operation"],
+)
+IDEMPOTENCY_CLAIMS_LOST = Counter(
+    "mailrelay_idempotency_claims_lost",
+    "compare-and-sets that found the claim no longer held (it lapsed and a repeat took the key), by operation",
+    ["operation"],
 )
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
@@ -109,6 +133,15 @@ class DeliveryMetrics:
 
     def refused(self, relay_name: str, reason: str) -> None:
         child(REFUSED, relay_name, reason).inc()
+
+    def key_event(self, relay_name: str, event: str) -> None:
+        child(IDEMPOTENCY_KEYS, relay_name, event).inc()
+
+    def store_error(self, operation: str) -> None:
+        child(IDEMPOTENCY_STORE_ERRORS, operation).inc()
+
+    def claim_lost(self, operation: str) -> None:
+        child(IDEMPOTENCY_CLAIMS_LOST, operation).inc()
 
 
 def exposition() -> tuple[bytes, str]:

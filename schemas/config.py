@@ -178,6 +178,28 @@ class IdempotencySettings(BaseModel):
         description="redis backend: `redis://[:password@]host:port/db` (or rediss://); $MAILRELAY_REDIS_URL overrides",
     )
     key_prefix: str = Field(default="mailrelay:idempotency:", description="redis backend: prefix of every key")
+    lease: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds a claim holds unless renewed; renewed every third of it while the delivery runs. "
+        "After a crash, a repeat of a running request gets 409 for at most this long",
+    )
+    finish_limit: int = Field(
+        default=100,
+        ge=0,
+        le=10_000,
+        description="most keyed deliveries finishing in the background at once, per process: a delivery cut by "
+        "its deadline after its data left goes on waiting for the next hop's reply and stores the true result "
+        "for repeats; past the limit (or 0) it is cut and its answer stored as given",
+    )
+    finish_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="seconds past the deadline a delivery finishing in the background may take at most (the "
+        "relay's own data_timeout usually ends it first)",
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> Self:

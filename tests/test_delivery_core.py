@@ -217,7 +217,7 @@ async def test_a_result_stored_by_an_earlier_version_is_replayed_without_command
     job = delivery(scripted(), envelope("bob@example.net"), key="old")
     key = idempotency.scoped_key(job.caller, "old")
     fingerprint = idempotency.fingerprint(job.relay_name, job.envelope)
-    claim = await core.store.claim(key, fingerprint, hold=60)
+    claim = await core.store.claim(key, fingerprint)
     assert isinstance(claim, idempotency.Claimed)
     header = '550; message="5.1.1 no such user"; command="RCPT"'
     await core.store.complete(key, claim, fingerprint, StoredResponse(400, {"x-smtp-reply": header}, b"{}"))

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.idempotency import Claimed, MemoryStore, Mismatch, Replay, Running, StoredResponse
+from app.idempotency import Claimed, InDoubt, MemoryStore, Mismatch, Replay, Running, StoredResponse
 from schemas.config import IdempotencySettings
 from tests.servers.mailrelay import service
 from tests.servers.redis import redis_server
@@ -102,26 +102,50 @@ def test_an_invalid_key_is_422(client: TestClient, value: str) -> None:
 
 async def test_memory_store_claims_replays_and_expires() -> None:
     store = MemoryStore(IdempotencySettings(ttl=1, max_entries=2))
-    claim = await store.claim("k", "fp", hold=10)
+    claim = await store.claim("k", "fp")
     assert isinstance(claim, Claimed)
-    assert isinstance(await store.claim("k", "fp", hold=10), Running)
-    assert isinstance(await store.claim("k", "other", hold=10), Mismatch)
+    assert isinstance(await store.claim("k", "fp"), Running)
+    assert isinstance(await store.claim("k", "other"), Mismatch)
     response = StoredResponse(200, {"x-smtp-reply": "250"}, b"{}")
-    await store.complete("k", claim, "fp", response)
-    replay = await store.claim("k", "fp", hold=10)
+    assert await store.complete("k", claim, "fp", response)
+    replay = await store.claim("k", "fp")
     assert isinstance(replay, Replay)
     assert replay.response == response
     # Bounded: a third key pushes out the oldest stored result, never a running claim.
-    running = await store.claim("r", "fp", hold=10)
+    running = await store.claim("r", "fp")
     assert isinstance(running, Claimed)
-    assert isinstance(await store.claim("n", "fp", hold=10), Claimed)
+    assert isinstance(await store.claim("n", "fp"), Claimed)
     assert len(store) == 2
-    assert isinstance(await store.claim("r", "fp", hold=10), Running)
-    # A released claim frees the key; an expired one does too.
-    await store.release("r", running)
-    assert isinstance(await store.claim("r", "fp", hold=0.05), Claimed)
-    await asyncio.sleep(0.1)
-    assert isinstance(await store.claim("r", "fp", hold=10), Claimed)
+    assert isinstance(await store.claim("r", "fp"), Running)
+    # A released claim frees the key; a stored result expires after ttl.
+    assert await store.release("r", running)
+    assert not await store.release("r", running)
+    assert isinstance(await store.claim("r", "fp"), Claimed)
+
+
+async def test_memory_store_leases_lapse_into_a_takeover_or_doubt() -> None:
+    store = MemoryStore(IdempotencySettings(lease=0.1))
+    quiet = await store.claim("quiet", "fp")
+    sent = await store.claim("sent", "fp")
+    renewed = await store.claim("renewed", "fp")
+    assert isinstance(quiet, Claimed)
+    assert isinstance(sent, Claimed)
+    assert isinstance(renewed, Claimed)
+    assert await store.sending("sent", sent)
+    for _ in range(3):
+        await asyncio.sleep(0.05)
+        assert await store.renew([("renewed", renewed)]) == [True]
+    assert isinstance(await store.claim("renewed", "fp"), Running)
+    # Lapsed before the data: taken over, and the old holder can no longer store anything.
+    taken = await store.claim("quiet", "fp")
+    assert isinstance(taken, Claimed)
+    assert taken.taken_over
+    assert not await store.complete("quiet", quiet, "fp", StoredResponse(200, {}, b"{}"))
+    assert await store.renew([("quiet", quiet), ("quiet", taken)]) == [False, True]
+    # Lapsed after it said the data was leaving: in doubt, for every repeat, never claimed again.
+    assert isinstance(await store.claim("sent", "fp"), InDoubt)
+    assert isinstance(await store.claim("sent", "fp"), InDoubt)
+    assert isinstance(await store.claim("sent", "other"), Mismatch)
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -218,16 +242,16 @@ async def test_memory_store_is_bounded_in_bytes_and_keeps_running_claims() -> No
     big = StoredResponse(
         200, {"X-Smtp-Reply": "250"}, json.dumps([f"r{i}@example.net delivered" for i in range(800)]).encode()
     )
-    running = await store.claim("running", "fp", hold=60)
+    running = await store.claim("running", "fp")
     assert isinstance(running, Claimed)
     for i in range(200):
-        claim = await store.claim(f"k{i}", "fp", hold=60)
+        claim = await store.claim(f"k{i}", "fp")
         assert isinstance(claim, Claimed)
         await store.complete(f"k{i}", claim, "fp", big)
         assert store.bytes <= store.max_bytes
-    assert isinstance(await store.claim("running", "fp", hold=60), Running)  # never evicted
-    assert isinstance(await store.claim("k0", "fp", hold=60), Claimed)  # the oldest result went first
-    replay = await store.claim("k199", "fp", hold=60)
+    assert isinstance(await store.claim("running", "fp"), Running)  # never evicted
+    assert isinstance(await store.claim("k0", "fp"), Claimed)  # the oldest result went first
+    replay = await store.claim("k199", "fp")
     assert isinstance(replay, Replay)
     assert replay.response == big  # compressed, and given back as it was
     # Roughly what is counted: a compressed 23 KB answer takes far less than its size.
@@ -238,14 +262,14 @@ async def test_memory_store_is_bounded_in_bytes_and_keeps_running_claims() -> No
 async def test_memory_store_keeps_a_result_larger_than_itself_alone() -> None:
     # Never a silent second copy: a repeat is replayed even then; the store holds that one result.
     store = MemoryStore(IdempotencySettings(max_bytes=64 * 1024))
-    first = await store.claim("small", "fp", hold=60)
+    first = await store.claim("small", "fp")
     assert isinstance(first, Claimed)
     await store.complete("small", first, "fp", StoredResponse(200, {}, b"{}"))
-    claim = await store.claim("k", "fp", hold=60)
+    claim = await store.claim("k", "fp")
     assert isinstance(claim, Claimed)
     body = os.urandom(100_000)  # incompressible
     await store.complete("k", claim, "fp", StoredResponse(200, {}, body))
     assert len(store) == 1  # the older result made room
-    replay = await store.claim("k", "fp", hold=60)
+    replay = await store.claim("k", "fp")
     assert isinstance(replay, Replay)
     assert replay.response.body == body
