@@ -11,6 +11,7 @@ anything is sent is a `Refused`.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -211,7 +212,8 @@ class DeliveryCore:
         #: finishing in the background after a deadline cut (at most `finish_limit`).
         self._leases: set[_Lease] = set()
         self._renewer: asyncio.Task[None] | None = None
-        self.finishing: set[asyncio.Task[None]] = set()
+        #: Each finishing task, and the relay's task it waits for.
+        self.finishing: dict[asyncio.Task[None], asyncio.Task[list[RecipientResult]]] = {}
 
     def cut_running(self) -> int:
         """Shutdown: cut every running delivery now, answered as a deadline cut (451 4.4.7, possibly
@@ -222,8 +224,9 @@ class DeliveryCore:
             timer.reschedule(now)
         # Those finishing in the background stop too; their claims (data sent) lapse within the
         # lease, and repeats then get the "may have been delivered; not sent again" answer.
-        for task in self.finishing:
-            task.cancel()
+        for finisher, relay_task in self.finishing.items():
+            finisher.cancel()
+            relay_task.cancel()  # also when the finisher has not started yet
         return len(self._running) + len(self.finishing)
 
     def key_event(self, relay_name: str, event: KeyEvent) -> None:
@@ -454,9 +457,16 @@ class DeliveryCore:
         if background is not None and lease is not None:
             lease.finishing = True
             finisher = loop.create_task(self._finish(delivery, background, lease, answer, started))
-            self.finishing.add(finisher)
-            finisher.add_done_callback(self.finishing.discard)
+            self.finishing[finisher] = background
+            finisher.add_done_callback(functools.partial(self._finished, lease))
         return answer
+
+    def _finished(self, lease: _Lease, finisher: "asyncio.Task[None]") -> None:
+        del self.finishing[finisher]
+        if finisher.cancelled():
+            # cut_running (shutdown): the claim says the data left; it lapses into "in doubt".
+            self._leases.discard(lease)
+            self.key_event(lease.relay_name, "background_cut")
 
     def _may_finish(self, name: str, envelope: Envelope, context: DeliveryContext) -> bool:
         """Whether a keyed delivery cut by its deadline goes on in the background: only when its
@@ -485,11 +495,6 @@ class DeliveryCore:
             async with asyncio.timeout(self.store.settings.finish_timeout):
                 results = await task
             check_results(name, envelope, results)
-        except asyncio.CancelledError:
-            # cut_running (shutdown): the claim says the data left; it lapses into "in doubt".
-            self._leases.discard(lease)
-            self.key_event(name, "background_cut")
-            raise
         except Exception:
             if not task.done():
                 task.cancel()

@@ -2,13 +2,15 @@
 
 import asyncio
 import json
+import signal
+import time
 from dataclasses import dataclass, field
 
 import pytest
 
 from app import idempotency
-from app.delivery import Answer, Deadline, Delivery, DeliveryCore, RefusalReason, Refused
-from app.idempotency import MemoryStore, StoredResponse
+from app.delivery import Answer, Deadline, Delivery, DeliveryCore, KeyEvent, RefusalReason, Refused
+from app.idempotency import IdempotencyStore, MemoryStore, RedisStore, StoredResponse
 from app.limits import Limiter
 from relays.base import DeliveryContext, Relay
 from relays.custom import load_custom_relay
@@ -18,6 +20,7 @@ from schemas.relay_options import CustomOptions
 from schemas.reply import Reply
 from tests.conftest import envelope, opened
 from tests.scripted import ScriptedRelay
+from tests.servers.redis import redis_instance
 from tests.servers.smtp import Script, smtp_server
 
 
@@ -41,14 +44,28 @@ class Recorder:
     def refused(self, relay_name: str, reason: RefusalReason) -> None:
         self.events.append(("refused", reason))
 
+    def key_event(self, relay_name: str, event: KeyEvent) -> None:
+        self.events.append(("key", event))
+
+    def store_error(self, operation: idempotency.Operation) -> None:
+        self.events.append(("store_error", operation))
+
+    def claim_lost(self, operation: idempotency.Operation) -> None:
+        self.events.append(("claim_lost", operation))
+
 
 def make_core(
-    recorder: Recorder, *, max_in_flight: int = 10, queue_timeout: float = 1.0, relay: str = "out"
+    recorder: Recorder,
+    *,
+    max_in_flight: int = 10,
+    queue_timeout: float = 1.0,
+    relay: str = "out",
+    store: IdempotencyStore | None = None,
 ) -> DeliveryCore:
     limits = LimitSettings(max_in_flight=max_in_flight, queue_timeout=queue_timeout)
     return DeliveryCore(
         Limiter(limits, [relay]),
-        MemoryStore(IdempotencySettings()),
+        store if store is not None else MemoryStore(IdempotencySettings()),
         [recorder],
         queue_timeout=queue_timeout,
         retry_after=30,
@@ -242,3 +259,83 @@ async def test_a_shutdown_cuts_running_deliveries_with_an_honest_answer() -> Non
         assert body["reply"]["code"] == 451
         assert body["reply"]["enhanced_status"] == "4.4.7"
         assert "shut down" in body["reply"]["message"]
+
+
+async def test_a_deadline_cut_after_the_data_keeps_the_key_and_a_shutdown_cuts_the_background() -> None:
+    recorder = Recorder()
+    core = make_core(recorder)
+    relay = scripted(stall_after_data=30)
+    cut = await core.deliver(delivery(relay, envelope("bob@example.net"), seconds=0.2, key="k"))
+    assert cut.status == 503
+    assert len(core.finishing) == 1  # still waiting for the next hop, with the claim
+    with pytest.raises(Refused) as refused:
+        await core.deliver(delivery(relay, envelope("bob@example.net"), key="k"))
+    assert refused.value.status == 409
+    assert core.cut_running() == 1
+    await asyncio.sleep(0.01)
+    assert not core.finishing
+    assert ("key", "background_started") in recorder.events
+    assert ("key", "background_cut") in recorder.events
+    assert len(relay.delivered) == 1
+
+
+async def test_past_finish_limit_a_cut_answer_is_stored_never_sent_again() -> None:
+    recorder = Recorder()
+    core = make_core(recorder, store=MemoryStore(IdempotencySettings(finish_limit=0)))
+    relay = scripted(stall_after_data=30)
+    cut = await core.deliver(delivery(relay, envelope("bob@example.net"), seconds=0.2, key="k"))
+    again = await core.deliver(delivery(relay, envelope("bob@example.net"), key="k"))
+    assert (cut.status, again.status, again.replayed) == (503, 503, True)
+    assert again.body == cut.body
+    assert json.loads(again.body)["recipients"][0]["possibly_delivered"] is True
+    assert len(relay.delivered) == 1
+    assert ("key", "background_full") in recorder.events
+
+
+async def test_a_store_that_stops_answering_neither_stops_the_delivery_nor_holds_it_long() -> None:
+    """The step before the data leaves never raises and is bounded (REDIS_TIMEOUT): Redis stops
+    answering after the claim (SIGSTOP), the delivery goes on, the failures are logged and counted."""
+    recorder = Recorder()
+    with redis_instance() as redis:
+        store = RedisStore(IdempotencySettings(backend="redis", redis_url=redis.url))
+        core = make_core(recorder, store=store)
+        relay = scripted(delay=0.3, stall_after_data=0.1)
+        running = asyncio.ensure_future(core.deliver(delivery(relay, envelope("bob@example.net"), key="k")))
+        await asyncio.sleep(0.1)
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            answer = await asyncio.wait_for(running, 10)
+            took = time.monotonic() - started
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await store.aclose()
+    assert answer.status == 200
+    assert len(relay.delivered) == 1
+    assert ("store_error", "sending") in recorder.events
+    assert ("store_error", "complete") in recorder.events
+    # The relay's 0.3 s, at most 2 s for the progress record and 2 s for the result.
+    assert took < 0.3 + 2 * idempotency.REDIS_TIMEOUT + 1
+
+
+async def test_a_relay_that_raises_after_sending_keeps_the_claim() -> None:
+    # A bug after the data left: the key is not freed for a second copy; the claim lapses into doubt.
+    store = MemoryStore(IdempotencySettings(lease=0.1))
+    core = make_core(Recorder(), store=store)
+
+    class Broken:
+        async def deliver(self, env: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+            await context.sending(env.recipients)
+            raise RuntimeError("broken after the data")
+
+        async def aclose(self) -> None:
+            pass
+
+    with pytest.raises(RuntimeError):
+        await core.deliver(delivery(Broken(), envelope("bob@example.net"), key="k"))
+    await asyncio.sleep(0.15)
+    answer = await core.deliver(delivery(scripted(), envelope("bob@example.net"), key="k"))
+    assert answer.status == 503
+    (result,) = json.loads(answer.body)["recipients"]
+    assert result["possibly_delivered"] is True
+    assert "not sent again" in result["reply"]["message"]

@@ -5,15 +5,30 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 
 from tests.servers.process import free_port, require_program, stop
 
 
+@dataclass
+class RedisInstance:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+
 @contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(*extra: str) -> Iterator[str]:
     """Yields the server's URL (redis://127.0.0.1:PORT/0)."""
+    with redis_instance(*extra) as instance:
+        yield instance.url
+
+
+@contextmanager
+def redis_instance(*extra: str) -> Iterator[RedisInstance]:
+    """redis-server on 127.0.0.1 and a free port, without persistence; `extra` are more options."""
     program = require_program("redis-server")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mailrelay-redis-") as directory:
@@ -34,6 +49,7 @@ def redis_server() -> Iterator[str]:
                 "no",
                 "--loglevel",
                 "warning",
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -52,6 +68,6 @@ def redis_server() -> Iterator[str]:
                         raise RuntimeError(f"redis-server did not start: {output[-2000:]}") from None
                     time.sleep(0.05)
             client.close()
-            yield url
+            yield RedisInstance(url, port, process)
         finally:
             stop(process)
