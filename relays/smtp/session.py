@@ -77,6 +77,9 @@ class SessionSettings:
     ipv4_only: bool
     lmtp: bool
     relay: str = ""  # the relay's name, for metrics
+    auth_soft_bounce: bool = True
+    max_recipients_per_batch: int = 100
+    chunking: bool = True
 
     @classmethod
     def from_options(cls, options: SmtpOptions, relay_name: str, *, lmtp: bool) -> Self:
@@ -99,6 +102,9 @@ class SessionSettings:
             ipv4_only=options.ipv4_only,
             lmtp=lmtp,
             relay=relay_name,
+            auth_soft_bounce=options.auth_soft_bounce,
+            max_recipients_per_batch=options.max_recipients_per_batch,
+            chunking=options.chunking,
         )
 
 
@@ -208,9 +214,35 @@ class SmtpSession:
         if self.settings.credentials is not None:
             if not self.smtp.supports_extension("auth"):
                 self._fail(replies.not_offered("AUTH", "AUTH"))
-            username, password = self.settings.credentials
-            async with self._step("AUTH"):
-                await self.smtp.login(username, password, timeout=self.settings.command_timeout)
+            await self._authenticate(*self.settings.credentials)
+
+    async def _authenticate(self, username: str, password: str) -> None:
+        """AUTH with the first mechanism both sides know (aiosmtplib's order: CRAM-MD5, PLAIN, LOGIN).
+
+        One attempt: the next mechanism only after the server refused this one as such
+        (504 unrecognised, 534 too weak; RFC 4954), never after a refused password. aiosmtplib's
+        `login()` tries every mechanism whatever the refusal, so a wrong password cost one failed
+        login per mechanism, each counted by fail2ban and dovecot's auth penalty. A refused login
+        is a configuration problem: with `auth_soft_bounce` (the default, as Postfix's
+        smtp_sasl_auth_soft_bounce) it answers 454 4.7.8, so that clients keep their mail.
+        """
+        methods = {"cram-md5": self.smtp.auth_crammd5, "plain": self.smtp.auth_plain, "login": self.smtp.auth_login}
+        usable = [name for name in self.smtp.supported_auth_methods if name in methods]
+        if not usable:
+            offered = " ".join(self.smtp.server_auth_methods).upper() or "none"
+            self._fail(replies.no_auth_mechanism(offered))
+        for n, name in enumerate(usable):
+            try:
+                async with self._step("AUTH"):
+                    await methods[name](username, password, timeout=self.settings.command_timeout)
+                return
+            except RelayError as exc:
+                reply = exc.reply
+                if reply.code in (504, 534) and n + 1 < len(usable) and self.usable:
+                    continue
+                if reply.code // 100 == 5 and self.settings.auth_soft_bounce:
+                    self._fail(replies.auth_refused(reply))
+                raise
 
     async def _greet(self) -> None:
         name = self.settings.ehlo_as.encode("ascii")

@@ -14,6 +14,7 @@ from relays.smtp.session import encode_data
 from tests.conftest import context, envelope, opened, post_delivery
 from tests.servers.mailrelay import start_server, wait_ready
 from tests.servers.process import free_port
+from tests.servers.raw import Conversation, RawServer, raw_server
 from tests.servers.sink import smtp_sink
 from tests.servers.smtp import Script, smtp_server, tls_material
 
@@ -170,7 +171,7 @@ async def test_implicit_tls(tmp_path: Path) -> None:
     assert server.received[0].tls
 
 
-@pytest.mark.parametrize(("password", "status"), [("relay-pass", "delivered"), ("wrong", "permanent_failure")])
+@pytest.mark.parametrize(("password", "status"), [("relay-pass", "delivered"), ("wrong", "transient_failure")])
 async def test_auth(password: str, status: str) -> None:
     with smtp_server(auth=True) as server:
         config = static(server.port, f"credentials: {{username: relay-user, password: {password}}}")
@@ -179,9 +180,34 @@ async def test_auth(password: str, status: str) -> None:
     assert result.status == status
     if status == "delivered":
         assert server.received[0].login == b"relay-user"
-    else:
-        assert (result.reply.code, result.reply.command) == (535, "AUTH")
+    else:  # auth_soft_bounce (the default): a refused login is transient (more in test_postfix_mta.py)
+        assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (454, "4.7.8", "AUTH")
         assert server.received == []
+
+
+async def test_auth_tries_the_next_mechanism_only_when_the_server_refuses_the_mechanism() -> None:
+    """504 (mechanism not supported, RFC 4954) to PLAIN: LOGIN next. A 535 would end it (Postfix test)."""
+    commands: list[str] = []
+
+    def handler(talk: Conversation, server: RawServer) -> None:
+        talk.send("220 raw.test ESMTP")
+        talk.expect("EHLO", "250-raw.test\r\n250 AUTH PLAIN LOGIN")
+        commands.append(talk.expect("AUTH PLAIN", "504 5.5.4 Unrecognized authentication type"))
+        commands.append(talk.expect("AUTH LOGIN", "334 UGFzc3dvcmQ6"))
+        commands.append(talk.expect("", "235 2.7.0 Authentication successful"))
+        talk.expect("MAIL", "250 2.1.0 OK")
+        talk.expect("RCPT", "250 2.1.5 OK")
+        talk.expect("DATA", "354 go on")
+        talk.read_data()
+        talk.send("250 2.0.0 queued")
+        talk.expect("QUIT", "221 bye")
+
+    with raw_server(handler) as server:
+        config = static(server.port, "credentials: {username: u, password: p}")
+        async with opened(config) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+    assert result.status == "delivered", result.reply
+    assert [c.split()[:2] for c in commands[:2]] == [["AUTH", "PLAIN"], ["AUTH", "LOGIN"]]
 
 
 def test_smtp_sink_through_the_api(make_client: Callable[[str], TestClient]) -> None:
