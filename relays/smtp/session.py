@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn, Self, cast
 
 import aiosmtplib
+import idna
 from aiosmtplib import SMTPResponse
 
 from relays import replies
@@ -297,15 +298,22 @@ class SmtpSession:
             if not self.smtp.supports_extension("8bitmime"):
                 return _TransactionState.answered(recipients, replies.eight_bit_refused(), reused)
             options.append(b"BODY=8BITMIME")
-        if not envelope.sender.isascii() or not all(r.isascii() for r in recipients):
+        sender, wire = envelope.sender, list(recipients)
+        if not sender.isascii() or not all(r.isascii() for r in recipients):
             if self.smtp.supports_extension("smtputf8"):
                 options.append(b"SMTPUTF8")
                 encoding = "utf-8"
-            elif not envelope.sender.isascii():
-                return _TransactionState.answered(recipients, replies.utf8_refused(), reused)
-            else:
+            else:  # a non-ASCII domain goes as its A-label; only a non-ASCII local part needs SMTPUTF8
+                converted = ascii_address(sender)
+                if converted is None:
+                    return _TransactionState.answered(recipients, replies.utf8_refused(), reused)
+                sender = converted
                 refused = replies.utf8_refused()
-                results = [None if r.isascii() else refused for r in recipients]
+                for i, rcpt in enumerate(recipients):
+                    if (converted := ascii_address(rcpt)) is None:
+                        results[i] = refused
+                    else:
+                        wire[i] = converted
         data = crlf_lines(envelope.message)  # once: SIZE= counts it, DATA sends it
         if self.smtp.supports_extension("size"):
             size = len(data)
@@ -318,11 +326,11 @@ class SmtpSession:
             recipients,
             results,
             reused,
-            mail=[b"FROM:<" + envelope.sender.encode(encoding) + b">", *options],
+            mail=[b"FROM:<" + sender.encode(encoding) + b">", *options],
             pending=pending,
             # `bob@example.org.` goes as RCPT TO:<bob@example.org>, as Postfix rewrites it (servers
             # refuse the dot); results and data_sent keep the address as given.
-            rcpts=[b"TO:<" + recipients[i].rstrip(".").encode(encoding) + b">" for i in pending],
+            rcpts=[b"TO:<" + wire[i].rstrip(".").encode(encoding) + b">" for i in pending],
             data=data,
         )
 
@@ -598,6 +606,21 @@ class SmtpSession:
         if isinstance(exc, ValueError):  # aiosmtplib's command-injection guard: never reached with validated input
             return replies.invalid_characters(command)
         return replies.protocol_error(command, str(exc))
+
+
+def ascii_address(address: str) -> str | None:
+    """`address` with its domain as A-labels (IDNA 2008, UTS 46 mapping: `Bücher.example` is
+    `xn--bcher-kva.example`), for a server without SMTPUTF8; None when the local part is not ASCII
+    or the domain has no A-label form. The null sender and address literals are ASCII already."""
+    if address.isascii():
+        return address
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError:
+        return None
 
 
 def _os_reason(exc: OSError) -> str:
