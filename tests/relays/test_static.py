@@ -430,3 +430,26 @@ async def test_size_is_declared_when_offered(message: bytes) -> None:
     assert result.status == "delivered"
     (received,) = server.received
     assert f"SIZE={len(received.content)}" in received.mail_options
+
+
+async def test_too_many_recipients_with_none_accepted_ends_the_delivery() -> None:
+    """452 4.5.3 to every RCPT: no recipient delivered, so no further transaction (each round must
+    make progress); the recipients keep the transient 452."""
+    mails: list[str] = []
+
+    def handler(talk: Conversation, server: RawServer) -> None:
+        talk.send("220 raw.test ESMTP")
+        talk.expect("EHLO", "250 raw.test")
+        while (line := talk.command()).upper().startswith("MAIL"):
+            mails.append(line)
+            talk.send("250 2.1.0 OK")
+            talk.expect("RCPT", "452 4.5.3 Too many recipients")
+            talk.expect("RCPT", "452 4.5.3 Too many recipients")
+            talk.expect("RSET", "250 2.0.0 OK")
+        talk.send("221 bye")
+
+    with raw_server(handler) as server:
+        async with opened(static(server.port)) as relays:
+            results = await relays["out"].deliver(envelope("a@example.net", "b@example.net"), context())
+    assert [(r.status, r.reply.code) for r in results] == [("transient_failure", 452)] * 2
+    assert len(mails) == 1
