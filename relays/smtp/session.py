@@ -138,6 +138,7 @@ class _TransactionState:
     pending: list[int]
     rcpts: list[bytes]
     data: bytes = b""  # the message with CRLF line ends (crlf_lines), not yet dot-stuffed
+    bdat: bool = False  # the message goes as one BDAT ... LAST chunk (RFC 3030), not DATA
 
     @classmethod
     def answered(cls, recipients: Sequence[str], reply: Reply, reused: bool) -> Self:
@@ -332,6 +333,7 @@ class SmtpSession:
             # refuse the dot); results and data_sent keep the address as given.
             rcpts=[b"TO:<" + wire[i].rstrip(".").encode(encoding) + b">" for i in pending],
             data=data,
+            bdat=self.settings.chunking and self.smtp.supports_extension("chunking"),
         )
 
     async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
@@ -357,6 +359,8 @@ class SmtpSession:
         if not accepted:
             await self._reset()
             return []
+        if state.bdat:  # BDAT carries the message itself: no command before it
+            return accepted
         response = await self._command("DATA", b"DATA")
         if response.code != 354:
             state.answer(accepted, _refusal(response, "DATA"))
@@ -369,8 +373,10 @@ class SmtpSession:
         trip instead of two plus one per recipient. Same outcome as `_envelope_stepwise`."""
         rcpt_count = len(state.rcpts)
         rcpt_names: list[Command] = ["RCPT"] * rcpt_count
-        names: list[Command] = ["MAIL", *rcpt_names, "DATA"]
-        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), b"DATA"]
+        # With BDAT the envelope ends at the last RCPT: the message goes once some recipient is taken.
+        data_command: list[bytes] = [] if state.bdat else [b"DATA"]
+        names: list[Command] = ["MAIL", *rcpt_names, *(() if state.bdat else ("DATA",))]
+        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), *data_command]
         if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
             # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
             self._fail(replies.invalid_characters("MAIL"))
@@ -395,6 +401,10 @@ class SmtpSession:
         if lost is not None:
             state.answer_rest(lost)
             return []
+        if state.bdat:
+            if not accepted and self.usable:
+                await self._reset()
+            return accepted
         if not accepted or data[0].code != 354:
             if data[0].code == 354:
                 await self._end_empty_data()  # the server took DATA with no recipient: end it empty
@@ -466,8 +476,9 @@ class SmtpSession:
     async def _send_data(
         self, state: "_TransactionState", accepted: list[int], context: DeliveryContext
     ) -> frozenset[int]:
-        """Write the message (dot-stuffed, then its terminator) and read the replies (LMTP: one per
-        accepted recipient), through our reader (`reading_replies`); answers `accepted` in `state`.
+        """Write the message (dot-stuffed, then its terminator; or after `BDAT <size> LAST`, as it is)
+        and read the replies (LMTP: one per accepted recipient), through our reader
+        (`reading_replies`); answers `accepted` in `state`.
 
         Returns the recipients the server may have delivered to without a
         reply: the whole message went out, then the replies stopped coming.
@@ -481,7 +492,11 @@ class SmtpSession:
         count = len(accepted) if self.settings.lmtp else 1
         failure: Reply | None = None
         whole_sent = False
-        body, end = stuff_dots(state.data)
+        if state.bdat:  # the message as it is, its size in the command: nothing to stuff or scan for
+            head, body, end = b"BDAT %d LAST\r\n" % len(state.data), state.data, b""
+        else:
+            head = b""
+            body, end = stuff_dots(state.data)
         with reading_replies(transport, self._after_reading) as reader:
             reader.expect(count)  # before the data: a reply beyond `count` is refused as it comes
             try:
@@ -492,9 +507,12 @@ class SmtpSession:
                         # The final "." goes out with this chunk: from here on the server may deliver.
                         await context.sending([state.recipients[i] for i in accepted])
                         whole_sent = True
-                        transport.writelines([chunk, end])  # one system call for both where the loop can
+                        transport.writelines([head, chunk, end])  # one system call where the loop can
+                    elif head:
+                        transport.writelines([head, chunk])
                     else:
                         transport.write(chunk)
+                    head = b""
                     await reader.writable(self.settings.data_timeout)
                 await reader.read(count, self.settings.data_timeout)
             except TimeoutError:

@@ -99,7 +99,7 @@ async def test_recipients_past_the_server_limit_go_in_further_transactions(serve
     assert [r.status for r in results] == ["delivered"] * 5, [r.reply for r in results]
     summary = await session_summary(server, logged)
     assert "mail=3 " in summary, summary
-    assert "data=3 " in summary, summary
+    assert "bdat=3 " in summary, summary
     assert server.log[logged:].count("connect from") == 2  # "connect from" and "disconnect from": one session
     queued = {queue_id(r.reply.message) for r in results}
     assert len(queued) == 3
@@ -112,7 +112,7 @@ async def test_max_recipients_per_batch_splits_a_big_envelope_up_front(server: P
     results = await send(static(server.port, "    max_recipients_per_batch: 2\n"), *rcpts)
     assert [r.status for r in results] == ["delivered"] * 5
     summary = await session_summary(server, logged)
-    assert "mail=3 rcpt=5 data=3" in summary, summary  # no RCPT refused: split before sending
+    assert "mail=3 rcpt=5 bdat=3" in summary, summary  # no RCPT refused: split before sending
     queued = {queue_id(r.reply.message) for r in results}
     assert len(queued) == 3
     assert sorted(rcpt for q in queued for rcpt in server.envelope(q)[1:]) == sorted(rcpts)
