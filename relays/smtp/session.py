@@ -493,7 +493,9 @@ class SmtpSession:
         failure: Reply | None = None
         whole_sent = False
         if state.bdat:  # the message as it is, its size in the command: nothing to stuff or scan for
-            head, body, end = b"BDAT %d LAST\r\n" % len(state.data), state.data, b""
+            # A last line without its CRLF gets one, as DATA's terminator gives it one.
+            body, end = state.data, b"" if state.data.endswith(b"\r\n") or not state.data else b"\r\n"
+            head = b"BDAT %d LAST\r\n" % (len(body) + len(end))
         else:
             head = b""
             body, end = stuff_dots(state.data)

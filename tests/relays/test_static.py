@@ -453,3 +453,28 @@ async def test_too_many_recipients_with_none_accepted_ends_the_delivery() -> Non
             results = await relays["out"].deliver(envelope("a@example.net", "b@example.net"), context())
     assert [(r.status, r.reply.code) for r in results] == [("transient_failure", 452)] * 2
     assert len(mails) == 1
+
+
+async def test_bdat_without_pipelining_sends_the_message_as_it_is() -> None:
+    """CHUNKING without PIPELINING: MAIL and RCPT one by one, then `BDAT <size> LAST` and exactly
+    that many bytes: the message with CRLF line ends, its leading dots not doubled."""
+    got: list[bytes] = []
+
+    def handler(talk: Conversation, server: RawServer) -> None:
+        talk.send("220 raw.test ESMTP")
+        talk.expect("EHLO", "250-raw.test\r\n250 CHUNKING")
+        talk.expect("MAIL", "250 2.1.0 OK")
+        talk.expect("RCPT", "250 2.1.5 OK")
+        command = talk.command()
+        got.append(command.encode())
+        got.append(talk.stream.read(int(command.split()[1])))
+        talk.send("250 2.0.0 queued")
+        talk.expect("QUIT", "221 bye")
+
+    message = b"Subject: dots\n\n.leading dot\n..two\n.\nend"
+    with raw_server(handler) as server:
+        async with opened(static(server.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope("a@example.net", message=message), context())
+    assert result.status == "delivered", result.reply
+    sent = message.replace(b"\n", b"\r\n") + b"\r\n"  # the last line ended, as DATA ends it
+    assert got == [b"BDAT %d LAST" % len(sent), sent]
