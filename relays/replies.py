@@ -39,6 +39,26 @@ def not_offered(command: SmtpCommand, extension: str) -> Reply:
     )
 
 
+def no_auth_mechanism(offered: str) -> Reply:
+    return _reply(
+        451,
+        "4.7.4",
+        f"No AUTH mechanism in common with the server (it offers {offered}; we know PLAIN, LOGIN, CRAM-MD5)",
+        "AUTH",
+    )
+
+
+def auth_refused(server: Reply) -> Reply:
+    """The server refused our login (`auth_soft_bounce`): transient, so that clients keep the mail
+    while the relay's credentials are put right; the server's words are kept."""
+    return _reply(
+        454,
+        "4.7.8",
+        f"Authentication to the next hop failed; check the relay's credentials (the server said: {server.code} {server.message})",
+        "AUTH",
+    )
+
+
 def cannot_start(command: Step, program: str, reason: str) -> Reply:
     return _reply(451, "4.3.5", f"Cannot run {program}: {reason}", command)
 

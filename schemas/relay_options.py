@@ -243,6 +243,23 @@ class SmtpOptions(_Options):
     tls: SmtpTlsOptions | None = Field(default=None, description="present = STARTTLS is used")
     credentials: Credentials | None = Field(default=None, description="SMTP AUTH after EHLO (and STARTTLS)")
     ipv4_only: bool = Field(default=False, description="connect over IPv4 only")
+    auth_soft_bounce: bool = Field(
+        default=True,
+        description="beyond slimta: a login the server refuses (5xx to AUTH) answers 454 4.7.8, a transient "
+        "failure, so that clients keep the mail while the credentials are put right (Postfix's "
+        "smtp_sasl_auth_soft_bounce); false: the server's 5xx as it is. AUTH is tried once per connection",
+    )
+    max_recipients_per_batch: Annotated[int, NotBool, Field(ge=1, le=10000)] = Field(
+        default=100,
+        description="beyond slimta: most recipients in one transaction (KumoMTA's max_recipients_per_batch); a "
+        "bigger envelope goes in several transactions on the same connection. Recipients a server refuses with "
+        "452 4.5.3 (too many recipients) go in a further transaction too",
+    )
+    chunking: bool = Field(
+        default=True,
+        description="beyond slimta: send the message with BDAT (RFC 3030) when the server offers CHUNKING; "
+        "false: always DATA",
+    )
 
 
 def _smtp_extras(options: SmtpOptions) -> str:

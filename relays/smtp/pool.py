@@ -4,12 +4,14 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from relays import replies
 from relays.base import DeliveryContext, RelayError
 from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope
+from schemas.reply import Reply
 
 #: Like Postfix's smtp_connection_reuse_time_limit: a connection is not reused past this age.
 MAX_CONNECTION_AGE = 300.0
@@ -74,13 +76,87 @@ class SmtpPool:
         return len(self._idle)
 
     async def deliver(self, envelope: Envelope, recipients: list[str], context: DeliveryContext) -> Transaction:
-        """One transaction on a pooled connection. A reused connection found dead
-        before anything was sent is replaced by a fresh one, so a stale socket never fails a delivery."""
+        """The envelope in transactions on a pooled connection: one per `max_recipients_per_batch`
+        recipients, and one more for the recipients a server refused as too many (452 4.5.3, RFC
+        5321 4.5.3.1.10) as long as each transaction delivers to someone. The next transaction
+        goes on the same connection while it lasts. One reply per recipient, in order."""
+        count = len(recipients)
         try:
             session = await self._acquire(reuse=True)
         except _TooManyWaiting:
-            reply = replies.too_many_waiting(self.destination.label)
-            return Transaction([reply] * len(recipients), False)
+            return Transaction([replies.too_many_waiting(self.destination.label)] * count, False)
+        size = self.settings.max_recipients_per_batch
+        if count <= size:  # the usual case: one transaction
+            session, transaction = await self._transaction(session, envelope, recipients, context)
+            if session is not None:
+                self._release(session)
+            if transaction.replies and any(_too_many(r) for r in transaction.replies):
+                return await self._further(envelope, recipients, context, list(range(count)), transaction)
+            return transaction
+        results: list[Reply | None] = [None] * count
+        batches = deque(list(range(start, min(start + size, count))) for start in range(0, count, size))
+        return await self._batches(session, envelope, recipients, context, batches, results)
+
+    async def _further(
+        self,
+        envelope: Envelope,
+        recipients: list[str],
+        context: DeliveryContext,
+        batch: list[int],
+        transaction: Transaction,
+    ) -> Transaction:
+        """After a one-transaction delivery that left recipients refused as too many: the rest."""
+        results: list[Reply | None] = [None] * len(recipients)
+        state = _Outcome(results, transaction.data_sent, set())
+        rest = state.take(batch, transaction)
+        if not rest:
+            return state.transaction()
+        try:
+            session = await self._acquire(reuse=True)
+        except _TooManyWaiting:
+            return state.transaction()
+        return await self._batches(session, envelope, recipients, context, deque([rest]), results, state)
+
+    async def _batches(
+        self,
+        session: SmtpSession | None,
+        envelope: Envelope,
+        recipients: list[str],
+        context: DeliveryContext,
+        batches: "deque[list[int]]",
+        results: list[Reply | None],
+        state: "_Outcome | None" = None,
+    ) -> Transaction:
+        state = state or _Outcome(results, False, set())
+        try:
+            while batches:
+                batch = batches.popleft()
+                if session is not None and not session.usable:  # closed by the last transaction
+                    self._discard(session)
+                    session = await self._acquire(reuse=False)
+                session, transaction = await self._transaction(
+                    session, envelope, [recipients[i] for i in batch], context
+                )
+                if session is None:  # no connection: the same failure for every recipient still waiting
+                    failure = transaction.replies[0]
+                    state.take(batch, transaction)
+                    for rest in batches:
+                        state.take(rest, Transaction([failure] * len(rest), False))
+                    break
+                if rest := state.take(batch, transaction):
+                    batches.appendleft(rest)
+        finally:
+            if session is not None:
+                self._release(session)
+        return state.transaction()
+
+    async def _transaction(
+        self, session: SmtpSession | None, envelope: Envelope, recipients: list[str], context: DeliveryContext
+    ) -> tuple[SmtpSession | None, Transaction]:
+        """One transaction on `session`, or on a new connection (None: a slot is reserved for it).
+        A reused connection found dead before anything was sent is replaced by a fresh one, so a
+        stale socket never fails a delivery. Returns the session to go on with, None when it was
+        closed or could not be opened."""
         while True:
             if session is None:
                 session = self._session_factory(self.destination, self.settings)
@@ -89,21 +165,18 @@ class SmtpPool:
                     self._opened.inc()
                 except RelayError as exc:
                     self._discard(session)
-                    return Transaction([exc.reply] * len(recipients), False)
+                    return None, Transaction([exc.reply] * len(recipients), False)
                 except BaseException:  # cancelled (a deadline): never leave the socket open
                     self._discard(session)
                     raise
             try:
-                transaction = await session.transaction(envelope, recipients, context)
+                return session, await session.transaction(envelope, recipients, context)
             except StaleSessionError:
                 self._discard(session)
                 session = await self._acquire(reuse=False)  # a fresh connection never raises it again
-                continue
             except BaseException:
                 self._discard(session)
                 raise
-            self._release(session)
-            return transaction
 
     async def _acquire(self, *, reuse: bool) -> SmtpSession | None:
         """An idle connection, or None with a slot reserved for opening one.
@@ -211,3 +284,40 @@ class SmtpPool:
             self._discard(session, quit=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _too_many(reply: Reply) -> bool:
+    """A RCPT refused because the transaction has too many recipients (RFC 5321 4.5.3.1.10:
+    452, or the old 552, with x.5.3; a bare 452 without an enhanced code), not because of the
+    recipient: it may go in another transaction."""
+    if reply.command != "RCPT":
+        return False
+    if reply.enhanced_status is not None:
+        return reply.enhanced_status in ("4.5.3", "5.5.3")
+    return reply.code == 452
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """The replies of a delivery made of several transactions, by recipient index."""
+
+    results: list[Reply | None]
+    data_sent: bool
+    in_doubt: set[int]
+
+    def take(self, batch: list[int], transaction: Transaction) -> list[int]:
+        """Record a transaction of the recipients `batch`; returns those to send again in a further
+        one (refused as too many, when this one delivered to someone: each round makes progress)."""
+        self.data_sent = self.data_sent or transaction.data_sent
+        self.in_doubt.update(batch[j] for j in transaction.in_doubt)
+        again: list[int] = []
+        progress = any(r.code // 100 == 2 for r in transaction.replies)
+        for i, reply in zip(batch, transaction.replies, strict=True):
+            self.results[i] = reply
+            if progress and _too_many(reply):
+                again.append(i)
+        return again
+
+    def transaction(self) -> Transaction:
+        replies = [r for r in self.results if r is not None]
+        return Transaction(replies, self.data_sent, frozenset(self.in_doubt))

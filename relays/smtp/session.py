@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn, Self, cast
 
 import aiosmtplib
+import idna
 from aiosmtplib import SMTPResponse
 
 from relays import replies
@@ -77,6 +78,9 @@ class SessionSettings:
     ipv4_only: bool
     lmtp: bool
     relay: str = ""  # the relay's name, for metrics
+    auth_soft_bounce: bool = True
+    max_recipients_per_batch: int = 100
+    chunking: bool = True
 
     @classmethod
     def from_options(cls, options: SmtpOptions, relay_name: str, *, lmtp: bool) -> Self:
@@ -99,6 +103,9 @@ class SessionSettings:
             ipv4_only=options.ipv4_only,
             lmtp=lmtp,
             relay=relay_name,
+            auth_soft_bounce=options.auth_soft_bounce,
+            max_recipients_per_batch=options.max_recipients_per_batch,
+            chunking=options.chunking,
         )
 
 
@@ -131,6 +138,7 @@ class _TransactionState:
     pending: list[int]
     rcpts: list[bytes]
     data: bytes = b""  # the message with CRLF line ends (crlf_lines), not yet dot-stuffed
+    bdat: bool = False  # the message goes as one BDAT ... LAST chunk (RFC 3030), not DATA
 
     @classmethod
     def answered(cls, recipients: Sequence[str], reply: Reply, reused: bool) -> Self:
@@ -208,9 +216,35 @@ class SmtpSession:
         if self.settings.credentials is not None:
             if not self.smtp.supports_extension("auth"):
                 self._fail(replies.not_offered("AUTH", "AUTH"))
-            username, password = self.settings.credentials
-            async with self._step("AUTH"):
-                await self.smtp.login(username, password, timeout=self.settings.command_timeout)
+            await self._authenticate(*self.settings.credentials)
+
+    async def _authenticate(self, username: str, password: str) -> None:
+        """AUTH with the first mechanism both sides know (aiosmtplib's order: CRAM-MD5, PLAIN, LOGIN).
+
+        One attempt: the next mechanism only after the server refused this one as such
+        (504 unrecognised, 534 too weak; RFC 4954), never after a refused password. aiosmtplib's
+        `login()` tries every mechanism whatever the refusal, so a wrong password cost one failed
+        login per mechanism, each counted by fail2ban and dovecot's auth penalty. A refused login
+        is a configuration problem: with `auth_soft_bounce` (the default, as Postfix's
+        smtp_sasl_auth_soft_bounce) it answers 454 4.7.8, so that clients keep their mail.
+        """
+        methods = {"cram-md5": self.smtp.auth_crammd5, "plain": self.smtp.auth_plain, "login": self.smtp.auth_login}
+        usable = [name for name in self.smtp.supported_auth_methods if name in methods]
+        if not usable:
+            offered = " ".join(self.smtp.server_auth_methods).upper() or "none"
+            self._fail(replies.no_auth_mechanism(offered))
+        for n, name in enumerate(usable):
+            try:
+                async with self._step("AUTH"):
+                    await methods[name](username, password, timeout=self.settings.command_timeout)
+                return
+            except RelayError as exc:
+                reply = exc.reply
+                if reply.code in (504, 534) and n + 1 < len(usable) and self.usable:
+                    continue
+                if reply.code // 100 == 5 and self.settings.auth_soft_bounce:
+                    self._fail(replies.auth_refused(reply))
+                raise
 
     async def _greet(self) -> None:
         name = self.settings.ehlo_as.encode("ascii")
@@ -265,15 +299,22 @@ class SmtpSession:
             if not self.smtp.supports_extension("8bitmime"):
                 return _TransactionState.answered(recipients, replies.eight_bit_refused(), reused)
             options.append(b"BODY=8BITMIME")
-        if not envelope.sender.isascii() or not all(r.isascii() for r in recipients):
+        sender, wire = envelope.sender, list(recipients)
+        if not sender.isascii() or not all(r.isascii() for r in recipients):
             if self.smtp.supports_extension("smtputf8"):
                 options.append(b"SMTPUTF8")
                 encoding = "utf-8"
-            elif not envelope.sender.isascii():
-                return _TransactionState.answered(recipients, replies.utf8_refused(), reused)
-            else:
+            else:  # a non-ASCII domain goes as its A-label; only a non-ASCII local part needs SMTPUTF8
+                converted = ascii_address(sender)
+                if converted is None:
+                    return _TransactionState.answered(recipients, replies.utf8_refused(), reused)
+                sender = converted
                 refused = replies.utf8_refused()
-                results = [None if r.isascii() else refused for r in recipients]
+                for i, rcpt in enumerate(recipients):
+                    if (converted := ascii_address(rcpt)) is None:
+                        results[i] = refused
+                    else:
+                        wire[i] = converted
         data = crlf_lines(envelope.message)  # once: SIZE= counts it, DATA sends it
         if self.smtp.supports_extension("size"):
             size = len(data)
@@ -286,12 +327,13 @@ class SmtpSession:
             recipients,
             results,
             reused,
-            mail=[b"FROM:<" + envelope.sender.encode(encoding) + b">", *options],
+            mail=[b"FROM:<" + sender.encode(encoding) + b">", *options],
             pending=pending,
             # `bob@example.org.` goes as RCPT TO:<bob@example.org>, as Postfix rewrites it (servers
             # refuse the dot); results and data_sent keep the address as given.
-            rcpts=[b"TO:<" + recipients[i].rstrip(".").encode(encoding) + b">" for i in pending],
+            rcpts=[b"TO:<" + wire[i].rstrip(".").encode(encoding) + b">" for i in pending],
             data=data,
+            bdat=self.settings.chunking and self.smtp.supports_extension("chunking"),
         )
 
     async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
@@ -317,6 +359,8 @@ class SmtpSession:
         if not accepted:
             await self._reset()
             return []
+        if state.bdat:  # BDAT carries the message itself: no command before it
+            return accepted
         response = await self._command("DATA", b"DATA")
         if response.code != 354:
             state.answer(accepted, _refusal(response, "DATA"))
@@ -329,8 +373,10 @@ class SmtpSession:
         trip instead of two plus one per recipient. Same outcome as `_envelope_stepwise`."""
         rcpt_count = len(state.rcpts)
         rcpt_names: list[Command] = ["RCPT"] * rcpt_count
-        names: list[Command] = ["MAIL", *rcpt_names, "DATA"]
-        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), b"DATA"]
+        # With BDAT the envelope ends at the last RCPT: the message goes once some recipient is taken.
+        data_command: list[bytes] = [] if state.bdat else [b"DATA"]
+        names: list[Command] = ["MAIL", *rcpt_names, *(() if state.bdat else ("DATA",))]
+        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), *data_command]
         if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
             # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
             self._fail(replies.invalid_characters("MAIL"))
@@ -355,6 +401,10 @@ class SmtpSession:
         if lost is not None:
             state.answer_rest(lost)
             return []
+        if state.bdat:
+            if not accepted and self.usable:
+                await self._reset()
+            return accepted
         if not accepted or data[0].code != 354:
             if data[0].code == 354:
                 await self._end_empty_data()  # the server took DATA with no recipient: end it empty
@@ -426,8 +476,9 @@ class SmtpSession:
     async def _send_data(
         self, state: "_TransactionState", accepted: list[int], context: DeliveryContext
     ) -> frozenset[int]:
-        """Write the message (dot-stuffed, then its terminator) and read the replies (LMTP: one per
-        accepted recipient), through our reader (`reading_replies`); answers `accepted` in `state`.
+        """Write the message (dot-stuffed, then its terminator; or after `BDAT <size> LAST`, as it is)
+        and read the replies (LMTP: one per accepted recipient), through our reader
+        (`reading_replies`); answers `accepted` in `state`.
 
         Returns the recipients the server may have delivered to without a
         reply: the whole message went out, then the replies stopped coming.
@@ -441,7 +492,13 @@ class SmtpSession:
         count = len(accepted) if self.settings.lmtp else 1
         failure: Reply | None = None
         whole_sent = False
-        body, end = stuff_dots(state.data)
+        if state.bdat:  # the message as it is, its size in the command: nothing to stuff or scan for
+            # A last line without its CRLF gets one, as DATA's terminator gives it one.
+            body, end = state.data, b"" if state.data.endswith(b"\r\n") or not state.data else b"\r\n"
+            head = b"BDAT %d LAST\r\n" % (len(body) + len(end))
+        else:
+            head = b""
+            body, end = stuff_dots(state.data)
         with reading_replies(transport, self._after_reading) as reader:
             reader.expect(count)  # before the data: a reply beyond `count` is refused as it comes
             try:
@@ -452,9 +509,12 @@ class SmtpSession:
                         # The final "." goes out with this chunk: from here on the server may deliver.
                         await context.sending([state.recipients[i] for i in accepted])
                         whole_sent = True
-                        transport.writelines([chunk, end])  # one system call for both where the loop can
+                        transport.writelines([head, chunk, end])  # one system call where the loop can
+                    elif head:
+                        transport.writelines([head, chunk])
                     else:
                         transport.write(chunk)
+                    head = b""
                     await reader.writable(self.settings.data_timeout)
                 await reader.read(count, self.settings.data_timeout)
             except TimeoutError:
@@ -566,6 +626,21 @@ class SmtpSession:
         if isinstance(exc, ValueError):  # aiosmtplib's command-injection guard: never reached with validated input
             return replies.invalid_characters(command)
         return replies.protocol_error(command, str(exc))
+
+
+def ascii_address(address: str) -> str | None:
+    """`address` with its domain as A-labels (IDNA 2008, UTS 46 mapping: `Bücher.example` is
+    `xn--bcher-kva.example`), for a server without SMTPUTF8; None when the local part is not ASCII
+    or the domain has no A-label form. The null sender and address literals are ASCII already."""
+    if address.isascii():
+        return address
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError:
+        return None
 
 
 def _os_reason(exc: OSError) -> str:

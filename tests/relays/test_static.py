@@ -14,6 +14,7 @@ from relays.smtp.session import encode_data
 from tests.conftest import context, envelope, opened, post_delivery
 from tests.servers.mailrelay import start_server, wait_ready
 from tests.servers.process import free_port
+from tests.servers.raw import Conversation, RawServer, raw_server
 from tests.servers.sink import smtp_sink
 from tests.servers.smtp import Script, smtp_server, tls_material
 
@@ -170,7 +171,7 @@ async def test_implicit_tls(tmp_path: Path) -> None:
     assert server.received[0].tls
 
 
-@pytest.mark.parametrize(("password", "status"), [("relay-pass", "delivered"), ("wrong", "permanent_failure")])
+@pytest.mark.parametrize(("password", "status"), [("relay-pass", "delivered"), ("wrong", "transient_failure")])
 async def test_auth(password: str, status: str) -> None:
     with smtp_server(auth=True) as server:
         config = static(server.port, f"credentials: {{username: relay-user, password: {password}}}")
@@ -179,9 +180,34 @@ async def test_auth(password: str, status: str) -> None:
     assert result.status == status
     if status == "delivered":
         assert server.received[0].login == b"relay-user"
-    else:
-        assert (result.reply.code, result.reply.command) == (535, "AUTH")
+    else:  # auth_soft_bounce (the default): a refused login is transient (more in test_postfix_mta.py)
+        assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (454, "4.7.8", "AUTH")
         assert server.received == []
+
+
+async def test_auth_tries_the_next_mechanism_only_when_the_server_refuses_the_mechanism() -> None:
+    """504 (mechanism not supported, RFC 4954) to PLAIN: LOGIN next. A 535 would end it (Postfix test)."""
+    commands: list[str] = []
+
+    def handler(talk: Conversation, server: RawServer) -> None:
+        talk.send("220 raw.test ESMTP")
+        talk.expect("EHLO", "250-raw.test\r\n250 AUTH PLAIN LOGIN")
+        commands.append(talk.expect("AUTH PLAIN", "504 5.5.4 Unrecognized authentication type"))
+        commands.append(talk.expect("AUTH LOGIN", "334 UGFzc3dvcmQ6"))
+        commands.append(talk.expect("", "235 2.7.0 Authentication successful"))
+        talk.expect("MAIL", "250 2.1.0 OK")
+        talk.expect("RCPT", "250 2.1.5 OK")
+        talk.expect("DATA", "354 go on")
+        talk.read_data()
+        talk.send("250 2.0.0 queued")
+        talk.expect("QUIT", "221 bye")
+
+    with raw_server(handler) as server:
+        config = static(server.port, "credentials: {username: u, password: p}")
+        async with opened(config) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+    assert result.status == "delivered", result.reply
+    assert [c.split()[:2] for c in commands[:2]] == [["AUTH", "PLAIN"], ["AUTH", "LOGIN"]]
 
 
 def test_smtp_sink_through_the_api(make_client: Callable[[str], TestClient]) -> None:
@@ -404,3 +430,51 @@ async def test_size_is_declared_when_offered(message: bytes) -> None:
     assert result.status == "delivered"
     (received,) = server.received
     assert f"SIZE={len(received.content)}" in received.mail_options
+
+
+async def test_too_many_recipients_with_none_accepted_ends_the_delivery() -> None:
+    """452 4.5.3 to every RCPT: no recipient delivered, so no further transaction (each round must
+    make progress); the recipients keep the transient 452."""
+    mails: list[str] = []
+
+    def handler(talk: Conversation, server: RawServer) -> None:
+        talk.send("220 raw.test ESMTP")
+        talk.expect("EHLO", "250 raw.test")
+        while (line := talk.command()).upper().startswith("MAIL"):
+            mails.append(line)
+            talk.send("250 2.1.0 OK")
+            talk.expect("RCPT", "452 4.5.3 Too many recipients")
+            talk.expect("RCPT", "452 4.5.3 Too many recipients")
+            talk.expect("RSET", "250 2.0.0 OK")
+        talk.send("221 bye")
+
+    with raw_server(handler) as server:
+        async with opened(static(server.port)) as relays:
+            results = await relays["out"].deliver(envelope("a@example.net", "b@example.net"), context())
+    assert [(r.status, r.reply.code) for r in results] == [("transient_failure", 452)] * 2
+    assert len(mails) == 1
+
+
+async def test_bdat_without_pipelining_sends_the_message_as_it_is() -> None:
+    """CHUNKING without PIPELINING: MAIL and RCPT one by one, then `BDAT <size> LAST` and exactly
+    that many bytes: the message with CRLF line ends, its leading dots not doubled."""
+    got: list[bytes] = []
+
+    def handler(talk: Conversation, server: RawServer) -> None:
+        talk.send("220 raw.test ESMTP")
+        talk.expect("EHLO", "250-raw.test\r\n250 CHUNKING")
+        talk.expect("MAIL", "250 2.1.0 OK")
+        talk.expect("RCPT", "250 2.1.5 OK")
+        command = talk.command()
+        got.append(command.encode())
+        got.append(talk.stream.read(int(command.split()[1])))
+        talk.send("250 2.0.0 queued")
+        talk.expect("QUIT", "221 bye")
+
+    message = b"Subject: dots\n\n.leading dot\n..two\n.\nend"
+    with raw_server(handler) as server:
+        async with opened(static(server.port)) as relays:
+            (result,) = await relays["out"].deliver(envelope("a@example.net", message=message), context())
+    assert result.status == "delivered", result.reply
+    sent = message.replace(b"\n", b"\r\n") + b"\r\n"  # the last line ended, as DATA ends it
+    assert got == [b"BDAT %d LAST" % len(sent), sent]
