@@ -7,6 +7,7 @@ import gc
 import ipaddress
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -247,15 +248,33 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: Seconds the answers of deliveries cut at the end of shutdown_grace get to be written before
+#: the connections still open are dropped and the server closes.
+CUT_MARGIN = 0.5
+#: Every response from SIGTERM on: the client (or balancer) reconnects, to an instance that stays.
+_CLOSE = (b"connection", b"close")
+
+
 class _Signals:
     """The service's signals, all handled one way: as event loop callbacks, from before the
     relays are built until the server has stopped.
 
-    SIGTERM drains, then stops: /readyz turns 503 and new deliveries are refused while the
-    running ones finish (up to shutdown_grace), so a load balancer sees the instance leave
-    before connections are refused; a second SIGTERM stops without waiting for the drain.
-    SIGINT stops as uvicorn would (a second one does not wait for connections). SIGHUP reloads
-    the configuration; one that comes during start-up is acted on once started.
+    SIGTERM drains, then stops, on a timeline a load balancer can follow:
+    1. at once /readyz turns 503, while deliveries are still served for `drain_delay`, each
+       answer with `Connection: close`, so balancers that probe /readyz (and clients that pool
+       connections) move to other instances before anything is refused;
+    2. after drain_delay the listener closes (a new connection is refused, which balancers retry
+       elsewhere), idle connections are closed and a request still arriving is refused
+       (503, draining); running deliveries get `shutdown_grace` to finish;
+    3. those still running then are cut, answered like a deadline cut (451 4.4.7, possibly
+       delivered where the data had left), and get CUT_MARGIN for their answers to be written;
+       connections still open after that are dropped. The process exits within
+       drain_delay + shutdown_grace + CUT_MARGIN, plus closing the relays.
+    SIGINT does the same without the drain delay (nothing balances a terminal). A second SIGTERM,
+    or SIGINT during a drain, skips what is left of the delay and the grace: running deliveries are
+    cut at once; a SIGTERM during a SIGINT drain is a supervisor passing on the Ctrl+C its workers
+    also got, and changes nothing. One more goes to uvicorn (two SIGINTs: exit without waiting).
+    SIGHUP reloads the configuration; one that comes during start-up is acted on once started.
     """
 
     HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -266,7 +285,8 @@ class _Signals:
         self.services: Services | None = None
         self._stop_requested = False
         self._reload_requested = False
-        self._draining = False
+        self._draining: signal.Signals | None = None  # the signal that started the drain
+        self._hurry = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __enter__(self) -> Self:
@@ -300,9 +320,16 @@ class _Signals:
                 self._spawn(reload_configuration(self.services, self.args))
         elif self.server is None:
             self._stop_requested = True
-        elif sig == signal.SIGTERM and self.services is not None and not self._draining:
-            self._draining = True
-            self._spawn(self._drain_then_stop(self.server, self.services))
+        elif self.services is None:
+            self.server.handle_exit(sig, None)  # the lifespan is starting: nothing to drain yet
+        elif self._draining is None:
+            self._draining = sig
+            delay = self.services.current.config.mailrelay.drain_delay if sig == signal.SIGTERM else 0.0
+            self._spawn(self._drain_then_stop(self.server, self.services, delay, sig.name))
+        elif self._draining == signal.SIGINT and sig == signal.SIGTERM:
+            pass  # the supervisor passing on a Ctrl+C this worker got itself
+        elif not self._hurry.is_set():
+            self._hurry.set()
         else:
             self.server.handle_exit(sig, None)
 
@@ -311,24 +338,73 @@ class _Signals:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drain_then_stop(self, server: _Server, services: Services) -> None:
-        running = services.current.active
-        grace = services.current.config.mailrelay.shutdown_grace
+    async def _pause(self, seconds: float) -> None:
+        """`seconds`, or less if a second signal says to hurry."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._hurry.wait()
+
+    async def _drain_then_stop(self, server: _Server, services: Services, delay: float, name: str) -> None:
+        settings = services.current.config.mailrelay
+        grace = settings.shutdown_grace
+        services.ready = False
+        _close_after_each_response(server)
         logger.info(
-            "SIGTERM: draining (readiness 503, new deliveries refused); %d running, up to %g s to finish",
-            running,
+            "%s: readiness 503; deliveries served for %g s more (drain_delay), then refused; running ones then "
+            "get up to %g s",
+            name,
+            delay,
             grace,
-            extra={"event": "draining", "running": running, "grace": grace},
+            extra={"event": "draining", "running": services.active, "drain_delay": delay, "grace": grace},
         )
-        if await services.drain():
-            logger.info("drained: no delivery running", extra={"event": "drained"})
-        else:
-            logger.warning(
-                "grace period over with %d deliveries still running; stopping anyway",
-                services.current.active,
-                extra={"event": "drained", "running": services.current.active},
-            )
+        await self._pause(delay)
+        services.draining = True
+        # uvicorn stops accepting, closes idle connections, and closes the others once answered.
         server.should_exit = True
+        logger.info(
+            "new deliveries refused; %d running, up to %g s to finish",
+            services.active,
+            grace,
+            extra={"event": "refusing", "running": services.active, "grace": grace},
+        )
+        if await services.wait_idle(grace, self._hurry):
+            logger.info("drained: no delivery running", extra={"event": "drained"})
+            return
+        cut = services.cut_running()
+        logger.warning(
+            "shutdown grace over: %d deliveries cut, answered 451 4.4.7 (possibly delivered where the data had left)",
+            cut,
+            extra={"event": "drained", "running": services.active, "cut": cut},
+        )
+        loop = asyncio.get_running_loop()
+        end = loop.time() + CUT_MARGIN
+        # Until every answer is written (uvicorn closes each connection after its answer). Cut again
+        # meanwhile: a delivery that was waiting for a slot may have got one freed by the cut.
+        while (services.active or server.server_state.connections) and loop.time() < end:
+            services.cut_running()
+            await asyncio.sleep(0.02)
+        left = list(server.server_state.connections)
+        if left:
+            # Still reading a body, or the client reads no answer: dropped rather than left to
+            # uvicorn, whose own timeout would answer a running request with a bare 500.
+            logger.warning(
+                "%d connection(s) still open %g s after the cut; dropped",
+                len(left),
+                CUT_MARGIN,
+                extra={"event": "connections_dropped", "connections": len(left)},
+            )
+            for connection in left:
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
+
+
+def _close_after_each_response(server: _Server) -> None:
+    """`Connection: close` on every response from now on: uvicorn adds these default headers to each
+    response (and ends the connection after one that has it); it rebuilds them from the config once a
+    second, hence both."""
+    server.config.encoded_headers = [*server.config.encoded_headers, _CLOSE]
+    server.server_state.default_headers = [*server.server_state.default_headers, _CLOSE]
 
 
 def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
@@ -385,7 +461,9 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                     # one counts tasks too, answers only once a head arrived (never, for a silent
                     # connection) and refuses the newcomer, where closing an idle one serves /healthz.
                     http=protocol,
-                    timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
+                    # Only a backstop: _Signals cuts running deliveries at the end of the grace and
+                    # drops what is left CUT_MARGIN later, before uvicorn would answer them 500.
+                    timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + CUT_MARGIN) + 2,
                 )
             )
             signals.attach(server)

@@ -73,12 +73,19 @@ class Runtime:
 
 
 class Services:
-    """What every request sees: the current Runtime, and whether the service is draining."""
+    """What every request sees: the current Runtime, and where the service is in its shutdown.
+
+    `ready` turns False at SIGTERM (/readyz 503) while deliveries are still served; `draining`
+    turns True `drain_delay` later, when new deliveries are refused.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.current = runtime
+        self.ready = True
         self.draining = False
         self._retiring: set[asyncio.Task[None]] = set()
+        #: Replaced configurations whose deliveries may still run (a reload shortly before a shutdown).
+        self._replaced: set[Runtime] = set()
 
     async def swap(self, config: ServiceConfig) -> None:
         """Build relays for `config` and switch to them; deliveries running on the old
@@ -92,19 +99,23 @@ class Services:
         except BaseException:
             await close_relays(relays)
             raise
+        self._replaced.add(old)
         task = asyncio.get_running_loop().create_task(self._retire(old, close_store=not same_store))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, runtime: Runtime, *, close_store: bool) -> None:
         grace = runtime.config.mailrelay.shutdown_grace
-        if not await runtime.wait_idle(grace):
-            logger.warning(
-                "%d deliveries still running on the old configuration after %g s; closing its relays",
-                runtime.active,
-                grace,
-                extra={"event": "config_reload"},
-            )
+        try:
+            if not await runtime.wait_idle(grace):
+                logger.warning(
+                    "%d deliveries still running on the old configuration after %g s; closing its relays",
+                    runtime.active,
+                    grace,
+                    extra={"event": "config_reload"},
+                )
+        finally:
+            self._replaced.discard(runtime)
         await close_relays(runtime.relays)
         if close_store:
             await close_quietly(runtime.idempotency)
@@ -114,11 +125,27 @@ class Services:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
-    async def drain(self) -> bool:
-        """Refuse new deliveries and wait (at most shutdown_grace) for the running ones."""
-        self.draining = True
-        grace = self.current.config.mailrelay.shutdown_grace
-        return await self.current.wait_idle(grace)
+    @property
+    def active(self) -> int:
+        """Requests for deliveries under way, on every configuration (reading a body counts)."""
+        return self.current.active + sum(runtime.active for runtime in self._replaced)
+
+    async def wait_idle(self, seconds: float, interrupt: asyncio.Event | None = None) -> bool:
+        """True once no delivery runs on any configuration; False after `seconds`, or as soon as
+        `interrupt` is set. Polls: it runs once, at shutdown, and a reload may add a runtime."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while self.active:
+            left = end - loop.time()
+            if left <= 0 or (interrupt is not None and interrupt.is_set()):
+                return False
+            await asyncio.sleep(min(0.05, left))
+        return True
+
+    def cut_running(self) -> int:
+        """End every delivery running on any configuration now, each answered like a deadline cut
+        (DeliveryCore.cut_running). Returns how many were cut."""
+        return sum(runtime.core.cut_running() for runtime in (self.current, *self._replaced))
 
     async def aclose(self) -> None:
         self.draining = True

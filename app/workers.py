@@ -2,8 +2,9 @@
 
 Each worker is a fresh `mailrelay serve` on the inherited socket, so each has its
 own event loop, relays and pools, and none shares state with another by accident.
-The supervisor forwards SIGTERM (each worker drains) and SIGHUP (each worker
-reloads), replaces a worker that dies, and gives up if workers die at start-up.
+The supervisor forwards SIGTERM (each worker drains on its own timeline, app/cli.py
+_Signals) and SIGHUP (each worker reloads), replaces a worker that dies, and gives up if
+workers die at start-up. Once stopping it closes its copy of the listening socket.
 Metrics: every worker writes to a private PROMETHEUS_MULTIPROC_DIR, set before it
 starts, so whichever answers /metrics reports all of them. A dead worker's files are
 folded into one file per metric type (`retire_worker_files`), so replacing workers
@@ -111,6 +112,10 @@ def supervise(args: argparse.Namespace, source: str) -> int:
                 signum = forwarded.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     stopping = True
+                    # No worker starts from now on. With this copy closed, the port closes when the
+                    # last worker's drain_delay ends: new connections are refused (a balancer retries
+                    # them elsewhere) instead of waiting in a backlog that no one accepts from.
+                    sock.close()
                 for process, _ in workers:
                     if process.poll() is None:
                         process.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -120,7 +125,8 @@ def supervise(args: argparse.Namespace, source: str) -> int:
                     continue
                 retire_worker_files(process.pid, metrics_dir)
                 if stopping:
-                    status = status or code
+                    # Killed by the SIGTERM passed on to it: it was still starting (no handlers yet).
+                    status = status or (0 if code == -signal.SIGTERM else code)
                     workers.remove((process, started))
                     continue
                 if time.monotonic() - started < _STARTUP_WINDOW:

@@ -30,10 +30,12 @@ async def healthz() -> Health:
 )
 async def readyz(services: ServicesDep) -> Health:
     """Readiness: 200 when configured and accepting deliveries; 503 while draining on shutdown."""
-    if services.draining:
+    # 503 from SIGTERM on, while deliveries are still served for drain_delay: a load balancer
+    # sees the instance leave before any delivery is refused (app/cli.py, _Signals).
+    if not services.ready:
         raise ProblemError(
             503,
-            "draining for shutdown; not accepting deliveries",
+            "draining for shutdown: take this instance out of rotation; new deliveries are refused shortly",
             headers={"Retry-After": "5"},
         )
     return Health()
