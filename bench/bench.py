@@ -11,6 +11,10 @@ Run it through `bench/run`, which installs what this needs first. Rows:
   static822  the same, message/rfc822 form (slimta's wire format)
   mx         mailrelay, `mx` relay (local dnslib DNS, warm cache) to smtp-sink, pool 8, JSON form
   workers    mailrelay `static` JSON with `serve --workers N` (the multi-core row)
+  keyed      mailrelay `static` JSON with an Idempotency-Key on every request (a fresh key each),
+             the store on a redis-server this script starts on loopback; compared with `static`
+  ROW@base   with --baseline REV: the same mailrelay row, the service's code as committed at REV,
+             measured right after the row itself at every point (before/after in one run)
 
 Load: wrk, one thread, N connections, Lua bodies precomputed (bench/post.lua). Every
 point: a warm-up run, then several measured runs; the table gives the median, the
@@ -76,8 +80,31 @@ TARGETS = [
     Target("static822", "mailrelay static rfc822", "rfc822", "/relays/sink/deliver", True),
     Target("mx", "mailrelay mx json (warm)", "json", "/relays/mx/deliver", True),
     Target("workers", "mailrelay static json --workers N", "json", "/relays/sink/deliver", True),
+    Target("keyed", "mailrelay static keyed (Redis)", "json", "/relays/sink/deliver", True),
 ]
 BY_KEY = {t.key: t for t in TARGETS}
+#: The rows that run mailrelay (and get a ROW@base twin with --baseline).
+MAILRELAY_ROWS = ("blackhole", "static", "static822", "mx", "workers", "keyed")
+BASE = "@base"
+
+
+def add_baseline_targets(keys: list[str], rev: str) -> list[str]:
+    """Every mailrelay row in `keys` followed by its twin measured on the code of `rev`."""
+    out = []
+    for key in keys:
+        out.append(key)
+        if key in MAILRELAY_ROWS:
+            target = BY_KEY[key]
+            tag = f" @{rev[:12]}"
+            twin = Target(key + BASE, target.label[: 36 - len(tag)] + tag, target.form, target.path, target.sink)
+            BY_KEY[twin.key] = twin
+            TARGETS.insert(TARGETS.index(target) + 1, twin)
+            out.append(twin.key)
+    return out
+
+
+def base_key(key: str) -> str:
+    return key.removesuffix(BASE)
 
 
 def size_label(size: int) -> str:
@@ -196,20 +223,33 @@ class CpuMeter:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, logdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        logdir: Path,
+        env: dict[str, str] | None = None,
+        pipe_to: list[str] | None = None,
+    ) -> None:
         self.name, self.port = name, port
         self.logfile = logdir / f"{name}.log"
         # Appending, so the file can be emptied between points (`new_log_text`): at the default log
         # level mailrelay writes a line per delivery, hundreds of MB in a full run.
         self._log = self.logfile.open("ab")
+        self.reader: subprocess.Popen[bytes] | None = None
+        if pipe_to is not None:  # output through a pipe, as under a container runtime: `cat` appends it
+            self.reader = subprocess.Popen([*pipe_to, "cat"], stdin=subprocess.PIPE, stdout=self._log)
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
-            stdout=self._log,
+            stdout=self.reader.stdin if self.reader else self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
+        if self.reader and self.reader.stdin:
+            self.reader.stdin.close()  # the server holds the write end
 
     def wait_ready(self, http: bool, timeout: float = 60) -> str | None:
         """None when it answers; else why not."""
@@ -252,6 +292,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.reader:
+            self.reader.wait(5)
         self._log.close()
 
 
@@ -432,7 +474,8 @@ class Bench:
         return self.args.warmup, self.args.runs, self.args.duration
 
     def meter(self) -> CpuMeter:
-        return CpuMeter([self.sink.proc.pid, *(s.proc.pid for s in self.servers.values())])
+        readers = [s.reader.pid for s in self.servers.values() if s.reader]  # --mailrelay-log-to pipe
+        return CpuMeter([self.sink.proc.pid, *(s.proc.pid for s in self.servers.values()), *readers])
 
     def quiet(self, size: int) -> float:
         return 0.6 if size >= MIB else 0.25
@@ -453,6 +496,8 @@ class Bench:
             f"http://127.0.0.1:{server.port}",
         ]
         env = {**os.environ, "BENCH_PATH": target.path, "BENCH_BODY": str(body), "BENCH_HEADERS": str(headers)}
+        if base_key(target.key) == "keyed":  # a fresh Idempotency-Key on every request, unique across runs
+            env["BENCH_KEY_PREFIX"] = f"bench-{time.time_ns()}-"
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + timeout + 60)
         except subprocess.TimeoutExpired:
@@ -572,7 +617,59 @@ class Bench:
 # --------------------------------------------------------------------------- servers
 
 
-def mailrelay_config(path: Path, sink_port: int) -> None:
+class Redis:
+    """A redis-server for the keyed row: loopback, no persistence, on the client's CPU (the store is
+    another machine in production; what the row measures is mailrelay's own cost per key)."""
+
+    def __init__(self, pin: Pinning, logdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._out = (logdir / "redis.log").open("wb")
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [
+                *pin.cmd(pin.client),
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(logdir),
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server did not start: {(logdir / 'redis.log').read_text()[-500:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self._out.close()
+
+
+def mailrelay_config(path: Path, sink_port: int, redis_url: str | None = None) -> None:
     # max_waiting above the largest concurrency: c128 with 8 connections queues 120 per destination.
     smtp = (
         f"    concurrent_connections: {POOL}\n    max_waiting: 128\n    idle_timeout: 60\n"
@@ -583,6 +680,7 @@ def mailrelay_config(path: Path, sink_port: int) -> None:
         "  blackhole:\n    type: blackhole\n"
         f"  sink:\n    type: static\n    host: 127.0.0.1\n    port: {sink_port}\n{smtp}"
         f"  mx:\n    type: mx\n    port: {sink_port}\n    allow_internal_destinations: true\n{smtp}"
+        + (f"mailrelay:\n  idempotency:\n    backend: redis\n    redis_url: {redis_url}\n" if redis_url else "")
     )
 
 
@@ -602,9 +700,14 @@ def start_servers(
     workers: int,
     source: Path | None,
     log_level: str,
+    base_source: Path | None = None,
+    redis_url: str | None = None,
+    log_to: str = "file",
 ) -> tuple[dict[str, Server], dict[str, str]]:
     config = logdir / "mailrelay.yaml"
     mailrelay_config(config, sink.port)
+    keyed_config = logdir / "mailrelay-keyed.yaml"
+    mailrelay_config(keyed_config, sink.port, redis_url)
     uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning"]
     dns_env = {"MAILRELAY_DNS_NAMESERVERS": f"127.0.0.1:{dns_port}"}
     if source is not None:  # --rev: the service's code from a snapshot, ahead of the editable install
@@ -612,12 +715,15 @@ def start_servers(
     servers: dict[str, Server] = {}
     problems: dict[str, str] = {}
 
-    def serve_cmd(port: int) -> list[str]:
+    def serve_cmd(port: int, config: Path = config) -> list[str]:
         return [str(MAILRELAY), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
 
     for key in wanted:
         port = free_port()
         server_pin = pin.cmd(pin.server)
+        row = base_key(key)
+        env = dns_env if key == row else {**dns_env, "PYTHONPATH": str(base_source)}  # ROW@base: that code
+        pipe = pin.cmd(pin.client) if log_to == "pipe" and row in MAILRELAY_ROWS else None
         if key == "bare":
             cmd = [
                 *server_pin,
@@ -637,21 +743,27 @@ def start_servers(
         elif key == "slimta":
             cmd = [*server_pin, str(SLIMTA_PY), str(BENCH / "slimta_edge.py"), "--port", str(port)]
             servers[key] = Server(key, [*cmd, "--smtp-port", str(sink.port), "--pool", str(POOL)], port, logdir)
-        elif key in ("blackhole", "static", "static822", "mx"):
+        elif row in ("blackhole", "static", "static822", "mx"):
             cmd = [*server_pin, *serve_cmd(port), "--log-level", log_level]
-            servers[key] = Server(key, cmd, port, logdir, dns_env)
-        elif key == "workers":
+            servers[key] = Server(key, cmd, port, logdir, env, pipe)
+        elif row == "keyed":
+            if redis_url is None:
+                problems[key] = "not run: no redis-server (bench/run installs it)"
+                continue
+            cmd = [*server_pin, *serve_cmd(port, keyed_config), "--log-level", log_level]
+            servers[key] = Server(key, cmd, port, logdir, env, pipe)
+        elif row == "workers":
             if workers < 1:
                 problems[key] = "not run (--workers 0)"
                 continue
-            if not workers_supported(dns_env):
+            if not workers_supported(env):
                 problems[key] = (
                     "SKIPPED: `mailrelay serve` has no --workers option yet; "
                     "rerun `bench/run --only workers` once it has"
                 )
                 continue
             cmd = [*pin.cmd(pin.all), *serve_cmd(port), "--log-level", log_level, "--workers", str(workers)]
-            servers[key] = Server(key, cmd, port, logdir, dns_env)
+            servers[key] = Server(key, cmd, port, logdir, env, pipe)
     for key, server in list(servers.items()):
         why = server.wait_ready(http=key != "slimta")
         if why:
@@ -718,6 +830,11 @@ def versions(rev: str | None) -> list[str]:
     ]
 
 
+def versions_commit(rev: str) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=ROOT, check=False)
+    return done.stdout.strip() or "?"
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or value != value else format(value, spec)
 
@@ -732,7 +849,7 @@ def table(points: list[Point], args: argparse.Namespace) -> list[str]:
         return f"{point.rate / base.rate:.2f}"
 
     ceiling = {"blackhole": "bare", "sketch": "direct", "slimta": "direct", "static": "direct"}
-    ceiling |= {"static822": "direct", "mx": "direct", "workers": "direct"}
+    ceiling |= {"static822": "direct", "mx": "direct", "workers": "direct", "keyed": "direct"}
     head = (
         f"{'size':>7} {'conc':>4}  {'what':<36} {'msg/s':>8} {'±':>4} {'p50 ms':>7} {'p99 ms':>8} "
         f"{'RSS MiB':>7} {'errors':>6} {'sink':>6} {'other%':>6}  {'÷slimta':>7} {'÷sketch':>7} {'÷ceil':>6}"
@@ -749,13 +866,14 @@ def table(points: list[Point], args: argparse.Namespace) -> list[str]:
                 why = point.skipped or "; ".join(point.failures) or "no runs"
                 lines.append(f"{size_label(size):>7} {conc:>4}  {label:<36} {'':>8} {why}"[:200])
                 continue
-            mr = target.key in ("static", "static822", "mx", "workers", "sketch")
+            row = base_key(target.key)
+            mr = row in ("static", "static822", "mx", "workers", "keyed", "sketch")
             lines.append(
                 f"{size_label(size):>7} {conc:>4}  {label:<36} {point.rate:>8.0f} {point.spread * 100:>3.0f}% "
                 f"{point.p50:>7.2f} {point.p99:>8.2f} {fmt(point.rss_mib, '.0f'):>7} {point.errors:>6} "
                 f"{point.verified():>6} {fmt(point.others_cpu, '.0f') + ('r' if point.retried else ''):>6}  {ratio(point, 'slimta') if mr else '-':>7} "
                 f"{ratio(point, 'sketch') if mr and target.key != 'sketch' else '-':>7} "
-                f"{ratio(point, ceiling[target.key]) if target.key in ceiling else '-':>6}"
+                f"{ratio(point, ceiling[row]) if row in ceiling else '-':>6}"
             )
         lines.append("")
     return lines
@@ -802,6 +920,30 @@ def goals(points: list[Point]) -> list[str]:
             "not measured" if not p or p.rss_mib is None else f"{p.rss_mib:.0f} MiB",
         )
     rate_ratio("mx (warm cache) 1 KiB c8 within 5% of static", "mx", "static", KIB, 8, 0.95)
+    # issue 16: the cost of an Idempotency-Key with the Redis store
+    rate_ratio("keyed (Redis) 1 KiB c8 >= 0.85x unkeyed static", "keyed", "static", KIB, 8, 0.85)
+    return out
+
+
+def baseline_lines(points: list[Point], rev: str) -> list[str]:
+    """Each mailrelay point against its twin on the code of `rev`, measured seconds apart."""
+    by = {(p.target, p.size, p.conc): p for p in points if p.runs}
+    out = []
+    ratios = []
+    for (key, size, conc), point in by.items():
+        base = by.get((key + BASE, size, conc))
+        if key.endswith(BASE) or base is None or not base.rate:
+            continue
+        ratio = point.rate / base.rate
+        ratios.append(ratio)
+        out.append(
+            f"{size_label(size):>7} c{conc:<4} {BY_KEY[key].label:<36} {point.rate:>7.0f} ±{point.spread * 100:.0f}% vs "
+            f"{base.rate:>7.0f} ±{base.spread * 100:.0f}%  = {ratio:.3f}x   p50 {point.p50:.2f} vs {base.p50:.2f} ms"
+        )
+    if ratios:
+        out.append(
+            f"all points: median {statistics.median(ratios):.3f}x, lowest {min(ratios):.3f}x, highest {max(ratios):.3f}x"
+        )
     return out
 
 
@@ -849,7 +991,9 @@ def plan(args: argparse.Namespace, targets: list[str]) -> list[tuple[int, int, s
             if size >= MIB and conc not in args.large_conc:
                 continue
             for key in targets:
-                if key == "workers" and (size not in args.worker_sizes or conc not in args.worker_conc):
+                if base_key(key) == "workers" and (size not in args.worker_sizes or conc not in args.worker_conc):
+                    continue
+                if base_key(key) == "keyed" and size not in args.keyed_sizes:
                     continue
                 out.append((size, conc, key))
     return out
@@ -898,6 +1042,19 @@ def main() -> int:
         help="benchmark mailrelay as committed at this git revision (a `git archive` snapshot run from the "
         "project's .venv) instead of the working tree, which others may be editing",
     )
+    parser.add_argument(
+        "--mailrelay-log-to",
+        default="file",
+        choices=["file", "pipe"],
+        help="where mailrelay's output goes: a file (default), or a pipe to `cat` appending to that file (as "
+        "under a container runtime; its lines are then written by the log writer thread, not on the loop)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure every mailrelay row on the code as committed at REV (a `git archive` snapshot), "
+        "right after the row itself at each point, and print the ratios: before/after in one run",
+    )
     parser.add_argument("--output", type=Path, help="results file (default bench/results/DATE-TIME-bench.txt)")
     args = parser.parse_args()
     quick = args.quick
@@ -909,10 +1066,13 @@ def main() -> int:
     args.large_duration = args.large_duration or (5 if quick else 6)
     args.workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     args.worker_sizes = [KIB]
+    args.keyed_sizes = [KIB]  # a fresh key per request is built in wrk's Lua: a copy of the body each
     args.worker_conc = [8] if quick else [c for c in args.conc if c >= 8]
     # --quick: large messages only at c8, where the RSS goal is
     args.large_conc = [8] if quick else [c for c in args.conc if c <= args.max_conc_large]
     targets = args.only or [t.key for t in TARGETS]
+    if args.baseline:
+        targets = add_baseline_targets(targets, args.baseline)
     steps = plan(args, targets)
 
     for tool in ("wrk", "smtp-sink"):
@@ -926,17 +1086,24 @@ def main() -> int:
     started = datetime.datetime.now()
     logdir = BENCH / ".logs" / started.strftime("%Y%m%d-%H%M%S")
     logdir.mkdir(parents=True)
-    source = None
-    if args.rev:
-        source = logdir / "src"
-        source.mkdir()
+
+    def snapshot(rev: str, name: str) -> Path | None:
+        where = logdir / name
+        where.mkdir()
         archive = subprocess.run(
-            ["git", "archive", "--format=tar", args.rev, "app", "relays", "schemas"], cwd=ROOT, capture_output=True
+            ["git", "archive", "--format=tar", rev, "app", "relays", "schemas"], cwd=ROOT, capture_output=True
         )
         if archive.returncode != 0:
-            log(f"git archive {args.rev}: {archive.stderr.decode().strip()}")
-            return 1
-        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+            log(f"git archive {rev}: {archive.stderr.decode().strip()}")
+            return None
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+        return where
+
+    source = base_source = None
+    if args.rev and (source := snapshot(args.rev, "src")) is None:
+        return 1
+    if args.baseline and (base_source := snapshot(args.baseline, "base-src")) is None:
+        return 1
     pin = Pinning(not args.no_pin)
     if pin.enabled:
         os.sched_setaffinity(0, {1})
@@ -951,6 +1118,12 @@ def main() -> int:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
 
     sink = Sink(pin, logdir)
+    redis = None
+    if any(base_key(k) == "keyed" for k in targets):
+        if shutil.which("redis-server") or Path("/usr/bin/redis-server").exists():
+            redis = Redis(pin, logdir)
+        else:
+            log("redis-server not found: the keyed row is skipped (bench/run installs it)")
     dns_port = free_port()
     resolver, dns_servers = start_dns(dns_port, DOMAIN)
     http_targets = [k for k in dict.fromkeys(k for _, _, k in steps) if k != "direct"]
@@ -958,7 +1131,17 @@ def main() -> int:
     points: list[Point] = []
     try:
         servers, problems = start_servers(
-            http_targets, pin, sink, dns_port, logdir, args.workers, source, args.mailrelay_log_level
+            http_targets,
+            pin,
+            sink,
+            dns_port,
+            logdir,
+            args.workers,
+            source,
+            args.mailrelay_log_level,
+            base_source,
+            redis.url if redis else None,
+            args.mailrelay_log_to,
         )
         for key, why in problems.items():
             log(f"{key}: {why}")
@@ -985,6 +1168,8 @@ def main() -> int:
         for server in servers.values():
             server.stop()
         sink.stop()
+        if redis:
+            redis.stop()
         for dns in dns_servers:
             with contextlib.suppress(Exception):
                 dns.stop()
@@ -997,7 +1182,8 @@ def main() -> int:
         f"# command: bench/run {' '.join(sys.argv[1:])}".rstrip(),
         *(f"# {line}" for line in versions(args.rev)),
         f"# {pin.describe()}",
-        f"# logs: mailrelay at --log-level {args.mailrelay_log_level} (JSON, to a file"
+        f"# logs: mailrelay at --log-level {args.mailrelay_log_level} (JSON, to a "
+        + ("file" if args.mailrelay_log_to == "file" else "pipe read by `cat` on the client CPU, appending to a file")
         + ("; the service's default: one line per delivery" if args.mailrelay_log_level == "info" else "")
         + "); bare and sketch at uvicorn's warning (no access log).",
         f"# load average before {' '.join(load_before)}, after {' '.join(load_after)}: the machine is shared "
@@ -1044,7 +1230,15 @@ def main() -> int:
         )
     report.append("")
     report += table(points, args)
-    report += ["Goals (issue 8):", *goals(points), ""]
+    report += ["Goals (issue 8; the keyed row: issue 16):", *goals(points), ""]
+    if args.baseline:
+        report += [
+            f"Against the baseline (--baseline {args.baseline}, commit "
+            f"{versions_commit(args.baseline)}): msg/s of each mailrelay row / its twin on the baseline's code, "
+            "measured one after the other at each point:",
+            *baseline_lines(points, args.baseline),
+            "",
+        ]
     notes = [f"{k}: {v}" for k, v in problems.items()]
     notes += [
         f"{p.target} {size_label(p.size)} c{p.conc}: {'; '.join(p.failures)}"
