@@ -155,6 +155,33 @@ class LimitSettings(BaseModel):
         return self.per_relay.get(name, self.max_in_flight_per_relay)
 
 
+class BatchSettings(BaseModel):
+    """`mailrelay.batch`: `POST /relays/{name}/deliveries`, many deliveries in one NDJSON request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="deliveries of one batch running at once (each also needs its slots under `limits`); the "
+        "next line is read only when one of them has finished",
+    )
+    max_lines: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="most deliveries in one batch; the line past it is answered 413 and the rest is not read",
+    )
+    max_line_bytes: int = Field(
+        default=2 * 1024 * 1024,
+        ge=1024,
+        le=1 << 30,
+        description="most bytes in one line (one delivery, its JSON escapes or base64 included); a longer line "
+        "is answered 413 without being held, and the batch goes on. Larger messages go to /deliver",
+    )
+
+
 class IdempotencySettings(BaseModel):
     """`mailrelay.idempotency`: where results of requests with an Idempotency-Key are kept."""
 
@@ -299,6 +326,7 @@ class ServiceSettings(BaseModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     def nameservers(self) -> list[tuple[str, int]]:
         return [split_host_port(ns, 53) for ns in self.dns_nameservers or []]
