@@ -153,6 +153,94 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Header fields a DKIM signature must not cover (RFC 6376 5.4.1): relays and receivers change them.
+DKIM_UNSIGNABLE = frozenset(["bcc", "comments", "dkim-signature", "keywords", "received", "resent-bcc", "return-path"])
+_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*$")
+_FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext: printable ASCII but ":"
+
+
+def _check_signing_domain(value: str) -> str:
+    domain = normal_domain(value)
+    if not domain or not _NO_SPACE.match(domain) or "@" in domain:
+        raise ValueError("must be a domain name, without whitespace or '@'")
+    return domain
+
+
+def _check_selector(value: str) -> str:
+    if not _SELECTOR.match(value):
+        raise ValueError("must be one or more DNS labels of letters, digits, '-' and '_' separated by dots")
+    return value
+
+
+def _check_field_name(value: str) -> str:
+    if not _FIELD_NAME.match(value):
+        raise ValueError(f"{value!r} is not a header field name")
+    if value.lower() in DKIM_UNSIGNABLE:
+        raise ValueError(f"{value} must not be signed: relays and receivers change it (RFC 6376 5.4.1)")
+    return value
+
+
+class DkimIdentity(_Options):
+    """Beyond slimta: a DKIM signing identity (RFC 6376); the key's type sets the algorithm."""
+
+    domain: Annotated[str, AfterValidator(_check_signing_domain)] = Field(
+        description="the signing domain (d=); messages whose From: domain is this one are signed with it",
+        examples=["example.com"],
+    )
+    selector: Annotated[str, AfterValidator(_check_selector)] = Field(
+        description="the selector (s=): the public key is published at <selector>._domainkey.<domain>",
+        examples=["mail2026"],
+    )
+    key_file: str | None = Field(
+        default=None,
+        description="PEM private key file (RSA, or Ed25519 as `openssl genpkey` writes it), or a mounted secret; "
+        "`~` and `$VARS` expand. Read when the relay is built (start-up, reload)",
+    )
+    key_env: str | None = Field(
+        default=None,
+        description="name of an environment variable that holds the private key instead (PEM text)",
+    )
+    default: bool = Field(
+        default=False,
+        description="sign messages whose From: domain has no identity of its own with this one (one at most)",
+    )
+    extra_headers: list[Annotated[str, AfterValidator(_check_field_name)]] = Field(
+        default_factory=list,
+        description="header fields signed besides the default set (From, twice, Subject, Date, To, Cc, "
+        "Message-ID, MIME and List-* fields, ...), where present",
+    )
+
+    @field_validator("key_file")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return os.path.expanduser(os.path.expandvars(value)) if value else value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        if (self.key_file is None) == (self.key_env is None):
+            raise ValueError("give exactly one of `key_file` and `key_env` (never the key itself)")
+        return self
+
+
+def _check_identities(value: list[DkimIdentity]) -> list[DkimIdentity]:
+    domains = [identity.domain for identity in value]
+    if len(set(domains)) != len(domains):
+        raise ValueError("one identity per domain")
+    if sum(identity.default for identity in value) > 1:
+        raise ValueError("at most one identity may be the `default`")
+    return value
+
+
+class _RelayOptions(_Options):
+    """What every relay type accepts."""
+
+    dkim: Annotated[list[DkimIdentity], AfterValidator(_check_identities)] = Field(
+        default_factory=list,
+        description="beyond slimta: DKIM signing identities; the From: header's domain chooses one (else the "
+        "`default` one); a message with none goes unsigned",
+    )
+
+
 class TlsOptions(_Options):
     """TLS settings: the keyword arguments of the old `ssl.wrap_socket`, made into an SSLContext."""
 
@@ -213,7 +301,7 @@ class Credentials(_Options):
     password: Secret
 
 
-class SmtpOptions(_Options):
+class SmtpOptions(_RelayOptions):
     """Options shared by the SMTP relays (`mx`, `static`, `lmtp`)."""
 
     connect_timeout: Seconds = Field(
@@ -333,7 +421,7 @@ class LmtpOptions(SmtpOptions):
         return f"LMTP to {self.host}:{self.port}{_smtp_extras(self)}"
 
 
-class ProcessOptions(_Options):
+class ProcessOptions(_RelayOptions):
     """Beyond slimta: how the local delivery relays run their command."""
 
     timeout: Seconds = Field(
@@ -472,7 +560,7 @@ def _check_url(value: str) -> str:
     return value
 
 
-class HttpOptions(_Options):
+class HttpOptions(_RelayOptions):
     """POST to another HTTP endpoint in slimta's wire format."""
 
     type: Literal["http"]
@@ -496,7 +584,7 @@ class HttpOptions(_Options):
         return f"HTTP POST to {mask_text(self.url)}"
 
 
-class BlackholeOptions(_Options):
+class BlackholeOptions(_RelayOptions):
     """Accepts every message and does nothing with it."""
 
     type: Literal["blackhole"]
@@ -588,6 +676,9 @@ class CustomOptions(BaseModel):
 
     type: Literal["custom"]
     factory: str = Field(description='"package.module:symbol" of a callable that returns the relay')
+    dkim: Annotated[list[DkimIdentity], AfterValidator(_check_identities)] = Field(
+        default_factory=list, description="beyond slimta: DKIM signing identities, as for every relay type"
+    )
 
     @field_validator("factory")
     @classmethod
@@ -629,7 +720,7 @@ def public_options(options: BaseModel) -> dict[str, Any]:
     if isinstance(options, CustomOptions):
         public = _PUBLIC_CUSTOM_OPTIONS.get(options.factory, frozenset())
         shown = {
-            key: _mask_values(value) if key in public or key in ("type", "factory") or value is None else MASK
+            key: _mask_values(value) if key in public or key in ("type", "factory", "dkim") or value is None else MASK
             for key, value in dumped.items()
         }
         return {"type": shown.pop("type"), **shown}

@@ -24,6 +24,7 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "tls": None,
     "credentials": None,
     "ipv4_only": False,
+    "dkim": [],
 }
 PROCESS_DEFAULTS: dict[str, Any] = {
     "timeout": 300.0,
@@ -31,6 +32,7 @@ PROCESS_DEFAULTS: dict[str, Any] = {
     "cwd": None,
     "env": None,
     "user": None,
+    "dkim": [],
 }
 
 # (the relay's mapping in the file, every option GET /relays must show)
@@ -67,10 +69,14 @@ DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
             "idle_timeout": None,
             "tls": None,
             "concurrent_connections": 100,
+            "dkim": [],
         },
     ),
-    ({"type": "blackhole"}, {"type": "blackhole"}),
-    ({"type": "custom", "factory": "tests.scripted:factory"}, {"type": "custom", "factory": "tests.scripted:factory"}),
+    ({"type": "blackhole"}, {"type": "blackhole", "dkim": []}),
+    (
+        {"type": "custom", "factory": "tests.scripted:factory"},
+        {"type": "custom", "factory": "tests.scripted:factory", "dkim": []},
+    ),
 ]
 
 
@@ -432,6 +438,7 @@ def test_a_custom_factory_declares_which_options_are_public() -> None:
         "region": "eu-west",
         "key": "***",
         "endpoint": None,
+        "dkim": [],
     }
 
 
