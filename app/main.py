@@ -18,7 +18,7 @@ from app.config import DEFAULT_CONFIG_YAML, DEFAULT_SOURCE, parse_config
 from app.lifespan import Services, make_lifespan
 from app.observability import RequestContext
 from app.problems import install_problem_handlers
-from app.routes import health
+from app.routes import batches, health
 from app.routes import relays as relay_routes
 from relays.base import Relay
 from schemas.config import ServiceConfig
@@ -93,6 +93,7 @@ def create_app(
         _add_api_pages(app)
     install_problem_handlers(app)
     app.include_router(relay_routes.router)
+    app.include_router(batches.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:
@@ -106,7 +107,12 @@ def create_app(
             )
             # The deliver body is read by hand (two media types), so its models are added here.
             _, extra = models_json_schema(
-                [(DeliveryRequest, "validation"), (Problem, "serialization")],
+                [
+                    (DeliveryRequest, "validation"),
+                    (Problem, "serialization"),
+                    (batches.BatchDelivery, "validation"),
+                    (batches.BatchResultLine, "serialization"),
+                ],
                 ref_template="#/components/schemas/{model}",
             )
             components = document.setdefault("components", {})

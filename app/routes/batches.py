@@ -1,0 +1,495 @@
+"""`POST /relays/{name}/deliveries`: many deliveries in one NDJSON request, each result streamed back as it finishes.
+
+Named for the collection it adds to (`/deliver` is one delivery, `/deliveries` many), under the
+same `/relays/{name}` prefix, so a key scoped to a relay reaches both or neither.
+"""
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Annotated, Any, Final
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from starlette.types import Message, Receive, Scope, Send
+
+from app import idempotency, logs
+from app.auth import Principal
+from app.budget import Holding
+from app.delivery import Deadline, Delivery, Refused
+from app.deps import RelayName, find_relay
+
+# The single route's own checks, so that a line is read exactly as a /deliver body is.
+from app.intake import _CHECKED_JSON_BYTES, _check_json_values, _message, media_type
+from app.lifespan import Runtime, Services
+from app.problems import ProblemError, problem_doc
+from app.routes.relays import DEADLINE_HEADER, _deadline
+from relays.base import Relay
+from schemas.config import BatchSettings, ServiceSettings, format_path
+from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, Recipient
+from schemas.problem import FieldError, Problem
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/relays", tags=["relays"])
+
+NDJSON: Final = "application/x-ndjson"
+#: Also accepted: the same format under its other names.
+_NDJSON_TYPES: Final = frozenset((NDJSON, "application/jsonl", "application/jsonlines", "application/x-jsonlines"))
+
+
+def _check_key(value: str | None) -> str | None:
+    if value is not None and (problem := idempotency.key_problem(value)):
+        raise ValueError(problem)
+    return value
+
+
+class BatchDelivery(DeliveryRequest):
+    """One line of a batch: the JSON form of `POST /relays/{name}/deliver`, and its own idempotency key."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "sender": "alice@example.com",
+                    "recipients": ["bob@example.net"],
+                    "message": "From: alice@example.com\r\nSubject: hi\r\n\r\nHello\r\n",
+                    "idempotency_key": "order-4711-confirmation",
+                }
+            ]
+        },
+    )
+
+    idempotency_key: Annotated[str | None, AfterValidator(_check_key)] = Field(
+        default=None,
+        max_length=idempotency.MAX_KEY_LENGTH,
+        description="as the Idempotency-Key header of /deliver, for this line alone: a repeat (in this batch or "
+        "any later request by the same API key) replays this line's result instead of sending again",
+    )
+
+
+class BatchResultLine(BaseModel):
+    """One line of a batch's answer: one delivery's outcome, or why it was not tried.
+
+    The last line of a complete answer is instead `{"done": true, "answered": N, "statuses": {"200": n, ...}}`;
+    an answer without it was cut off (the service stopped): lines without a result line may or may not have
+    been delivered, exactly as a /deliver request whose answer never came.
+    """
+
+    index: int = Field(description="the request line's number, from 0 (blank lines count, and get no answer)")
+    status: int = Field(
+        description="the HTTP status /deliver would have answered: 200, 207, 400, 503, 409, 413, 422..."
+    )
+    result: DeliveryResult | None = Field(default=None, description="a delivery outcome: the body /deliver answers")
+    problem: Problem | None = Field(default=None, description="otherwise: why nothing was delivered (RFC 9457)")
+    replayed: bool | None = Field(default=None, description="true: the stored result of an earlier delivery")
+    retry_after: int | None = Field(default=None, description="with 503 and 409: seconds to wait before a retry")
+
+
+@functools.lru_cache(maxsize=16)
+def _line_model(max_recipients: int) -> type[BatchDelivery]:
+    # As request_model(): the recipients are counted before any is validated.
+    return create_model(
+        "BatchDelivery",
+        __base__=BatchDelivery,
+        recipients=(
+            list[Recipient],
+            Field(min_length=1, max_length=max_recipients, description="one or more envelope recipients (RCPT TO)"),
+        ),
+    )
+
+
+def parse_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str | None]:
+    """A line's envelope and idempotency key; ProblemError (422, 413) as /deliver would answer its body."""
+    if len(line) > _CHECKED_JSON_BYTES:
+        _check_json_values(line, settings.max_recipients)
+    try:
+        parsed = _line_model(settings.max_recipients).model_validate_json(line)
+    except ValidationError as exc:
+        errors = [
+            FieldError(loc=format_path(list(e["loc"])) or "line", message=_message(e, settings.max_recipients))
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise ProblemError(422, "the line is invalid; nothing was delivered", errors=errors) from None
+    if len(parsed.raw_message) > settings.max_message_size:
+        raise ProblemError(
+            413, f"the message is larger than the limit of {settings.max_message_size} bytes; nothing was delivered"
+        )
+    envelope = Envelope(
+        sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
+    )
+    return envelope, parsed.idempotency_key
+
+
+class _TooLong:
+    """A line over max_line_bytes: answered 413; its bytes are skipped, never held."""
+
+
+TOO_LONG: Final = _TooLong()
+
+
+class LineSplitter:
+    """Splits a body fed in pieces into numbered lines, each at most `limit` bytes (without its LF).
+
+    Blank lines keep their number but are not returned. Holds at most one partial line (`limit` bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.index = 0
+        self._partial = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes, *, last: bool = False) -> list[tuple[int, bytes | _TooLong]]:
+        lines: list[tuple[int, bytes | _TooLong]] = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            self._take(data[start:end], lines, complete=True)
+            start = end + 1
+        if start < len(data):
+            self._take(data[start:], lines, complete=False)
+        if last and (self._partial or self._skipping):
+            self._take(b"", lines, complete=True)  # a last line without its LF
+        return lines
+
+    def _take(self, piece: bytes, lines: list[tuple[int, bytes | _TooLong]], *, complete: bool) -> None:
+        if not self._skipping:
+            if len(self._partial) + len(piece) > self.limit:
+                lines.append((self.index, TOO_LONG))  # answered at once; the rest of it is read past
+                self._skipping = True
+                self._partial.clear()
+            else:
+                self._partial += piece
+        if complete:
+            if not self._skipping:
+                line = bytes(self._partial).strip()  # tolerates CRLF and indentation
+                if line:
+                    lines.append((self.index, line))
+            self._partial.clear()
+            self._skipping = False
+            self.index += 1
+
+
+class _NdjsonStream(StreamingResponse):
+    """StreamingResponse without its disconnect listener: under ASGI spec 2.3 (uvicorn) that listener
+    reads receive() beside the route, which reads the request body there while answering."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.stream_response(send)
+
+
+class _Batch:
+    """One batch request: its reader, its running deliveries and the answer lines they put in `out`."""
+
+    def __init__(
+        self,
+        request: Request,
+        services: Services,
+        runtime: Runtime,
+        name: str,
+        relay: Relay,
+        principal: Principal,
+        seconds: float,
+    ) -> None:
+        self.receive = request.receive
+        self.instance = request.url.path
+        self.services, self.runtime, self.name, self.relay, self.principal = services, runtime, name, relay, principal
+        self.settings = runtime.config.mailrelay
+        self.batch: BatchSettings = self.settings.batch
+        self.seconds = seconds
+        self.running: set[asyncio.Task[None]] = set()
+        #: Answer lines not yet written: at most one per line read (max_lines + 1 in all).
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.statuses: Counter[int] = Counter()
+        self.freed = asyncio.Event()
+        self.gone = False  # the client disconnected
+        self._ahead: asyncio.Future[Message] | None = None
+        #: The request and each running delivery: the runtime is left when none is left.
+        self._holds = 1
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        reader = asyncio.get_running_loop().create_task(self._read())
+        try:
+            while (line := await self.out.get()) is not None:
+                yield line
+            yield (
+                orjson.dumps(
+                    {
+                        "done": True,
+                        "answered": self.statuses.total(),
+                        "statuses": {str(k): v for k, v in self.statuses.items()},
+                    }
+                )
+                + b"\n"
+            )
+        finally:
+            # Stops reading (lines not started are never delivered); running deliveries go on to
+            # their end, so keyed ones store their outcomes for a repeat of the batch.
+            reader.cancel()
+            if self._ahead is not None:
+                self._ahead.cancel()
+            self._release()
+
+    def _release(self, _task: object = None) -> None:
+        self._holds -= 1
+        if self._holds == 0:
+            self.runtime.leave()
+
+    async def _read(self) -> None:
+        splitter = LineSplitter(self.batch.max_line_bytes)
+        try:
+            await self._start_lines(splitter)
+            if self.running:
+                await asyncio.wait(set(self.running))  # not gather: a cancelled reader must not cancel them
+        finally:
+            self.out.put_nowait(None)
+
+    async def _start_lines(self, splitter: LineSplitter) -> None:
+        """Reads the body and starts each line's delivery; returns at its end, past max_lines, or
+        when the client has gone."""
+        lines = 0
+        more = True
+        while more:
+            message = await self._next_message()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                return
+            more = bool(message.get("more_body", False))
+            for index, line in splitter.feed(message.get("body", b""), last=not more):
+                lines += 1
+                if lines > self.batch.max_lines:
+                    self._problem(
+                        index,
+                        413,
+                        f"the batch has more than {self.batch.max_lines} lines; this line and those after it "
+                        "were not read, nothing of them was delivered",
+                    )
+                    return
+                if isinstance(line, _TooLong):
+                    self._problem(
+                        index,
+                        413,
+                        f"the line is longer than {self.batch.max_line_bytes} bytes; nothing was delivered "
+                        "(send larger messages to /deliver)",
+                    )
+                    continue
+                if not await self._room():
+                    return
+                self._start(index, line)
+
+    async def _next_message(self) -> Message:
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            return await ahead
+        return await self.receive()
+
+    async def _room(self) -> bool:
+        """Waits until fewer than `concurrency` of the batch's deliveries run. Meanwhile the next
+        receive() is started ahead, so that a client that leaves is seen: False then."""
+        while len(self.running) >= self.batch.concurrency:
+            if self.gone:
+                return False
+            self.freed.clear()
+            freed = asyncio.ensure_future(self.freed.wait())
+            waiting: set[asyncio.Future[Any]] = {freed}
+            if self._ahead is None:  # after the body's end too: then it returns only on a disconnect
+                self._ahead = asyncio.ensure_future(self.receive())
+            if self._ahead is not None and not self._ahead.done():
+                waiting.add(self._ahead)
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                freed.cancel()
+            ahead = self._ahead
+            if ahead is not None and ahead.done() and ahead.result()["type"] == "http.disconnect":
+                self.gone = True
+                return False
+        return not self.gone
+
+    def _start(self, index: int, line: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(index, line))
+        self.running.add(task)
+        self._holds += 1
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: "asyncio.Task[None]") -> None:
+        self.running.discard(task)
+        self.freed.set()
+        self._release()
+
+    async def _deliver(self, index: int, line: bytes) -> None:
+        holding = Holding(self.runtime.limiter.bodies)
+        try:
+            await self._attempt(index, line, holding)
+        except Exception:  # a bug: this line's outcome is unknown, the batch goes on
+            logger.exception("a batch delivery failed (line %d)", index)
+            self._problem(index, 500, "internal error; the delivery outcome is unknown, see the service log")
+        finally:
+            holding.release()
+
+    async def _attempt(self, index: int, line: bytes, holding: Holding) -> None:
+        core = self.runtime.core
+        # As the JSON form of /deliver: the line and its decoded message, held from the body budget.
+        budget = holding.budget
+        share = len(line) + min(len(line), self.settings.max_message_size)
+        taken = budget.try_take(share)
+        if taken is None:
+            loop = asyncio.get_running_loop()
+            taken = await budget.take(share, loop.time() + self.settings.limits.queue_timeout)
+            if taken is None:
+                why = f"request bodies being handled already hold the body budget of {budget.capacity} bytes"
+                self._refused(index, core.overloaded(self.name, why))
+                return
+        holding.held = taken
+        try:
+            envelope, key = parse_line(line, self.settings)
+        except ProblemError as exc:
+            self._problem(index, exc.status, exc.detail, errors=exc.errors)
+            return
+        if self.services.draining:
+            self._refused(index, core.refuse(self.name, "draining", "shutting down; not accepting deliveries", 5))
+            return
+        delivery = Delivery(self.name, self.relay, envelope, Deadline.within(self.seconds), self.principal.name, key)
+        try:
+            answer = await core.deliver(delivery)
+        except Refused as refused:
+            self._refused(index, refused)
+            return
+        # As /deliver: the delivery's log line is handed to the OS before its answer goes out.
+        await logs.written()
+        parts = [b'{"index":%d,"status":%d' % (index, answer.status)]
+        if answer.replayed:
+            parts.append(b',"replayed":true')
+        retry_after = answer.headers.get("Retry-After")
+        if retry_after is not None and retry_after.isdigit():
+            parts.append(b',"retry_after":%d' % int(retry_after))
+        parts += [b',"result":', answer.body, b"}\n"]
+        self._emit(answer.status, b"".join(parts))
+
+    def _refused(self, index: int, refused: Refused) -> None:
+        self._problem(index, refused.status, refused.detail, retry_after=refused.retry_after)
+
+    def _problem(
+        self,
+        index: int,
+        status: int,
+        detail: str,
+        *,
+        errors: list[FieldError] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        problem = Problem(
+            title=HTTPStatus(status).phrase, status=status, detail=detail, instance=self.instance, errors=errors
+        )
+        line = BatchResultLine(index=index, status=status, problem=problem, retry_after=retry_after)
+        self._emit(status, line.model_dump_json(exclude_none=True).encode() + b"\n")
+
+    def _emit(self, status: int, line: bytes) -> None:
+        self.statuses[status] += 1
+        self.out.put_nowait(line)
+
+
+_BATCH_BODY = {
+    "required": True,
+    "content": {
+        NDJSON: {
+            "schema": {"$ref": "#/components/schemas/BatchDelivery"},
+            "example": '{"sender": "alice@example.com", "recipients": ["bob@example.net"], '
+            '"message": "Subject: hi\\r\\n\\r\\nHello\\r\\n", "idempotency_key": "order-4711"}\n'
+            '{"sender": "alice@example.com", "recipients": ["carol@example.org"], '
+            '"message": "Subject: hi\\r\\n\\r\\nHello\\r\\n"}\n',
+        }
+    },
+}
+_DEADLINE_PARAMETER = {
+    "name": DEADLINE_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "seconds each delivery of the batch may take, counted from when it starts (not for the whole "
+    "batch); it can only lower the service's delivery_deadline",
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+}
+
+
+@router.post(
+    "/{name}/deliveries",
+    name="deliver_batch",
+    response_class=_NdjsonStream,
+    openapi_extra={"requestBody": _BATCH_BODY, "parameters": [_DEADLINE_PARAMETER]},
+    responses={
+        200: {
+            "description": "one NDJSON line per delivery, in the order they finish, then a `done` line",
+            "content": {NDJSON: {"schema": {"$ref": "#/components/schemas/BatchResultLine"}}},
+        },
+        401: problem_doc("no API key, or not a valid one (only when keys are configured)"),
+        403: problem_doc("the API key may not use this relay"),
+        404: problem_doc("no relay of that name"),
+        415: problem_doc("the Content-Type is not application/x-ndjson"),
+        422: problem_doc("an invalid X-Delivery-Timeout, or an Idempotency-Key header (keys go in the lines)"),
+        503: problem_doc("draining: nothing was read or delivered"),
+    },
+)
+async def deliver_batch(name: RelayName, request: Request) -> Response:
+    """Deliver many messages through the relay in one request; each result is streamed back as it finishes.
+
+    The body is NDJSON (`application/x-ndjson`): one delivery per line, each
+    in the JSON form of `/deliver` plus an optional `idempotency_key`. The
+    answer is NDJSON too, in completion order: per line, its `index` (line
+    number from 0), the `status` `/deliver` would have answered, and its
+    `result` (the `/deliver` body) or a `problem` (RFC 9457) when nothing was
+    delivered: 422 for an invalid line, 413 for one too long or past
+    `mailrelay.batch.max_lines`, 503/409 for refusals. A bad line never stops
+    the others. The last line is `{"done": true, ...}`; without it the
+    answer was cut off. Every delivery is bound by the same limits,
+    deadline (`X-Delivery-Timeout` applies to each delivery, from its start)
+    and keys as one sent to `/deliver`; at most `mailrelay.batch.concurrency`
+    of a batch run at once, and the next line is read only when one finished.
+    If the client disconnects, the deliveries running go on to their end
+    (keyed ones store their outcome for a repeat of the batch) and no further
+    line is started.
+    """
+    services: Services = request.state.services
+    runtime = services.current
+    runtime.enter()  # before the first await, as /deliver: a reload or drain waits for the batch
+    try:
+        # Checked once for the whole batch: the same answers (401, 403, 404) as /deliver.
+        principal = runtime.keyring.identify(request)
+        relay = find_relay(name, runtime, principal)
+        if services.draining:
+            raise _refusal(runtime.core.refuse(name, "draining", "shutting down; not accepting deliveries", 5))
+        form = media_type(request)
+        if form not in _NDJSON_TYPES:
+            raise ProblemError(
+                415, f"Content-Type must be {NDJSON}, not {form or 'absent'}", headers={"Accept-Post": NDJSON}
+            )
+        if request.headers.get(idempotency.HEADER) is not None:
+            raise ProblemError(
+                422,
+                "the request is invalid; nothing was delivered",
+                errors=[
+                    FieldError(
+                        loc=idempotency.HEADER,
+                        message="a batch takes no Idempotency-Key header: give each line its `idempotency_key`",
+                    )
+                ],
+            )
+        seconds = _deadline(request, runtime.config.mailrelay.delivery_deadline)
+    except BaseException:
+        runtime.leave()
+        raise
+    batch = _Batch(request, services, runtime, name, relay, principal, seconds)
+    # no-store: a proxy must not cache an answer; X-Accel-Buffering: nginx passes each line on at once.
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return _NdjsonStream(batch.stream(), media_type=NDJSON, headers=headers)
+
+
+def _refusal(refused: Refused) -> ProblemError:
+    headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after is not None else None
+    return ProblemError(refused.status, refused.detail, headers=headers)
