@@ -116,9 +116,7 @@ def relay(sink: GatedSink, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="module")
 def small(sink: GatedSink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """Small bounds, one delivery at a time per batch, and an API key."""
-    extra = (
-        "mailrelay:\n  batch: {concurrency: 1, max_lines: 3, max_line_bytes: 2048}\n"
-    )
+    extra = "mailrelay:\n  batch: {concurrency: 1, max_lines: 3, max_line_bytes: 2048}\n"
     config = _config(tmp_path_factory.mktemp("small") / "mailrelay.yaml", sink.port, extra)
     with service(config, {"MAILRELAY_API_KEYS": "batch-secret-key-0001"}) as running:
         yield running
@@ -269,7 +267,10 @@ def test_a_client_that_leaves_lets_running_deliveries_finish_and_starts_no_more(
     with (
         httpx.Client(base_url=small.url, timeout=30) as client,
         client.stream(
-            "POST", "/relays/out/deliveries", content=body, headers={**NDJSON, "Authorization": "Bearer batch-secret-key-0001"}
+            "POST",
+            "/relays/out/deliveries",
+            content=body,
+            headers={**NDJSON, "Authorization": "Bearer batch-secret-key-0001"},
         ) as answer,
     ):
         assert answer.status_code == 200  # the head comes at once; the client leaves without a line
