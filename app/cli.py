@@ -251,6 +251,8 @@ class _Server(uvicorn.Server):
 #: Seconds the answers of deliveries cut at the end of shutdown_grace get to be written before
 #: the connections still open are dropped and the server closes.
 CUT_MARGIN = 0.5
+#: Seconds after the port closes before requests still arriving are refused.
+SETTLE = 0.5
 #: Every response from SIGTERM on: the client (or balancer) reconnects, to an instance that stays.
 _CLOSE = (b"connection", b"close")
 
@@ -264,8 +266,9 @@ class _Signals:
        answer with `Connection: close`, so balancers that probe /readyz (and clients that pool
        connections) move to other instances before anything is refused;
     2. after drain_delay the listener closes (a new connection is refused, which balancers retry
-       elsewhere), idle connections are closed and a request still arriving is refused
-       (503, draining); running deliveries get `shutdown_grace` to finish;
+       elsewhere) and idle connections are closed; requests that had arrived are served, one
+       whose body is still arriving SETTLE later is refused (503, draining); running
+       deliveries get `shutdown_grace` to finish;
     3. those still running then are cut, answered like a deadline cut (451 4.4.7, possibly
        delivered where the data had left), and get CUT_MARGIN for their answers to be written;
        connections still open after that are dropped. The process exits within
@@ -358,9 +361,11 @@ class _Signals:
             extra={"event": "draining", "running": services.active, "drain_delay": delay, "grace": grace},
         )
         await self._pause(delay)
-        services.draining = True
-        # uvicorn stops accepting, closes idle connections, and closes the others once answered.
-        server.should_exit = True
+        _stop_accepting(server)
+        server.should_exit = True  # uvicorn's own shutdown follows within its tick (0.1 s)
+        # A request that reached the service as the port closed is served; a body still arriving
+        # SETTLE later is refused (503 draining: nothing tried), as is anything after that.
+        asyncio.get_running_loop().call_later(SETTLE, setattr, services, "draining", True)
         logger.info(
             "new deliveries refused; %d running, up to %g s to finish",
             services.active,
@@ -397,6 +402,16 @@ class _Signals:
                 transport = getattr(connection, "transport", None)
                 if transport is not None:
                     transport.abort()
+
+
+def _stop_accepting(server: _Server) -> None:
+    """What uvicorn's shutdown does first, now rather than at its next tick: close the listening
+    sockets (a new connection is refused, which balancers retry elsewhere), close idle
+    connections, and close the others once their answer is sent."""
+    for listener in server.servers:
+        listener.close()
+    for connection in list(server.server_state.connections):
+        connection.shutdown()
 
 
 def _close_after_each_response(server: _Server) -> None:
