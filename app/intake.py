@@ -8,12 +8,16 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
 from app.budget import Holding
+from app.compose import Built, build, size_estimate, size_floor
+from app.compose import add_missing_headers as complete_headers
 from app.http_protocol import BODY_TIMED_OUT, body_timeout_detail
 from app.problems import ProblemError
 from schemas.config import ServiceSettings, format_path
 from schemas.delivery import (
     ClientInfo,
     ClientText,
+    Content,
+    DeliveryRequest,
     Envelope,
     check_address,
     decode_base64,
@@ -37,6 +41,9 @@ _JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 #: A chunked body's share of the budget grows by at least this much at a time.
 _BUDGET_STEP = 256 * 1024
 _EHLO: TypeAdapter[str] = TypeAdapter(ClientText)
+#: A composed message whose building may hold more than this is built in a worker thread: a few MB
+#: of MIME encoding would hold the event loop (and every other request) for tens of milliseconds.
+_BUILD_IN_THREAD = 256 * 1024
 #: slimta's HTTP edge split recipient headers on commas and semicolons.
 _RECIPIENT_SEPARATORS = str.maketrans(";", ",")
 
@@ -75,7 +82,12 @@ def json_value_limit(max_recipients: int) -> int:
 
 
 async def read_envelope(
-    request: Request, settings: ServiceSettings, holding: Holding | None = None, until: float | None = None
+    request: Request,
+    settings: ServiceSettings,
+    holding: Holding | None = None,
+    until: float | None = None,
+    *,
+    add_missing_headers: bool = False,
 ) -> Envelope:
     """Read and validate the whole request before anything is delivered.
 
@@ -83,11 +95,19 @@ async def read_envelope(
     budget as they are read, waiting up to `limits.queue_timeout` (else OutOfBudget); the
     caller releases them when the request ends. `until` (loop time, the delivery deadline):
     a body still arriving then is refused with 408, so a client trickling a large body
-    holds its share of the budget for at most that long (plus one `body_timeout`)."""
+    holds its share of the budget for at most that long (plus one `body_timeout`).
+    A composed message (the `content` form) is built here, its size held from the budget too.
+    `add_missing_headers` (the relay's option): a finished message without Date or Message-ID
+    gets them (app.compose.add_missing_headers)."""
     form = media_type(request)
     if form == JSON:
         body = await _read_body(request, json_body_limit(settings), settings, holding, until, decoded=True)
-        envelope = _from_json(body, settings.max_recipients)
+        parsed = _from_json(body, settings.max_recipients)
+        if parsed.content is not None:
+            return await _composed(parsed, parsed.content, settings, holding)
+        envelope = Envelope(
+            sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
+        )
     elif form == RFC822:
         body = await _read_body(request, settings.max_message_size, settings, holding, until, decoded=False)
         envelope = _from_raw(request, body, settings)
@@ -100,7 +120,79 @@ async def read_envelope(
     # Recipients were counted before they were validated, in each form (_from_json, _from_raw).
     if len(envelope.message) > settings.max_message_size:
         raise _too_large(settings)
+    if add_missing_headers:
+        # The client's message is held to the limit; the two headers added are not counted against it.
+        message = complete_headers(envelope.message, envelope.sender)
+        if message is not envelope.message:
+            envelope = Envelope(envelope.sender, envelope.recipients, message, envelope.client)
     return envelope
+
+
+def envelope_of(parsed: DeliveryRequest, settings: ServiceSettings) -> Envelope:
+    """The envelope of a parsed JSON request, its message built here in the compose form (on the
+    calling thread, without the body budget: read_envelope is the budgeted path). ProblemError
+    (422, 413) when the built message breaks a limit."""
+    content = parsed.content
+    if content is None:
+        if len(parsed.raw_message) > settings.max_message_size:
+            raise _too_large(settings)
+        return Envelope(
+            sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
+        )
+    _check_content(parsed, content, settings)
+    return _built(parsed, build(content), settings)
+
+
+async def _composed(
+    parsed: DeliveryRequest, content: Content, settings: ServiceSettings, holding: Holding | None
+) -> Envelope:
+    """The envelope of a composed message: built from `content`, held to the size limit and the body budget."""
+    _check_content(parsed, content, settings)
+    estimate = size_estimate(content)
+    extra = await _hold_more(holding, settings, estimate) if holding is not None else 0
+    built = await asyncio.to_thread(build, content) if estimate > _BUILD_IN_THREAD else build(content)
+    size = len(built.message)
+    if holding is not None and extra > size:  # the parts are gone: the message alone is held from now on
+        holding.budget.give(extra - size)
+        holding.held -= extra - size
+    return _built(parsed, built, settings)
+
+
+def _check_content(parsed: DeliveryRequest, content: Content, settings: ServiceSettings) -> None:
+    # Recipients taken from to, cc and bcc were not counted by the model (request_model counts `recipients`).
+    if len(parsed.recipients) > settings.max_recipients:
+        loc = "recipients" if "recipients" in parsed.model_fields_set else "content"
+        raise _invalid([FieldError(loc=loc, message=_too_many(len(parsed.recipients), settings.max_recipients))])
+    if size_floor(content) > settings.max_message_size:  # too large whatever the encoding: not built at all
+        raise _too_large(settings)
+
+
+def _built(parsed: DeliveryRequest, built: Built, settings: ServiceSettings) -> Envelope:
+    limit = settings.max_message_size
+    if len(built.message) > limit:
+        raise ProblemError(
+            413,
+            f"the message built from `content` is {len(built.message)} bytes, larger than the limit of {limit} "
+            "bytes; nothing was delivered",
+        )
+    return Envelope(sender=parsed.sender, recipients=parsed.recipients, message=built.message, client=parsed.client)
+
+
+async def _hold_more(holding: Holding, settings: ServiceSettings, size: int) -> int:
+    """Take `size` more bytes of the budget (at most what it has beside this request's own share),
+    waiting up to `limits.queue_timeout` (else OutOfBudget). Returns the bytes taken."""
+    budget = holding.budget
+    size = min(size, budget.capacity - holding.held)
+    if size <= 0:
+        return 0
+    taken = budget.try_take(size)
+    if taken is None:
+        give_up_at = asyncio.get_running_loop().time() + settings.limits.queue_timeout
+        taken = await budget.take(size, give_up_at)
+        if taken is None:
+            raise OutOfBudget(budget.capacity)
+    holding.held += taken
+    return taken
 
 
 def _too_many(count: int, limit: int) -> str:
@@ -202,26 +294,31 @@ async def _hold(
     return give_up_at
 
 
-def _from_json(body: bytes, max_recipients: int) -> Envelope:
+def _from_json(body: bytes, max_recipients: int) -> DeliveryRequest:
     if len(body) > _CHECKED_JSON_BYTES:
         _check_json_values(body, max_recipients)
     try:
         # Recipients are counted before each is validated (max_length stops at the first one too many).
-        parsed = request_model(max_recipients).model_validate_json(body)
+        return request_model(max_recipients).model_validate_json(body)
     except ValidationError as exc:
         raise _invalid(
             [
-                FieldError(loc=format_path(list(e["loc"])) or "body", message=_message(e, max_recipients))
+                FieldError(loc=_loc(e), message=_message(e, max_recipients))
                 # Without the input: for a long list, converting it is most of the cost of the 422.
                 for e in exc.errors(include_input=False, include_url=False)
             ]
         ) from None
-    return Envelope(
-        sender=parsed.sender,
-        recipients=parsed.recipients,
-        message=parsed.raw_message,
-        client=parsed.client,
-    )
+
+
+def _loc(error: object) -> str:
+    """The key path of a field error; a check of a whole object names the field it is about in its
+    context (schemas.delivery: `loc`), and a dict key's error drops pydantic's `[key]` marker."""
+    e = dict(error)  # type: ignore[call-overload]  # pydantic's ErrorDetails
+    loc = [part for part in e["loc"] if part != "[key]"]
+    ctx = e.get("ctx")
+    if ctx and isinstance(ctx.get("loc"), str):
+        loc.append(ctx["loc"])
+    return format_path(loc) or "body"
 
 
 def _message(error: object, max_recipients: int) -> str:

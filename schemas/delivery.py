@@ -8,18 +8,22 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from email.errors import HeaderParseError
+from email.headerregistry import Address
 from functools import cached_property
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
     create_model,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from schemas.reply import Reply
 
@@ -186,8 +190,262 @@ class ClientInfo(BaseModel):
     auth: ClientText | None = Field(default=None, examples=["alice"])
 
 
+# The compose form: a message built by the service from fields (app/compose.py builds it).
+
+#: RFC 5322 2.1.1: a line is at most 998 characters; a header that fits on one line needs no folding.
+MAX_LINE = 998
+#: Headers the builder writes itself: a client's copy would contradict or duplicate them
+#: (Bcc must never reach the message; Reply-To and Sender have their own meaning).
+_STRUCTURAL = frozenset(
+    ("from", "to", "cc", "bcc", "reply-to", "sender", "subject", "date", "message-id", "mime-version", "return-path")
+)
+#: RFC 5322 3.6.8: printable ASCII except the colon.
+_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+#: RFC 2045 5.1: type/subtype, each an RFC 2045 token.
+_MEDIA_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: RFC 5322 msg-id: dot-atom-text "@" (dot-atom-text or a literal), without the angle brackets.
+_CONTENT_ID = re.compile(r"^[!#-'*+\-/-9=?A-Z^-~.]+@[!#-'*+\-/-9=?A-Z^-~.\[\]]+$")
+
+
+def _check_line(value: str, *, tab: bool = True) -> str:
+    """One header line's worth of text: no CR, LF, NUL or other control character (a TAB is folding
+    whitespace in a header), and valid Unicode."""
+    if not value.isprintable():  # fast path: printable text has no control characters
+        for char in value:
+            if unicodedata.category(char) == "Cc" and not (tab and char == "\t"):
+                raise ValueError(f"contains a control character ({char!r}); CR, LF and NUL would inject headers")
+    _check_unicode(value)
+    return value
+
+
+def _check_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _check_body_text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return _check_unicode(value)
+
+
+def _check_header_address(value: str) -> str:
+    """An address for a header: safe for the envelope (check_address), with a domain, and one the
+    RFC 5322 grammar reads back unchanged (a comment such as `a(b)@x` would be dropped)."""
+    check_address(value)
+    if domain_of(value) is None:
+        raise ValueError("address has no domain; a message header needs local@domain")
+    if value.isascii():
+        try:
+            parsed = Address(addr_spec=value).addr_spec
+        except (HeaderParseError, ValueError, IndexError) as exc:
+            raise ValueError(f"not an RFC 5322 address: {str(exc).rstrip(')')}") from None
+        if parsed != value:
+            raise ValueError(f"not an RFC 5322 address (it reads as {parsed!r})")
+    return value
+
+
+HeaderAddress = Annotated[
+    str,
+    AfterValidator(_check_header_address),
+    Field(examples=["bob@example.net"], json_schema_extra={"maxLength": MAX_ADDRESS_OCTETS}),
+]
+
+
+def _mailbox_input(value: Any) -> Any:
+    return {"address": value} if isinstance(value, str) else value
+
+
+class Mailbox(BaseModel):
+    """An address in a message header, with an optional display name. A plain string is the address alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: HeaderAddress
+    name: Annotated[str, Field(max_length=255), AfterValidator(_check_line)] | None = Field(
+        default=None, description="display name; non-ASCII is sent as RFC 2047 encoded words", examples=["Bob Smith"]
+    )
+
+
+MailboxInput = Annotated[Mailbox, BeforeValidator(_mailbox_input)]
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+Mailboxes = Annotated[list[MailboxInput], BeforeValidator(_as_list)]
+
+
+def _check_field_name(value: str) -> str:
+    if not _FIELD_NAME.match(value):
+        raise ValueError("a header name is 1 to 76 printable ASCII characters other than ':' and space")
+    lower = value.lower()
+    if lower in _STRUCTURAL or lower.startswith(("content-", "resent-")):
+        raise ValueError(f"{value} is set by the service from the content's fields; it cannot be given as a header")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_check_field_name)]
+HeaderValue = Annotated[str, AfterValidator(_check_line)]
+
+
+def _check_file_name(value: str) -> str:
+    _check_line(value, tab=False)
+    if "/" in value or "\\" in value:
+        raise ValueError("a file name without a path ('/' or '\\')")
+    return value
+
+
+def _check_media_type(value: str) -> str:
+    if not _MEDIA_TYPE.match(value):
+        raise ValueError("a media type such as application/pdf (type/subtype, without parameters)")
+    if value.lower().startswith(("multipart/", "message/")):
+        raise ValueError("multipart/* and message/* cannot be attached as data; use application/octet-stream")
+    return value.lower()
+
+
+def _check_content_id(value: str) -> str:
+    bare = value[1:-1] if value.startswith("<") and value.endswith(">") else value
+    if not _CONTENT_ID.match(bare):
+        raise ValueError("a content id such as logo@example.com (ASCII, left@right, no spaces)")
+    return bare
+
+
+class Attachment(BaseModel):
+    """A file in the message: an attachment, or, `inline`, an image the HTML shows as `cid:<content_id>`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filename: Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_file_name)] = Field(
+        examples=["report.pdf"]
+    )
+    content_type: Annotated[str, AfterValidator(_check_media_type)] = Field(
+        default="application/octet-stream", examples=["application/pdf"]
+    )
+    data: str = Field(description="the file's bytes, base64 (standard alphabet, padded)", examples=["JVBERi0xLjQK"])
+    inline: bool = Field(
+        default=False, description="part of the HTML (multipart/related) instead of an attachment; needs `content_id`"
+    )
+    content_id: Annotated[str, AfterValidator(_check_content_id)] | None = Field(
+        default=None,
+        description="for an inline part: the id the HTML refers to as `cid:<id>` (without angle brackets)",
+        examples=["logo@example.com"],
+    )
+
+    _bytes: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _decode(self) -> Self:
+        if self.inline and self.content_id is None:
+            raise ValueError("an inline attachment needs a `content_id` (the HTML shows it as cid:<content_id>)")
+        self._bytes = _decode_field(self.data, "data")
+        return self
+
+    @property
+    def raw(self) -> bytes:
+        return self._bytes
+
+
+def _decode_field(value: str, field_name: str) -> bytes:
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise PydanticCustomError("base64", "is not valid base64", {"loc": field_name}) from None
+
+
+class Content(BaseModel):
+    """The compose form's message, built by the service: headers, text and/or HTML, attachments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    from_: MailboxInput = Field(alias="from", description="the author: an address, or {address, name}")
+    to: Mailboxes = Field(default_factory=list, description="addresses, each a string or {address, name}")
+    cc: Mailboxes = Field(default_factory=list)
+    bcc: Mailboxes = Field(default_factory=list, description="envelope recipients only: never written in the message")
+    reply_to: Mailboxes = Field(default_factory=list)
+    subject: Annotated[str, Field(max_length=MAX_LINE - len("Subject: ")), AfterValidator(_check_line)] | None = None
+    text: Annotated[str, AfterValidator(_check_body_text)] | None = Field(default=None, description="text/plain body")
+    html: Annotated[str, AfterValidator(_check_body_text)] | None = Field(default=None, description="text/html body")
+    headers: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict,
+        description="further headers (e.g. X-Campaign, List-Unsubscribe); one line each; not the ones the service "
+        "writes (From, To, Cc, Bcc, Reply-To, Sender, Subject, Date, Message-ID, MIME-Version, Content-*, Resent-*)",
+    )
+    attachments: list[Attachment] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.text is None and self.html is None and not self.attachments:
+            raise ValueError("give `text`, `html` or `attachments`: the message needs a body")
+        for name, value in self.headers.items():
+            if len(name) + 2 + len(value) > MAX_LINE:
+                raise PydanticCustomError(
+                    "too_long", "header line is longer than {limit} characters", {"loc": name, "limit": MAX_LINE}
+                )
+        seen: set[str] = set()
+        for i, attachment in enumerate(self.attachments):
+            if attachment.inline and self.html is None:
+                raise PydanticCustomError(
+                    "inline_without_html", "an inline attachment needs `html` to show it", {"loc": f"attachments[{i}]"}
+                )
+            if attachment.content_id is not None:
+                if attachment.content_id.lower() in seen:
+                    raise PydanticCustomError(
+                        "duplicate", "content id given twice", {"loc": f"attachments[{i}].content_id"}
+                    )
+                seen.add(attachment.content_id.lower())
+        return self
+
+    def envelope_recipients(self) -> list[str]:
+        """To, Cc and Bcc, each address once (domains compared without case): a second RCPT of the
+        same address would deliver a second copy."""
+        seen: set[str] = set()
+        out: list[str] = []
+        for box in (*self.to, *self.cc, *self.bcc):
+            at = box.address.rfind("@")
+            key = box.address[:at] + box.address[at:].lower()
+            if key not in seen:
+                seen.add(key)
+                out.append(box.address)
+        return out
+
+
+#: The compose form's example, in the model's schema and the route's OpenAPI examples.
+COMPOSE_EXAMPLE: dict[str, Any] = {
+    "content": {
+        "from": {"address": "alice@example.com", "name": "Alice Example"},
+        "to": ["bob@example.net"],
+        "bcc": ["audit@example.com"],
+        "subject": "Your report",
+        "text": "Hello Bob,\n\nthe report is attached.\n",
+        "html": '<p>Hello Bob,</p><p>the report is attached.</p><img src="cid:logo@example.com">',
+        "headers": {"X-Campaign": "reports-2026-11"},
+        "attachments": [
+            {"filename": "report.pdf", "content_type": "application/pdf", "data": "JVBERi0xLjQK"},
+            {
+                "filename": "logo.png",
+                "content_type": "image/png",
+                "data": "iVBORw0KGgo=",
+                "inline": True,
+                "content_id": "logo@example.com",
+            },
+        ],
+    }
+}
+
+
+def _form_error(loc: str, message: str) -> PydanticCustomError:
+    """A whole-request error with the field it is about (ctx `loc`; app/intake.py puts it in the 422)."""
+    return PydanticCustomError("request_form", message, {"loc": loc})
+
+
 class DeliveryRequest(BaseModel):
-    """The JSON request form of `POST /relays/{name}/deliver`."""
+    """The JSON request form of `POST /relays/{name}/deliver`: a finished message (`message` or
+    `message_base64`), or `content` from which the service builds one."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -197,17 +455,34 @@ class DeliveryRequest(BaseModel):
                     "sender": "alice@example.com",
                     "recipients": ["bob@example.net", "carol@example.org"],
                     "message": "From: alice@example.com\r\nSubject: hi\r\n\r\nHello\r\n",
-                }
+                },
+                COMPOSE_EXAMPLE,
             ]
         },
     )
 
-    sender: Sender
-    recipients: list[Recipient] = Field(min_length=1, description="one or more envelope recipients (RCPT TO)")
+    # Defaults stand for "not given" (model_fields_set tells): required with `message`, taken from `content`
+    # otherwise, and set by the validator, so that `sender` and `recipients` are the envelope's in both forms.
+    sender: Sender = Field(
+        default="",
+        description='envelope sender (MAIL FROM); "" is the null reverse-path used by bounces. Required with '
+        "`message`; with `content` the default is its `from` address",
+    )
+    recipients: list[Recipient] = Field(
+        default_factory=list,
+        min_length=1,
+        description="one or more envelope recipients (RCPT TO). Required with `message`; with `content` the "
+        "default is its to, cc and bcc (each address once)",
+    )
     message: str | None = Field(default=None, description="the raw RFC 5322 message as text; sent as UTF-8")
     message_base64: str | None = Field(
         default=None,
         description="the raw message, base64-encoded, for 8-bit or binary content (instead of `message`)",
+    )
+    content: Content | None = Field(
+        default=None,
+        description="instead of `message`: the message's fields; the service builds it (MIME, encoded words, "
+        "Message-ID and Date) and answers its Message-ID",
     )
     client: ClientInfo | None = None
 
@@ -215,8 +490,29 @@ class DeliveryRequest(BaseModel):
 
     @model_validator(mode="after")
     def _decode_message(self) -> Self:
-        if (self.message is None) == (self.message_base64 is None):
-            raise ValueError("give exactly one of `message` and `message_base64`")
+        content = self.content
+        forms = (self.message is not None) + (self.message_base64 is not None) + (content is not None)
+        if forms != 1:
+            if content is not None:
+                raise _form_error(
+                    "content", "give `content` or a finished message (`message`, `message_base64`), not both"
+                )
+            if forms:
+                raise _form_error("body", "give exactly one of `message` and `message_base64`")
+            raise _form_error("body", "give `message`, `message_base64` or `content`")
+        given = self.model_fields_set
+        if content is not None:
+            if "recipients" not in given:
+                self.recipients = content.envelope_recipients()
+                if not self.recipients:
+                    raise _form_error("content.to", "no recipients: give `content.to`, `cc`, `bcc` or `recipients`")
+            if "sender" not in given:
+                self.sender = content.from_.address
+            return self
+        if "sender" not in given:
+            raise PydanticCustomError("missing", "Field required", {"loc": "sender"})
+        if "recipients" not in given:
+            raise PydanticCustomError("missing", "Field required", {"loc": "recipients"})
         if self.message is not None:
             try:
                 raw = self.message.encode("utf-8")
@@ -232,6 +528,9 @@ class DeliveryRequest(BaseModel):
 
     @property
     def raw_message(self) -> bytes:
+        """The finished message; a composed request has none until it is built (app.intake.envelope_of)."""
+        if self.content is not None:
+            raise RuntimeError("a `content` request's message is built by app.intake.envelope_of, not read here")
         return self._raw
 
 
@@ -244,7 +543,12 @@ def request_model(max_recipients: int) -> type[DeliveryRequest]:
         __base__=DeliveryRequest,
         recipients=(
             list[Recipient],
-            Field(min_length=1, max_length=max_recipients, description="one or more envelope recipients (RCPT TO)"),
+            Field(
+                default_factory=list,
+                min_length=1,
+                max_length=max_recipients,
+                description=DeliveryRequest.model_fields["recipients"].description,
+            ),
         ),
     )
     return model

@@ -15,7 +15,7 @@ from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_rela
 from app.intake import JSON, RFC822, OutOfBudget, is_raw_form, read_envelope
 from app.lifespan import Services
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
-from schemas.delivery import DeliveryResult
+from schemas.delivery import COMPOSE_EXAMPLE, DeliveryResult
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
 
@@ -89,7 +89,23 @@ DEADLINE_HEADER = "X-Delivery-Timeout"
 _DELIVER_BODY = {
     "required": True,
     "content": {
-        JSON: {"schema": {"$ref": "#/components/schemas/DeliveryRequest"}},
+        JSON: {
+            "schema": {"$ref": "#/components/schemas/DeliveryRequest"},
+            "examples": {
+                "message": {
+                    "summary": "a finished message",
+                    "value": {
+                        "sender": "alice@example.com",
+                        "recipients": ["bob@example.net"],
+                        "message": "From: alice@example.com\r\nSubject: hi\r\n\r\nHello\r\n",
+                    },
+                },
+                "compose": {
+                    "summary": "a message built by the service: text, HTML, an inline image, an attachment, Bcc",
+                    "value": COMPOSE_EXAMPLE,
+                },
+            },
+        },
         RFC822: {
             "schema": {
                 "type": "string",
@@ -205,7 +221,10 @@ async def deliver(name: RelayName, request: Request) -> Response:
     the next hop's reply. The HTTP status summarises the whole: 200 all
     delivered, 207 partial, 503 transient failure (retry later; see
     Retry-After), 400 permanent failure. The whole request is validated
-    before anything is delivered. In the message/rfc822 form a partial
+    before anything is delivered. With `content` instead of `message`,
+    the service builds the message (MIME parts, encoded words, Date and
+    Message-ID; Bcc only in the envelope) and `message_id` in the answer
+    is the one it wrote. In the message/rfc822 form a partial
     outcome is answered 503 (not 207), because slimta's `http` relay reads
     any 2xx as success for every recipient; the JSON body still has each
     recipient's outcome.
@@ -227,7 +246,9 @@ async def deliver(name: RelayName, request: Request) -> Response:
         deadline = Deadline.within(_deadline(request, settings.delivery_deadline))
         key = _idempotency_key(request)
         try:
-            envelope = await read_envelope(request, settings, holding, deadline.at)
+            # The relay's add_missing_headers option: Date and Message-ID for a message without them.
+            complete = getattr(runtime.config.relay[name], "add_missing_headers", False)
+            envelope = await read_envelope(request, settings, holding, deadline.at, add_missing_headers=complete)
         except OutOfBudget as exc:
             raise _problem(runtime.core.overloaded(name, str(exc))) from None
         _refuse_if_draining(services, name)  # the body may have taken a while
