@@ -231,6 +231,13 @@ def _check_identities(value: list[DkimIdentity]) -> list[DkimIdentity]:
     return value
 
 
+#: The add_missing_headers option, the same for every relay type.
+_ADD_MISSING_HEADERS_DESCRIPTION = (
+    "beyond slimta: add Date and Message-ID to a finished message that lacks them, as a submission server does "
+    "(RFC 6409 8.2, 8.3); false (the default): messages pass through untouched. A composed message always has both"
+)
+
+
 class _RelayOptions(_Options):
     """What every relay type accepts."""
 
@@ -239,6 +246,7 @@ class _RelayOptions(_Options):
         description="beyond slimta: DKIM signing identities; the From: header's domain chooses one (else the "
         "`default` one); a message with none goes unsigned",
     )
+    add_missing_headers: bool = Field(default=False, description=_ADD_MISSING_HEADERS_DESCRIPTION)
 
 
 class TlsOptions(_Options):
@@ -679,6 +687,7 @@ class CustomOptions(BaseModel):
     dkim: Annotated[list[DkimIdentity], AfterValidator(_check_identities)] = Field(
         default_factory=list, description="beyond slimta: DKIM signing identities, as for every relay type"
     )
+    add_missing_headers: bool = Field(default=False, description=_ADD_MISSING_HEADERS_DESCRIPTION)
 
     @field_validator("factory")
     @classmethod
