@@ -138,7 +138,7 @@ relay:
   discard: {type: blackhole}
 mailrelay:
   drain_delay: 1.5
-  shutdown_grace: 2.0
+  shutdown_grace: 3.0
 """
 
 
@@ -148,7 +148,7 @@ def test_sigterm_readyz_503_while_deliveries_are_served_then_refused_then_exit(t
     config.write_text(TIMELINE)
     instance = Instance(config, free_port(), "--workers", str(workers))
     instance.start(workers)
-    drain_delay, grace = 1.5, 2.0
+    drain_delay, grace = 1.5, 3.0
     try:
         body = json.dumps(_body()).encode()
         with httpx.Client(base_url=instance.url, timeout=10) as kept:  # one keep-alive connection
@@ -176,7 +176,7 @@ def test_sigterm_readyz_503_while_deliveries_are_served_then_refused_then_exit(t
                 )
             )
             pending.start()
-            time.sleep(drain_delay + 0.3 - (time.monotonic() - started))
+            time.sleep(drain_delay + 0.4 - (time.monotonic() - started))
             try:
                 after = httpx.post(f"{instance.url}/relays/discard/deliver", json=_body(), timeout=5).status_code
             except httpx.ConnectError:
@@ -195,7 +195,7 @@ def test_sigterm_readyz_503_while_deliveries_are_served_then_refused_then_exit(t
     assert headers["content-type"] == "application/problem+json"
     assert headers["connection"] == "close"
     assert b"shutting down" in late["response"]
-    assert after in (0, 503)  # refused: by the closed listener, or the draining refusal
+    assert after == 0  # the port is closed (by every worker, and the supervisor's copy too)
     assert code == 0, instance.logs()[-3000:]
     assert exited <= drain_delay + grace + EXIT_SLACK, f"exited {exited:.2f} s after SIGTERM"
     print(f"\nworkers={workers}: readyz 503 after {first_503:.3f} s, exit after {exited:.2f} s")  # noqa: T201
