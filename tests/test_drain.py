@@ -215,19 +215,21 @@ mailrelay:
 """
 
 
-@pytest.mark.parametrize("how", ["grace_ends", "second_sigterm"])
+@pytest.mark.parametrize("how", ["grace_ends", "second_sigterm", "after_reload"])
 def test_a_delivery_still_running_when_the_grace_ends_is_answered_451_possibly_delivered(
     tmp_path: Path, how: str
 ) -> None:
     """The next hop took the message data and never answers the final ".": when the grace runs out
     (or a second SIGTERM says not to wait) the client gets a deadline-cut answer naming the
-    shutdown, not uvicorn's bare 500."""
-    drain_delay, grace = (0.5, 1.5) if how == "grace_ends" else (5.0, 30.0)
+    shutdown, not uvicorn's bare 500. `after_reload`: the delivery runs on a configuration that a
+    SIGHUP replaced (whose relays it keeps for that configuration's own 10 s grace): cut too."""
+    drain_delay, grace = (5.0, 30.0) if how == "second_sigterm" else (0.5, 1.5)
     # The second SIGTERM comes 0.3 s after the first: the cut then, not 35 s later.
-    cut_at = drain_delay + grace if how == "grace_ends" else 0.3
+    cut_at = 0.3 if how == "second_sigterm" else drain_delay + grace
     with smtp_server(Script(data_delay=60)) as sink:
         config = tmp_path / "mailrelay.yaml"
-        config.write_text(STUCK.format(port=sink.port, drain_delay=drain_delay, grace=grace))
+        old_grace = 10.0 if how == "after_reload" else grace
+        config.write_text(STUCK.format(port=sink.port, drain_delay=drain_delay, grace=old_grace))
         instance = Instance(config, free_port())
         instance.start()
         try:
@@ -242,6 +244,13 @@ def test_a_delivery_still_running_when_the_grace_ends_is_answered_451_possibly_d
             while not sink.received:
                 assert time.monotonic() < deadline, "the sink never got the message"
                 time.sleep(0.02)
+            if how == "after_reload":
+                config.write_text(STUCK.format(port=sink.port, drain_delay=drain_delay, grace=grace))
+                assert instance.process is not None
+                instance.process.send_signal(signal.SIGHUP)
+                while '"result":"success"' not in instance.logs():
+                    assert time.monotonic() < deadline, "no reload"
+                    time.sleep(0.02)
             started = instance.sigterm()
             if how == "second_sigterm":
                 time.sleep(cut_at)
