@@ -161,7 +161,7 @@ async def _composed(
 def _check_content(parsed: DeliveryRequest, content: Content, settings: ServiceSettings) -> None:
     # Recipients taken from to, cc and bcc were not counted by the model (request_model counts `recipients`).
     if len(parsed.recipients) > settings.max_recipients:
-        loc = "recipients" if "recipients" in parsed.model_fields_set else "content"
+        loc = "content" if parsed.recipients_from_content else "recipients"
         raise _invalid([FieldError(loc=loc, message=_too_many(len(parsed.recipients), settings.max_recipients))])
     if size_floor(content) > settings.max_message_size:  # too large whatever the encoding: not built at all
         raise _too_large(settings)

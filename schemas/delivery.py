@@ -384,7 +384,9 @@ class Content(BaseModel):
         for name, value in self.headers.items():
             if len(name) + 2 + len(value) > MAX_LINE:
                 raise PydanticCustomError(
-                    "too_long", "header line is longer than {limit} characters", {"loc": name, "limit": MAX_LINE}
+                    "too_long",
+                    "header line is longer than {limit} characters",
+                    {"loc": f"headers.{name}", "limit": MAX_LINE},
                 )
         seen: set[str] = set()
         for i, attachment in enumerate(self.attachments):
@@ -487,6 +489,8 @@ class DeliveryRequest(BaseModel):
     client: ClientInfo | None = None
 
     _raw: bytes = PrivateAttr(default=b"")
+    #: The recipients are content's to, cc and bcc (not counted by request_model's max_length).
+    _recipients_from_content: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _decode_message(self) -> Self:
@@ -503,6 +507,7 @@ class DeliveryRequest(BaseModel):
         given = self.model_fields_set
         if content is not None:
             if "recipients" not in given:
+                self._recipients_from_content = True
                 self.recipients = content.envelope_recipients()
                 if not self.recipients:
                     raise _form_error("content.to", "no recipients: give `content.to`, `cc`, `bcc` or `recipients`")
@@ -525,6 +530,10 @@ class DeliveryRequest(BaseModel):
             raise ValueError("the message is empty")
         self._raw = raw
         return self
+
+    @property
+    def recipients_from_content(self) -> bool:
+        return self._recipients_from_content
 
     @property
     def raw_message(self) -> bytes:
