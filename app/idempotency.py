@@ -20,10 +20,11 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from schemas.config import IdempotencySettings
 from schemas.delivery import Envelope
@@ -355,9 +356,92 @@ return 0"""
 REDIS_TIMEOUT = 2.0
 
 
+#: Batches out at once (each on its own connection), and the most commands in one batch.
+_BATCHES_OUT = 1
+_BATCH_MAX = 256
+
+
+class _Batch:
+    """The store's commands, sent in batches: those issued in one event-loop iteration go out in
+    one write on one connection, and their replies are read in order (what a pipeline does,
+    without its per-call machinery). Under load, concurrent deliveries share a write and a read:
+    on loopback a write costs the client 50-70 us of CPU whatever it holds. Each command is still
+    one round trip for its caller; a batch is bounded by the deliveries in flight."""
+
+    def __init__(self, client: "aioredis.Redis") -> None:
+        self.client = client
+        self.pending: list[tuple[AsyncScript, str, tuple[str | int, ...], asyncio.Future[Any]]] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    def call(self, script: AsyncScript, key: str, *args: str | int) -> "asyncio.Future[Any]":
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self.pending and not self.sending:
+            loop.call_soon(self._flush)
+        # While a batch is out, the next one gathers; it leaves when that one's replies are in.
+        self.pending.append((script, key, args, future))
+        return future
+
+    def _flush(self) -> None:
+        if not self.pending or len(self.sending) >= _BATCHES_OUT:
+            return
+        batch, self.pending = self.pending[:_BATCH_MAX], self.pending[_BATCH_MAX:]
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self.sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: "asyncio.Task[None]") -> None:
+        self.sending.discard(task)
+        self._flush()
+
+    async def _send(self, batch: list[tuple[AsyncScript, str, tuple[str | int, ...], asyncio.Future[Any]]]) -> None:
+        pool = self.client.connection_pool
+        replies: list[object] = []
+        try:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        try:
+            commands = [("EVALSHA", script.sha, 1, key, *args) for script, key, args, _ in batch]
+            await connection.send_packed_command(connection.pack_commands(commands))
+            for _ in batch:
+                try:
+                    replies.append(await connection.read_response())
+                except NoScriptError as exc:  # Redis restarted or failed over: run it the long way
+                    replies.append(exc)
+        except BaseException as exc:  # lost, timed out, or cancelled (shutdown): the rest is unknown
+            await connection.disconnect()
+            _fail(batch[len(replies) :], exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+            batch = batch[: len(replies)]
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            await pool.release(connection)
+        for (script, key, args, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                try:
+                    reply = await script(keys=[key], args=list(args))  # loads it (SCRIPT LOAD) and runs it
+                except Exception as exc:
+                    reply = exc
+            if future.done():
+                continue  # its caller gave up (a timeout)
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+def _fail(batch: Sequence[tuple[object, object, object, "asyncio.Future[Any]"]], exc: Exception) -> None:
+    for *_, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
 class RedisStore:
     """Shared by every instance: one Lua script per operation (one round trip each), registered
-    once and run by EVALSHA (redis-py loads it again on NOSCRIPT, after a Redis restart or failover)."""
+    once and run by EVALSHA (loaded again on NOSCRIPT, after a Redis restart or failover), the
+    commands of concurrent deliveries batched into shared writes (`_Batch`)."""
 
     def __init__(self, settings: IdempotencySettings) -> None:
         self.settings = settings
@@ -366,6 +450,7 @@ class RedisStore:
         self.lease_ms = max(1, round(settings.lease * 1000))
         self.prefix = settings.key_prefix
         self.client = redis_client(settings)
+        self._batch = _Batch(self.client)
         self._claim = self.client.register_script(_CLAIM)
         self._renew = self.client.register_script(_RENEW)
         self._complete = self.client.register_script(_COMPLETE)
@@ -374,8 +459,10 @@ class RedisStore:
     async def claim(self, key: str, fingerprint: str) -> Claim:
         token = secrets.token_hex(16)
         try:
-            reply = await self._claim(keys=[self.prefix + key], args=[fingerprint, token, self.lease_ms, self.ttl_ms])
-            kind = _text(reply[0])
+            reply = await self._batch.call(
+                self._claim, self.prefix + key, fingerprint, token, self.lease_ms, self.ttl_ms
+            )
+            kind = reply[0]
             if kind == "claimed":
                 return Claimed(token, fingerprint, taken_over=int(reply[1]) == 1)
             if kind == "running":
@@ -391,34 +478,29 @@ class RedisStore:
             raise StoreUnavailable(_reason(exc)) from None
 
     async def renew(self, claims: Sequence[tuple[str, Claimed]]) -> list[bool]:
-        """Every claim in one round trip (a pipeline)."""
+        """Every claim in one batch (one write)."""
+        calls = [
+            self._batch.call(self._renew, self.prefix + key, claim.head, self.lease_ms, "") for key, claim in claims
+        ]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, claim in claims:
-                    await self._renew(keys=[self.prefix + key], args=[claim.head, self.lease_ms, ""], client=pipe)
-                replies = await pipe.execute()
+            replies = await asyncio.gather(*calls)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
         return [int(r) == 1 for r in replies]
 
     async def sending(self, key: str, claim: Claimed) -> bool:
-        try:
-            done = await self._renew(keys=[self.prefix + key], args=[claim.head, self.lease_ms, "1"])
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(_reason(exc)) from None
-        return int(done) == 1
+        return await self._compare_and_set(self._renew, key, claim.head, self.lease_ms, "1")
 
     async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
         stored = "D" + fingerprint + response.dumps()
-        try:
-            done = await self._complete(keys=[self.prefix + key], args=[claim.head, stored, self.ttl_ms])
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(_reason(exc)) from None
-        return int(done) == 1
+        return await self._compare_and_set(self._complete, key, claim.head, stored, self.ttl_ms)
 
     async def release(self, key: str, claim: Claimed) -> bool:
+        return await self._compare_and_set(self._release, key, claim.head)
+
+    async def _compare_and_set(self, script: AsyncScript, key: str, *args: str | int) -> bool:
         try:
-            done = await self._release(keys=[self.prefix + key], args=[claim.head])
+            done = await self._batch.call(script, self.prefix + key, *args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
         return int(done) == 1
@@ -436,10 +518,6 @@ def redis_client(settings: IdempotencySettings) -> "aioredis.Redis":
         socket_connect_timeout=REDIS_TIMEOUT,
         decode_responses=True,
     )
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _legacy(record: dict[str, object], fingerprint: str) -> Claim:

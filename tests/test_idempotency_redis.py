@@ -1,0 +1,107 @@
+"""The Redis store against a real redis-server: batched EVALSHA calls, NOSCRIPT after a script
+flush (a restart or failover), records that lapse by Redis's clock, and what a stored result costs."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from app.idempotency import Claimed, InDoubt, Mismatch, RedisStore, Replay, Running, StoredResponse
+from schemas.config import IdempotencySettings
+from tests.servers.redis import redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest_asyncio.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(IdempotencySettings(backend="redis", redis_url=redis_url, lease=0.3))
+    yield opened
+    await opened.aclose()
+
+
+async def test_concurrent_claims_share_writes_and_each_gets_its_own_answer(store: RedisStore) -> None:
+    claims = await asyncio.gather(*(store.claim(f"batch-{i}", "f" * 64) for i in range(50)))
+    assert all(isinstance(c, Claimed) for c in claims)
+    assert len({c.token for c in claims if isinstance(c, Claimed)}) == 50
+    again = await asyncio.gather(*(store.claim(f"batch-{i}", "f" * 64) for i in range(50)))
+    assert all(isinstance(c, Running) for c in again)
+    response = StoredResponse(200, {"X-Smtp-Reply": '250; message="ok"'}, b"{}")
+    done = await asyncio.gather(
+        *(store.complete(f"batch-{i}", c, "f" * 64, response) for i, c in enumerate(claims) if isinstance(c, Claimed))
+    )
+    assert done == [True] * 50
+
+
+async def test_a_script_flush_is_recovered_from(store: RedisStore, redis_url: str) -> None:
+    claim = await store.claim("flushed", "a" * 64)
+    assert isinstance(claim, Claimed)
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.script_flush()  # what a restart or a failover to a fresh replica does
+    await admin.aclose()
+    assert await store.sending("flushed", claim)
+    assert await store.complete("flushed", claim, "a" * 64, StoredResponse(200, {}, b"{}"))
+    replay = await store.claim("flushed", "a" * 64)
+    assert isinstance(replay, Replay)
+
+
+async def test_leases_lapse_by_redis_clock_into_a_takeover_or_doubt(store: RedisStore) -> None:
+    quiet = await store.claim("quiet", "b" * 64)
+    sent = await store.claim("sent", "b" * 64)
+    assert isinstance(quiet, Claimed)
+    assert isinstance(sent, Claimed)
+    assert await store.sending("sent", sent)
+    assert isinstance(await store.claim("sent", "b" * 64), Running)
+    await asyncio.sleep(0.4)
+    taken = await store.claim("quiet", "b" * 64)
+    assert isinstance(taken, Claimed)
+    assert taken.taken_over
+    assert not await store.release("quiet", quiet)  # the lapsed holder can no longer touch it
+    assert await store.renew([("quiet", quiet), ("quiet", taken)]) == [False, True]
+    assert isinstance(await store.claim("sent", "b" * 64), InDoubt)
+    assert isinstance(await store.claim("sent", "b" * 64), InDoubt)  # kept: every repeat gets the same
+    assert isinstance(await store.claim("sent", "c" * 64), Mismatch)
+
+
+async def test_a_record_of_an_earlier_version_is_still_replayed(store: RedisStore, redis_url: str) -> None:
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    response = {"status": 400, "headers": {"X-Smtp-Reply": "550"}, "body": "{}"}
+    await admin.set(store.prefix + "old", json.dumps({"state": "done", "fp": "d" * 64, "response": response}))
+    await admin.aclose()
+    replay = await store.claim("old", "d" * 64)
+    assert isinstance(replay, Replay)
+    assert replay.response.status == 400
+
+
+async def test_what_a_stored_result_costs_in_redis(store: RedisStore, redis_url: str) -> None:
+    """The sizing figure in the docs: MEMORY USAGE of a typical stored result (one recipient,
+    the answer's JSON and headers), with the key's prefix and its TTL."""
+    from app.delivery import format_smtp_reply
+    from schemas.delivery import DeliveryResult, RecipientResult
+    from schemas.reply import Reply
+
+    reply = Reply.parse(250, "2.0.0 Ok: queued as 4Xk2sJ0Qz1z9", "[SEND_DATA]")
+    result = DeliveryResult(
+        relay="out",
+        message_id="<20261130.1234@app.example.com>",
+        elapsed_ms=12.345,
+        recipients=[RecipientResult(recipient="someone@example.net", reply=reply, host="mx.example.net:25")],
+    )
+    key = "k" * 64  # scoped keys are sha256 hex
+    claim = await store.claim(key, "e" * 64)
+    assert isinstance(claim, Claimed)
+    headers = {"X-Smtp-Reply": format_smtp_reply(reply)}
+    assert await store.complete(key, claim, "e" * 64, StoredResponse(200, headers, result.model_dump_json().encode()))
+    admin = aioredis.Redis.from_url(redis_url)
+    used = await admin.memory_usage(store.prefix + key)
+    await admin.aclose()
+    assert used is not None
+    # 776 bytes on redis-server 7.0.15 (2026-11-30): the figure in the docs.
+    assert used < 1024
