@@ -4,7 +4,8 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, NamedTuple, Self
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, PrivateAttr, StringConstraints, model_validator
 
@@ -182,6 +183,33 @@ class BatchSettings(BaseModel):
     )
 
 
+class SentinelUrl(NamedTuple):
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """`redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`; ValueError names what is wrong."""
+    rest = url.removeprefix("redis+sentinel://")
+    authority, _, path = rest.partition("/")
+    credentials, at, hosts = authority.rpartition("@")
+    password = unquote(credentials.partition(":")[2]) or None if at else None
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"redis+sentinel:// needs host:port for each sentinel, not {item!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    service, _, db = path.partition("/")
+    if not service:
+        raise ValueError("redis+sentinel:// needs the monitored master's name: redis+sentinel://host:port/mymaster")
+    if db and not db.isdigit():
+        raise ValueError(f"redis+sentinel:// database must be a number, not {db!r}")
+    return SentinelUrl(sentinels, unquote(service), int(db or 0), password)
+
+
 class IdempotencySettings(BaseModel):
     """`mailrelay.idempotency`: where results of requests with an Idempotency-Key are kept."""
 
@@ -202,7 +230,9 @@ class IdempotencySettings(BaseModel):
     )
     redis_url: str | None = Field(
         default=None,
-        description="redis backend: `redis://[:password@]host:port/db` (or rediss://); $MAILRELAY_REDIS_URL overrides",
+        description="redis backend: `redis://[:password@]host:port/db` (or rediss://, unix://), or through "
+        "Sentinel `redis+sentinel://[:password@]host:port[,host:port...]/service[/db]` (the sentinels, the "
+        "monitored master's name; the password is the master's); $MAILRELAY_REDIS_URL overrides",
     )
     key_prefix: str = Field(default="mailrelay:idempotency:", description="redis backend: prefix of every key")
     lease: float = Field(
@@ -232,8 +262,10 @@ class IdempotencySettings(BaseModel):
     def _redis_needs_url(self) -> Self:
         if self.backend == "redis" and not self.redis_url:
             raise ValueError("the redis backend needs `redis_url` (or $MAILRELAY_REDIS_URL)")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("`redis_url` must start with redis://, rediss:// or unix://")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError("`redis_url` must start with redis://, rediss://, unix:// or redis+sentinel://")
+        if self.redis_url and self.redis_url.startswith("redis+sentinel://"):
+            parse_sentinel_url(self.redis_url)
         return self
 
 
