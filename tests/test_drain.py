@@ -203,6 +203,26 @@ def test_sigterm_readyz_503_while_deliveries_are_served_then_refused_then_exit(t
         print(instance.logs())  # noqa: T201
 
 
+def test_sigint_drains_without_the_delay(tmp_path: Path) -> None:
+    """Ctrl+C: nothing balances a terminal, so no drain delay (the default 5 s here); the port
+    closes at once and the process exits."""
+    config = tmp_path / "mailrelay.yaml"
+    config.write_text("relay:\n  discard: {type: blackhole}\n")
+    instance = Instance(config, free_port())
+    instance.start()
+    try:
+        assert instance.process is not None
+        instance.process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        code = instance.wait(10)
+        exited = time.monotonic() - started
+    finally:
+        instance.kill()
+    assert code == 0
+    assert exited < EXIT_SLACK, f"exited {exited:.2f} s after SIGINT"
+    assert [e["event"] for e in instance.events() if e["event"] in ("draining", "drained")] == ["draining", "drained"]
+
+
 STUCK = """\
 relay:
   next:
