@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
-from schemas.config import IdempotencySettings
+from schemas.config import IdempotencySettings, parse_sentinel_url
 from schemas.delivery import Envelope
 
 #: The header a client sends; printable ASCII, at most this long.
@@ -510,10 +511,31 @@ class RedisStore:
 
 
 def redis_client(settings: IdempotencySettings) -> "aioredis.Redis":
-    """The client for `redis_url`; hiredis parses the replies when it is installed (it is a dependency)."""
-    assert settings.redis_url is not None  # noqa: S101 - the settings model requires it
+    """The client for `redis_url`; hiredis parses the replies (it is a dependency).
+
+    Through Sentinel, every new connection asks the sentinels for the master: after a failover a
+    connection to the old master fails (or, demoted, answers READONLY and is dropped), the
+    requests in flight on it are refused 503, and the next ones reach the new master."""
+    url = settings.redis_url
+    assert url is not None  # noqa: S101 - the settings model requires it
+    if url.startswith("redis+sentinel://"):
+        where = parse_sentinel_url(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            where.sentinels,
+            socket_timeout=REDIS_TIMEOUT,
+            sentinel_kwargs={"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT},
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            where.service,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            decode_responses=True,
+            password=where.password,
+            db=where.db,
+        )
+        return client
     return aioredis.Redis.from_url(
-        settings.redis_url,
+        url,
         socket_timeout=REDIS_TIMEOUT,
         socket_connect_timeout=REDIS_TIMEOUT,
         decode_responses=True,
