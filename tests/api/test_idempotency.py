@@ -196,6 +196,7 @@ async def test_an_unreachable_redis_refuses_keyed_deliveries_and_sends_nothing(t
             async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
                 keyed = await http.post("/relays/out/deliver", json=BODY, headers={"Idempotency-Key": "k"})
                 plain = await http.post("/relays/out/deliver", json=BODY)
+                metrics = (await http.get("/metrics")).text
             logs = running.logs()
         assert len(server.received) == 1  # only the request without a key
     assert keyed.status_code == 503
@@ -203,6 +204,9 @@ async def test_an_unreachable_redis_refuses_keyed_deliveries_and_sends_nothing(t
     assert "idempotency store is unavailable" in keyed.json()["detail"]
     assert plain.status_code == 200
     assert "idempotency store unavailable" in logs
+    # Counted as a refusal, and as a store error of the claim.
+    assert 'mailrelay_deliveries_refused_total{reason="store_unavailable",relay="out"} 1.0' in metrics
+    assert 'mailrelay_idempotency_store_errors_total{operation="claim"} 1.0' in metrics
 
 
 def test_the_redis_backend_needs_a_url() -> None:
@@ -214,6 +218,29 @@ def test_the_redis_backend_needs_a_url() -> None:
     assert [str(p) for p in caught.value.problems] == [
         "mailrelay.idempotency: the redis backend needs `redis_url` (or $MAILRELAY_REDIS_URL)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://127.0.0.1/mymaster", "needs host:port for each sentinel, not '127.0.0.1'"),
+        ("redis+sentinel://127.0.0.1:26379", "needs the monitored master's name"),
+        ("redis+sentinel://127.0.0.1:26379/mymaster/x", "database must be a number"),
+        ("http://127.0.0.1:6379", "must start with redis://, rediss://, unix:// or redis+sentinel://"),
+    ],
+)
+def test_a_redis_url_is_checked_when_the_configuration_loads(url: str, problem: str) -> None:
+    from schemas.config import ConfigError, parse_sentinel_url
+    from tests.conftest import config_from
+
+    with pytest.raises(ConfigError) as caught:
+        config_from(
+            f"relay:\n  a: {{type: blackhole}}\nmailrelay:\n  idempotency: {{backend: redis, redis_url: '{url}'}}\n"
+        )
+    assert problem in str(caught.value.problems[0])
+    good = parse_sentinel_url("redis+sentinel://:s%40cret@10.0.0.1:26379,[::1]:26380/cache/3")
+    assert good.sentinels == [("10.0.0.1", 26379), ("::1", 26380)]
+    assert (good.service, good.db, good.password) == ("cache", 3, "s@cret")
 
 
 def test_a_raw_form_partial_answered_503_is_not_stored(make_client: Callable[[str], TestClient]) -> None:
