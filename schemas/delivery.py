@@ -639,6 +639,20 @@ def _derived(schema: dict[str, Any]) -> None:
     schema["readOnly"] = True
 
 
+class DkimSignature(BaseModel):
+    """Whether the relay signed the message with DKIM (RFC 6376), and as whom."""
+
+    model_config = _RESULT_CONFIG
+
+    signed: bool
+    domain: str | None = Field(default=None, description="the signing domain (d=)", examples=["example.com"])
+    selector: str | None = Field(default=None, description="the key's selector (s=)", examples=["mail2026"])
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] | None = Field(default=None, description="a=")
+    reason: str | None = Field(
+        default=None, description="why it went unsigned", examples=["no signing identity for example.org"]
+    )
+
+
 class RecipientResult(BaseModel):
     """The outcome for one recipient: the reply that decided it, and from where."""
 
@@ -661,6 +675,9 @@ class RecipientResult(BaseModel):
         description="a transient failure after the whole message went out (the final reply never came, or the "
         "delivery deadline struck): the next hop may have delivered it, so a retry may duplicate it",
     )
+    # Set by a signing relay (relays/dkim.py) on each of its results; the JSON has it once, as
+    # DeliveryResult.dkim.
+    dkim: DkimSignature | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -689,6 +706,11 @@ class DeliveryResult(BaseModel):
         examples=["<abc@example.com>"],
     )
     elapsed_ms: float = Field(description="time the relay took, in milliseconds", examples=[41.7])
+    dkim: DkimSignature | None = Field(
+        default=None,
+        description="DKIM signing: null when the relay has no `dkim` identities (or the delivery deadline "
+        "answered); `signed: false` when the From: domain has none",
+    )
     recipients: list[RecipientResult]
 
     @model_validator(mode="before")
@@ -698,6 +720,8 @@ class DeliveryResult(BaseModel):
             statuses = [_status_of(r) for r in recipients]
             if None not in statuses:
                 data = {**data, "status": delivery_status(s for s in statuses if s is not None)}
+            if recipients and isinstance(first := recipients[0], RecipientResult) and first.dkim is not None:
+                data = {**data, "dkim": first.dkim}
         return data
 
 
