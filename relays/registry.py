@@ -8,6 +8,7 @@ from relays.base import Relay
 from relays.blackhole import BlackholeRelay
 from relays.context import RelayContext
 from relays.custom import load_custom_relay
+from relays.dkim import Signer, SigningRelay, load_identities
 from relays.dovecot import DovecotRelay
 from relays.http import HttpRelay
 from relays.lmtp import LmtpRelay
@@ -37,8 +38,12 @@ RELAY_TYPES: Final[Mapping[str, RelayFactory]] = {
 
 
 def build_relay(name: str, options: RelayOptions, context: RelayContext) -> Relay:
-    """Build one relay; may raise ConfigError (unusable TLS files, a `custom` factory that fails)."""
-    return RELAY_TYPES[options.type](name, options, context)
+    """Build one relay; may raise ConfigError (unusable TLS files or DKIM keys, a `custom` factory
+    that fails). With `dkim` identities it is wrapped in a SigningRelay: every type signs alike."""
+    # Keys first: a bad one then leaves no relay (with its connections) to close.
+    identities = load_identities(f"relay.{name}.dkim", options.dkim) if options.dkim else None
+    relay = RELAY_TYPES[options.type](name, options, context)
+    return SigningRelay(relay, Signer(identities)) if identities else relay
 
 
 async def open_relays(config: ServiceConfig) -> dict[str, Relay]:

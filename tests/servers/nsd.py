@@ -1,0 +1,110 @@
+"""NSD, an authoritative DNS server, serving one test zone on loopback (UDP and TCP on one port)."""
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.query
+
+from tests.servers.process import require_program, stop, traversable_tmpdir
+
+#: Its own loopback address: other DNS fixtures (MTA-STS, DANE) use theirs, with free ports each.
+NSD_HOST = "127.0.0.83"
+
+_CONF = """\
+server:
+    ip-address: {host}@{port}
+    do-ip6: no
+    username: ""
+    chroot: ""
+    zonesdir: "{d}"
+    database: ""
+    pidfile: "{d}/nsd.pid"
+    zonelistfile: "{d}/zone.list"
+    xfrdfile: "{d}/xfrd.state"
+    xfrdir: "{d}"
+    logfile: "{d}/nsd.log"
+    server-count: 1
+    verbosity: 1
+remote-control:
+    control-enable: no
+zone:
+    name: {zone}
+    zonefile: zone
+"""
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """As unbound's forward-addr and mailrelay's dns_nameservers take it."""
+        return f"{self.host}@{self.port}"
+
+
+def txt_record(name: str, value: str) -> str:
+    """A TXT record line; strings of at most 250 bytes (one may hold 255; an RSA-2048 key is ~400)."""
+    parts = " ".join(f'"{value[i : i + 250]}"' for i in range(0, len(value), 250))
+    return f"{name} IN TXT ( {parts} )\n"
+
+
+def _free_udp_and_tcp_port(host: str) -> int:
+    while True:
+        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+            tcp.bind((host, 0))
+            port: int = tcp.getsockname()[1]
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+            return port
+
+
+@contextmanager
+def nsd_server(zone: str, records: str, host: str = NSD_HOST) -> Iterator[Nameserver]:
+    """NSD serving `zone` (SOA and NS made here) plus `records` (zone-file lines relative to it)."""
+    program = require_program("nsd", "/usr/sbin/nsd")
+    directory = traversable_tmpdir("nsd-")
+    port = _free_udp_and_tcp_port(host)
+    (directory / "zone").write_text(
+        f"$ORIGIN {zone}.\n$TTL 300\n"
+        f"@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n@ IN NS ns.{zone}.\nns IN A {host}\n" + records
+    )
+    (directory / "nsd.conf").write_text(_CONF.format(host=host, port=port, d=directory, zone=zone))
+    process = subprocess.Popen(  # noqa: S603
+        [program, "-d", "-c", str(directory / "nsd.conf")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_answering(zone, host, port, process)
+        yield Nameserver(host, port)
+    finally:
+        stop(process)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_answering(zone: str, host: str, port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Ready = the zone's SOA is answered over UDP."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            raise RuntimeError(f"nsd exited with {process.returncode}: {output[-2000:]}")
+        try:
+            if dns.query.udp(dns.message.make_query(zone, "SOA"), host, port=port, timeout=0.2).answer:
+                return
+        except (OSError, dns.exception.Timeout):
+            time.sleep(0.05)
+    raise TimeoutError(f"nsd on {host}@{port} did not answer for {zone} within {timeout} s")
