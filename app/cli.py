@@ -25,6 +25,7 @@ from app.logs import chosen_format, setup_logging
 from app.main import create_app, openapi_document
 from app.metrics import RELOADS
 from app.workers import supervise
+from relays import dkim
 from relays.registry import open_relays
 from schemas.config import ConfigError, ServiceConfig
 
@@ -146,6 +147,11 @@ def _print_problems(exc: ConfigError) -> None:
 def _check_config(args: argparse.Namespace) -> int:
     loaded = _load(args.path)
     if loaded is None:
+        return 1
+    # DKIM keys as start-up reads them, and whether DNS publishes each one's public half.
+    problems, warnings = asyncio.run(dkim.check_config(loaded.config))
+    _print_problems(ConfigError(problems, warnings))
+    if problems:
         return 1
     relays = loaded.config.relay
     print(f"{loaded.source}: valid, {len(relays)} relay(s)")
