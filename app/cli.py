@@ -110,7 +110,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     openapi.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
     openapi.set_defaults(command=_openapi)
+
+    from app import send  # the client commands: nothing of the service is loaded for them
+
+    sender = commands.add_parser(
+        "send",
+        help="send a message through a running mailrelay",
+        description="Build a message (or take a raw one) and deliver it through a running mailrelay; print each "
+        "recipient's outcome. Exit 0 when all were delivered, 75 when a failure is transient, 67/69 when permanent.",
+    )
+    send.add_arguments(sender)
+    sender.set_defaults(command=send.run)
+    # sendmail(8)'s own option syntax (-oi, -t, -fsender): argparse does not parse it.
+    sendmail = commands.add_parser(
+        "sendmail", help="the sendmail(8) interface: the message on standard input", add_help=False, prefix_chars="\0"
+    )
+    sendmail.add_argument("args", nargs=argparse.REMAINDER)
+    sendmail.set_defaults(command=_sendmail)
     return parser
+
+
+def _sendmail(args: argparse.Namespace) -> int:
+    from app.sendmail import main as sendmail_main
+
+    status: int = sendmail_main(args.args)
+    return status
 
 
 def _positive(text: str) -> int:
