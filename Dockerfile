@@ -24,6 +24,10 @@ RUN groupadd --system --gid 10001 mailrelay \
         --shell /usr/sbin/nologin mailrelay \
     && mkdir -p /etc/mailrelay
 COPY --from=build /opt/mailrelay /opt/mailrelay
+# sendmail(8) for programs in the image (cron jobs, PHP's mail()): `mailrelay sendmail`, configured by
+# MAILRELAY_URL, MAILRELAY_RELAY, MAILRELAY_API_KEY or /etc/mailrelay/sendmail.conf.
+RUN ln -s /opt/mailrelay/bin/sendmail /usr/sbin/sendmail \
+    && ln -s /opt/mailrelay/bin/sendmail /usr/lib/sendmail
 ENV PATH=/opt/mailrelay/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
