@@ -353,8 +353,8 @@ class _Signals:
                 self._spawn(reload_configuration(self.services, self.args))
         elif self.server is None:
             self._stop_requested = True
-        elif self.services is None:
-            self.server.handle_exit(sig, None)  # the lifespan is starting: nothing to drain yet
+        elif self.services is None or not self.server.started:
+            self.server.handle_exit(sig, None)  # still starting: nothing served yet, nothing to drain
         elif self._draining is None:
             self._draining = sig
             delay = self.services.current.config.mailrelay.drain_delay if sig == signal.SIGTERM else 0.0
