@@ -339,3 +339,25 @@ async def test_a_relay_that_raises_after_sending_keeps_the_claim() -> None:
     (result,) = json.loads(answer.body)["recipients"]
     assert result["possibly_delivered"] is True
     assert "not sent again" in result["reply"]["message"]
+
+
+async def test_a_claim_lost_before_the_result_is_stored_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder()
+    store = MemoryStore(IdempotencySettings())
+    core = make_core(recorder, store=store)
+
+    class Forgetful:
+        """The store loses the claim while the delivery runs (a restart without persistence)."""
+
+        async def deliver(self, env: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+            await store.aclose()
+            reply = Reply.parse(250, "2.0.0 Ok")
+            return [RecipientResult(recipient=r, reply=reply) for r in env.recipients]
+
+        async def aclose(self) -> None:
+            pass
+
+    answer = await core.deliver(delivery(Forgetful(), envelope("bob@example.net"), key="k"))
+    assert answer.status == 200
+    assert ("claim_lost", "complete") in recorder.events
+    assert "idempotency claim lost before its result was stored" in caplog.text

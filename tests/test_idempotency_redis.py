@@ -105,3 +105,29 @@ async def test_what_a_stored_result_costs_in_redis(store: RedisStore, redis_url:
     assert used is not None
     # 776 bytes on redis-server 7.0.15 (2026-11-30): the figure in the docs.
     assert used < 1024
+
+
+async def test_the_documented_acl_is_enough(redis_url: str) -> None:
+    """The docs' ACL for the store's user: its key prefix, and only the commands it runs (the
+    scripts' own GET, SET, DEL and TIME are checked too)."""
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", "mailrelay", "on", ">acl-test-password", "resetkeys", "~mailrelay:idempotency:*",
+        "resetchannels", "-@all", "+evalsha", "+script|load", "+get", "+set", "+del", "+time", "+ping",
+    )  # fmt: skip
+    await admin.script_flush()  # so that the first call loads its script, as after a restart
+    await admin.aclose()
+    url = redis_url.replace("redis://", "redis://mailrelay:acl-test-password@")
+    store = RedisStore(IdempotencySettings(backend="redis", redis_url=url))
+    try:
+        claim = await store.claim("acl", "a" * 64)
+        assert isinstance(claim, Claimed)
+        assert await store.sending("acl", claim)
+        assert await store.renew([("acl", claim)]) == [True]
+        assert await store.complete("acl", claim, "a" * 64, StoredResponse(200, {}, b"{}"))
+        assert isinstance(await store.claim("acl", "a" * 64), Replay)
+        other = await store.claim("acl-2", "a" * 64)
+        assert isinstance(other, Claimed)
+        assert await store.release("acl-2", other)
+    finally:
+        await store.aclose()
