@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, cast
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -21,23 +21,26 @@ from starlette.types import Message, Receive, Scope, Send
 from app import idempotency, logs
 from app.auth import Principal
 from app.budget import Holding
-from app.delivery import Deadline, Delivery, Refused
-from app.deps import RelayName, find_relay
 
 # The single route's own checks, so that a line is read exactly as a /deliver body is.
-from app.intake import _CHECKED_JSON_BYTES, _check_json_values, _message, media_type
+from app.compose import add_missing_headers as complete_headers
+from app.delivery import Deadline, Delivery, Refused
+from app.deps import RelayName, find_relay
+from app.intake import _CHECKED_JSON_BYTES, _check_json_values, _loc, _message, envelope_of, media_type
 from app.lifespan import Runtime, Services
 from app.problems import ProblemError, problem_doc
 from app.routes.relays import DEADLINE_HEADER, _deadline
 from relays.base import Relay
-from schemas.config import BatchSettings, ServiceSettings, format_path
-from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, Recipient
+from schemas.config import BatchSettings, ServiceSettings
+from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, request_model
 from schemas.problem import FieldError, Problem
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/relays", tags=["relays"])
 
 NDJSON: Final = "application/x-ndjson"
+#: Lines longer than this are parsed (and a composed message built) in a worker thread, as /deliver does.
+_BUILD_IN_THREAD: Final = 256 * 1024
 #: Also accepted: the same format under its other names.
 _NDJSON_TYPES: Final = frozenset((NDJSON, "application/jsonl", "application/jsonlines", "application/x-jsonlines"))
 
@@ -46,6 +49,13 @@ def _check_key(value: str | None) -> str | None:
     if value is not None and (problem := idempotency.key_problem(value)):
         raise ValueError(problem)
     return value
+
+
+LineKey = Annotated[str | None, AfterValidator(_check_key), Field(max_length=idempotency.MAX_KEY_LENGTH)]
+_KEY_DESCRIPTION: Final = (
+    "as the Idempotency-Key header of /deliver, for this line alone: a repeat (in this batch or any later "
+    "request by the same API key) replays this line's result instead of sending again"
+)
 
 
 class BatchDelivery(DeliveryRequest):
@@ -65,12 +75,7 @@ class BatchDelivery(DeliveryRequest):
         },
     )
 
-    idempotency_key: Annotated[str | None, AfterValidator(_check_key)] = Field(
-        default=None,
-        max_length=idempotency.MAX_KEY_LENGTH,
-        description="as the Idempotency-Key header of /deliver, for this line alone: a repeat (in this batch or "
-        "any later request by the same API key) replays this line's result instead of sending again",
-    )
+    idempotency_key: LineKey = Field(default=None, description=_KEY_DESCRIPTION)
 
 
 class BatchResultLine(BaseModel):
@@ -92,38 +97,41 @@ class BatchResultLine(BaseModel):
 
 
 @functools.lru_cache(maxsize=16)
-def _line_model(max_recipients: int) -> type[BatchDelivery]:
-    # As request_model(): the recipients are counted before any is validated.
-    return create_model(
+def _line_model(max_recipients: int) -> type[DeliveryRequest]:
+    # request_model(), whose recipients are counted before any is validated, with the line's key.
+    model = create_model(
         "BatchDelivery",
-        __base__=BatchDelivery,
-        recipients=(
-            list[Recipient],
-            Field(min_length=1, max_length=max_recipients, description="one or more envelope recipients (RCPT TO)"),
-        ),
+        __base__=request_model(max_recipients),
+        idempotency_key=(LineKey, Field(default=None, description=_KEY_DESCRIPTION)),
     )
+    return cast(type[DeliveryRequest], model)
 
 
-def parse_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str | None]:
-    """A line's envelope and idempotency key; ProblemError (422, 413) as /deliver would answer its body."""
+def parse_line(line: bytes, settings: ServiceSettings, *, add_missing_headers: bool) -> tuple[Envelope, str | None]:
+    """A line's envelope (its message built in the compose form) and idempotency key; ProblemError
+    (422, 413) as /deliver would answer the same body. Builds on the calling thread."""
     if len(line) > _CHECKED_JSON_BYTES:
         _check_json_values(line, settings.max_recipients)
     try:
         parsed = _line_model(settings.max_recipients).model_validate_json(line)
     except ValidationError as exc:
         errors = [
-            FieldError(loc=format_path(list(e["loc"])) or "line", message=_message(e, settings.max_recipients))
+            FieldError(loc=_line_loc(e), message=_message(e, settings.max_recipients))
             for e in exc.errors(include_input=False, include_url=False)
         ]
         raise ProblemError(422, "the line is invalid; nothing was delivered", errors=errors) from None
-    if len(parsed.raw_message) > settings.max_message_size:
-        raise ProblemError(
-            413, f"the message is larger than the limit of {settings.max_message_size} bytes; nothing was delivered"
-        )
-    envelope = Envelope(
-        sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
-    )
-    return envelope, parsed.idempotency_key
+    envelope = envelope_of(parsed, settings, line)
+    if add_missing_headers and parsed.content is None:  # the relay's option, as /deliver applies it
+        message = complete_headers(envelope.message, envelope.sender)
+        if message is not envelope.message:
+            envelope = Envelope(envelope.sender, envelope.recipients, message, envelope.client, envelope.message)
+    key: str | None = getattr(parsed, "idempotency_key", None)
+    return envelope, key
+
+
+def _line_loc(error: object) -> str:
+    loc = _loc(error)
+    return "line" if loc == "body" else loc
 
 
 class _TooLong:
@@ -348,8 +356,12 @@ class _Batch:
                 self._refused(index, core.overloaded(self.name, why))
                 return
         holding.held = taken
+        complete = bool(getattr(self.runtime.config.relay[self.name], "add_missing_headers", False))
         try:
-            envelope, key = parse_line(line, self.settings)
+            if len(line) > _BUILD_IN_THREAD:  # a large composed message would hold the loop while it is built
+                envelope, key = await asyncio.to_thread(parse_line, line, self.settings, add_missing_headers=complete)
+            else:
+                envelope, key = parse_line(line, self.settings, add_missing_headers=complete)
         except ProblemError as exc:
             self._problem(index, exc.status, exc.detail, errors=exc.errors)
             return

@@ -162,6 +162,10 @@ def test_a_batch_of_100_streams_each_result_as_it_finishes(relay: Service, sink:
     lines[37] = b'{"sender": "app@example.com", "recipients": ['  # not JSON
     lines[61] = json.dumps({"sender": "app@example.com", "recipients": ["a\r\nRSET@x"], "message": "x"}).encode()
     expected[37] = expected[61] = 422
+    # The compose form in a line: the message is built as /deliver builds it; Bcc only in the envelope.
+    content = {"from": "app@example.com", "to": ["ok@example.net"], "bcc": ["hidden@example.net"]}
+    lines[50] = json.dumps({"content": {**content, "subject": "line 50", "text": "composed"}}).encode()
+    expected[50] = 200
     before = len(sink.messages)
 
     answers: list[dict[str, Any]] = []
@@ -199,6 +203,10 @@ def test_a_batch_of_100_streams_each_result_as_it_finishes(relay: Service, sink:
     # What reached the sink: one message per line with a delivered recipient, nothing more.
     delivered = sum(1 for a in answers if a["status"] in (200, 207))
     assert len(sink.messages) - before == delivered
+    [(composed_to, composed)] = [m for m in sink.messages[before:] if b"Subject: line 50" in m[1]]
+    assert composed_to == ["ok@example.net", "hidden@example.net"]
+    assert b"hidden@example.net" not in composed
+    assert by_index[50]["result"]["message_id"]
     subjects = sorted(int(m.split(b"Subject: line ")[1].split(b"\r\n")[0]) for _, m in sink.messages[before:])
     assert subjects == sorted(i for i, a in by_index.items() if a["status"] in (200, 207))
 
