@@ -104,7 +104,7 @@ async def read_envelope(
         body = await _read_body(request, json_body_limit(settings), settings, holding, until, decoded=True)
         parsed = _from_json(body, settings.max_recipients)
         if parsed.content is not None:
-            return await _composed(parsed, parsed.content, settings, holding)
+            return await _composed(parsed, parsed.content, settings, holding, body)
         envelope = Envelope(
             sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
         )
@@ -124,14 +124,14 @@ async def read_envelope(
         # The client's message is held to the limit; the two headers added are not counted against it.
         message = complete_headers(envelope.message, envelope.sender)
         if message is not envelope.message:
-            envelope = Envelope(envelope.sender, envelope.recipients, message, envelope.client)
+            envelope = Envelope(envelope.sender, envelope.recipients, message, envelope.client, envelope.message)
     return envelope
 
 
-def envelope_of(parsed: DeliveryRequest, settings: ServiceSettings) -> Envelope:
+def envelope_of(parsed: DeliveryRequest, settings: ServiceSettings, body: bytes | None = None) -> Envelope:
     """The envelope of a parsed JSON request, its message built here in the compose form (on the
     calling thread, without the body budget: read_envelope is the budgeted path). ProblemError
-    (422, 413) when the built message breaks a limit."""
+    (422, 413) when the built message breaks a limit. `body`: the request as sent (Envelope.origin)."""
     content = parsed.content
     if content is None:
         if len(parsed.raw_message) > settings.max_message_size:
@@ -140,11 +140,11 @@ def envelope_of(parsed: DeliveryRequest, settings: ServiceSettings) -> Envelope:
             sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
         )
     _check_content(parsed, content, settings)
-    return _built(parsed, build(content), settings)
+    return _built(parsed, build(content), settings, body)
 
 
 async def _composed(
-    parsed: DeliveryRequest, content: Content, settings: ServiceSettings, holding: Holding | None
+    parsed: DeliveryRequest, content: Content, settings: ServiceSettings, holding: Holding | None, body: bytes
 ) -> Envelope:
     """The envelope of a composed message: built from `content`, held to the size limit and the body budget."""
     _check_content(parsed, content, settings)
@@ -155,7 +155,7 @@ async def _composed(
     if holding is not None and extra > size:  # the parts are gone: the message alone is held from now on
         holding.budget.give(extra - size)
         holding.held -= extra - size
-    return _built(parsed, built, settings)
+    return _built(parsed, built, settings, body)
 
 
 def _check_content(parsed: DeliveryRequest, content: Content, settings: ServiceSettings) -> None:
@@ -167,7 +167,7 @@ def _check_content(parsed: DeliveryRequest, content: Content, settings: ServiceS
         raise _too_large(settings)
 
 
-def _built(parsed: DeliveryRequest, built: Built, settings: ServiceSettings) -> Envelope:
+def _built(parsed: DeliveryRequest, built: Built, settings: ServiceSettings, body: bytes | None) -> Envelope:
     limit = settings.max_message_size
     if len(built.message) > limit:
         raise ProblemError(
@@ -175,7 +175,9 @@ def _built(parsed: DeliveryRequest, built: Built, settings: ServiceSettings) -> 
             f"the message built from `content` is {len(built.message)} bytes, larger than the limit of {limit} "
             "bytes; nothing was delivered",
         )
-    return Envelope(sender=parsed.sender, recipients=parsed.recipients, message=built.message, client=parsed.client)
+    return Envelope(
+        sender=parsed.sender, recipients=parsed.recipients, message=built.message, client=parsed.client, origin=body
+    )
 
 
 async def _hold_more(holding: Holding, settings: ServiceSettings, size: int) -> int:

@@ -603,6 +603,10 @@ class Envelope:
     recipients: Sequence[str]
     message: bytes = field(repr=False)
     client: ClientInfo | None = None
+    #: What the client sent when the message was built or completed here (the compose form's body; a
+    #: message before add_missing_headers): the same request gives a new Date and Message-ID each
+    #: time, so this, not `message`, tells two requests apart (the idempotency fingerprint).
+    origin: bytes | None = field(default=None, repr=False)
 
     @cached_property
     def message_id(self) -> str | None:

@@ -406,3 +406,32 @@ def test_the_openapi_document_shows_the_compose_form_with_an_example(client: Tes
     assert "from" in schemas["Content"]["properties"]
     # The example is valid: delivered as it is (to the blackhole).
     assert client.post("/relays/discard/deliver", json=example).status_code == 200
+
+
+# The same request builds a new Date and Message-ID each time, so the idempotency fingerprint, made
+# from the built message, differs: a retry with the same key is refused as another request instead of
+# replayed. Envelope.origin holds what the client sent; app/idempotency.py fingerprint() must hash it
+# (`envelope.origin or envelope.message`), a file this change may not touch.
+@pytest.mark.xfail(reason="idempotency.fingerprint hashes the built message, not Envelope.origin", strict=True)
+@pytest.mark.parametrize("form", ["compose", "completed"])
+def test_a_repeat_with_the_same_key_replays(client: TestClient, server: SmtpServer, form: str) -> None:
+    before = len(server.received)
+    key = {"Idempotency-Key": f"repeat-{form}"}
+    answers = []
+    for _ in range(2):
+        if form == "compose":
+            answers.append(client.post("/relays/out/deliver", json={"content": content()}, headers=key))
+        else:
+            headers = {
+                **key,
+                "Content-Type": "message/rfc822",
+                "X-Envelope-Sender": b64(b"alice@example.com"),
+                "X-Envelope-Recipient": b64(b"bob@example.net"),
+            }
+            answers.append(client.post("/relays/completing/deliver", content=RAW, headers=headers))
+    first, second = answers
+    assert first.status_code == 200, first.text
+    assert second.status_code == 200, second.text
+    assert second.headers["idempotent-replayed"] == "true"
+    assert second.json()["message_id"] == first.json()["message_id"]
+    assert len(server.received) == before + 1
