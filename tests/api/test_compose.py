@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.lifespan import Services
 from app.main import create_app
 from tests.conftest import config_from
 from tests.servers.process import require_program
@@ -435,3 +436,24 @@ def test_a_repeat_with_the_same_key_replays(client: TestClient, server: SmtpServ
     assert second.headers["idempotent-replayed"] == "true"
     assert second.json()["message_id"] == first.json()["message_id"]
     assert len(server.received) == before + 1
+
+
+def test_building_holds_the_body_budget_and_gives_it_back(make_client: Any) -> None:
+    client = make_client(
+        "relay:\n  b: {type: blackhole}\n"
+        "mailrelay: {max_message_size: 100000, limits: {body_budget: 1000000, queue_timeout: 0.2}}\n"
+    )
+    budget = cast(Services, client.app_state["services"]).current.limiter.bodies
+    # 40,000 characters: a body of 40 KB (80 KB with its decoded share), several times that while built,
+    # which is also past the size that is built in a worker thread.
+    body = {"content": {"from": "a@example.com", "to": "b@example.net", "text": "x" * 40_000 + "\n"}}
+    others = budget.try_take(800_000)  # other requests hold most of it: the body fits, its building does not
+    assert others == 800_000
+    response = client.post("/relays/b/deliver", json=body)
+    assert response.status_code == 503, response.text
+    assert "overloaded" in response.json()["detail"]
+    assert budget.free == 200_000  # the refused request gave back what it held
+    budget.give(others)
+    response = client.post("/relays/b/deliver", json=body)
+    assert response.status_code == 200, response.text
+    assert budget.free == 1_000_000
