@@ -17,6 +17,10 @@ import idna
 from schemas.delivery import Attachment, Content, Mailbox, domain_of
 from schemas.relay_options import machine_fqdn
 
+#: The SMTP policy with 7-bit transfer encodings: non-ASCII text goes quoted-printable or base64, so the
+#: message needs no 8BITMIME from any hop. SMTPUTF8 (a non-ASCII address) implies 8BITMIME: 8bit there.
+_SMTP_7BIT = email_policy.SMTP.clone(cte_type="7bit")
+
 
 class Built(NamedTuple):
     message: bytes
@@ -57,7 +61,7 @@ def build(content: Content, now: datetime | None = None) -> Built:
     Message-ID, MIME-Version, the client's headers, then the MIME tree (multipart/alternative for
     text and HTML, multipart/related for inline images, multipart/mixed for attachments). Bcc is
     never written. `content` is validated (schemas.delivery), so building does not fail."""
-    policy = email_policy.SMTPUTF8 if uses_utf8(content) else email_policy.SMTP
+    policy = email_policy.SMTPUTF8 if uses_utf8(content) else _SMTP_7BIT
     msg = EmailMessage(policy=policy)
     msg["From"] = _address(content.from_)
     if content.to:
@@ -111,8 +115,8 @@ def _body(content: Content, policy: "EmailPolicy[EmailMessage]") -> Fill:
 
 
 def _text(text: str, subtype: str) -> Fill:
-    # utf-8, and quoted-printable or base64 (the shorter) unless it is 7-bit ASCII with short lines;
-    # 8bit only under SMTPUTF8 (its policy allows 8-bit data).
+    # utf-8, and quoted-printable or base64 (the shorter) unless it is ASCII with short lines; 8bit
+    # under SMTPUTF8 (its policy allows 8-bit data).
     return lambda part: part.set_content(text, subtype=subtype)
 
 

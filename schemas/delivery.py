@@ -197,7 +197,20 @@ MAX_LINE = 998
 #: Headers the builder writes itself: a client's copy would contradict or duplicate them
 #: (Bcc must never reach the message; Reply-To and Sender have their own meaning).
 _STRUCTURAL = frozenset(
-    ("from", "to", "cc", "bcc", "reply-to", "sender", "subject", "date", "message-id", "mime-version", "return-path")
+    (
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "sender",
+        "subject",
+        "date",
+        "orig-date",
+        "message-id",
+        "mime-version",
+        "return-path",
+    )
 )
 #: RFC 5322 3.6.8: printable ASCII except the colon.
 _FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")
@@ -207,13 +220,20 @@ _MEDIA_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z
 _CONTENT_ID = re.compile(r"^[!#-'*+\-/-9=?A-Z^-~.]+@[!#-'*+\-/-9=?A-Z^-~.\[\]]+$")
 
 
+#: Line and paragraph separators: Python's email breaks lines at them too (str.splitlines).
+_LINE_SEPARATORS = frozenset(("Zl", "Zp"))
+
+
 def _check_line(value: str, *, tab: bool = True) -> str:
     """One header line's worth of text: no CR, LF, NUL or other control character (a TAB is folding
-    whitespace in a header), and valid Unicode."""
-    if not value.isprintable():  # fast path: printable text has no control characters
+    whitespace in a header), no line or paragraph separator, and valid Unicode."""
+    if not value.isprintable():  # fast path: printable text has none of them
         for char in value:
-            if unicodedata.category(char) == "Cc" and not (tab and char == "\t"):
+            category = unicodedata.category(char)
+            if category == "Cc" and not (tab and char == "\t"):
                 raise ValueError(f"contains a control character ({char!r}); CR, LF and NUL would inject headers")
+            if category in _LINE_SEPARATORS:
+                raise ValueError(f"contains a line or paragraph separator (U+{ord(char):04X})")
     _check_unicode(value)
     return value
 
@@ -373,7 +393,8 @@ class Content(BaseModel):
     headers: dict[HeaderName, HeaderValue] = Field(
         default_factory=dict,
         description="further headers (e.g. X-Campaign, List-Unsubscribe); one line each; not the ones the service "
-        "writes (From, To, Cc, Bcc, Reply-To, Sender, Subject, Date, Message-ID, MIME-Version, Content-*, Resent-*)",
+        "writes (From, To, Cc, Bcc, Reply-To, Sender, Subject, Date, Orig-Date, Message-ID, MIME-Version, Content-*, "
+        "Resent-*, Return-Path)",
     )
     attachments: list[Attachment] = Field(default_factory=list)
 
