@@ -263,6 +263,8 @@ def _check_header_address(value: str) -> str:
             parsed = Address(addr_spec=value).addr_spec
         except (HeaderParseError, ValueError, IndexError) as exc:
             raise ValueError(f"not an RFC 5322 address: {str(exc).rstrip(')')}") from None
+        except Exception:  # the parser's own bugs (AttributeError on some quoted-pair inputs): not an address
+            raise ValueError("not an RFC 5322 address") from None
         if parsed != value:
             raise ValueError(f"not an RFC 5322 address (it reads as {parsed!r})")
     return value

@@ -247,6 +247,8 @@ def invalid(response: Any) -> list[tuple[str, str]]:
         ({"content": content(to=[{"address": "bob <x>@example.net"}])}, "content.to[0].address", "angle brackets"),
         ({"content": content(cc=["a(comment)@example.net"])}, "content.cc[0].address", "not an RFC 5322 address"),
         ({"content": content(bcc=["postmaster"])}, "content.bcc[0].address", "no domain"),
+        # An unterminated domain literal: Python's address parser fails on it with an AttributeError.
+        ({"content": content(to=["a@[1.2"])}, "content.to[0].address", "not an RFC 5322 address"),
         (
             {"content": content(**{"from": {"address": "alice@example.com", "name": "A\r\nBcc: x@evil"}})},
             "content.from.name",
