@@ -221,6 +221,7 @@ def _from_json(body: bytes, max_recipients: int) -> Envelope:
         recipients=parsed.recipients,
         message=parsed.raw_message,
         client=parsed.client,
+        require_tls=parsed.require_tls,
     )
 
 
@@ -385,8 +386,12 @@ def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envel
                 "invisible formatting characters",
             )
         )
+    require_tls = request.headers.get("require-tls")  # RFC 8689's header name, as a request option
+    if require_tls is not None and require_tls.strip().lower() not in ("yes", "no"):
+        errors.append(FieldError(loc="Require-TLS", message="must be `yes` or `no`"))
     if not body:
         errors.append(FieldError(loc="body", message="the message is empty"))
     if errors:
         raise _invalid(errors)
-    return Envelope(sender=sender, recipients=recipients, message=body, client=client)
+    secure = require_tls is not None and require_tls.strip().lower() == "yes"
+    return Envelope(sender=sender, recipients=recipients, message=body, client=client, require_tls=secure)
