@@ -1,6 +1,7 @@
 """Turn a deliver request, in either form, into a validated Envelope, or refuse it."""
 
 import asyncio
+import dataclasses
 import ipaddress
 import re
 
@@ -106,7 +107,11 @@ async def read_envelope(
         if parsed.content is not None:
             return await _composed(parsed, parsed.content, settings, holding, body)
         envelope = Envelope(
-            sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
+            sender=parsed.sender,
+            recipients=parsed.recipients,
+            message=parsed.raw_message,
+            client=parsed.client,
+            require_tls=parsed.require_tls,
         )
     elif form == RFC822:
         body = await _read_body(request, settings.max_message_size, settings, holding, until, decoded=False)
@@ -124,7 +129,7 @@ async def read_envelope(
         # The client's message is held to the limit; the two headers added are not counted against it.
         message = complete_headers(envelope.message, envelope.sender)
         if message is not envelope.message:
-            envelope = Envelope(envelope.sender, envelope.recipients, message, envelope.client, envelope.message)
+            envelope = dataclasses.replace(envelope, message=message, origin=envelope.message)
     return envelope
 
 
@@ -137,7 +142,11 @@ def envelope_of(parsed: DeliveryRequest, settings: ServiceSettings, body: bytes 
         if len(parsed.raw_message) > settings.max_message_size:
             raise _too_large(settings)
         return Envelope(
-            sender=parsed.sender, recipients=parsed.recipients, message=parsed.raw_message, client=parsed.client
+            sender=parsed.sender,
+            recipients=parsed.recipients,
+            message=parsed.raw_message,
+            client=parsed.client,
+            require_tls=parsed.require_tls,
         )
     _check_content(parsed, content, settings)
     return _built(parsed, build(content), settings, body)
@@ -176,7 +185,12 @@ def _built(parsed: DeliveryRequest, built: Built, settings: ServiceSettings, bod
             "bytes; nothing was delivered",
         )
     return Envelope(
-        sender=parsed.sender, recipients=parsed.recipients, message=built.message, client=parsed.client, origin=body
+        sender=parsed.sender,
+        recipients=parsed.recipients,
+        message=built.message,
+        client=parsed.client,
+        origin=body,
+        require_tls=parsed.require_tls,
     )
 
 
@@ -484,8 +498,12 @@ def _from_raw(request: Request, body: bytes, settings: ServiceSettings) -> Envel
                 "invisible formatting characters",
             )
         )
+    require_tls = request.headers.get("require-tls")  # RFC 8689's header name, as a request option
+    if require_tls is not None and require_tls.strip().lower() not in ("yes", "no"):
+        errors.append(FieldError(loc="Require-TLS", message="must be `yes` or `no`"))
     if not body:
         errors.append(FieldError(loc="body", message="the message is empty"))
     if errors:
         raise _invalid(errors)
-    return Envelope(sender=sender, recipients=recipients, message=body, client=client)
+    secure = require_tls is not None and require_tls.strip().lower() == "yes"
+    return Envelope(sender=sender, recipients=recipients, message=body, client=client, require_tls=secure)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from relays import replies
-from relays.base import DeliveryContext
+from relays.base import DeliveryContext, same_result
 from relays.context import RelayContext
 from relays.tls import client_context
 from schemas.delivery import Envelope, RecipientResult, delivery_status
@@ -58,6 +58,10 @@ class HttpRelay:
         verify: ssl.SSLContext | bool = True  # https:// alone means default verification
         if options.tls is not None:
             verify = client_context(options.tls, f"relay.{name}.tls")
+        # A require_tls delivery needs https with the server's certificate verified for its name.
+        self._secure = parts.scheme == "https" and (
+            verify is True or (isinstance(verify, ssl.SSLContext) and verify.check_hostname)
+        )
         keep = options.concurrent_connections if options.idle_timeout else 0
         self.client = httpx.AsyncClient(
             verify=verify,
@@ -71,6 +75,9 @@ class HttpRelay:
         )
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+        if envelope.require_tls and not self._secure:
+            why = "it is not https with a verified certificate"
+            return same_result(envelope, replies.tls_required(self.host, why), self.host)
         recipients = list(envelope.recipients)
         headers = [
             ("Content-Type", "message/rfc822"),

@@ -133,6 +133,12 @@ class _Candidates:
         return replies.dns_failure(domain, "no MX host has an address")
 
 
+def _try_next(reply: Reply) -> bool:
+    """Whether the next MX host may do better: a transient failure, or a host a require_tls
+    delivery could not secure (550 5.7.10: another MX may offer verified TLS)."""
+    return reply.is_transient or reply.enhanced_status == "5.7.10"
+
+
 class MxRelay:
     """Groups recipients by domain; each group is one transaction, the groups run concurrently.
 
@@ -149,6 +155,8 @@ class MxRelay:
         self._limit = options.mx_address_limit
         self._refuse_private = not options.allow_internal_destinations
         self._pools: dict[Destination, SmtpPool] = {}
+        self._verified_pools: dict[Destination, SmtpPool] = {}
+        self._verified_settings = self.settings.verified(options.tls, name)
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         results: list[RecipientResult | None] = [None] * len(envelope.recipients)
@@ -187,9 +195,10 @@ class MxRelay:
         recipients = [envelope.recipients[i] for i in indexes]
         last: tuple[Destination, Transaction] | None = None
         async for destination in candidates:
-            transaction = await self._pool(destination).deliver(envelope, recipients, context)
+            pool = self._verified_pool(destination) if envelope.require_tls else self._pool(destination)
+            transaction = await pool.deliver(envelope, recipients, context)
             last = destination, transaction
-            if transaction.data_sent or not all(r.is_transient for r in transaction.replies):
+            if transaction.data_sent or not all(_try_next(r) for r in transaction.replies):
                 break  # final: a 5xx, a delivery, or data that went out (never sent twice)
         if last is None:
             reply = candidates.nowhere(domain)
@@ -203,6 +212,7 @@ class MxRelay:
                 reply=reply,
                 host=destination.label,
                 possibly_delivered=n in transaction.in_doubt,
+                security=transaction.security,
             )
 
     async def _candidates(self, domain: str) -> _Candidates:
@@ -237,20 +247,32 @@ class MxRelay:
         )
 
     def _pool(self, destination: Destination) -> SmtpPool:
-        pool = self._pools.get(destination)
+        return self._pool_in(self._pools, destination, self.settings)
+
+    def _verified_pool(self, destination: Destination) -> SmtpPool:
+        """The pool of connections that verified the server (require_tls deliveries): never shared
+        with the opportunistic ones, whose certificate nobody checked."""
+        return self._pool_in(self._verified_pools, destination, self._verified_settings)
+
+    def _pool_in(
+        self, pools: dict[Destination, SmtpPool], destination: Destination, settings: SessionSettings
+    ) -> SmtpPool:
+        pool = pools.get(destination)
         if pool is None:
-            if len(self._pools) >= _PRUNE_AT:
+            if len(pools) >= _PRUNE_AT:
                 # A pool with no connection left costs nothing to make again.
-                self._pools = {d: p for d, p in self._pools.items() if p.open_count > 0}
+                for stale in [d for d, p in pools.items() if p.open_count == 0]:
+                    del pools[stale]
             pool = SmtpPool(
                 destination,
-                self.settings,
+                settings,
                 self.options.concurrent_connections,
                 self.options.idle_timeout,
                 max_waiting=self.options.max_waiting,
             )
-            self._pools[destination] = pool
+            pools[destination] = pool
         return pool
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(pool.aclose() for pool in self._pools.values()))
+        pools = [*self._pools.values(), *self._verified_pools.values()]
+        await asyncio.gather(*(pool.aclose() for pool in pools))

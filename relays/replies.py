@@ -39,6 +39,13 @@ def not_offered(command: SmtpCommand, extension: str) -> Reply:
     )
 
 
+def tls_required(target: str, why: str) -> Reply:
+    """A require_tls delivery and a hop that is not encrypted and authenticated: nothing sent there."""
+    return _reply(
+        550, "5.7.10", f"REQUIRETLS: the connection to {target} cannot be secured ({why}); not sent", "STARTTLS"
+    )
+
+
 def no_auth_mechanism(offered: str) -> Reply:
     return _reply(
         451,

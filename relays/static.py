@@ -31,7 +31,13 @@ class StaticRelay:
         transaction = await self.pool.deliver(envelope, recipients, context)
         host = self.pool.destination.label
         return [
-            RecipientResult(recipient=rcpt, reply=reply, host=host, possibly_delivered=i in transaction.in_doubt)
+            RecipientResult(
+                recipient=rcpt,
+                reply=reply,
+                host=host,
+                possibly_delivered=i in transaction.in_doubt,
+                security=transaction.security,
+            )
             for i, (rcpt, reply) in enumerate(zip(recipients, transaction.replies, strict=True))
         ]
 

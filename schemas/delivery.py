@@ -510,6 +510,12 @@ class DeliveryRequest(BaseModel):
         "Message-ID and Date) and answers its Message-ID",
     )
     client: ClientInfo | None = None
+    require_tls: bool = Field(
+        default=False,
+        description="deliver only over hops that are encrypted and whose receiver was authenticated (a CA-verified "
+        "certificate for its name, MTA-STS or DANE): RFC 8689's REQUIRETLS, made synchronous. A hop that cannot be "
+        "secured so is not used; when none can, the recipients fail with 550 5.7.10 and nothing is sent",
+    )
 
     _raw: bytes = PrivateAttr(default=b"")
 
@@ -630,6 +636,8 @@ class Envelope:
     #: message before add_missing_headers): the same request gives a new Date and Message-ID each
     #: time, so this, not `message`, tells two requests apart (the idempotency fingerprint).
     origin: bytes | None = field(default=None, repr=False)
+    #: Only over encrypted hops whose receiver was authenticated (DeliveryRequest.require_tls).
+    require_tls: bool = False
 
     @cached_property
     def message_id(self) -> str | None:
@@ -681,6 +689,22 @@ class DkimSignature(BaseModel):
     )
 
 
+class HopSecurity(BaseModel):
+    """How the message travelled to the next hop that answered for the recipient."""
+
+    model_config = ConfigDict(frozen=True)
+
+    encrypted: bool = Field(description="the hop used TLS (STARTTLS or implicit)")
+    tls_version: str | None = Field(default=None, examples=["TLSv1.3"])
+    cipher: str | None = Field(default=None, examples=["TLS_AES_256_GCM_SHA384"])
+    authenticated: Literal["none", "ca", "mta-sts", "dane"] = Field(
+        default="none",
+        description="how the receiver was authenticated: `none` (no TLS, or TLS without a check), `ca` (its "
+        "certificate verified by a CA for its name), `mta-sts` (by the domain's MTA-STS policy), `dane` (by "
+        "DNSSEC-signed TLSA records)",
+    )
+
+
 class RecipientResult(BaseModel):
     """The outcome for one recipient: the reply that decided it, and from where."""
 
@@ -706,6 +730,10 @@ class RecipientResult(BaseModel):
     # Set by a signing relay (relays/dkim.py) on each of its results; the JSON has it once, as
     # DeliveryResult.dkim.
     dkim: DkimSignature | None = Field(default=None, exclude=True)
+    security: HopSecurity | None = Field(
+        default=None,
+        description="how the message travelled to `host` (SMTP and LMTP relays); null when no connection was made",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -296,9 +296,16 @@ class TlsOptions(_Options):
 
 
 class SmtpTlsOptions(TlsOptions):
-    mode: Literal["starttls", "implicit", "opportunistic"] = Field(
+    mode: Literal["starttls", "implicit", "opportunistic", "none"] = Field(
         default="starttls",
-        description="beyond slimta: `starttls` (required), `implicit` (SMTPS, port 465), `opportunistic` (STARTTLS when offered)",
+        description="beyond slimta: `starttls` (required), `implicit` (SMTPS, port 465), `opportunistic` (STARTTLS "
+        "when offered), `none` (never TLS)",
+    )
+    plaintext_fallback: bool = Field(
+        default=False,
+        description="beyond slimta, `opportunistic` only: when the TLS handshake with a server that offered STARTTLS "
+        "fails, deliver to that server again in clear text (Postfix's `may` level does); false: the host is "
+        "deferred with 451 4.7.5 (`mx` tries the next MX host), so a broken handshake never downgrades the hop",
     )
 
 
@@ -368,6 +375,11 @@ class MxOptions(SmtpOptions):
     """SMTP to each recipient domain's MX hosts."""
 
     type: Literal["mx"]
+    tls: SmtpTlsOptions | None = Field(
+        default_factory=lambda: SmtpTlsOptions(mode="opportunistic"),
+        description="STARTTLS whenever the receiver offers it, without a certificate check (Postfix's `may`) unless "
+        "`cert_reqs` says so; `{mode: none}` turns encryption off; `{mode: starttls}` requires it (verified)",
+    )
     force_mx: dict[Annotated[str, AfterValidator(normal_domain)], HostPort] = Field(
         default_factory=dict,
         validation_alias=AliasChoices("force_mx", "override_mx"),

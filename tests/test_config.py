@@ -25,6 +25,23 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "credentials": None,
     "ipv4_only": False,
     "dkim": [],
+    "auth_soft_bounce": True,
+    "max_recipients_per_batch": 100,
+    "chunking": True,
+}
+#: mx encrypts by default: STARTTLS when offered, unverified (issue 18).
+MX_TLS: dict[str, Any] = {
+    "certfile": None,
+    "keyfile": None,
+    "ca_certs": None,
+    "cert_reqs": None,
+    "ciphers": None,
+    "ssl_version": None,
+    "server_side": None,
+    "do_handshake_on_connect": None,
+    "suppress_ragged_eofs": None,
+    "mode": "opportunistic",
+    "plaintext_fallback": False,
 }
 PROCESS_DEFAULTS: dict[str, Any] = {
     "timeout": 300.0,
@@ -42,6 +59,7 @@ DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
         {
             "type": "mx",
             **SMTP_DEFAULTS,
+            "tls": MX_TLS,
             "force_mx": {},
             "port": 25,
             "mx_address_limit": 5,

@@ -10,7 +10,7 @@ from relays import replies
 from relays.base import DeliveryContext, RelayError
 from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
-from schemas.delivery import Envelope
+from schemas.delivery import Envelope, HopSecurity
 from schemas.reply import Reply
 
 #: Like Postfix's smtp_connection_reuse_time_limit: a connection is not reused past this age.
@@ -107,7 +107,7 @@ class SmtpPool:
     ) -> Transaction:
         """After a one-transaction delivery that left recipients refused as too many: the rest."""
         results: list[Reply | None] = [None] * len(recipients)
-        state = _Outcome(results, transaction.data_sent, set())
+        state = _Outcome(results, transaction.data_sent, set(), transaction.security)
         rest = state.take(batch, transaction)
         if not rest:
             return state.transaction()
@@ -304,11 +304,14 @@ class _Outcome:
     results: list[Reply | None]
     data_sent: bool
     in_doubt: set[int]
+    security: HopSecurity | None = None  # of the last connection that served a transaction
 
     def take(self, batch: list[int], transaction: Transaction) -> list[int]:
         """Record a transaction of the recipients `batch`; returns those to send again in a further
         one (refused as too many, when this one delivered to someone: each round makes progress)."""
         self.data_sent = self.data_sent or transaction.data_sent
+        if transaction.security is not None:
+            self.security = transaction.security
         self.in_doubt.update(batch[j] for j in transaction.in_doubt)
         again: list[int] = []
         progress = any(r.code // 100 == 2 for r in transaction.replies)
@@ -320,4 +323,4 @@ class _Outcome:
 
     def transaction(self) -> Transaction:
         replies = [r for r in self.results if r is not None]
-        return Transaction(replies, self.data_sent, frozenset(self.in_doubt))
+        return Transaction(replies, self.data_sent, frozenset(self.in_doubt), self.security)

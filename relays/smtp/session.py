@@ -17,6 +17,7 @@ naming the one that changed):
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import socket
@@ -36,8 +37,8 @@ from relays import replies
 from relays.base import DeliveryContext, RelayError
 from relays.smtp.reader import ReplyReader, ReplyTooLongError, reading_replies
 from relays.tls import client_context
-from schemas.delivery import Envelope
-from schemas.relay_options import SmtpOptions
+from schemas.delivery import Envelope, HopSecurity
+from schemas.relay_options import SmtpOptions, SmtpTlsOptions
 from schemas.reply import Command, Reply
 
 TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
@@ -81,13 +82,17 @@ class SessionSettings:
     auth_soft_bounce: bool = True
     max_recipients_per_batch: int = 100
     chunking: bool = True
+    plaintext_fallback: bool = False
+    #: Deliver only when the hop is encrypted and the server authenticated (a require_tls
+    #: delivery): STARTTLS not offered then fails the host with 550 5.7.10.
+    require_tls: bool = False
 
     @classmethod
     def from_options(cls, options: SmtpOptions, relay_name: str, *, lmtp: bool) -> Self:
         """Raises ConfigError (at relay.<name>.tls) when the TLS files cannot be used."""
         tls = options.tls
         context = None
-        if tls is not None:
+        if tls is not None and tls.mode != "none":
             context = client_context(tls, f"relay.{relay_name}.tls", verify_by_default=tls.mode != "opportunistic")
         credentials = None
         if options.credentials is not None:
@@ -106,6 +111,16 @@ class SessionSettings:
             auth_soft_bounce=options.auth_soft_bounce,
             max_recipients_per_batch=options.max_recipients_per_batch,
             chunking=options.chunking,
+            plaintext_fallback=tls is not None and tls.mode == "opportunistic" and tls.plaintext_fallback,
+        )
+
+    def verified(self, tls: SmtpTlsOptions | None, relay_name: str) -> "SessionSettings":
+        """These settings for a require_tls delivery: STARTTLS required, the certificate verified for
+        the server's name (with the relay's `ca_certs`, else the system's CAs)."""
+        options = (tls or SmtpTlsOptions()).model_copy(update={"mode": "starttls", "cert_reqs": "CERT_REQUIRED"})
+        context = client_context(options, f"relay.{relay_name}.tls")
+        return dataclasses.replace(
+            self, tls_mode="starttls", tls_context=context, plaintext_fallback=False, require_tls=True
         )
 
 
@@ -120,6 +135,7 @@ class Transaction:
     replies: list[Reply]
     data_sent: bool
     in_doubt: frozenset[int] = frozenset()
+    security: HopSecurity | None = None  # how the connection was secured; None: no connection was made
 
 
 @dataclass(slots=True)
@@ -157,6 +173,17 @@ class _TransactionState:
         return [r for r in self.results if r is not None]
 
 
+_PLAIN = HopSecurity(encrypted=False)
+
+
+class _HandshakeFailed(Exception):
+    """The TLS handshake of opportunistic STARTTLS failed: the connection is gone (`error` says why)."""
+
+    def __init__(self, error: RelayError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class StaleSessionError(Exception):
     """A reused connection was found dead at the start of a transaction: nothing was sent."""
 
@@ -182,6 +209,7 @@ class SmtpSession:
         self.created = time.monotonic()
         self.transactions = 0
         self._broken = False
+        self.security = _PLAIN  # set by open()
 
     @property
     def usable(self) -> bool:
@@ -189,11 +217,23 @@ class SmtpSession:
         return not self._broken and self.smtp.is_connected
 
     async def open(self) -> None:
-        """Connect, read the banner, greet, STARTTLS and AUTH as configured. Raises RelayError."""
+        """Connect, read the banner, greet, STARTTLS and AUTH as configured. Raises RelayError.
+
+        `security` then says how the connection is secured."""
+        try:
+            await self._open(self.settings.tls_mode)
+        except _HandshakeFailed as exc:
+            if not self.settings.plaintext_fallback:
+                raise exc.error from None
+            # Opportunistic, and the operator allows clear text after a failed handshake.
+            self._broken = False
+            await self._open("none")
+        self.security = self._secured()
+
+    async def _open(self, mode: TlsMode) -> None:
         async with self._step("[CONNECT]"):
             await self.smtp.connect(timeout=self.settings.connect_timeout)
         await self._greet()
-        mode = self.settings.tls_mode
         if mode in ("starttls", "opportunistic"):
             if self.smtp.supports_extension("starttls"):
                 try:
@@ -205,18 +245,43 @@ class SmtpSession:
                         )
                 except RelayError as exc:
                     if not self.usable:  # the handshake failed: the connection is gone
-                        raise
+                        error = exc
+                        if exc.reply.enhanced_status != "4.7.5":  # lost or timed out mid-handshake
+                            detail = f"{exc.reply.message.partition(' ')[2]} ({self.destination.label})"
+                            error = RelayError.from_reply(replies.tls_failed("STARTTLS", detail))
+                        if mode == "opportunistic":
+                            raise _HandshakeFailed(error) from None
+                        raise error from None
                     if mode == "starttls":  # refused: our configuration and theirs disagree, so not permanent
                         self._fail(replies.tls_refused(exc.reply.message))
                     # opportunistic: refused, so carry on in plain text
                 else:
                     await self._greet()
+            elif self.settings.require_tls:
+                self._fail(replies.tls_required(self.destination.label, "it does not offer STARTTLS"))
             elif mode == "starttls":
                 self._fail(replies.not_offered("STARTTLS", "STARTTLS"))
         if self.settings.credentials is not None:
             if not self.smtp.supports_extension("auth"):
                 self._fail(replies.not_offered("AUTH", "AUTH"))
             await self._authenticate(*self.settings.credentials)
+
+    def _secured(self) -> HopSecurity:
+        """How this connection is secured: TLS or not, and whether the certificate was verified
+        for the server's name (the context both requires a valid chain and checks the name)."""
+        transport = self.smtp.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        if tls is None:
+            return _PLAIN
+        context = self.settings.tls_context
+        verified = context is not None and context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+        cipher = tls.cipher()
+        return HopSecurity(
+            encrypted=True,
+            tls_version=tls.version(),
+            cipher=cipher[0] if cipher else None,
+            authenticated="ca" if verified else "none",
+        )
 
     async def _authenticate(self, username: str, password: str) -> None:
         """AUTH with the first mechanism both sides know (aiosmtplib's order: CRAM-MD5, PLAIN, LOGIN).
@@ -271,6 +336,11 @@ class SmtpSession:
         Raises StaleSessionError when a reused connection turns out dead at
         MAIL; every other failure becomes the replies of the recipients it hit.
         """
+        if envelope.require_tls and self.security.authenticated == "none":
+            # Never reached through mx, whose require_tls connections verify the server (verified()).
+            why = "it is not encrypted" if not self.security.encrypted else "the server's certificate was not verified"
+            reply = replies.tls_required(self.destination.label, why)
+            return Transaction([reply] * len(recipients), False, security=self.security)
         state = self._prepare(envelope, recipients)
         self.transactions += 1
         data_sent = False
@@ -286,7 +356,7 @@ class SmtpSession:
                     in_doubt = await self._send_data(state, accepted, context)
         except RelayError as exc:
             state.answer_rest(exc.reply)
-        return Transaction(state.replies(), data_sent, in_doubt)
+        return Transaction(state.replies(), data_sent, in_doubt, self.security)
 
     def _prepare(self, envelope: Envelope, recipients: Sequence[str]) -> "_TransactionState":
         """The transaction's MAIL and RCPT arguments, with the parameters 8-bit data and UTF-8

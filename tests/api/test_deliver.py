@@ -61,6 +61,7 @@ def test_json_form_delivers_and_reports_each_recipient(client: TestClient) -> No
             "reply": {"code": 250, "enhanced_status": "2.0.0", "message": "2.0.0 Ok: queued", "command": "[SEND_DATA]"},
             "host": "sink.test:25",
             "possibly_delivered": False,
+            "security": None,  # a scripted relay: no connection
         }
         for rcpt in ("bob@example.net", "eve@example.org")
     ]

@@ -1,5 +1,6 @@
 """`http` against a second real mailrelay, a scripted HTTP server, and HTTPS with trustme certificates."""
 
+import dataclasses
 import json
 import re
 import signal
@@ -164,6 +165,22 @@ async def test_https_verified_and_failing_verification(ca: trustme.CA, tmp_path:
         "4.7.5",
     )
     assert "CERTIFICATE_VERIFY_FAILED" in unverified.reply.message
+
+
+async def test_require_tls_needs_https_with_a_verified_certificate(ca: trustme.CA, tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    secured = dataclasses.replace(envelope("bob@example.net"), require_tls=True)
+    with http_server(ANSWERS, tls=server_context(ca)) as server:
+        async with opened(http(server.url("/ok"), f"tls: {{ca_certs: '{ca_file}'}}")) as relays:
+            (verified,) = await relays["hop"].deliver(secured, context())
+        unchecked = f"tls: {{ca_certs: '{ca_file}', cert_reqs: CERT_NONE}}"
+        async with opened(http(server.url("/ok"), unchecked)) as relays:
+            (refused,) = await relays["hop"].deliver(secured, context())
+        requests = len(server.requests)
+    assert verified.status == "delivered"
+    assert (refused.status, refused.reply.code, refused.reply.enhanced_status) == ("permanent_failure", 550, "5.7.10")
+    assert requests == 1  # the refused delivery sent nothing
 
 
 async def test_https_client_certificate(ca: trustme.CA, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ A-labels, and CHUNKING (BDAT). Postfix's per-session summary (`disconnect from .
 data=2`) says what the client really sent."""
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Iterator
 
@@ -43,14 +44,16 @@ async def send(
         return await relays["out"].deliver(envelope(*recipients, sender=sender, message=message), context())
 
 
-async def session_summary(server: Postfix, since: int) -> str:
-    """Postfix's counts of one finished client session: `ehlo=1 mail=1 rcpt=1 data=1 quit=1 ...`.
+async def session_summary(server: Postfix, since: int, listener: str = "main") -> str:
+    """Postfix's counts of the next client session to end on `listener`: `ehlo=1 mail=1 rcpt=1 ...`.
     Polled without blocking the loop: an aborted connection closes in a callback of the loop."""
+    name = "postfix/smtpd" if listener == "main" else f"postfix/{listener}/smtpd"
+    pattern = re.compile(re.escape(name) + r"\[\d+\]: disconnect from \S+ (.*)")
     for _ in range(200):
-        if match := re.search(r"disconnect from \S+ (.*)", server.log[since:]):
+        if match := pattern.search(server.log[since:]):
             return match.group(1)
         await asyncio.sleep(0.05)
-    raise AssertionError(f"no session ended:\n{server.log[since:][-2000:]}")
+    raise AssertionError(f"no session ended on {listener}:\n{server.log[since:][-2000:]}")
 
 
 # AUTH (issue 15 item 2)
@@ -72,7 +75,7 @@ async def test_a_wrong_password_is_tried_once_and_is_a_transient_failure(server:
     answers 4xx, so clients keep the mail."""
     failures, logged = server.sasl_failures(), len(server.log)
     (result,) = await send(with_auth(server, password="wrong"), "bob@elsewhere.example")
-    assert "auth=0/1" in await session_summary(server, logged)
+    assert "auth=0/1" in await session_summary(server, logged, "sub")
     assert server.sasl_failures() - failures == 1
     assert result.status == "transient_failure"
     assert (result.reply.code, result.reply.enhanced_status, result.reply.command) == (454, "4.7.8", "AUTH")
@@ -97,10 +100,11 @@ async def test_recipients_past_the_server_limit_go_in_further_transactions(serve
     logged = len(server.log)
     results = await send(static(server.ports["rcptlim"]), *rcpts)
     assert [r.status for r in results] == ["delivered"] * 5, [r.reply for r in results]
-    summary = await session_summary(server, logged)
+    summary = await session_summary(server, logged, "rcptlim")
     assert "mail=3 " in summary, summary
     assert "bdat=3 " in summary, summary
-    assert server.log[logged:].count("connect from") == 2  # "connect from" and "disconnect from": one session
+    connects = re.findall(r"postfix/rcptlim/smtpd\[\d+\]: connect from", server.log[logged:])
+    assert len(connects) == 1  # the three transactions on one connection
     queued = {queue_id(r.reply.message) for r in results}
     assert len(queued) == 3
     assert sorted(rcpt for q in queued for rcpt in server.envelope(q)[1:]) == sorted(rcpts)  # each once
@@ -165,5 +169,71 @@ async def test_chunking_sends_bdat_when_offered_byte_for_byte(
     logged = len(server.log)
     (result,) = await send(static(server.ports[listener], extra), "bob@elsewhere.example", message=body)
     assert result.status == "delivered", result.reply
-    assert command in await session_summary(server, logged)
+    assert command in await session_summary(server, logged, listener)
     assert server.received(queue_id(result.reply.message)) == body.replace(b"\r\n", b"\n")
+
+
+# How mx secures each hop (issue 18 items 1 and 4)
+
+
+def mx(server: Postfix, listener: str = "main", extra: str = "") -> str:
+    return (
+        "relay:\n  out:\n    type: mx\n"
+        f"    force_mx: {{elsewhere.example: '127.0.0.1:{server.ports[listener]}'}}\n" + extra
+    )
+
+
+async def test_mx_encrypts_whenever_the_receiver_offers_starttls(server: Postfix) -> None:
+    (result,) = await send(mx(server), "bob@elsewhere.example")
+    assert result.status == "delivered", result.reply
+    assert result.security is not None
+    assert result.security.encrypted
+    assert result.security.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert result.security.authenticated == "none"  # opportunistic: no certificate check, as Postfix's `may`
+    queued = queue_id(result.reply.message)
+    server.received(queued)  # waits for the delivery to the capture file
+    (stored,) = (server.directory / "capture").glob(f"{queued}.*.eml")
+    assert b" with ESMTPS id " in stored.read_bytes()  # Postfix's Received: header: over TLS
+
+
+async def test_mx_sends_in_clear_text_only_when_starttls_is_not_offered(server: Postfix) -> None:
+    (result,) = await send(mx(server, "notls"), "bob@elsewhere.example")
+    assert result.status == "delivered", result.reply
+    assert result.security is not None
+    assert not result.security.encrypted
+
+
+async def test_mx_encryption_can_be_turned_off(server: Postfix) -> None:
+    (result,) = await send(mx(server, extra="    tls: {mode: none}\n"), "bob@elsewhere.example")
+    assert result.status == "delivered", result.reply
+    assert result.security is not None
+    assert not result.security.encrypted
+
+
+async def test_require_tls_delivers_over_a_verified_hop(server: Postfix) -> None:
+    config = mx(server, extra=f"    tls: {{ca_certs: '{server.ca_file}'}}\n")
+    async with opened(config) as relays:
+        env = envelope("bob@elsewhere.example", message=MESSAGE)
+        (result,) = await relays["out"].deliver(dataclasses.replace(env, require_tls=True), context())
+    assert result.status == "delivered", result.reply
+    assert result.security is not None
+    assert (result.security.encrypted, result.security.authenticated) == (True, "ca")
+
+
+@pytest.mark.parametrize(
+    ("listener", "trust", "expected"),
+    [
+        ("notls", True, (550, "5.7.10")),  # no STARTTLS: cannot be secured at all
+        ("main", False, (451, "4.7.5")),  # a certificate no trusted CA signed: deferred, never sent in clear
+    ],
+)
+async def test_require_tls_never_sends_over_a_hop_it_cannot_secure(
+    server: Postfix, listener: str, trust: bool, expected: tuple[int, str]
+) -> None:
+    logged = len(server.log)
+    extra = f"    tls: {{ca_certs: '{server.ca_file}'}}\n" if trust else ""
+    async with opened(mx(server, listener, extra)) as relays:
+        env = envelope("bob@elsewhere.example", message=MESSAGE)
+        (result,) = await relays["out"].deliver(dataclasses.replace(env, require_tls=True), context())
+    assert (result.reply.code, result.reply.enhanced_status) == expected, result.reply
+    assert "mail=" not in await session_summary(server, logged, listener)  # not even MAIL

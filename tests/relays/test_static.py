@@ -1,6 +1,7 @@
 """`static` against real servers: aiosmtpd (scripted replies, TLS, AUTH) and Postfix's smtp-sink."""
 
 import asyncio
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
@@ -478,3 +479,47 @@ async def test_bdat_without_pipelining_sends_the_message_as_it_is() -> None:
     assert result.status == "delivered", result.reply
     sent = message.replace(b"\n", b"\r\n") + b"\r\n"  # the last line ended, as DATA ends it
     assert got == [b"BDAT %d LAST" % len(sent), sent]
+
+
+def _broken_starttls(talk: Conversation, server: RawServer) -> None:
+    """Offers STARTTLS and answers 220 to it, then speaks no TLS: the handshake fails. The next
+    connection (the plaintext fallback) delivers without STARTTLS."""
+    talk.send("220 raw.test ESMTP")
+    talk.expect("EHLO", "250-raw.test\r\n250 STARTTLS")
+    line = talk.command()
+    if line.upper() == "STARTTLS":
+        talk.send("220 go ahead")
+        talk.send("this is not a TLS record")
+        return
+    assert line.upper().startswith("MAIL"), line
+    talk.send("250 2.1.0 OK")
+    talk.expect("RCPT", "250 2.1.5 OK")
+    talk.expect("DATA", "354 go on")
+    talk.read_data()
+    talk.send("250 2.0.0 queued in clear text")
+    talk.expect("QUIT", "221 bye")
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+async def test_a_failed_opportunistic_handshake_falls_back_to_clear_text_only_when_allowed(fallback: bool) -> None:
+    with raw_server(_broken_starttls) as server:
+        tls = f"tls: {{mode: opportunistic, plaintext_fallback: {str(fallback).lower()}}}"
+        async with opened(static(server.port, tls)) as relays:
+            (result,) = await relays["out"].deliver(envelope("a@example.net"), context())
+    if fallback:
+        assert result.status == "delivered", result.reply
+        assert result.security is not None
+        assert not result.security.encrypted
+        assert server.connections == 2
+    else:
+        assert (result.reply.code, result.reply.enhanced_status) == (451, "4.7.5")
+        assert server.connections == 1
+
+
+async def test_require_tls_refuses_a_hop_without_tls_before_mail() -> None:
+    with smtp_server(Script()) as server:
+        async with opened(static(server.port)) as relays:
+            env = envelope("a@example.net")
+            (result,) = await relays["out"].deliver(dataclasses.replace(env, require_tls=True), context())
+    assert (result.status, result.reply.code, result.reply.enhanced_status) == ("permanent_failure", 550, "5.7.10")
+    assert server.received == []

@@ -30,6 +30,7 @@ LISTENERS: dict[str, tuple[str, ...]] = {
     "noutf8": ("smtputf8_enable=no",),
     "rcptlim": ("smtpd_recipient_limit=2",),
     "nochunking": ("smtpd_discard_ehlo_keywords=chunking",),
+    "notls": ("smtpd_tls_security_level=none",),
 }
 SASL_USER, SASL_PASSWORD = "relay@mail.test", "s3cret"
 
