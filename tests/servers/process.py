@@ -50,10 +50,10 @@ def wait_greeting(port: int, process: subprocess.Popen[bytes], timeout: float = 
     raise TimeoutError(f"127.0.0.1:{port} gave no greeting within {timeout} s")
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout`; the pipes are closed either way."""
+def stop(process: subprocess.Popen[bytes], timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """`sig` (SIGTERM), then SIGKILL after `timeout`; the pipes are closed either way."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
