@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from hiredis import pack_command
 from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from schemas.config import IdempotencySettings, parse_sentinel_url
@@ -356,6 +357,8 @@ return 0"""
 REDIS_TIMEOUT = 2.0
 
 
+#: One command of a batch: the script, its key, its arguments, and the caller's future.
+_Call = tuple[AsyncScript, str, tuple[str | int, ...], "asyncio.Future[Any]"]
 #: Batches out at once (each on its own connection), and the most commands in one batch.
 _BATCHES_OUT = 1
 _BATCH_MAX = 256
@@ -370,7 +373,7 @@ class _Batch:
 
     def __init__(self, client: "aioredis.Redis") -> None:
         self.client = client
-        self.pending: list[tuple[AsyncScript, str, tuple[str | int, ...], asyncio.Future[Any]]] = []
+        self.pending: list[_Call] = []
         self.sending: set[asyncio.Task[None]] = set()
 
     def call(self, script: AsyncScript, key: str, *args: str | int) -> "asyncio.Future[Any]":
@@ -394,34 +397,21 @@ class _Batch:
         self.sending.discard(task)
         self._flush()
 
-    async def _send(self, batch: list[tuple[AsyncScript, str, tuple[str | int, ...], asyncio.Future[Any]]]) -> None:
-        pool = self.client.connection_pool
+    async def _send(self, batch: list[_Call]) -> None:
         replies: list[object] = []
         try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            _fail(batch, exc)
-            return
-        try:
-            # hiredis packs a command in 0.7 us, redis-py's Python encoder in 5 us.
-            packed = b"".join(
-                [pack_command(("EVALSHA", script.sha, 1, key, *args)) for script, key, args, _ in batch]  # type: ignore[arg-type]  # its stub says one item
-            )
-            await connection.send_packed_command(packed)
-            for _ in batch:
-                try:
-                    replies.append(await connection.read_response())
-                except NoScriptError as exc:  # Redis restarted or failed over: run it the long way
-                    replies.append(exc)
+            try:
+                await self._exchange(batch, replies)
+            except RedisConnectionError:
+                # A connection the server had closed (a restart, a failover, an idle timeout) fails
+                # at once: once more on a new one, for what got no reply. Running a script twice is
+                # harmless: each compares before it sets, and a repeated claim finds itself running.
+                await self._exchange(batch[len(replies) :], replies)
         except BaseException as exc:  # lost, timed out, or cancelled (shutdown): the rest is unknown
-            await connection.disconnect()
             _fail(batch[len(replies) :], exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            batch = batch[: len(replies)]
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            await pool.release(connection)
-        for (script, key, args, future), reply in zip(batch, replies, strict=True):
+        for (script, key, args, future), reply in zip(batch, replies, strict=False):
             if isinstance(reply, NoScriptError):
                 try:
                     reply = await script(keys=[key], args=list(args))  # loads it (SCRIPT LOAD) and runs it
@@ -433,6 +423,27 @@ class _Batch:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _exchange(self, batch: list[_Call], replies: list[object]) -> None:
+        """One write of the batch on one connection, then its replies in order, into `replies`."""
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            # hiredis packs a command in 0.7 us, redis-py's Python encoder in 5 us.
+            packed = b"".join(
+                [pack_command(("EVALSHA", script.sha, 1, key, *args)) for script, key, args, _ in batch]  # type: ignore[arg-type]  # its stub says one item
+            )
+            await connection.send_packed_command(packed)
+            for _ in batch:
+                try:
+                    replies.append(await connection.read_response())
+                except NoScriptError as exc:  # Redis restarted or failed over: run it the long way
+                    replies.append(exc)
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
 
 def _fail(batch: Sequence[tuple[object, object, object, "asyncio.Future[Any]"]], exc: Exception) -> None:

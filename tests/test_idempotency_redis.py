@@ -4,6 +4,7 @@ flush (a restart or failover), records that lapse by Redis's clock, and what a s
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -11,7 +12,8 @@ import redis.asyncio as aioredis
 
 from app.idempotency import Claimed, InDoubt, Mismatch, RedisStore, Replay, Running, StoredResponse
 from schemas.config import IdempotencySettings
-from tests.servers.redis import redis_server
+from tests.servers.process import free_port
+from tests.servers.redis import redis_instance, redis_server
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,26 @@ async def test_the_documented_acl_is_enough(redis_url: str) -> None:
         assert await store.release("acl-2", other)
     finally:
         await store.aclose()
+
+
+async def test_with_aof_a_restarted_redis_keeps_claims_and_results(tmp_path: Path) -> None:
+    """What the docs ask for: appendonly (fsync always here). A restart without it forgets the
+    running claims, and a repeat of a delivery in flight would be sent again."""
+    port = free_port()
+    aof = ("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))
+    fingerprint = "f" * 64
+    with redis_instance(*aof, port=port) as first:
+        store = RedisStore(IdempotencySettings(backend="redis", redis_url=first.url))
+        running = await store.claim("running", fingerprint)
+        done = await store.claim("done", fingerprint)
+        assert isinstance(running, Claimed)
+        assert isinstance(done, Claimed)
+        assert await store.sending("running", running)
+        assert await store.complete("done", done, fingerprint, StoredResponse(200, {}, b"{}"))
+        first.process.kill()  # no shutdown save: only the append-only file
+        first.process.wait()
+    with redis_instance(*aof, port=port):
+        assert isinstance(await store.claim("running", fingerprint), Running)
+        assert isinstance(await store.claim("done", fingerprint), Replay)
+        assert await store.renew([("running", running)]) == [True]  # its holder goes on
+    await store.aclose()

@@ -27,10 +27,11 @@ def redis_server(*extra: str) -> Iterator[str]:
 
 
 @contextmanager
-def redis_instance(*extra: str) -> Iterator[RedisInstance]:
-    """redis-server on 127.0.0.1 and a free port, without persistence; `extra` are more options."""
+def redis_instance(*extra: str, port: int | None = None) -> Iterator[RedisInstance]:
+    """redis-server on 127.0.0.1 and a free port (or `port`), without persistence; `extra` are more
+    options, and override (e.g. `--appendonly yes --dir D` for a server restarted on its data)."""
     program = require_program("redis-server")
-    port = free_port()
+    port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="mailrelay-redis-") as directory:
         process = subprocess.Popen(  # noqa: S603
             [
