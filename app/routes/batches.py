@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Annotated, Any, Final, cast
+from typing import Annotated, Final, cast
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -216,7 +216,7 @@ class _Batch:
         #: Answer lines not yet written: at most one per line read (max_lines + 1 in all).
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.statuses: Counter[int] = Counter()
-        self.freed = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self.gone = False  # the client disconnected
         self._ahead: asyncio.Future[Message] | None = None
         #: The request and each running delivery: the runtime is left when none is left.
@@ -225,8 +225,20 @@ class _Batch:
     async def stream(self) -> AsyncIterator[bytes]:
         reader = asyncio.get_running_loop().create_task(self._read())
         try:
-            while (line := await self.out.get()) is not None:
-                yield line
+            ended = False
+            while not ended:
+                line = await self.out.get()
+                if line is None:
+                    break
+                # The lines ready together go in one write: one chunk, one send, not one per line.
+                lines = [line]
+                while not self.out.empty():
+                    ready = self.out.get_nowait()
+                    if ready is None:
+                        ended = True
+                        break
+                    lines.append(ready)
+                yield b"".join(lines)
             yield (
                 orjson.dumps(
                     {
@@ -302,24 +314,28 @@ class _Batch:
         """Waits until fewer than `concurrency` of the batch's deliveries run. Meanwhile the next
         receive() is started ahead, so that a client that leaves is seen: False then."""
         while len(self.running) >= self.batch.concurrency:
-            if self.gone:
-                return False
-            self.freed.clear()
-            freed = asyncio.ensure_future(self.freed.wait())
-            waiting: set[asyncio.Future[Any]] = {freed}
-            if self._ahead is None:  # after the body's end too: then it returns only on a disconnect
-                self._ahead = asyncio.ensure_future(self.receive())
-            if self._ahead is not None and not self._ahead.done():
-                waiting.add(self._ahead)
-            try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                freed.cancel()
             ahead = self._ahead
-            if ahead is not None and ahead.done() and ahead.result()["type"] == "http.disconnect":
+            if ahead is None:  # after the body's end too: then it returns only on a disconnect
+                ahead = self._ahead = asyncio.ensure_future(self.receive())
+                ahead.add_done_callback(self._wake)
+            elif ahead.done() and ahead.result()["type"] == "http.disconnect":
                 self.gone = True
                 return False
+            await self._wait()  # a body chunk that came meanwhile is kept for _next_message
         return not self.gone
+
+    async def _wait(self) -> None:
+        """Until a delivery of the batch finishes, or the look-ahead receive() returns."""
+        # One future, woken by either: asyncio.wait() would cost a task and callbacks for every line.
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self, _done: object = None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _start(self, index: int, line: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self._deliver(index, line))
@@ -329,7 +345,7 @@ class _Batch:
 
     def _finished(self, task: "asyncio.Task[None]") -> None:
         self.running.discard(task)
-        self.freed.set()
+        self._wake()
         self._release()
 
     async def _deliver(self, index: int, line: bytes) -> None:
