@@ -758,7 +758,7 @@ class DeliveryResult(BaseModel):
         json_schema_extra=_derived,
     )
     message_id: str | None = Field(
-        description="the message's Message-Id header, if it has one",
+        description="the message's Message-Id header, if it has one: for a composed message (`content`), the one the service wrote",
         examples=["<abc@example.com>"],
     )
     elapsed_ms: float = Field(description="time the relay took, in milliseconds", examples=[41.7])
