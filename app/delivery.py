@@ -426,7 +426,7 @@ class DeliveryCore:
                     async with timer:
                         results = await asyncio.shield(task)
                 except BaseException:
-                    if timer.expired() and self._may_finish(name, envelope, context):
+                    if timer.expired() and not task.done() and self._may_finish(name, envelope, context):
                         background = task
                     else:
                         task.cancel()
