@@ -250,7 +250,9 @@ class _Writer:
         # batches with the thread (when their answers stop waiting, their last line).
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pending: list[Event] = []
-        self.numbered = self.through = 0
+        # Lines numbered; written through `through`; answers not waiting through `released` (their
+        # lines were given up on after WRITE_WAIT, or dropped: then earlier answers stop waiting too).
+        self.numbered = self.through = self.released = 0
         self.waiting: list[tuple[int, asyncio.Future[None]]] = []
         self.unwritten: collections.deque[tuple[float, int]] = collections.deque()
         self.timer: asyncio.TimerHandle | None = None
@@ -302,6 +304,7 @@ class _Writer:
                 self.timer = loop.call_at(self.unwritten[0][0], self._give_up)
         else:
             self._release(self.numbered)  # dropped: the answers do not wait for lines never written
+            self.released = self.numbered
 
     def _write_now(self, data: bytes | str) -> int:
         """What of `data` the destination takes without waiting (0 while the thread is writing)."""
@@ -336,7 +339,8 @@ class _Writer:
         assert loop is not None  # noqa: S101 - set with the first line
         now = loop.time()
         while self.unwritten and self.unwritten[0][0] <= now:
-            self._release(self.unwritten.popleft()[1])
+            self.released = max(self.released, self.unwritten.popleft()[1])
+            self._release(self.released)
         if self.unwritten:
             self.timer = loop.call_at(self.unwritten[0][0], self._give_up)
 
@@ -352,13 +356,13 @@ class _Writer:
 
     async def written(self) -> None:
         number = _LINE.get()
-        if number <= self.through or self.loop is None:
+        if number <= self.through or number <= self.released or self.loop is None:
             return
         if self.pending:
             # Its line waits for the write at the start of the next iteration (`_flush`, already
             # scheduled): one bare yield lets it run, cheaper than a future when it takes the lines.
             await asyncio.sleep(0)
-            if number <= self.through:
+            if number <= self.through or number <= self.released:
                 return
         future = self.loop.create_future()
         self.waiting.append((number, future))
@@ -388,12 +392,13 @@ class _Writer:
             written += len(lines)
             with self.counting:
                 dropped, self.dropped = self.dropped, 0
-                self.queued -= written
             if dropped:
                 chunks.append(self._encode([f"{dropped} log line(s) dropped: more than {MAX_QUEUED} waited\n"]))
             with self.lock:
                 for chunk in chunks:
                     self._write_all(chunk)
+            with self.counting:  # counted until written: the bound covers the lines held here too
+                self.queued -= written
             if last and self.loop is not None:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                     self.loop.call_soon_threadsafe(self._mark_written, last)

@@ -1,9 +1,13 @@
 """The log writer: records and per-delivery events come out as the same lines, in JSON or text."""
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,93 @@ def test_text_no_json_encoder_takes_is_still_logged(captured: io.StringIO) -> No
     entry = json.loads(line)
     assert entry["message"] == "reply bad \udcff byte"
     assert entry["n"] == {"1": "int key"}
+
+
+def delivery_line(n: int) -> None:
+    logs.event(logging.getLogger("mailrelay.delivery"), f"delivery {n}", {"event": "delivery", "n": n})
+
+
+def write_calls() -> int:
+    """write(2) calls made so far by this thread (the event loop's)."""
+    for line in Path("/proc/thread-self/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/thread-self/io")
+
+
+async def answer(n: int) -> None:
+    """What a delivery's route does: the core logs its line, the route awaits it before answering."""
+    delivery_line(n)
+    await logs.written()
+
+
+async def test_concurrent_deliveries_share_one_write_made_before_their_answers(
+    captured: io.StringIO, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        logs.setup_logging("info", "json", stream)
+        try:
+            await answer(0)  # the writer takes this loop
+            before = write_calls()
+            await asyncio.gather(*(answer(n) for n in range(1, 21)))
+            calls = write_calls() - before
+            lines = path.read_text().splitlines()  # before stop(): what the answers waited for
+        finally:
+            assert logs._writer is not None
+            logs._writer.stop()
+    assert [json.loads(line)["n"] for line in lines] == list(range(21))
+    assert calls == 1
+
+
+@pytest.fixture
+def blocked_pipe(captured: io.StringIO) -> Iterator[tuple[int, int]]:
+    """(read end, write end) of a pipe filled to the brim: a log destination that takes nothing."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write, b"#" * 4096)
+    os.set_blocking(write, True)
+    yield read, write
+    os.close(read)
+    os.close(write)
+
+
+def drain(read: int, until: bytes) -> bytes:
+    """Reads the pipe (the filler first) until `until` has come."""
+    data = b""
+    while until not in data:
+        data += os.read(read, 65536)
+    return data
+
+
+async def test_an_answer_waits_for_a_blocked_log_at_most_write_wait(
+    blocked_pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read, write = blocked_pipe
+    monkeypatch.setattr(logs, "WRITE_WAIT", 0.3)
+    logs.setup_logging("info", "json", os.fdopen(write, "w", closefd=False))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await answer(1)
+    waited = loop.time() - started
+    assert 0.25 < waited < 2  # the answer went out; its line stays queued for the thread
+    assert os.get_blocking(write)  # O_NONBLOCK was set only for the loop's own write, and put back
+    data = await asyncio.to_thread(drain, read, b'"n":1}\n')  # once read, the thread writes it
+    assert data.lstrip(b"#").count(b'"event":"delivery"') == 1
+
+
+async def test_past_max_queued_lines_are_dropped_and_counted(
+    blocked_pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read, write = blocked_pipe
+    monkeypatch.setattr(logs, "WRITE_WAIT", 0.1)
+    monkeypatch.setattr(logs, "MAX_QUEUED", 3)
+    logs.setup_logging("info", "json", os.fdopen(write, "w", closefd=False))
+    for n in range(1, 6):  # one line per loop iteration: the first 3 wait for the thread
+        await answer(n)
+    data = await asyncio.to_thread(drain, read, b"waited\n")
+    lines = data.lstrip(b"#").decode().splitlines()
+    assert [json.loads(line)["n"] for line in lines[:-1]] == [1, 2, 3]
+    assert lines[-1] == "2 log line(s) dropped: more than 3 waited"
