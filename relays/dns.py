@@ -60,6 +60,7 @@ class MxHost:
 _MX = dns.rdatatype.MX
 _ANY = dns.rdatatype.ANY  # where dnspython keeps an NXDOMAIN
 _IPV4 = (dns.rdatatype.A,)
+_TXT = dns.rdatatype.TXT
 _IPV4_IPV6 = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 _Key = tuple[str, dns.rdatatype.RdataType]
@@ -221,6 +222,17 @@ class DnsResolver:
             raise failure
         return found
 
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records of `name`, each one string (its pieces joined, RFC 7208 3.3); [] when
+        the name or the records do not exist. Raises DnsFailure."""
+        try:
+            records = self._fresh(name, _TXT)
+            if records is None:
+                records = await self._lookup(name, _TXT)
+        except NoSuchDomain:
+            return []
+        return list(records)
+
     def _fresh(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[Any, ...] | None:
         """The cached records while fresh, None when there are none; raises NoSuchDomain
         for a cached NXDOMAIN."""
@@ -311,6 +323,8 @@ def _plain(record: Any) -> Any:
     """Plain values, converted once per answer (MxHost, or address strings), not per delivery."""
     if record.rdtype == dns.rdatatype.MX:
         return MxHost(record.preference, record.exchange.to_text(omit_final_dot=True))
+    if record.rdtype == dns.rdatatype.TXT:
+        return b"".join(record.strings).decode("utf-8", "replace")
     return record.address  # A, AAAA
 
 

@@ -38,3 +38,9 @@ PROCESS_RUNS = Counter(
     "delivery commands run by pipe, maildrop and dovecot, by result",
     ["relay", "result"],
 )
+MTA_STS_CHECKS = Counter(
+    "mailrelay_mta_sts_checks",
+    "mx deliveries to a domain with an MTA-STS policy in enforce or testing mode, by result: ok, "
+    "no_match (no MX host the policy names), tls_failed (no verified TLS with a host it names)",
+    ["relay", "mode", "result"],
+)

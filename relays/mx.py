@@ -1,8 +1,10 @@
 """`mx`: SMTP to each recipient domain's mail exchangers, found in DNS."""
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
+import logging
 import operator
 from collections.abc import Iterable, Sequence
 from typing import Self
@@ -11,6 +13,8 @@ from relays import replies
 from relays.base import DeliveryContext, PermanentRelayError, RelayError, TransientRelayError
 from relays.context import RelayContext
 from relays.dns import DnsFailure, DnsResolver, NoSuchDomain
+from relays.instruments import MTA_STS_CHECKS
+from relays.mta_sts import MtaSts, Policy
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, Transaction
 from schemas.delivery import Envelope, RecipientResult, domain_of
@@ -22,6 +26,8 @@ from schemas.reply import Reply
 MAX_ATTEMPTS = 5
 #: Pools kept before the empty ones are dropped.
 _PRUNE_AT = 256
+
+logger = logging.getLogger(__name__)
 
 _host_name = operator.attrgetter("name")
 
@@ -133,6 +139,12 @@ class _Candidates:
         return replies.dns_failure(domain, "no MX host has an address")
 
 
+def _tls_refusal(reply: Reply) -> bool:
+    """A host that could not be secured: no STARTTLS for a require_tls/policy connection (5.7.10),
+    or a TLS failure (4.7.5; a certificate that did not verify among them)."""
+    return reply.enhanced_status in ("5.7.10", "4.7.5")
+
+
 def _try_next(reply: Reply) -> bool:
     """Whether the next MX host may do better: a transient failure, or a host a require_tls
     delivery could not secure (550 5.7.10: another MX may offer verified TLS)."""
@@ -157,6 +169,11 @@ class MxRelay:
         self._pools: dict[Destination, SmtpPool] = {}
         self._verified_pools: dict[Destination, SmtpPool] = {}
         self._verified_settings = self.settings.verified(options.tls, name)
+        # The policy fetch trusts what the verified connections trust (tls.ca_certs, else the system's).
+        trust = self._verified_settings.tls_context
+        self._mta_sts = (
+            MtaSts(self.dns, trust, ipv4_only=options.ipv4_only) if options.mta_sts and trust is not None else None
+        )
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         results: list[RecipientResult | None] = [None] * len(envelope.recipients)
@@ -193,15 +210,22 @@ class MxRelay:
                 results[i] = RecipientResult(recipient=envelope.recipients[i], reply=exc.reply)
             return
         recipients = [envelope.recipients[i] for i in indexes]
+        policy = await self._policy(domain)
+        enforce = policy is not None and policy.mode == "enforce"
         last: tuple[Destination, Transaction] | None = None
+        skipped: list[str] = []
         async for destination in candidates:
-            pool = self._verified_pool(destination) if envelope.require_tls else self._pool(destination)
-            transaction = await pool.deliver(envelope, recipients, context)
+            if policy is not None and not policy.matches(destination.name):
+                self._checked(policy, "no_match", destination.name)
+                if enforce:
+                    skipped.append(destination.name)  # RFC 8461 4.1: only the hosts the policy names
+                    continue
+            transaction = await self._transaction(envelope, recipients, context, destination, policy)
             last = destination, transaction
             if transaction.data_sent or not all(_try_next(r) for r in transaction.replies):
                 break  # final: a 5xx, a delivery, or data that went out (never sent twice)
         if last is None:
-            reply = candidates.nowhere(domain)
+            reply = replies.mta_sts_no_match(domain, skipped) if skipped else candidates.nowhere(domain)
             for i in indexes:
                 results[i] = RecipientResult(recipient=envelope.recipients[i], reply=reply)
             return
@@ -213,6 +237,57 @@ class MxRelay:
                 host=destination.label,
                 possibly_delivered=n in transaction.in_doubt,
                 security=transaction.security,
+            )
+
+    async def _policy(self, domain: str) -> Policy | None:
+        """The domain's MTA-STS policy in enforce or testing mode; None without one (or with
+        `mta_sts: false`). Domains given by force_mx or as address literals have none."""
+        if self._mta_sts is None or domain in self.options.force_mx or domain.startswith("["):
+            return None
+        policy = await self._mta_sts.policy(domain)
+        return policy if policy is not None and policy.mode != "none" else None
+
+    async def _transaction(
+        self,
+        envelope: Envelope,
+        recipients: list[str],
+        context: DeliveryContext,
+        destination: Destination,
+        policy: Policy | None,
+    ) -> Transaction:
+        """One host's transaction, over verified TLS when require_tls or the domain's MTA-STS policy
+        asks for it. In testing mode a host whose TLS does not verify is used as usual, and counted."""
+        if not (envelope.require_tls or policy is not None):
+            return await self._pool(destination).deliver(envelope, recipients, context)
+        transaction = await self._verified_pool(destination).deliver(envelope, recipients, context)
+        if policy is None:
+            return transaction
+        unsecured = not transaction.data_sent and any(_tls_refusal(r) for r in transaction.replies)
+        self._checked(policy, "tls_failed" if unsecured else "ok", destination.name)
+        if policy.mode == "testing":
+            if unsecured and not envelope.require_tls:
+                return await self._pool(destination).deliver(envelope, recipients, context)
+            return transaction
+        security = transaction.security
+        if security is not None and security.authenticated == "ca":
+            security = security.model_copy(update={"authenticated": "mta-sts"})
+        answers = transaction.replies
+        if not envelope.require_tls:  # no verified TLS: deferred under the policy (RFC 8461 5), never permanent
+            answers = [
+                replies.mta_sts_tls_failed(policy.domain, r.message) if r.enhanced_status == "5.7.10" else r
+                for r in answers
+            ]
+        return dataclasses.replace(transaction, replies=answers, security=security)
+
+    def _checked(self, policy: Policy, result: str, host: str) -> None:
+        MTA_STS_CHECKS.labels(self.name, policy.mode, result).inc()
+        if result != "ok" and policy.mode == "testing":  # what enforce would have refused (TLSRPT's idea)
+            logger.warning(
+                "MTA-STS (testing) of %s: %s for MX host %s; delivered as usual",
+                policy.domain,
+                result,
+                host,
+                extra={"event": "mta_sts_testing", "domain": policy.domain, "host": host, "result": result},
             )
 
     async def _candidates(self, domain: str) -> _Candidates:
@@ -276,3 +351,5 @@ class MxRelay:
     async def aclose(self) -> None:
         pools = [*self._pools.values(), *self._verified_pools.values()]
         await asyncio.gather(*(pool.aclose() for pool in pools))
+        if self._mta_sts is not None:
+            await self._mta_sts.aclose()

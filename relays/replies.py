@@ -46,6 +46,17 @@ def tls_required(target: str, why: str) -> Reply:
     )
 
 
+def mta_sts_no_match(domain: str, hosts: Sequence[str]) -> Reply:
+    """Under the domain's MTA-STS policy (enforce) no MX host it names was there to try."""
+    shown = ", ".join(hosts[:5])
+    return _reply(451, "4.7.5", f"MTA-STS policy of {domain} (enforce) names none of its MX hosts ({shown})", "[DNS]")
+
+
+def mta_sts_tls_failed(domain: str, detail: str) -> Reply:
+    """Under the domain's MTA-STS policy (enforce) a host could not be secured: deferred, never clear text."""
+    return _reply(451, "4.7.5", f"MTA-STS policy of {domain} (enforce) requires verified TLS: {detail}", "STARTTLS")
+
+
 def no_auth_mechanism(offered: str) -> Reply:
     return _reply(
         451,

@@ -380,6 +380,12 @@ class MxOptions(SmtpOptions):
         description="STARTTLS whenever the receiver offers it, without a certificate check (Postfix's `may`) unless "
         "`cert_reqs` says so; `{mode: none}` turns encryption off; `{mode: starttls}` requires it (verified)",
     )
+    mta_sts: bool = Field(
+        default=True,
+        description="beyond slimta: follow recipient domains' MTA-STS policies (RFC 8461): in enforce mode only "
+        "the MX hosts the policy names, over TLS verified for the MX name (`tls.ca_certs`, else the system's CAs; "
+        "the policy fetch trusts the same), else 451 4.7.5; testing mode is logged and counted",
+    )
     force_mx: dict[Annotated[str, AfterValidator(normal_domain)], HostPort] = Field(
         default_factory=dict,
         validation_alias=AliasChoices("force_mx", "override_mx"),

@@ -236,6 +236,7 @@ class SmtpSession:
         await self._greet()
         if mode in ("starttls", "opportunistic"):
             if self.smtp.supports_extension("starttls"):
+                plain = self.smtp.transport  # under uvloop a failed handshake leaves it open, unowned
                 try:
                     async with self._step("STARTTLS"):
                         await self.smtp.starttls(
@@ -245,6 +246,8 @@ class SmtpSession:
                         )
                 except RelayError as exc:
                     if not self.usable:  # the handshake failed: the connection is gone
+                        if plain is not None and not plain.is_closing():
+                            plain.abort()  # type: ignore[attr-defined]
                         error = exc
                         if exc.reply.enhanced_status != "4.7.5":  # lost or timed out mid-handshake
                             detail = f"{exc.reply.message.partition(' ')[2]} ({self.destination.label})"
