@@ -248,6 +248,8 @@ def prepare(message: bytes, options: Options, sender: str) -> tuple[bytes, list[
 
 def default_sender(options: Options, settings: Mapping[str, str], message: bytes) -> str:
     if options.sender is not None:
+        if options.sender.strip() in ("", "<>"):
+            return ""  # -f '<>': the null sender, as bounces use
         return parseaddr(options.sender)[1] or options.sender
     if settings.get("sender"):
         return settings["sender"]
@@ -255,7 +257,11 @@ def default_sender(options: Options, settings: Mapping[str, str], message: bytes
     for name, value, _ in _fields(head):
         if name == "from" and (address := parseaddr(value)[1]):
             return address
-    return f"{getpass.getuser()}@{socket.getfqdn()}"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry
+        user = "nobody"
+    return f"{user}@{socket.getfqdn()}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -234,3 +234,11 @@ def test_sendmail_configuration(relay: Service, tmp_path: Path) -> None:
     config.write_text("url\n", encoding="utf-8")
     assert mailrelay(["sendmail", "-C", str(config), "ok@example.net"], env, stdin=message).returncode == 78
     assert mailrelay(["sendmail", "-bs"], env, stdin=b"").returncode == 64
+
+
+def test_sendmail_null_sender(relay: Service, sink: SmtpServer) -> None:
+    message = b"From: MAILER-DAEMON@example.com\nSubject: bounce\n\nundeliverable\n"
+    done = mailrelay(["sendmail", "-f", "<>", "-i", "bounce@example.net"], client_env(relay), stdin=message)
+    assert done.returncode == 0, done.stderr
+    [received] = [r for r in sink.received if "bounce@example.net" in r.recipients]
+    assert received.sender == "<>"  # the null reverse-path, as aiosmtpd records it
