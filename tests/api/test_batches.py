@@ -102,7 +102,7 @@ def _config(path: Path, port: int, extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def sink() -> Iterator[GatedSink]:
-    with gated_sink("gate@example.net", "hold@example.net") as running:
+    with gated_sink("gate@example.net", "hold@example.net", "stall@example.net") as running:
         yield running
 
 
@@ -296,3 +296,16 @@ def test_a_client_that_leaves_lets_running_deliveries_finish_and_starts_no_more(
     assert "replayed" not in answers[1]
     assert sum(b"held line" in m for _, m in sink.messages) == 1
     assert sum(b"waiting line" in m for _, m in sink.messages) == 1
+
+
+def test_x_delivery_timeout_bounds_each_delivery_of_the_batch(relay: Service) -> None:
+    """The header is each delivery's deadline (from its start), not the batch's: the stalled line is
+    cut (503, 4.4.7) while the others are answered as usual."""
+    body = b"\n".join([line("stall@example.net"), line("ok@example.net"), line("ok@example.net")])
+    response = httpx.post(
+        f"{relay.url}/relays/out/deliveries", content=body, headers={**NDJSON, "X-Delivery-Timeout": "1"}, timeout=30
+    )
+    answers = {a["index"]: a for a in _lines(response) if "index" in a}
+    assert {i: a["status"] for i, a in answers.items()} == {0: 503, 1: 200, 2: 200}
+    assert answers[0]["result"]["recipients"][0]["reply"]["enhanced_status"] == "4.4.7"
+    assert [a["index"] for a in _lines(response) if "index" in a][-1] == 0  # answered last, as it finished
