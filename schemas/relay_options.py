@@ -737,6 +737,10 @@ OPTIONS_BY_TYPE: dict[str, type[BaseModel]] = {
 }
 
 
+#: Options of every relay that the service itself reads (not the custom factory): never masked.
+_SERVICE_OPTIONS = frozenset({"type", "factory", "dkim", "add_missing_headers"})
+
+
 def public_options(options: BaseModel) -> dict[str, Any]:
     """Options as `GET /relays` shows them: every default filled in, secrets masked.
 
@@ -747,7 +751,7 @@ def public_options(options: BaseModel) -> dict[str, Any]:
     if isinstance(options, CustomOptions):
         public = _PUBLIC_CUSTOM_OPTIONS.get(options.factory, frozenset())
         shown = {
-            key: _mask_values(value) if key in public or key in ("type", "factory", "dkim") or value is None else MASK
+            key: _mask_values(value) if key in public or key in _SERVICE_OPTIONS or value is None else MASK
             for key, value in dumped.items()
         }
         return {"type": shown.pop("type"), **shown}

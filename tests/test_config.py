@@ -25,6 +25,7 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "credentials": None,
     "ipv4_only": False,
     "dkim": [],
+    "add_missing_headers": False,
     "auth_soft_bounce": True,
     "max_recipients_per_batch": 100,
     "chunking": True,
@@ -50,6 +51,7 @@ PROCESS_DEFAULTS: dict[str, Any] = {
     "env": None,
     "user": None,
     "dkim": [],
+    "add_missing_headers": False,
 }
 
 # (the relay's mapping in the file, every option GET /relays must show)
@@ -60,6 +62,7 @@ DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
             "type": "mx",
             **SMTP_DEFAULTS,
             "tls": MX_TLS,
+            "mta_sts": True,
             "force_mx": {},
             "port": 25,
             "mx_address_limit": 5,
@@ -88,12 +91,13 @@ DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
             "tls": None,
             "concurrent_connections": 100,
             "dkim": [],
+            "add_missing_headers": False,
         },
     ),
-    ({"type": "blackhole"}, {"type": "blackhole", "dkim": []}),
+    ({"type": "blackhole"}, {"type": "blackhole", "dkim": [], "add_missing_headers": False}),
     (
         {"type": "custom", "factory": "tests.scripted:factory"},
-        {"type": "custom", "factory": "tests.scripted:factory", "dkim": []},
+        {"type": "custom", "factory": "tests.scripted:factory", "dkim": [], "add_missing_headers": False},
     ),
 ]
 
@@ -457,6 +461,7 @@ def test_a_custom_factory_declares_which_options_are_public() -> None:
         "key": "***",
         "endpoint": None,
         "dkim": [],
+        "add_missing_headers": False,
     }
 
 
