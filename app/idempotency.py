@@ -123,11 +123,13 @@ class IdempotencyStore(Protocol):
 
 
 def fingerprint(relay: str, envelope: Envelope) -> str:
-    """What makes two requests "the same": relay, envelope and message."""
+    """What makes two requests "the same": relay, envelope and message as the client sent it
+    (`origin` when the message was built or completed here: each build gets its own Date and
+    Message-ID, and a repeat must still be recognised)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([relay, envelope.sender, list(envelope.recipients)]).encode("utf-8"))
     digest.update(b"\0")
-    digest.update(envelope.message)
+    digest.update(envelope.message if envelope.origin is None else envelope.origin)
     return digest.hexdigest()
 
 
