@@ -21,6 +21,7 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdataclass
@@ -52,6 +53,16 @@ class DnsFailure(Exception):
 
 
 @dataclass(frozen=True)
+class Tlsa:
+    """One TLSA record (RFC 6698): certificate usage, selector, matching type, data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+@dataclass(frozen=True)
 class MxHost:
     preference: int
     name: str
@@ -61,6 +72,7 @@ _MX = dns.rdatatype.MX
 _ANY = dns.rdatatype.ANY  # where dnspython keeps an NXDOMAIN
 _IPV4 = (dns.rdatatype.A,)
 _TXT = dns.rdatatype.TXT
+_TLSA = dns.rdatatype.TLSA
 _IPV4_IPV6 = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 _Key = tuple[str, dns.rdatatype.RdataType]
@@ -167,6 +179,9 @@ class DnsResolver:
                     raise DnsFailure(f"no resolver configuration ({exc}); set MAILRELAY_DNS_NAMESERVERS") from None
             resolver.lifetime = self._lifetime
             resolver.cache = self.cache
+            # AD in the query: a validating resolver says whether an answer is DNSSEC-secure (RFC 6840
+            # 5.7) without the signatures DO would bring; DANE reads it (tlsa()).
+            resolver.flags = dns.flags.RD | dns.flags.AD
             self._resolver = resolver
         return self._resolver
 
@@ -232,6 +247,19 @@ class DnsResolver:
         except NoSuchDomain:
             return []
         return list(records)
+
+    async def tlsa(self, name: str) -> tuple[bool, tuple[Tlsa, ...]]:
+        """The TLSA records of `name` (`_25._tcp.<host>`), and whether the resolver validated
+        them (the AD bit: DNSSEC-secure). (False, ()) when the name does not exist. Raises
+        DnsFailure: SERVFAIL, which is what a validating resolver answers for bogus data."""
+        try:
+            records = self._fresh(name, _TLSA)
+            if records is None:
+                records = await self._lookup(name, _TLSA)
+        except NoSuchDomain:
+            return False, ()
+        secure, *found = records
+        return bool(secure), tuple(found)
 
     def _fresh(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[Any, ...] | None:
         """The cached records while fresh, None when there are none; raises NoSuchDomain
@@ -302,6 +330,8 @@ class DnsResolver:
         except dns.exception.DNSException as exc:
             raise self._failed((name, rdtype), _reason(exc, type(exc).__name__)) from None
         records = tuple(_plain(r) for r in answer)
+        if rdtype == _TLSA:  # the AD bit first: tlsa() needs it, and it is one per answer
+            records = (bool(answer.response.flags & dns.flags.AD), *records)
         if rdtype == _MX:
             records = tuple(sorted(records, key=_preference))  # once per answer: mx() draws from it
         self._add((name, rdtype), answer, records)
@@ -325,6 +355,8 @@ def _plain(record: Any) -> Any:
         return MxHost(record.preference, record.exchange.to_text(omit_final_dot=True))
     if record.rdtype == dns.rdatatype.TXT:
         return b"".join(record.strings).decode("utf-8", "replace")
+    if record.rdtype == dns.rdatatype.TLSA:
+        return Tlsa(record.usage, record.selector, record.mtype, record.cert)
     return record.address  # A, AAAA
 
 

@@ -7,11 +7,12 @@ import ipaddress
 import logging
 import operator
 from collections.abc import Iterable, Sequence
-from typing import Self
+from typing import Self, TypeVar
 
 from relays import replies
 from relays.base import DeliveryContext, PermanentRelayError, RelayError, TransientRelayError
 from relays.context import RelayContext
+from relays.dane import DaneHost, usable
 from relays.dns import DnsFailure, DnsResolver, NoSuchDomain
 from relays.instruments import MTA_STS_CHECKS
 from relays.mta_sts import MtaSts, Policy
@@ -28,6 +29,7 @@ MAX_ATTEMPTS = 5
 _PRUNE_AT = 256
 
 logger = logging.getLogger(__name__)
+_K = TypeVar("_K", Destination, tuple[Destination, DaneHost])
 
 _host_name = operator.attrgetter("name")
 
@@ -168,6 +170,8 @@ class MxRelay:
         self._refuse_private = not options.allow_internal_destinations
         self._pools: dict[Destination, SmtpPool] = {}
         self._verified_pools: dict[Destination, SmtpPool] = {}
+        self._dane_pools: dict[tuple[Destination, DaneHost], SmtpPool] = {}
+        self._dane_settings: dict[DaneHost, SessionSettings] = {}
         self._verified_settings = self.settings.verified(options.tls, name)
         # The policy fetch trusts what the verified connections trust (tls.ca_certs, else the system's).
         trust = self._verified_settings.tls_context
@@ -215,6 +219,16 @@ class MxRelay:
         last: tuple[Destination, Transaction] | None = None
         skipped: list[str] = []
         async for destination in candidates:
+            dane = await self._dane(destination) if self.options.dane else None
+            if isinstance(dane, Reply):  # the TLSA lookup failed: this host is deferred
+                last = destination, Transaction([dane] * len(recipients), False)
+                continue
+            if dane is not None:  # DANE takes precedence over MTA-STS (RFC 8461 2)
+                transaction = await self._dane_pool(destination, dane).deliver(envelope, recipients, context)
+                last = destination, transaction
+                if transaction.data_sent or not all(_try_next(r) for r in transaction.replies):
+                    break
+                continue
             if policy is not None and not policy.matches(destination.name):
                 self._checked(policy, "no_match", destination.name)
                 if enforce:
@@ -322,17 +336,38 @@ class MxRelay:
         )
 
     def _pool(self, destination: Destination) -> SmtpPool:
-        return self._pool_in(self._pools, destination, self.settings)
+        return self._pool_in(self._pools, destination, destination, self.settings)
+
+    async def _dane(self, destination: Destination) -> DaneHost | Reply | None:
+        """The MX host's DNSSEC-validated TLSA records; None when it has none (or they are not
+        validated: no DANE); a reply when the lookup failed (RFC 7672 2.2: the host is deferred)."""
+        name = f"_{destination.port}._tcp.{destination.name}"
+        try:
+            secure, records = await self.dns.tlsa(name)
+        except DnsFailure as exc:
+            return replies.dane_lookup_failed(name, str(exc))
+        if not secure or not records:
+            return None
+        return DaneHost(destination.name, usable(records))
+
+    def _dane_pool(self, destination: Destination, dane: DaneHost) -> SmtpPool:
+        """Connections checked against these TLSA records: a pool per host and record set."""
+        settings = self._dane_settings.get(dane)
+        if settings is None:
+            if len(self._dane_settings) >= _PRUNE_AT:
+                self._dane_settings.clear()
+            settings = self._dane_settings[dane] = self.settings.with_dane(dane, self.options.tls, self.name)
+        return self._pool_in(self._dane_pools, (destination, dane), destination, settings)
 
     def _verified_pool(self, destination: Destination) -> SmtpPool:
         """The pool of connections that verified the server (require_tls deliveries): never shared
         with the opportunistic ones, whose certificate nobody checked."""
-        return self._pool_in(self._verified_pools, destination, self._verified_settings)
+        return self._pool_in(self._verified_pools, destination, destination, self._verified_settings)
 
     def _pool_in(
-        self, pools: dict[Destination, SmtpPool], destination: Destination, settings: SessionSettings
+        self, pools: dict[_K, SmtpPool], key: _K, destination: Destination, settings: SessionSettings
     ) -> SmtpPool:
-        pool = pools.get(destination)
+        pool = pools.get(key)
         if pool is None:
             if len(pools) >= _PRUNE_AT:
                 # A pool with no connection left costs nothing to make again.
@@ -345,11 +380,11 @@ class MxRelay:
                 self.options.idle_timeout,
                 max_waiting=self.options.max_waiting,
             )
-            pools[destination] = pool
+            pools[key] = pool
         return pool
 
     async def aclose(self) -> None:
-        pools = [*self._pools.values(), *self._verified_pools.values()]
+        pools = [*self._pools.values(), *self._verified_pools.values(), *self._dane_pools.values()]
         await asyncio.gather(*(pool.aclose() for pool in pools))
         if self._mta_sts is not None:
             await self._mta_sts.aclose()

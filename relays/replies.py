@@ -46,6 +46,16 @@ def tls_required(target: str, why: str) -> Reply:
     )
 
 
+def dane_failed(target: str, reason: str) -> Reply:
+    """The MX host has DNSSEC-validated TLSA records and could not be authenticated by them: deferred."""
+    return _reply(451, "4.7.5", f"DANE: {target} could not be authenticated: {reason}", "STARTTLS")
+
+
+def dane_lookup_failed(host: str, reason: str) -> Reply:
+    """The TLSA lookup failed (SERVFAIL: bogus data, or a broken zone): the host is deferred, never used in clear text."""
+    return _reply(451, "4.7.5", f"DANE: the TLSA lookup for {host} failed ({reason}); deferred", "[DNS]")
+
+
 def mta_sts_no_match(domain: str, hosts: Sequence[str]) -> Reply:
     """Under the domain's MTA-STS policy (enforce) no MX host it names was there to try."""
     shown = ", ".join(hosts[:5])

@@ -386,6 +386,12 @@ class MxOptions(SmtpOptions):
         "the MX hosts the policy names, over TLS verified for the MX name (`tls.ca_certs`, else the system's CAs; "
         "the policy fetch trusts the same), else 451 4.7.5; testing mode is logged and counted",
     )
+    dane: bool = Field(
+        default=False,
+        description="beyond slimta: DANE (RFC 7672): an MX host with DNSSEC-validated TLSA records gets TLS "
+        "authenticated by them (DANE-EE, DANE-TA), else 451 4.7.5; a failed TLSA lookup defers the host. Needs a "
+        "DNSSEC-validating resolver that you trust in `mailrelay.dns_nameservers` (it is the AD bit that counts)",
+    )
     force_mx: dict[Annotated[str, AfterValidator(normal_domain)], HostPort] = Field(
         default_factory=dict,
         validation_alias=AliasChoices("force_mx", "override_mx"),

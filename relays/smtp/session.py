@@ -35,6 +35,7 @@ from aiosmtplib import SMTPResponse
 
 from relays import replies
 from relays.base import DeliveryContext, RelayError
+from relays.dane import DaneHost, check, peer_chain
 from relays.smtp.reader import ReplyReader, ReplyTooLongError, reading_replies
 from relays.tls import client_context
 from schemas.delivery import Envelope, HopSecurity
@@ -86,6 +87,9 @@ class SessionSettings:
     #: Deliver only when the hop is encrypted and the server authenticated (a require_tls
     #: delivery): STARTTLS not offered then fails the host with 550 5.7.10.
     require_tls: bool = False
+    #: The MX host's DNSSEC-validated TLSA records (relays/dane.py): TLS required, the server's
+    #: certificate checked against them, not by a CA.
+    dane: DaneHost | None = None
 
     @classmethod
     def from_options(cls, options: SmtpOptions, relay_name: str, *, lmtp: bool) -> Self:
@@ -113,6 +117,13 @@ class SessionSettings:
             chunking=options.chunking,
             plaintext_fallback=tls is not None and tls.mode == "opportunistic" and tls.plaintext_fallback,
         )
+
+    def with_dane(self, host: DaneHost, tls: SmtpTlsOptions | None, relay_name: str) -> "SessionSettings":
+        """These settings for an MX host with TLSA records: STARTTLS required, no CA check (the
+        records decide, after the handshake)."""
+        options = (tls or SmtpTlsOptions()).model_copy(update={"mode": "starttls", "cert_reqs": "CERT_NONE"})
+        context = client_context(options, f"relay.{relay_name}.tls")
+        return dataclasses.replace(self, tls_mode="starttls", tls_context=context, plaintext_fallback=False, dane=host)
 
     def verified(self, tls: SmtpTlsOptions | None, relay_name: str) -> "SessionSettings":
         """These settings for a require_tls delivery: STARTTLS required, the certificate verified for
@@ -228,6 +239,14 @@ class SmtpSession:
             # Opportunistic, and the operator allows clear text after a failed handshake.
             self._broken = False
             await self._open("none")
+        dane = self.settings.dane
+        if dane is not None and dane.records:
+            transport = self.smtp.transport
+            tls = transport.get_extra_info("ssl_object") if transport is not None else None
+            reason = check(dane, peer_chain(tls)) if tls is not None else "no TLS"
+            if reason is not None:
+                self.close()
+                self._fail(replies.dane_failed(self.destination.label, reason))
         self.security = self._secured()
 
     async def _open(self, mode: TlsMode) -> None:
@@ -260,6 +279,8 @@ class SmtpSession:
                     # opportunistic: refused, so carry on in plain text
                 else:
                     await self._greet()
+            elif self.settings.dane is not None:
+                self._fail(replies.dane_failed(self.destination.label, "it does not offer STARTTLS"))
             elif self.settings.require_tls:
                 self._fail(replies.tls_required(self.destination.label, "it does not offer STARTTLS"))
             elif mode == "starttls":
@@ -278,12 +299,13 @@ class SmtpSession:
             return _PLAIN
         context = self.settings.tls_context
         verified = context is not None and context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+        dane = self.settings.dane is not None and bool(self.settings.dane.records)  # open() checked them
         cipher = tls.cipher()
         return HopSecurity(
             encrypted=True,
             tls_version=tls.version(),
             cipher=cipher[0] if cipher else None,
-            authenticated="ca" if verified else "none",
+            authenticated="dane" if dane else "ca" if verified else "none",
         )
 
     async def _authenticate(self, username: str, password: str) -> None:

@@ -96,3 +96,57 @@ def test_logging_srcfile_none_skips_the_caller_lookup() -> None:
     finally:
         logging._srcfile = saved
     assert [r.getMessage() for r in kept.records] == ["skipped", "looked up"]
+
+
+PEER_CHAIN = (
+    "relays/dane.py peer_chain reads the certificates the server sent through SSLObject._sslobj."
+    "get_unverified_chain() (public as SSLObject.get_unverified_chain from Python 3.13)"
+)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_the_chain_a_tls_server_sent_is_readable(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    import ssl
+
+    import trustme
+
+    from relays.dane import peer_chain
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("chain.test")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    issued.configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    client_context.check_hostname, client_context.verify_mode = False, ssl.CERT_NONE
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client closes
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+    async def run() -> list[bytes]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context)
+            tls = writer.get_extra_info("ssl_object")
+            try:
+                return peer_chain(tls)
+            except AttributeError as exc:
+                raise AssertionError(f"{PEER_CHAIN}: {exc}") from None
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    loop = loop_factory()
+    try:
+        chain = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert chain, f"{PEER_CHAIN}: no certificate"
+    assert chain[0] == ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode()), f"{PEER_CHAIN}: not DER"

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ LISTENERS: dict[str, tuple[str, ...]] = {
     "notls": ("smtpd_tls_security_level=none",),
 }
 SASL_USER, SASL_PASSWORD = "relay@mail.test", "s3cret"
+#: The names smtpd's certificate holds (with sasl=True): the MX hosts of the TLS tests.
+CERT_NAMES = ("mx.mail.test", "mx.dane.test", "ta.dane.test", "127.0.0.1")
 
 MAIN_CF = """\
 compatibility_level = 3.6
@@ -142,6 +145,12 @@ class Postfix:
     def ca_file(self) -> Path:
         return self.directory / "tls" / "ca.pem"
 
+    def certificate(self) -> bytes:
+        """smtpd's own certificate, DER-encoded (what a DANE-EE record matches)."""
+        pem = (self.directory / "tls" / "chain.pem").read_text()
+        block = pem[pem.index("-----BEGIN CERTIFICATE-----") : pem.index("-----END CERTIFICATE-----") + 25]
+        return ssl.PEM_cert_to_DER_cert(block)
+
     def sasl_failures(self) -> int:
         """Failed SASL logins smtpd logged so far (one line per attempt, whatever the mechanism)."""
         return self.log.count("authentication failed")
@@ -249,10 +258,10 @@ def postfix(message_size_limit: int = 10240000, *, sasl: bool = False) -> Iterat
 
 
 def _tls_files(directory: Path) -> trustme.CA:
-    """smtpd's certificate (for mx.mail.test and 127.0.0.1) and the CA that signed it."""
+    """smtpd's certificate (for CERT_NAMES) and the CA that signed it."""
     ca = trustme.CA()
     chain = directory / "tls" / "chain.pem"
-    ca.issue_cert("mx.mail.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    ca.issue_cert(*CERT_NAMES).private_key_and_cert_chain_pem.write_to_path(str(chain))
     chain.chmod(0o600)  # smtpd reads it as root, before dropping privileges
     ca.cert_pem.write_to_path(str(directory / "tls" / "ca.pem"))
     return ca

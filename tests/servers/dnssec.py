@@ -1,0 +1,185 @@
+"""A DNSSEC-signed zone and a validating resolver: ldns-signzone, NSD serving it (and an unsigned zone
+beside it), unbound validating with the signed zone's trust anchor. A lookup through unbound gets
+the AD bit for the signed zone's data, none for the unsigned zone's, and SERVFAIL for data changed
+after signing (bogus)."""
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+
+from tests.servers.process import require_program, stop, traversable_tmpdir
+
+NSD_HOST, UNBOUND_HOST = "127.0.0.84", "127.0.0.85"
+
+_NSD_CONF = """\
+server:
+    ip-address: {host}@{port}
+    do-ip6: no
+    username: ""
+    chroot: ""
+    zonesdir: "{d}"
+    database: ""
+    pidfile: "{d}/nsd.pid"
+    zonelistfile: "{d}/zone.list"
+    xfrdfile: "{d}/xfrd.state"
+    xfrdir: "{d}"
+    logfile: "{d}/nsd.log"
+    server-count: 1
+    verbosity: 1
+remote-control:
+    control-enable: no
+zone:
+    name: {signed}
+    zonefile: signed.zone.signed
+zone:
+    name: {unsigned}
+    zonefile: unsigned.zone
+"""
+
+# Without `local-zone: "test." nodefault` every .test name is NXDOMAIN (RFC 6761), without
+# `do-not-query-localhost: no` nothing on 127.0.0.0/8 is asked (SERVFAIL).
+_UNBOUND_CONF = """\
+server:
+    interface: {host}@{port}
+    do-ip6: no
+    access-control: 127.0.0.0/8 allow
+    username: ""
+    chroot: ""
+    directory: "{d}"
+    pidfile: "{d}/unbound.pid"
+    use-syslog: no
+    logfile: ""
+    verbosity: 1
+    do-not-query-localhost: no
+    local-zone: "test." nodefault
+    trust-anchor-file: "{d}/anchor.ds"
+stub-zone:
+    name: "{signed}."
+    stub-addr: {nsd}
+stub-zone:
+    name: "{unsigned}."
+    stub-addr: {nsd}
+"""
+
+
+@dataclass(frozen=True)
+class Validating:
+    host: str
+    port: int
+
+    @property
+    def nameserver(self) -> str:
+        """As mailrelay's dns_nameservers takes it."""
+        return f"{self.host}:{self.port}"
+
+
+def _zone(name: str, host: str, records: str) -> str:
+    return (
+        f"$ORIGIN {name}.\n$TTL 300\n@ IN SOA ns.{name}. hostmaster.{name}. 1 3600 600 86400 60\n"
+        f"@ IN NS ns.{name}.\nns IN A {host}\n{records}"
+    )
+
+
+@contextmanager
+def validating_resolver(
+    signed: str, signed_records: str, unsigned: str, unsigned_records: str, *, bogus: str | None = None
+) -> Iterator[Validating]:
+    """unbound validating `signed` (its records signed by a fresh key) and resolving `unsigned`;
+    the TLSA record of `bogus` (an owner name with its final dot) is changed after signing."""
+    nsd = require_program("nsd", "/usr/sbin/nsd")
+    unbound = require_program("unbound", "/usr/sbin/unbound")
+    keygen, signzone = require_program("ldns-keygen"), require_program("ldns-signzone")
+    directory = traversable_tmpdir("dnssec-")
+    nsd_port, unbound_port = _free_port(NSD_HOST), _free_port(UNBOUND_HOST)
+    (directory / "signed.zone").write_text(_zone(signed, NSD_HOST, signed_records))
+    (directory / "unsigned.zone").write_text(_zone(unsigned, NSD_HOST, unsigned_records))
+    key = _run([keygen, "-a", "ECDSAP256SHA256", "-k", signed], directory).strip()  # Kdane.test.+013+NNNNN
+    _run([signzone, "-o", signed, "signed.zone", key], directory)
+    if bogus is not None:
+        _tamper(directory / "signed.zone.signed", bogus)
+    (directory / "anchor.ds").write_text((directory / f"{key}.ds").read_text())
+    (directory / "nsd.conf").write_text(
+        _NSD_CONF.format(host=NSD_HOST, port=nsd_port, d=directory, signed=signed, unsigned=unsigned)
+    )
+    (directory / "unbound.conf").write_text(
+        _UNBOUND_CONF.format(
+            host=UNBOUND_HOST,
+            port=unbound_port,
+            d=directory,
+            signed=signed,
+            unsigned=unsigned,
+            nsd=f"{NSD_HOST}@{nsd_port}",
+        )
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        processes.append(_spawn([nsd, "-d", "-c", str(directory / "nsd.conf")]))
+        _wait_answering(signed, NSD_HOST, nsd_port, processes[-1])
+        processes.append(_spawn([unbound, "-d", "-c", str(directory / "unbound.conf")]))
+        _wait_answering(signed, UNBOUND_HOST, unbound_port, processes[-1])
+        yield Validating(UNBOUND_HOST, unbound_port)
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _tamper(path: Path, owner: str) -> None:
+    """Change the data of `owner`'s TLSA record in the signed zone: its signature no longer matches."""
+    lines = path.read_text().splitlines()
+    for i, text in enumerate(lines):
+        fields = text.split()
+        if len(fields) >= 5 and fields[0] == owner and fields[3] == "TLSA":
+            lines[i] = text[:-4] + ("1111" if text.endswith("0000") else "0000")
+            path.write_text("\n".join(lines) + "\n")
+            return
+    raise AssertionError(f"no TLSA record of {owner} in {path}")
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} exited with {done.returncode}: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _free_port(host: str) -> int:
+    """A port free for both TCP and UDP on `host` (DNS serves both on one)."""
+    while True:
+        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+            tcp.bind((host, 0))
+            port: int = tcp.getsockname()[1]
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
+            return port
+
+
+def _wait_answering(zone: str, host: str, port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {output[-2000:]}")
+        try:
+            if dns.query.udp(dns.message.make_query(zone, "SOA"), host, port=port, timeout=0.3).answer:
+                return
+        except (OSError, dns.exception.Timeout):
+            time.sleep(0.05)
+    raise TimeoutError(f"{host}@{port} did not answer for {zone} within {timeout} s")
