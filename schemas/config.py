@@ -156,6 +156,25 @@ class LimitSettings(BaseModel):
         return self.per_relay.get(name, self.max_in_flight_per_relay)
 
 
+class FleetSettings(BaseModel):
+    """`mailrelay.fleet`: limits shared by every instance that uses the same Redis."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        description="the Redis that holds the fleet's leases, rates and quotas (same forms as "
+        "`idempotency.redis_url`, Sentinel included); default: `idempotency.redis_url`",
+    )
+    expected_instances: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="how many instances share the limits: while Redis is unreachable each one enforces "
+        "its fleet-wide limits divided by this number (rounded up), so that nothing is sent without a limit",
+    )
+
+
 class BatchSettings(BaseModel):
     """`mailrelay.batch`: `POST /relays/{name}/deliveries`, many deliveries in one NDJSON request."""
 
@@ -359,6 +378,7 @@ class ServiceSettings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
 
     def nameservers(self) -> list[tuple[str, int]]:
         return [split_host_port(ns, 53) for ns in self.dns_nameservers or []]
