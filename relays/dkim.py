@@ -355,7 +355,7 @@ async def _published_problem(resolver: dns.asyncresolver.Resolver, identity: Ide
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return f"no DKIM key published at {identity.name}: receivers cannot verify; {publish}"
     except dns.exception.DNSException as exc:
-        return f"the DKIM key at {identity.name} could not be checked: {exc}"
+        return f"the DKIM key at {identity.name} could not be checked ({exc}); it should be: {publish}"
     records = [_tags(b"".join(rdata.strings)) for rdata in answer]
     keys = [tags for tags in records if tags.get(b"v", b"DKIM1") == b"DKIM1" and b"p" in tags]
     if len(keys) != 1:
