@@ -63,6 +63,7 @@ DEFAULTS: list[tuple[dict[str, Any], dict[str, Any]]] = [
             **SMTP_DEFAULTS,
             "tls": MX_TLS,
             "mta_sts": True,
+            "dane": False,
             "force_mx": {},
             "port": 25,
             "mx_address_limit": 5,
