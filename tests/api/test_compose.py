@@ -417,11 +417,8 @@ def test_the_openapi_document_shows_the_compose_form_with_an_example(client: Tes
     assert client.post("/relays/discard/deliver", json=example).status_code == 200
 
 
-# The same request builds a new Date and Message-ID each time, so the idempotency fingerprint, made
-# from the built message, differs: a retry with the same key is refused as another request instead of
-# replayed. Envelope.origin holds what the client sent; app/idempotency.py fingerprint() must hash it
-# (`envelope.origin or envelope.message`), a file this change may not touch.
-@pytest.mark.xfail(reason="idempotency.fingerprint hashes the built message, not Envelope.origin", strict=True)
+# The same request builds a new Date and Message-ID each time: the idempotency fingerprint is made
+# from what the client sent (Envelope.origin), so a retry with the same key is replayed, not refused.
 @pytest.mark.parametrize("form", ["compose", "completed"])
 def test_a_repeat_with_the_same_key_replays(client: TestClient, server: SmtpServer, form: str) -> None:
     before = len(server.received)
