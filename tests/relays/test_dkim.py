@@ -3,12 +3,15 @@
 import base64
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -19,6 +22,7 @@ from relays.dkim import DEFAULT_HEADERS, Identity, Signer, SigningRelay, parse_k
 from schemas.config import ConfigError
 from schemas.delivery import DeliveryResult, DkimSignature, Envelope
 from tests.conftest import context, opened
+from tests.servers.mailrelay import Service, service
 from tests.servers.nsd import Nameserver, nsd_server, txt_record
 from tests.servers.opendkim import OpenDkim, opendkim_verifier
 from tests.servers.process import require_program, traversable_tmpdir
@@ -402,3 +406,33 @@ def test_dkimpy_verifies_every_generated_message(
             assert not dkim.verify(signed.replace(b"Subject:", b"Subject: x", 1), dnsfunc=txt)
 
     check()
+
+
+def test_keys_are_read_again_on_sighup_and_a_bad_one_keeps_the_running_configuration(
+    keys: Keys, tmp_path: Path
+) -> None:
+    config = tmp_path / "mailrelay.yaml"
+    yaml = "relay:\n  out:\n    type: blackhole\n    dkim:\n" + identity("ed", "key_file: KEY")
+    config.write_text(yaml.replace("KEY", str(keys.ed)))
+    request = {"sender": "a@dkim.test", "recipients": ["b@example.net"], "message": MESSAGE.decode()}
+
+    def signed_with(url: str) -> object:
+        return httpx.post(f"{url}/relays/out/deliver", json=request, timeout=10).json()["dkim"]["algorithm"]
+
+    def reloaded(running: Service, count: int) -> None:
+        running.process.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if running.logs().count("configuration reload") >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(running.logs()[-2000:])
+
+    with service(config) as running:
+        assert signed_with(running.url) == "ed25519-sha256"
+        config.write_text(yaml.replace("KEY", str(keys.directory / "missing.key")))
+        reloaded(running, 1)
+        assert "reload refused, keeping the running one: relay.out.dkim[0].key_file: cannot read" in running.logs()
+        assert signed_with(running.url) == "ed25519-sha256"
+        config.write_text(yaml.replace("KEY", str(keys.rsa)).replace("selector: ed", "selector: rsa"))
+        reloaded(running, 2)
+        assert signed_with(running.url) == "rsa-sha256"
