@@ -55,9 +55,9 @@ alias_maps =
 alias_database =
 biff = no
 smtpd_relay_restrictions = permit_mynetworks, reject
-default_transport = capture
-relay_transport = capture
-local_transport = capture
+default_transport = {transport}
+relay_transport = {transport}
+local_transport = {transport}
 smtputf8_enable = yes
 message_size_limit = {size}
 """
@@ -114,6 +114,7 @@ proxymap  unix  - - n -     - proxymap
 error     unix  - - n -     - error
 anvil     unix  - - n -     1 anvil
 postlog   unix-dgram n - n - 1 postlogd
+discard   unix  - - n -     - discard
 capture   unix  - n n -     - pipe
   flags= user=nobody argv={d}/capture.sh ${{queue_id}} ${{sender}} ${{recipient}}
 """
@@ -207,8 +208,9 @@ def _strip_received(stored: bytes) -> bytes:
 
 
 @contextmanager
-def postfix(message_size_limit: int = 10240000, *, sasl: bool = False) -> Iterator[Postfix]:
-    """`postfix -c DIR start` with everything under DIR; `postfix -c DIR stop` at the end."""
+def postfix(message_size_limit: int = 10240000, *, sasl: bool = False, keep: bool = True) -> Iterator[Postfix]:
+    """`postfix -c DIR start` with everything under DIR; `postfix -c DIR stop` at the end.
+    `keep=False`: accepted messages are discarded, not captured (for benchmarks)."""
     binary = require_program("postfix", "/usr/sbin/postfix")
     directory = traversable_tmpdir("pf")
     ports = {"main": free_port(), **{name: free_port() for name in LISTENERS}}
@@ -217,7 +219,7 @@ def postfix(message_size_limit: int = 10240000, *, sasl: bool = False) -> Iterat
         (directory / sub).mkdir()
     shutil.chown(directory / "data", "postfix")
     shutil.chown(directory / "capture", "nobody")
-    main_cf = MAIN_CF.format(d=directory, size=message_size_limit)
+    main_cf = MAIN_CF.format(d=directory, size=message_size_limit, transport="capture" if keep else "discard")
     listeners = {name: list(settings) for name, settings in LISTENERS.items()}
     ca = auth = None
     if sasl:
