@@ -333,6 +333,13 @@ class SmtpOptions(_RelayOptions):
         default=5,
         description="most simultaneous connections to one destination",
     )
+    fleet_connections: bool = Field(
+        default=False,
+        description="beyond slimta: `concurrent_connections` is a limit for the whole fleet sharing "
+        "`mailrelay.fleet.redis_url`, not per process: each open connection holds a lease in Redis, renewed "
+        "while it lives; while Redis is unreachable each instance keeps to concurrent_connections / "
+        "`mailrelay.fleet.expected_instances` (rounded up)",
+    )
     max_waiting: Annotated[int, NotBool, Field(ge=0, le=10000)] = Field(
         default=100,
         description="beyond slimta: most deliveries waiting for a connection to one destination while all "
