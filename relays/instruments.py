@@ -13,7 +13,7 @@ delivery's ~150 us (4.4 us with --workers, where each change writes the shared
 files), too little to keep figures up to a second late; it was removed.
 """
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 SMTP_CONNECTIONS = Gauge(
     "mailrelay_smtp_connections",
@@ -43,4 +43,27 @@ MTA_STS_CHECKS = Counter(
     "mx deliveries to a domain with an MTA-STS policy in enforce or testing mode, by result: ok, "
     "no_match (no MX host the policy names), tls_failed (no verified TLS with a host it names)",
     ["relay", "mode", "result"],
+)
+FLEET_LEASES = Gauge(
+    "mailrelay_fleet_leases",
+    "fleet-wide connection leases (fleet_connections) this instance holds in Redis; destination * for mx",
+    ["relay", "destination"],
+    multiprocess_mode="livesum",
+)
+FLEET_LEASE_WAIT = Histogram(
+    "mailrelay_fleet_lease_wait_seconds",
+    "deliveries that found every fleet-wide connection lease taken, and the seconds until they had a "
+    "connection (a lease, or an idle one of this instance); destination * for mx",
+    ["relay", "destination"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+FLEET_FALLBACKS = Counter(
+    "mailrelay_fleet_fallbacks",
+    "switches to the local limits (concurrent_connections / expected_instances, rounded up) because the "
+    "fleet's Redis did not answer",
+)
+FLEET_LOCAL_LIMITS = Gauge(
+    "mailrelay_fleet_local_limits",
+    "1 while the fleet's Redis does not answer and fleet-wide connection limits are local ones",
+    multiprocess_mode="livemax",
 )
