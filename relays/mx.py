@@ -9,6 +9,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import Self, TypeVar
 
+from app.rates import RelayRate
 from relays import replies
 from relays.base import DeliveryContext, PermanentRelayError, RelayError, TransientRelayError
 from relays.context import RelayContext
@@ -172,6 +173,8 @@ class MxRelay:
         self._verified_pools: dict[Destination, SmtpPool] = {}
         self._dane_pools: dict[tuple[Destination, DaneHost], SmtpPool] = {}
         self._dane_settings: dict[DaneHost, SessionSettings] = {}
+        rate = options.max_message_rate
+        self._rate = RelayRate(context.rates, name, rate, options.max_rate_wait) if rate else None
         self._verified_settings = self.settings.verified(options.tls, name)
         # The policy fetch trusts what the verified connections trust (tls.ca_certs, else the system's).
         trust = self._verified_settings.tls_context
@@ -224,7 +227,9 @@ class MxRelay:
                 last = destination, Transaction([dane] * len(recipients), False)
                 continue
             if dane is not None:  # DANE takes precedence over MTA-STS (RFC 8461 2)
-                transaction = await self._dane_pool(destination, dane).deliver(envelope, recipients, context)
+                transaction = await self._send(
+                    self._dane_pool(destination, dane), destination, envelope, recipients, context
+                )
                 last = destination, transaction
                 if transaction.data_sent or not all(_try_next(r) for r in transaction.replies):
                     break
@@ -272,15 +277,15 @@ class MxRelay:
         """One host's transaction, over verified TLS when require_tls or the domain's MTA-STS policy
         asks for it. In testing mode a host whose TLS does not verify is used as usual, and counted."""
         if not (envelope.require_tls or policy is not None):
-            return await self._pool(destination).deliver(envelope, recipients, context)
-        transaction = await self._verified_pool(destination).deliver(envelope, recipients, context)
+            return await self._send(self._pool(destination), destination, envelope, recipients, context)
+        transaction = await self._send(self._verified_pool(destination), destination, envelope, recipients, context)
         if policy is None:
             return transaction
         unsecured = not transaction.data_sent and any(_tls_refusal(r) for r in transaction.replies)
         self._checked(policy, "tls_failed" if unsecured else "ok", destination.name)
         if policy.mode == "testing":
             if unsecured and not envelope.require_tls:
-                return await self._pool(destination).deliver(envelope, recipients, context)
+                return await self._send(self._pool(destination), destination, envelope, recipients, context)
             return transaction
         security = transaction.security
         if security is not None and security.authenticated == "ca":
@@ -335,6 +340,20 @@ class MxRelay:
             map(_host_name, exchangers), port, self.dns, options.ipv4_only, self._limit, self._refuse_private
         )
 
+    async def _send(
+        self,
+        pool: SmtpPool,
+        destination: Destination,
+        envelope: Envelope,
+        recipients: list[str],
+        context: DeliveryContext,
+    ) -> Transaction:
+        """The pool's transaction, after this MX host's max_message_rate let it go (a refusal is
+        transient: the next MX host, with a rate of its own, may take it)."""
+        if self._rate is not None and (refusal := await self._rate.admit(destination.name, context)) is not None:
+            return Transaction([refusal] * len(recipients), False)
+        return await pool.deliver(envelope, recipients, context)
+
     def _pool(self, destination: Destination) -> SmtpPool:
         return self._pool_in(self._pools, destination, destination, self.settings)
 
@@ -386,5 +405,7 @@ class MxRelay:
     async def aclose(self) -> None:
         pools = [*self._pools.values(), *self._verified_pools.values(), *self._dane_pools.values()]
         await asyncio.gather(*(pool.aclose() for pool in pools))
+        if self._rate is not None:
+            await self._rate.aclose()
         if self._mta_sts is not None:
             await self._mta_sts.aclose()

@@ -123,6 +123,13 @@ def too_many_waiting(target: str) -> Reply:
     return _reply(451, "4.4.5", f"Too many deliveries waiting for {target}; try again later", "[CONNECT]")
 
 
+def rate_limited(rate: str, target: str, wait: float) -> Reply:
+    """The relay's max_message_rate to `target` would have made this delivery wait past its bound: nothing sent."""
+    return _reply(
+        451, "4.4.5", f"rate limit {rate} to {target} reached (next slot in {wait:.1f} s); not sent", "[CONNECT]"
+    )
+
+
 def dns_failure(domain: str, reason: str) -> Reply:
     return _reply(451, "4.4.3", f"DNS lookup for {domain} failed: {reason}", "[DNS]")
 

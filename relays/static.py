@@ -1,5 +1,6 @@
 """`static`: SMTP to one host, through a pool of reused connections."""
 
+from app.rates import RelayRate
 from relays.base import DeliveryContext
 from relays.context import RelayContext
 from relays.smtp.pool import SmtpPool
@@ -25,11 +26,15 @@ class StaticRelay:
             max_waiting=options.max_waiting,
             metrics_destination=destination.label,  # one configured host: a bounded label
         )
+        rate = options.max_message_rate
+        self.rate = RelayRate(context.rates, name, rate, options.max_rate_wait) if rate else None
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         recipients = list(envelope.recipients)
-        transaction = await self.pool.deliver(envelope, recipients, context)
         host = self.pool.destination.label
+        if self.rate is not None and (refusal := await self.rate.admit(host, context)) is not None:
+            return [RecipientResult(recipient=rcpt, reply=refusal) for rcpt in recipients]
+        transaction = await self.pool.deliver(envelope, recipients, context)
         return [
             RecipientResult(
                 recipient=rcpt,
@@ -43,3 +48,5 @@ class StaticRelay:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        if self.rate is not None:
+            await self.rate.aclose()

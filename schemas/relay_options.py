@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.rate import RateSpec
+
 
 def _not_bool(value: Any) -> Any:
     # YAML `yes`/`true` is a bool, and pydantic would take it as 1: refuse it for numbers.
@@ -345,6 +347,18 @@ class SmtpOptions(_RelayOptions):
         description="beyond slimta: most deliveries waiting for a connection to one destination while all "
         "`concurrent_connections` are busy; past it a delivery fails at once with 451 4.4.5, so one slow "
         "destination cannot hold every in-flight slot",
+    )
+    max_message_rate: RateSpec | None = Field(
+        default=None,
+        description="most messages (transactions) per period to one destination, in KumoMTA's notation (`50/s`, "
+        "`10/m`, `1000/h`, `20000/d`): for `mx` per MX host, for `static`/`lmtp` the relay's host. Shared by every "
+        "instance using `mailrelay.fleet`'s Redis (smoothly: one message every period/count); without Redis, or "
+        "while it is unreachable, each instance keeps to the rate / `fleet.expected_instances`. Default: no limit",
+    )
+    max_rate_wait: NonNegativeSeconds = Field(
+        default=5,
+        description="most seconds a delivery waits for its slot under `max_message_rate` (never past its "
+        "deadline); one that would wait longer fails at once with 451 4.4.5 naming the limit, nothing sent",
     )
     ehlo_as: EhloName = Field(
         default_factory=machine_fqdn,

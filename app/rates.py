@@ -1,0 +1,296 @@
+"""Rates shared by the fleet: GCRA in one Lua script, with a local fallback when Redis is unreachable.
+
+GCRA (the generic cell rate algorithm) keeps one number per limit: the theoretical arrival time
+(TAT) of the next event. An event of cost c at `now` moves it to max(TAT, now) + c x interval and
+conforms when that is at most `burst x interval` ahead of now. The script *reserves*: a caller
+that may wait gets its slot in the future and the wait (never more than it may wait), so the
+fleet's events leave exactly one interval apart, without retries; a caller that would wait too
+long reserves nothing and learns how long it would have had to wait (Retry-After).
+
+Each limit set (a relay's destination, an API key's quotas) is one Redis hash under a prefix of
+its own (`mailrelay:rate:`, `mailrelay:quota:`), one field per limit, expiring when its limits
+are back to full (so the key set is bounded by what was used within the longest period). Times
+are Redis's own clock (TIME), never the instances'.
+
+Redis unreachable: every instance enforces the limits divided by `fleet.expected_instances` in
+its own memory (rounded up), logged once per transition and counted; Redis is tried again once
+a second. Nothing goes out without some limit.
+"""
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app import idempotency
+from app.metrics import RATE_FALLBACK_ACTIVE, RATE_FALLBACKS, RATE_LIMITED, RATE_WAIT_SECONDS, RATE_WAITS, child
+from relays import replies
+from relays.base import DeliveryContext
+from schemas.config import FleetSettings, IdempotencySettings
+from schemas.rate import Rate, parse_rate
+from schemas.reply import Reply
+
+__all__ = ["Limit", "Outcome", "Rate", "RelayRate", "SharedLimits", "State", "parse_rate"]
+
+logger = logging.getLogger("mailrelay")
+
+#: KEYS[1]: the hash of one limit set. ARGV[1]: the most microseconds the caller may wait;
+#: ARGV[2]: "1" to only read the state (nothing is taken). Then per limit: field, interval (us),
+#: burst (events at once), cost (events). Answers {allowed 0|1, wait us, remaining1, reset1 us, ...}.
+_GCRA = """local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local maxwait = tonumber(ARGV[1])
+local peek = ARGV[2] == '1'
+local n = (#ARGV - 2) / 4
+local wait = 0
+local tats = {}
+local news = {}
+for i = 1, n do
+  local b = 2 + (i - 1) * 4
+  local interval = tonumber(ARGV[b + 2])
+  local tolerance = interval * tonumber(ARGV[b + 3])
+  local tat = tonumber(redis.call('HGET', KEYS[1], ARGV[b + 1]) or now)
+  if tat < now then tat = now end
+  local new = tat + interval * tonumber(ARGV[b + 4])
+  local w = new - tolerance - now
+  if w > wait then wait = w end
+  tats[i] = tat
+  news[i] = new
+end
+local allowed = 1
+if peek or wait > maxwait then allowed = 0 end
+local out = {allowed, math.floor(wait)}
+local longest = 0
+for i = 1, n do
+  local b = 2 + (i - 1) * 4
+  local interval = tonumber(ARGV[b + 2])
+  local tolerance = interval * tonumber(ARGV[b + 3])
+  local tat = tats[i]
+  if allowed == 1 then
+    tat = news[i]
+    redis.call('HSET', KEYS[1], ARGV[b + 1], string.format('%d', tat))
+  end
+  if tat - now > longest then longest = tat - now end
+  local remaining = math.floor((tolerance - (tat - now)) / interval)
+  if remaining < 0 then remaining = 0 end
+  out[#out + 1] = remaining
+  out[#out + 1] = math.floor(tat - now)
+end
+if allowed == 1 then redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1000) end
+return out"""
+
+#: Redis is tried again this long after it failed (the local limits apply meanwhile).
+RETRY_AFTER_FAILURE = 1.0
+#: Limit sets kept in memory for the local fallback; past it the oldest go (a forgotten set
+#: starts full again: at most one burst more, for sets idle long enough to be the oldest).
+LOCAL_MAX_SETS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit of a set: `rate`, up to `burst` events at once, this event costing `cost`."""
+
+    field: str
+    rate: Rate
+    burst: int = 1
+    cost: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What is left of one limit: events that could go now, and seconds until it is full again."""
+
+    remaining: int
+    reset: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """`allowed`: go after `wait` seconds (the slot is reserved). Refused: `wait` is how long it
+    would have had to wait. `shared`: decided by Redis (False: by the local fallback)."""
+
+    allowed: bool
+    wait: float
+    states: tuple[State, ...]
+    shared: bool
+
+
+class _Local:
+    """The same arithmetic in this process's memory, on the monotonic clock."""
+
+    def __init__(self) -> None:
+        self._sets: OrderedDict[str, dict[str, float]] = OrderedDict()
+
+    def check(self, key: str, limits: Sequence[Limit], max_wait: float, peek: bool) -> Outcome:
+        now = time.monotonic()
+        fields = self._sets.get(key)
+        if fields is None:
+            fields = {}
+            if not peek:
+                if len(self._sets) >= LOCAL_MAX_SETS:
+                    self._sets.popitem(last=False)
+                self._sets[key] = fields
+        else:
+            self._sets.move_to_end(key)
+        wait = 0.0
+        tats: list[float] = []
+        news: list[float] = []
+        for limit in limits:
+            interval = limit.rate.interval
+            tat = max(fields.get(limit.field, now), now)
+            new = tat + interval * limit.cost
+            wait = max(wait, new - interval * limit.burst - now)
+            tats.append(tat)
+            news.append(new)
+        allowed = not peek and wait <= max_wait
+        states = []
+        for limit, tat, new in zip(limits, tats, news, strict=True):
+            interval = limit.rate.interval
+            if allowed:
+                fields[limit.field] = tat = new
+            remaining = max(0, math.floor((interval * limit.burst - (tat - now)) / interval + 1e-9))
+            states.append(State(remaining, tat - now))
+        return Outcome(allowed, max(0.0, wait), tuple(states), shared=False)
+
+
+class SharedLimits:
+    """Limit sets shared by every instance that uses the same Redis (`fleet.redis_url`, else
+    `idempotency.redis_url`); without one, each instance's own (divided by expected_instances).
+
+    `check()` is one round trip (EVALSHA of a script registered once; concurrent checks share a
+    write, app/idempotency.py's batching) and never raises for Redis trouble: the local limits
+    answer then. `what` names the limits in logs and metrics ("rate", "quota")."""
+
+    def __init__(self, fleet: FleetSettings, store: IdempotencySettings, *, what: str, prefix: str) -> None:
+        self.what = what
+        self.prefix = prefix
+        self.instances = fleet.expected_instances
+        url = fleet.redis_url or store.redis_url
+        self._local = _Local()
+        self._client = None
+        self._batch: Any = None
+        self._script: Any = None
+        if url:
+            self._client = idempotency.redis_client(store.model_copy(update={"backend": "redis", "redis_url": url}))
+            self._batch = idempotency._Batch(self._client)
+            self._script = self._client.register_script(_GCRA)
+        self._failed_at: float | None = None  # set while the local limits stand in for Redis
+        self._users = 0
+
+    @property
+    def shared(self) -> bool:
+        return self._client is not None
+
+    async def check(self, key: str, limits: Sequence[Limit], max_wait: float, *, peek: bool = False) -> Outcome:
+        """Take one event of every limit in the set `key`, all or none: allowed when the caller
+        has to wait at most `max_wait` seconds for it (then it is reserved). `peek`: only read."""
+        if self._batch is not None:
+            failed = self._failed_at
+            now = time.monotonic()
+            if failed is None or now - failed >= RETRY_AFTER_FAILURE:
+                try:
+                    outcome = await self._shared(key, limits, max_wait, peek)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    self._fell_back(exc, now)
+                else:
+                    if failed is not None:
+                        self._failed_at = None
+                        RATE_FALLBACK_ACTIVE.labels(self.what).set(0)
+                        logger.warning(
+                            "fleet-wide %s limits: Redis answers again; shared limits resumed",
+                            self.what,
+                            extra={"event": "fleet_limits_shared"},
+                        )
+                    return outcome
+        local = [
+            Limit(
+                limit.field,
+                limit.rate.divided(self.instances),
+                min(limit.burst, limit.rate.divided(self.instances).limit),
+                limit.cost,
+            )
+            for limit in limits
+        ]
+        return self._local.check(key, local, max_wait, peek)
+
+    async def _shared(self, key: str, limits: Sequence[Limit], max_wait: float, peek: bool) -> Outcome:
+        args: list[str | int] = [max(0, round(max_wait * 1e6)), "1" if peek else "0"]
+        for limit in limits:
+            args += [limit.field, round(limit.rate.interval * 1e6), limit.burst, limit.cost]
+        async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+            reply = await self._batch.call(self._script, self.prefix + key, *args)
+        states = tuple(State(int(reply[i]), int(reply[i + 1]) / 1e6) for i in range(2, len(reply), 2))
+        return Outcome(int(reply[0]) == 1, max(0, int(reply[1])) / 1e6, states, shared=True)
+
+    def _fell_back(self, exc: BaseException, now: float) -> None:
+        if self._failed_at is None:
+            RATE_FALLBACKS.labels(self.what).inc()
+            RATE_FALLBACK_ACTIVE.labels(self.what).set(1)
+            logger.warning(
+                "fleet-wide %s limits: Redis unreachable (%s); each instance now enforces its part "
+                "(the fleet's limits / expected_instances %d) until it answers again",
+                self.what,
+                idempotency._reason(exc),
+                self.instances,
+                extra={"event": "fleet_limits_local"},
+            )
+        self._failed_at = now
+
+    def use(self) -> None:
+        """One more holder (a relay with a rate); the last `release()` closes the client."""
+        self._users += 1
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is None:
+            return
+        client, self._client = self._client, None
+        batch, self._batch = self._batch, None
+        try:
+            async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+                if batch.connection is not None:
+                    await batch.connection.disconnect()
+                await client.aclose()
+        except (RedisError, OSError, TimeoutError):
+            pass
+
+
+class RelayRate:
+    """A relay's `max_message_rate`, checked right before a message goes to a destination."""
+
+    def __init__(self, limits: SharedLimits, relay: str, spec: str, max_wait: float) -> None:
+        self.limits = limits
+        self.relay = relay
+        self.spec = spec
+        self.rate = parse_rate(spec)
+        self.max_wait = max_wait
+        self._limit = (Limit("m", self.rate),)
+        limits.use()
+
+    async def admit(self, target: str, context: DeliveryContext) -> Reply | None:
+        """Waits for this message's slot to `target` and returns None; or, when that would take
+        longer than `max_rate_wait` or the time left before the deadline, returns the 451 reply
+        that names the limit (no slot taken)."""
+        budget = min(self.max_wait, context.remaining())
+        outcome = await self.limits.check(f"{self.relay}:{target}", self._limit, budget)
+        if not outcome.allowed:
+            child(RATE_LIMITED, self.relay).inc()
+            return replies.rate_limited(self.spec, target, outcome.wait)
+        if outcome.wait > 0:
+            child(RATE_WAITS, self.relay).inc()
+            child(RATE_WAIT_SECONDS, self.relay).inc(outcome.wait)
+            await asyncio.sleep(outcome.wait)
+        return None
+
+    async def aclose(self) -> None:
+        await self.limits.release()
