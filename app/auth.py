@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from app.problems import ProblemError
-from schemas.config import ApiKey
+from app.rates import KeyQuotas, SharedLimits
+from schemas.config import ApiKey, KeyQuota, ServiceSettings
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Principal:
 
     name: str
     relays: frozenset[str] | None  # None: every relay
+    quota: KeyQuota | None = None  # auth.keys[].quota: fleet-wide, app/rates.py
 
     def may_use(self, relay: str) -> bool:
         return self.relays is None or relay in self.relays
@@ -31,9 +33,29 @@ class KeyRing:
 
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self._keys = [
-            (key.digest, Principal(name=key.name, relays=None if "*" in key.relays else frozenset(key.relays)))
+            (
+                key.digest,
+                Principal(
+                    name=key.name,
+                    relays=None if "*" in key.relays else frozenset(key.relays),
+                    quota=key.quota if key.quota and (key.quota.messages or key.quota.recipients) else None,
+                ),
+            )
             for key in keys
         ]
+        self._quotas: KeyQuotas | None = None
+
+    def quotas(self, settings: ServiceSettings) -> KeyQuotas:
+        """The keys' quotas, shared through the fleet's Redis; connected on first use (only a key
+        with a quota asks), for the configuration these keys came with."""
+        if self._quotas is None:
+            limits = SharedLimits(settings.fleet, settings.idempotency, what="quota", prefix="mailrelay:quota:")
+            self._quotas = KeyQuotas(limits)
+        return self._quotas
+
+    async def aclose(self) -> None:
+        if self._quotas is not None:
+            await self._quotas.limits.aclose()
 
     @property
     def enabled(self) -> bool:

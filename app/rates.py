@@ -32,11 +32,11 @@ from app import idempotency
 from app.metrics import RATE_FALLBACK_ACTIVE, RATE_FALLBACKS, RATE_LIMITED, RATE_WAIT_SECONDS, RATE_WAITS, child
 from relays import replies
 from relays.base import DeliveryContext
-from schemas.config import FleetSettings, IdempotencySettings
+from schemas.config import FleetSettings, IdempotencySettings, KeyQuota, ServiceSettings
 from schemas.rate import Rate, parse_rate
 from schemas.reply import Reply
 
-__all__ = ["Limit", "Outcome", "Rate", "RelayRate", "SharedLimits", "State", "parse_rate"]
+__all__ = ["KeyQuotas", "Limit", "Outcome", "QuotaAnswer", "Rate", "RelayRate", "SharedLimits", "State", "parse_rate"]
 
 logger = logging.getLogger("mailrelay")
 
@@ -181,7 +181,6 @@ class SharedLimits:
             self._batch = idempotency._Batch(self._client)
             self._script = self._client.register_script(_GCRA)
         self._failed_at: float | None = None  # set while the local limits stand in for Redis
-        self._users = 0
 
     @property
     def shared(self) -> bool:
@@ -242,15 +241,6 @@ class SharedLimits:
             )
         self._failed_at = now
 
-    def use(self) -> None:
-        """One more holder (a relay with a rate); the last `release()` closes the client."""
-        self._users += 1
-
-    async def release(self) -> None:
-        self._users -= 1
-        if self._users <= 0:
-            await self.aclose()
-
     async def aclose(self) -> None:
         if self._client is None:
             return
@@ -275,7 +265,13 @@ class RelayRate:
         self.rate = parse_rate(spec)
         self.max_wait = max_wait
         self._limit = (Limit("m", self.rate),)
-        limits.use()
+
+    @classmethod
+    def for_relay(cls, settings: ServiceSettings, relay: str, spec: str, max_wait: float) -> "RelayRate":
+        """A relay's rate with its own client (one connection, opened on first use): relays with a
+        rate are few, and each closes what it opened."""
+        limits = SharedLimits(settings.fleet, settings.idempotency, what="rate", prefix="mailrelay:rate:")
+        return cls(limits, relay, spec, max_wait)
 
     async def admit(self, target: str, context: DeliveryContext) -> Reply | None:
         """Waits for this message's slot to `target` and returns None; or, when that would take
@@ -293,4 +289,61 @@ class RelayRate:
         return None
 
     async def aclose(self) -> None:
-        await self.limits.release()
+        await self.limits.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaAnswer:
+    """A key's quota check: `allowed`, else `retry_after` seconds; `headers`: RateLimit-Policy and
+    RateLimit (IETF httpapi ratelimit-headers draft, -08 and later syntax) for every answer."""
+
+    allowed: bool
+    retry_after: int
+    headers: dict[str, str]
+
+
+#: The period words in policy names (`"messages-s"`, `"recipients-d"`).
+_UNIT = {1: "s", 60: "m", 3600: "h", 86400: "d"}
+
+
+class KeyQuotas:
+    """API keys' quotas (`auth.keys[].quota`), fleet-wide: one limit set per key name under
+    `mailrelay:quota:`, every quota of the key taken together (all or none), each with a burst of
+    its whole count (a quota of 1000/d may be spent at once, then comes back at 1000 a day)."""
+
+    def __init__(self, limits: SharedLimits) -> None:
+        self.limits = limits
+
+    @staticmethod
+    def _limits(quota: KeyQuota, recipients: int) -> list[Limit]:
+        limits = []
+        for unit, specs, cost in (("messages", quota.messages, 1), ("recipients", quota.recipients, recipients)):
+            for spec in specs:
+                rate = parse_rate(spec)
+                limits.append(Limit(f"{unit}-{_UNIT[rate.period]}", rate, rate.limit, cost))
+        return limits
+
+    async def take(self, name: str, quota: KeyQuota, recipients: int) -> QuotaAnswer:
+        """One message to `recipients` recipients, if the key's quotas have room now."""
+        return await self._check(name, quota, recipients, peek=False)
+
+    async def state(self, name: str, quota: KeyQuota) -> QuotaAnswer:
+        """The headers for an answer that took nothing (an error before the check)."""
+        return await self._check(name, quota, 1, peek=True)
+
+    async def _check(self, name: str, quota: KeyQuota, recipients: int, *, peek: bool) -> QuotaAnswer:
+        limits = self._limits(quota, max(1, recipients))
+        outcome = await self.limits.check(name, limits, 0.0, peek=peek)
+        if not outcome.shared:  # the local fallback: this instance's part of each quota
+            limits = [
+                Limit(lim.field, lim.rate.divided(self.limits.instances), lim.rate.divided(self.limits.instances).limit)
+                for lim in limits
+            ]
+        policy = ", ".join(f'"{lim.field}";q={lim.rate.limit};w={lim.rate.period}' for lim in limits)
+        state = ", ".join(
+            f'"{lim.field}";r={s.remaining};t={math.ceil(s.reset - 1e-6)}'
+            for lim, s in zip(limits, outcome.states, strict=True)
+        )
+        headers = {"RateLimit-Policy": policy, "RateLimit": state}
+        allowed = outcome.allowed or peek
+        return QuotaAnswer(allowed, 0 if allowed else max(1, math.ceil(outcome.wait)), headers)

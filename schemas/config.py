@@ -7,8 +7,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self
 from urllib.parse import unquote
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, PrivateAttr, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    PrivateAttr,
+    StringConstraints,
+    model_validator,
+)
 
+from schemas.rate import RateSpec, parse_rate
 from schemas.relay_options import HostPort, RelayOptions, split_host_port
 
 #: Relay names appear in URLs (/relays/<name>/deliver): unreserved URL characters only.
@@ -18,6 +28,29 @@ RelayName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._~
 #: A key shorter than this is guessable; the environment variable and files are held to it too.
 MIN_KEY_LENGTH = 16
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _one_per_period(rates: list[str]) -> list[str]:
+    periods = [parse_rate(r).period for r in rates]
+    if len(set(periods)) != len(periods):
+        raise ValueError("one rate per period (s, m, h, d)")
+    return rates
+
+
+class KeyQuota(BaseModel):
+    """`quota` of an API key: what it may send, fleet-wide (shared through `mailrelay.fleet`'s Redis)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: Annotated[list[RateSpec], AfterValidator(_one_per_period)] = Field(
+        default_factory=list,
+        description="messages (deliveries, and lines of a batch) per period, e.g. [`10/s`, `20000/d`]; each "
+        "allows a burst of its whole count, refilled smoothly over its period",
+    )
+    recipients: Annotated[list[RateSpec], AfterValidator(_one_per_period)] = Field(
+        default_factory=list,
+        description="recipients per period, counted alike (a message to 5 recipients takes 5)",
+    )
 
 
 class ApiKey(BaseModel):
@@ -44,6 +77,11 @@ class ApiKey(BaseModel):
         default_factory=lambda: ["*"],
         min_length=1,
         description="the relays this key may use; `*` for all",
+    )
+    quota: KeyQuota | None = Field(
+        default=None,
+        description="messages and recipients this key may send per period, fleet-wide; over it: 429 with "
+        "Retry-After, nothing sent. Every answer to it carries RateLimit-Policy and RateLimit. Default: none",
     )
     _digest: bytes = PrivateAttr(default=b"")
 

@@ -29,7 +29,7 @@ from app.deps import RelayName, find_relay
 from app.intake import _CHECKED_JSON_BYTES, _check_json_values, _loc, _message, envelope_of, media_type
 from app.lifespan import Runtime, Services
 from app.problems import ProblemError, problem_doc
-from app.routes.relays import DEADLINE_HEADER, _deadline
+from app.routes.relays import DEADLINE_HEADER, _deadline, quota_check, with_quota_state
 from relays.base import Relay
 from schemas.config import BatchSettings, ServiceSettings
 from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, request_model
@@ -384,6 +384,13 @@ class _Batch:
         if self.services.draining:
             self._refused(index, core.refuse(self.name, "draining", "shutting down; not accepting deliveries", 5))
             return
+        if self.principal.quota is not None:  # each line takes its message from the key's quotas
+            try:
+                await quota_check(self.runtime, self.principal, len(envelope.recipients))
+            except ProblemError as exc:
+                retry = (exc.headers or {}).get("Retry-After", "")
+                self._problem(index, exc.status, exc.detail, retry_after=int(retry) if retry.isdigit() else None)
+                return
         delivery = Delivery(self.name, self.relay, envelope, Deadline.within(self.seconds), self.principal.name, key)
         try:
             answer = await core.deliver(delivery)
@@ -486,6 +493,7 @@ async def deliver_batch(name: RelayName, request: Request) -> Response:
     services: Services = request.state.services
     runtime = services.current
     runtime.enter()  # before the first await, as /deliver: a reload or drain waits for the batch
+    principal: Principal | None = None
     try:
         # Checked once for the whole batch: the same answers (401, 403, 404) as /deliver.
         principal = runtime.keyring.identify(request)
@@ -509,12 +517,22 @@ async def deliver_batch(name: RelayName, request: Request) -> Response:
                 ],
             )
         seconds = _deadline(request, runtime.config.mailrelay.delivery_deadline)
+        quota_headers: dict[str, str] = {}
+        if principal.quota is not None:  # the state as the batch starts; each line takes from it
+            quota_headers = (
+                await runtime.keyring.quotas(runtime.config.mailrelay).state(principal.name, principal.quota)
+            ).headers
+    except ProblemError as problem:
+        runtime.leave()
+        if principal is not None and principal.quota is not None:
+            await with_quota_state(problem, runtime, principal)
+        raise
     except BaseException:
         runtime.leave()
         raise
     batch = _Batch(request, services, runtime, name, relay, principal, seconds)
     # no-store: a proxy must not cache an answer; X-Accel-Buffering: nginx passes each line on at once.
-    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no", **quota_headers}
     return _NdjsonStream(batch.stream(), media_type=NDJSON, headers=headers)
 
 

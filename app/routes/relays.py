@@ -9,11 +9,13 @@ from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from app import idempotency, logs
+from app.auth import Principal
 from app.budget import Holding
 from app.delivery import Deadline, Delivery, Refused
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, OutOfBudget, is_raw_form, read_envelope
-from app.lifespan import Services
+from app.lifespan import Runtime, Services
+from app.metrics import QUOTA_REFUSALS, child
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
 from schemas.delivery import COMPOSE_EXAMPLE, DeliveryResult
 from schemas.problem import FieldError
@@ -238,6 +240,8 @@ async def deliver(name: RelayName, request: Request) -> Response:
     runtime.enter()
     # The body's bytes are held from the first one read until the answer is made.
     holding = Holding(runtime.limiter.bodies)
+    principal = None
+    quota_headers: dict[str, str] | None = None
     try:
         principal = runtime.keyring.identify(request)
         relay = find_relay(name, runtime, principal)
@@ -252,6 +256,8 @@ async def deliver(name: RelayName, request: Request) -> Response:
         except OutOfBudget as exc:
             raise _problem(runtime.core.overloaded(name, str(exc))) from None
         _refuse_if_draining(services, name)  # the body may have taken a while
+        if principal.quota is not None:  # before anything is sent: over the key's quota, 429
+            quota_headers = await quota_check(runtime, principal, len(envelope.recipients))
         delivery = Delivery(name, relay, envelope, deadline, principal.name, key, is_raw_form(request))
         try:
             answer = await runtime.core.deliver(delivery)
@@ -263,7 +269,13 @@ async def deliver(name: RelayName, request: Request) -> Response:
         headers = answer.headers
         if answer.replayed:
             headers = {**headers, "Idempotent-Replayed": "true"}
+        if quota_headers is not None:
+            headers = {**headers, **quota_headers}
         return Response(answer.body, status_code=answer.status, media_type=JSON, headers=headers)
+    except ProblemError as problem:
+        if principal is not None and principal.quota is not None and quota_headers is None:
+            await with_quota_state(problem, runtime, principal)
+        raise
     finally:
         holding.release()
         runtime.leave()
@@ -296,6 +308,30 @@ async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -
     except Exception as exc:  # as the framework's handlers would answer (a bug: logged, 500)
         response = problem_for(request, exc)
     await response(scope, receive, send)
+
+
+async def quota_check(runtime: Runtime, principal: Principal, recipients: int) -> dict[str, str]:
+    """Takes one message (to `recipients`) from the key's quotas and returns the RateLimit
+    headers; over a quota raises the 429 problem (with Retry-After), nothing taken."""
+    assert principal.quota is not None  # noqa: S101 - callers check
+    answer = await runtime.keyring.quotas(runtime.config.mailrelay).take(principal.name, principal.quota, recipients)
+    if not answer.allowed:
+        child(QUOTA_REFUSALS, principal.name).inc()
+        raise ProblemError(
+            429,
+            f"the API key {principal.name!r} is over its quota; retry after {answer.retry_after} s. Nothing was sent",
+            headers={"Retry-After": str(answer.retry_after), **answer.headers},
+        )
+    return answer.headers
+
+
+async def with_quota_state(problem: ProblemError, runtime: Runtime, principal: Principal) -> None:
+    """Every answer to a key with a quota says where it stands, an error too (nothing taken)."""
+    if problem.headers is not None and "RateLimit" in problem.headers:
+        return
+    assert principal.quota is not None  # noqa: S101 - callers check
+    answer = await runtime.keyring.quotas(runtime.config.mailrelay).state(principal.name, principal.quota)
+    problem.headers = {**(problem.headers or {}), **answer.headers}
 
 
 def _refuse_if_draining(services: Services, relay: str) -> None:
