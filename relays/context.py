@@ -1,23 +1,27 @@
-"""What relays of one configuration share: the DNS resolver and its cache, and the fleet-wide rates."""
+"""What relays of one configuration share: the DNS resolver and its cache, the fleet's leases."""
 
 from dataclasses import dataclass, field
 
-from app.rates import SharedLimits
 from relays.dns import DnsResolver
-from schemas.config import FleetSettings, IdempotencySettings, ServiceSettings
+from relays.smtp.leases import FleetLeases
+from schemas.config import ServiceSettings
 
 
 @dataclass
 class RelayContext:
     dns: DnsResolver
-    #: The relays' max_message_rate limits (app/rates.py): Redis is connected only once a relay checks one.
-    rates: SharedLimits = field(
-        default_factory=lambda: SharedLimits(
-            FleetSettings(), IdempotencySettings(), what="rate", prefix="mailrelay:rate:"
-        )
-    )
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+    _fleet: FleetLeases | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> "RelayContext":
-        rates = SharedLimits(settings.fleet, settings.idempotency, what="rate", prefix="mailrelay:rate:")
-        return cls(dns=DnsResolver(settings.nameservers()), rates=rates)
+        return cls(dns=DnsResolver(settings.nameservers()), settings=settings)
+
+    def fleet_leases(self, relay: str) -> FleetLeases:
+        """The leases of the relays with `fleet_connections`, one set (one renewal task, one Redis
+        client) for the configuration; each relay attaches, and detaches when it closes.
+        Raises ConfigError naming `relay.<relay>.fleet_connections` when there is no Redis."""
+        if self._fleet is None or self._fleet.closed:
+            self._fleet = FleetLeases.for_relay(self.settings, relay)
+        self._fleet.attach()
+        return self._fleet

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from relays import replies
 from relays.base import DeliveryContext, RelayError
-from relays.instruments import SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
+from relays.instruments import FLEET_LEASE_WAIT, SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
+from relays.smtp.leases import LEASE_IDLE, POLL_EVERY, FleetLeases, LeaseGate
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope, HopSecurity
 from schemas.reply import Reply
@@ -36,6 +37,13 @@ class SmtpPool:
     (451 4.4.5): each waiting delivery holds an in-flight slot of the service, and a
     slow destination must not take them all from the other relays and destinations.
     Metrics are labelled `metrics_destination`: a fixed set, never a recipient's host.
+
+    With `fleet` (the relay's `fleet_connections`), `size` is the fleet's limit: each open
+    connection also holds a lease in Redis (relays.smtp.leases). A delivery that finds none
+    waits like one that finds every connection busy (within `max_waiting` and its deadline),
+    asking again every POLL_EVERY seconds, or takes an idle connection of this pool. Idle
+    connections are kept at most LEASE_IDLE seconds, and closed at once when other instances
+    wait and this pool holds more than its share.
     """
 
     def __init__(
@@ -48,6 +56,7 @@ class SmtpPool:
         *,
         max_waiting: int = MAX_WAITING,
         metrics_destination: str = ANY_DESTINATION,
+        fleet: FleetLeases | None = None,
     ) -> None:
         self.destination = destination
         self.settings = settings
@@ -70,6 +79,13 @@ class SmtpPool:
         self._idle_gauge = SMTP_CONNECTIONS.labels(*labels, "idle")
         self._opened = SMTP_OPENED.labels(*labels)
         self._reused = SMTP_REUSED.labels(*labels)
+        self._gate: LeaseGate | None = None
+        if fleet is not None:
+            self._gate = fleet.gate(settings.relay, destination.label, size, metrics_destination)
+            self._gate.on_news = self._shed
+            self.idle_timeout = min(idle_timeout, LEASE_IDLE)
+            self._lease_wait = FLEET_LEASE_WAIT.labels(*labels)
+            self._poller: asyncio.TimerHandle | None = None
 
     @property
     def idle_count(self) -> int:
@@ -181,6 +197,8 @@ class SmtpPool:
     async def _acquire(self, *, reuse: bool) -> SmtpSession | None:
         """An idle connection, or None with a slot reserved for opening one.
         Raises _TooManyWaiting when a new delivery (`reuse`) would have to wait behind `max_waiting` others."""
+        if self._gate is not None:
+            return await self._acquire_leased(self._gate, reuse=reuse)
         bounded = reuse  # a delivery that waited once, or replaces a stale connection, is never refused
         while True:
             if reuse and (session := self._take_idle()):
@@ -204,6 +222,72 @@ class SmtpPool:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
+    async def _acquire_leased(self, gate: LeaseGate, *, reuse: bool) -> SmtpSession | None:
+        """_acquire under a fleet-wide limit: a slot also needs a lease (or, while Redis does
+        not answer, room under the local limit)."""
+        bounded = reuse
+        loop = asyncio.get_running_loop()
+        waited_from: float | None = None
+        try:
+            while True:
+                if reuse and (session := self._take_idle()):
+                    return session
+                refused = False
+                if self.open_count < gate.limit():
+                    self.open_count += 1  # reserved while Redis is asked: no other delivery takes it
+                    self._open_gauge.inc()
+                    try:
+                        got = await gate.take()
+                    except BaseException:
+                        self._unreserve()
+                        raise
+                    if got is None and self.open_count > gate.limit():
+                        got = False  # Redis went away meanwhile, and the local limit is reached
+                    elif got is None:
+                        gate.opened_unleased()
+                    if got is not False:
+                        return None
+                    self._unreserve()
+                    refused = True
+                if bounded and len(self._waiters) >= self.max_waiting:
+                    raise _TooManyWaiting
+                bounded = False
+                if waited_from is None:
+                    waited_from = loop.time()
+                if refused and self._poller is None:  # no lease: ask again soon, one delivery for the pool
+                    self._poller = loop.call_later(POLL_EVERY, self._poll)
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake()
+                    raise
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+        finally:
+            if waited_from is not None:
+                self._lease_wait.observe(loop.time() - waited_from)
+
+    def _unreserve(self) -> None:
+        self.open_count -= 1
+        self._open_gauge.dec()
+
+    def _poll(self) -> None:
+        self._poller = None
+        self._wake()
+
+    def _shed(self) -> None:
+        """Close idle connections the fleet wants back (others wait, or they hold no lease)."""
+        gate = self._gate
+        while gate is not None and self._idle and gate.unwanted_idle():
+            session = self._idle.pop(0)  # idle the longest
+            del self._idle_since[session]
+            self._idle_gauge.dec()
+            self._discard(session, quit=True)
+
     def _wake(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -224,7 +308,10 @@ class SmtpPool:
 
     def _release(self, session: SmtpSession) -> None:
         fresh = time.monotonic() - session.created < MAX_CONNECTION_AGE
-        if self._closed or not session.usable or not fresh or self.idle_timeout <= 0:
+        # Its lease goes to another instance: beyond this pool's share, or not needed here now.
+        gate = self._gate
+        surplus = gate is not None and (gate.surplus() or (gate.unwanted_idle() and not self._waiters))
+        if self._closed or not session.usable or not fresh or self.idle_timeout <= 0 or surplus:
             self._discard(session, quit=True)
             return
         loop = asyncio.get_running_loop()
@@ -269,11 +356,16 @@ class SmtpPool:
     def _closed_one(self) -> None:
         self.open_count -= 1
         self._open_gauge.dec()
+        if self._gate is not None:  # only once really closed: the next hop never sees one too many
+            self._gate.closed_one()
         self._wake()
 
     async def aclose(self) -> None:
         """QUIT every idle connection and wait for the QUITs under way."""
         self._closed = True
+        if self._gate is not None and self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
