@@ -55,7 +55,9 @@ def load_custom_relay(name: str, options: CustomOptions, context: object = None)
     except ValueError as exc:
         raise ConfigError.at(path, str(exc)) from None
     try:
-        relay = factory(options.model_dump())
+        # The factory gets its own options (type and factory too, as before); not the ones the
+        # service applies around every relay (dkim, add_missing_headers).
+        relay = factory(options.model_dump(exclude={"dkim", "add_missing_headers"}))
     except Exception as exc:
         raise ConfigError.at(path, f'factory "{options.factory}" raised {type(exc).__name__}: {exc}') from None
     if not is_relay(relay):

@@ -1,5 +1,7 @@
 """The registry, the relay contract, and the relays built in this version: blackhole and custom."""
 
+from typing import Any
+
 import pytest
 
 from relays.base import (
@@ -46,6 +48,27 @@ async def test_custom_factory_gets_every_option() -> None:
     assert isinstance(relay, ScriptedRelay)
     results = await relay.deliver(ENVELOPE, context())
     assert [r.status for r in results] == ["permanent_failure", "delivered"]
+
+
+def recording_factory(options: dict[str, Any]) -> ScriptedRelay:
+    RECEIVED.append(options)
+    return ScriptedRelay(options)
+
+
+RECEIVED: list[dict[str, Any]] = []
+
+
+async def test_custom_factory_gets_its_own_options_not_the_services() -> None:
+    """dkim and add_missing_headers are applied around every relay: a factory written for slimta's
+    options (which may refuse keys it does not know) never sees them."""
+    config = config_from(
+        "relay:\n  s: {type: custom, factory: 'tests.relays.test_registry:recording_factory', region: eu,"
+        " add_missing_headers: true}\n"
+    )
+    RECEIVED.clear()
+    relays = await open_relays(config)
+    await relays["s"].aclose()
+    assert RECEIVED == [{"type": "custom", "factory": "tests.relays.test_registry:recording_factory", "region": "eu"}]
 
 
 @pytest.mark.parametrize(
