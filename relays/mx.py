@@ -169,12 +169,13 @@ class MxRelay:
         self.settings = SessionSettings.from_options(options, name, lmtp=False)
         self._limit = options.mx_address_limit
         self._refuse_private = not options.allow_internal_destinations
+        self._fleet = context.fleet_leases(name) if options.fleet_connections else None
         self._pools: dict[Destination, SmtpPool] = {}
         self._verified_pools: dict[Destination, SmtpPool] = {}
         self._dane_pools: dict[tuple[Destination, DaneHost], SmtpPool] = {}
         self._dane_settings: dict[DaneHost, SessionSettings] = {}
         rate = options.max_message_rate
-        self._rate = RelayRate(context.rates, name, rate, options.max_rate_wait) if rate else None
+        self._rate = RelayRate.for_relay(context.settings, name, rate, options.max_rate_wait) if rate else None
         self._verified_settings = self.settings.verified(options.tls, name)
         # The policy fetch trusts what the verified connections trust (tls.ca_certs, else the system's).
         trust = self._verified_settings.tls_context
@@ -398,6 +399,7 @@ class MxRelay:
                 self.options.concurrent_connections,
                 self.options.idle_timeout,
                 max_waiting=self.options.max_waiting,
+                fleet=self._fleet,
             )
             pools[key] = pool
         return pool
@@ -405,6 +407,8 @@ class MxRelay:
     async def aclose(self) -> None:
         pools = [*self._pools.values(), *self._verified_pools.values(), *self._dane_pools.values()]
         await asyncio.gather(*(pool.aclose() for pool in pools))
+        if self._fleet is not None:
+            await self._fleet.detach()
         if self._rate is not None:
             await self._rate.aclose()
         if self._mta_sts is not None:

@@ -18,6 +18,7 @@ class StaticRelay:
         self.name = name
         settings = SessionSettings.from_options(options, name, lmtp=self.lmtp)
         destination = Destination(address=options.host, port=options.port, name=options.host)
+        self._fleet = context.fleet_leases(name) if options.fleet_connections else None
         self.pool = SmtpPool(
             destination,
             settings,
@@ -25,9 +26,10 @@ class StaticRelay:
             options.idle_timeout,
             max_waiting=options.max_waiting,
             metrics_destination=destination.label,  # one configured host: a bounded label
+            fleet=self._fleet,
         )
         rate = options.max_message_rate
-        self.rate = RelayRate(context.rates, name, rate, options.max_rate_wait) if rate else None
+        self.rate = RelayRate.for_relay(context.settings, name, rate, options.max_rate_wait) if rate else None
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         recipients = list(envelope.recipients)
@@ -48,5 +50,7 @@ class StaticRelay:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        if self._fleet is not None:
+            await self._fleet.detach()
         if self.rate is not None:
             await self.rate.aclose()
