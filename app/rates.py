@@ -85,6 +85,9 @@ end
 if allowed == 1 then redis.call('PEXPIRE', KEYS[1], math.floor(longest / 1000) + 1000) end
 return out"""
 
+#: A shorter wait is not slept: a loop iteration for less than the timers' own jitter (the next
+#: slot is still reserved in Redis, so the rate stays exact over any longer stretch).
+_LEAST_SLEEP = 0.0005
 #: Redis is tried again this long after it failed (the local limits apply meanwhile).
 RETRY_AFTER_FAILURE = 1.0
 #: Limit sets kept in memory for the local fallback; past it the oldest go (a forgotten set
@@ -221,7 +224,8 @@ class SharedLimits:
     async def _shared(self, key: str, limits: Sequence[Limit], max_wait: float, peek: bool) -> Outcome:
         args: list[str | int] = [max(0, round(max_wait * 1e6)), "1" if peek else "0"]
         for limit in limits:
-            args += [limit.field, round(limit.rate.interval * 1e6), limit.burst, limit.cost]
+            # At least 1 us: the script divides by it (a rate above 1,000,000/s is that rate).
+            args += [limit.field, max(1, round(limit.rate.interval * 1e6)), limit.burst, limit.cost]
         async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
             reply = await self._batch.call(self._script, self.prefix + key, *args)
         states = tuple(State(int(reply[i]), int(reply[i + 1]) / 1e6) for i in range(2, len(reply), 2))
@@ -282,7 +286,7 @@ class RelayRate:
         if not outcome.allowed:
             child(RATE_LIMITED, self.relay).inc()
             return replies.rate_limited(self.spec, target, outcome.wait)
-        if outcome.wait > 0:
+        if outcome.wait >= _LEAST_SLEEP:
             child(RATE_WAITS, self.relay).inc()
             child(RATE_WAIT_SECONDS, self.relay).inc(outcome.wait)
             await asyncio.sleep(outcome.wait)
