@@ -22,6 +22,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relays.instruments import FLEET_FALLBACKS, FLEET_LEASES, FLEET_LOCAL_LIMITS
@@ -38,8 +39,9 @@ LEASE_TTL = 10.0
 #: Seconds between renewals (many per LEASE_TTL, so a slow round trip loses nothing); it is also
 #: how soon a pool holding leases hears that another instance waits.
 RENEW_EVERY = 1.0
-#: Seconds an instance's "waiting" mark lives; each refused take writes it again.
-WANT_TTL = 5.0
+#: Seconds an instance's "waiting" mark lives; each refused take (every POLL_EVERY) writes it
+#: again, and the pool clears it when none of its deliveries waits any more.
+WANT_TTL = 2.0
 #: Seconds between a waiting pool's attempts to take a lease (one attempt per pool, not per delivery).
 POLL_EVERY = 0.05
 #: An idle connection holding a lease is kept at most this long (or idle_timeout, if shorter).
@@ -101,6 +103,7 @@ for i = 1, #KEYS, 2 do
 end
 return out"""
 )
+# KEYS: a sorted set. ARGV: a member (a lease; an instance's waiting mark).
 _RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
 
 _UNAVAILABLE = (RedisError, OSError, TimeoutError)
@@ -121,6 +124,8 @@ class LeaseGate:
         self.unleased = 0
         #: Other instances waiting for a lease of this destination, as Redis last said.
         self.others = 0
+        #: Whether Redis holds this instance's waiting mark for the destination.
+        self.marked = False
         #: Set by the pool: called when it should close connections (others wait, leases lost, Redis back).
         self.on_news: Callable[[], None] = _nothing
         self._gauge = FLEET_LEASES.labels(relay, metrics_destination)
@@ -138,9 +143,8 @@ class LeaseGate:
             return None
         # Holding its share while others wait: only say that this instance waits too.
         limit = 0 if self.others and len(self.leases) >= self.share() else self.size
+        # Not in `leases` until Redis says so: a connection closing meanwhile must not give it back.
         lease = fleet.new_lease()
-        self.leases.append(lease)  # held from now on: a cancelled take gives it back
-        self._gauge.inc()
         try:
             got, others = await fleet.call(
                 fleet.take_script,
@@ -148,16 +152,18 @@ class LeaseGate:
                 [limit, lease, fleet.ttl_ms, fleet.instance, fleet.want_ttl_ms],
             )
         except _UNAVAILABLE as exc:
-            self._forget(lease)
             fleet.unavailable(exc)
             return None
-        except BaseException:
-            self.release(lease)
+        except BaseException:  # cancelled (a deadline): Redis may have granted it
+            fleet.release(self.key, lease)
             raise
         self.others = int(others)
         if int(got) != 1:
-            self._forget(lease)
+            self.marked = True
             return False
+        self.marked = False
+        self.leases.append(lease)
+        self._gauge.inc()
         fleet.holding(self)
         return True
 
@@ -193,6 +199,12 @@ class LeaseGate:
     def release(self, lease: str) -> None:
         self._forget(lease)
         self.fleet.release(self.key, lease)
+
+    def unwant(self) -> None:
+        """None of the pool's deliveries waits any more: other instances need not yield to it."""
+        if self.marked:
+            self.marked = False
+            self.fleet.release(self.wanted_key, self.fleet.instance)
 
     def lost(self, leases: list[str]) -> None:
         """Leases Redis no longer had (they expired while it did not answer): their connections
@@ -232,6 +244,8 @@ class FleetLeases:
         self.take_script: AsyncScript = self.client.register_script(_TAKE)
         self.renew_script: AsyncScript = self.client.register_script(_RENEW)
         self.release_script: AsyncScript = self.client.register_script(_RELEASE)
+        #: What the renewal task asks while it holds nothing: whether Redis answers again.
+        self.probe_key = KEY_PREFIX + "probe"
         self._serial = 0
         #: Gates holding leases or unleased connections: what the renewal task looks after.
         self._active: set[LeaseGate] = set()
@@ -268,7 +282,13 @@ class FleetLeases:
 
     async def call(self, script: "AsyncScript", keys: list[str], args: list[Any]) -> Any:
         async with asyncio.timeout(REDIS_TIMEOUT):
-            return await script(keys=keys, args=args)
+            try:
+                return await script(keys=keys, args=args)
+            except RedisConnectionError:
+                # A pooled connection the server had closed (a restart, a failover) fails at once:
+                # once more, on a new one. Running a script twice is harmless: each lease and
+                # waiting mark is a member of its own, added or removed, never counted twice.
+                return await script(keys=keys, args=args)
 
     def holding(self, gate: LeaseGate) -> None:
         self._active.add(gate)
@@ -332,8 +352,7 @@ class FleetLeases:
             if keys:
                 answers = await self.call(self.renew_script, keys, args)
             else:  # nothing held: only whether Redis answers again
-                async with asyncio.timeout(REDIS_TIMEOUT):
-                    await self.client.ping()
+                await self.call(self.release_script, [self.probe_key], [self.instance])
                 answers = []
         except _UNAVAILABLE as exc:
             self.unavailable(exc)

@@ -254,7 +254,8 @@ class SmtpPool:
                 bounded = False
                 if waited_from is None:
                     waited_from = loop.time()
-                if refused and self._poller is None:  # no lease: ask again soon, one delivery for the pool
+                if self._poller is None and (refused or self.open_count < gate.limit()):
+                    # A lease may free up elsewhere in the fleet: ask again soon, one delivery for the pool.
                     self._poller = loop.call_later(POLL_EVERY, self._poll)
                 waiter = loop.create_future()
                 self._waiters.append(waiter)
@@ -270,14 +271,19 @@ class SmtpPool:
         finally:
             if waited_from is not None:
                 self._lease_wait.observe(loop.time() - waited_from)
+                if not self._waiters:
+                    gate.unwant()
 
     def _unreserve(self) -> None:
         self.open_count -= 1
         self._open_gauge.dec()
 
     def _poll(self) -> None:
+        """One waiting delivery tries again; so does the next one in POLL_EVERY while any waits."""
         self._poller = None
         self._wake()
+        if self._waiters and not self._closed:
+            self._poller = asyncio.get_running_loop().call_later(POLL_EVERY, self._poll)
 
     def _shed(self) -> None:
         """Close idle connections the fleet wants back (others wait, or they hold no lease)."""
