@@ -4,6 +4,7 @@ a sink that records when each message arrived."""
 
 import asyncio
 import hashlib
+import json
 import re
 import threading
 import time
@@ -363,6 +364,19 @@ def test_a_key_over_its_quota_gets_429_on_every_instance(fleet: Fleet) -> None:
     assert free.status_code == 200
     assert "RateLimit" not in free.headers
     assert _metric(fleet, "mailrelay_quota_refusals_total", 'key="metered"') == [1.0, 1.0, 1.0]
+    # A batch: each line takes from the quota, so each is answered 429 with its retry_after.
+    body = "".join(json.dumps(_message(i)) + "\n" for i in range(2))
+    batch = httpx.post(
+        f"{fleet.services[1].url}/relays/quick/deliveries",
+        content=body,
+        headers={**headers, "Content-Type": "application/x-ndjson"},
+        timeout=10,
+    )
+    assert batch.status_code == 200
+    assert batch.headers["RateLimit-Policy"] == policy
+    lines = [json.loads(line) for line in batch.text.splitlines()]
+    assert [(line["status"], 1 <= line["retry_after"] <= 12) for line in lines[:2]] == [(429, True)] * 2
+    assert lines[-1]["done"]
 
 
 def test_redis_stopped_local_limits_apply_and_shared_ones_resume(fleet: Fleet) -> None:
