@@ -210,6 +210,25 @@ _RETRY_AFTER = {
         },
         413: problem_doc("the message is larger than the configured limit; nothing was delivered"),
         415: problem_doc("the Content-Type is neither application/json nor message/rfc822"),
+        429: {
+            **problem_doc(
+                "the API key is over its quota (`auth.keys[].quota`, shared by every instance); nothing was sent. "
+                "RateLimit-Policy and RateLimit (IETF httpapi ratelimit-headers draft) say where it stands; every "
+                "answer to a key with a quota carries them"
+            ),
+            "headers": {
+                **_RETRY_AFTER,
+                "RateLimit-Policy": {
+                    "description": 'the key\'s quotas, e.g. `"messages-m";q=100;w=60, "recipients-d";q=5000;w=86400`',
+                    "schema": {"type": "string"},
+                },
+                "RateLimit": {
+                    "description": "what is left of each (r) and seconds until it is full again (t), e.g. "
+                    '`"messages-m";r=0;t=60, "recipients-d";r=4990;t=173`',
+                    "schema": {"type": "string"},
+                },
+            },
+        },
         422: problem_doc(
             "the request is invalid (addresses, recipients, message, base64, unknown fields, headers), or its "
             "Idempotency-Key was used for a different request; nothing was delivered"
