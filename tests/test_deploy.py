@@ -645,3 +645,10 @@ def test_the_check_sees_a_rotten_query(live_metrics: dict[str, Family]) -> None:
     ]
     problems = check_queries(rotten, live_metrics, code_strings())
     assert [p.split(":")[0] for p in problems] == ["a", "b", "c", "d", "e"], problems
+
+
+def test_the_docs_explain_every_alert(rendered: list[dict[str, Any]]) -> None:
+    """docs/deployment.md's alert table (what to do when each fires) names exactly the rules."""
+    docs = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    table = re.findall(r"^\| `(Mailrelay\w+)`", docs, re.MULTILINE)
+    assert sorted(table) == sorted(where.removeprefix("alert ") for where, _ in rule_queries(rendered))
