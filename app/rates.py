@@ -327,6 +327,15 @@ class KeyQuotas:
                 limits.append(Limit(f"{unit}-{_UNIT[rate.period]}", rate, rate.limit, cost))
         return limits
 
+    @staticmethod
+    def never_fits(quota: KeyQuota, recipients: int) -> str | None:
+        """The recipients quota that one message to `recipients` recipients exceeds on its own
+        (it would be refused for ever, whatever Retry-After said), or None."""
+        for spec in quota.recipients:
+            if recipients > parse_rate(spec).limit:
+                return spec
+        return None
+
     async def take(self, name: str, quota: KeyQuota, recipients: int) -> QuotaAnswer:
         """One message to `recipients` recipients, if the key's quotas have room now."""
         return await self._check(name, quota, recipients, peek=False)

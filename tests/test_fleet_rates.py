@@ -211,6 +211,8 @@ async def test_quota_headers_follow_the_ratelimit_draft(redis_url: str) -> None:
     assert first.headers["RateLimit"] == '"messages-m";r=1;t=30, "recipients-h";r=97;t=108'
     assert not over.allowed
     assert over.retry_after == 30
+    assert quotas.never_fits(quota, 100) is None
+    assert quotas.never_fits(quota, 101) == "100/h"
     assert over.headers["RateLimit"].startswith('"messages-m";r=0;t=60, "recipients-h";r=96;')
 
 

@@ -333,7 +333,14 @@ async def quota_check(runtime: Runtime, principal: Principal, recipients: int) -
     """Takes one message (to `recipients`) from the key's quotas and returns the RateLimit
     headers; over a quota raises the 429 problem (with Retry-After), nothing taken."""
     assert principal.quota is not None  # noqa: S101 - callers check
-    answer = await runtime.keyring.quotas(runtime.config.mailrelay).take(principal.name, principal.quota, recipients)
+    quotas = runtime.keyring.quotas(runtime.config.mailrelay)
+    if (spec := quotas.never_fits(principal.quota, recipients)) is not None:
+        raise ProblemError(
+            422,
+            f"{recipients} recipients exceed the API key {principal.name!r}'s whole quota of {spec} recipients; "
+            "send them in smaller messages. Nothing was sent",
+        )
+    answer = await quotas.take(principal.name, principal.quota, recipients)
     if not answer.allowed:
         child(QUOTA_REFUSALS, principal.name).inc()
         raise ProblemError(
