@@ -117,6 +117,7 @@ class Services:
         finally:
             self._replaced.discard(runtime)
         await close_relays(runtime.relays)
+        await runtime.keyring.aclose()  # its quota client, if it made one
         if close_store:
             await close_quietly(runtime.idempotency)
 
@@ -151,6 +152,7 @@ class Services:
         self.draining = True
         await self.retired()
         await close_relays(self.current.relays)
+        await self.current.keyring.aclose()
         await close_quietly(self.current.idempotency)
 
 
