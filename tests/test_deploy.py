@@ -22,7 +22,6 @@ import httpx
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
-from cloudcoil.models.prometheus_operator import v1 as monitoring
 from prometheus_client import REGISTRY
 
 import app.metrics  # noqa: F401 - registers the service's metrics, for code_labels()
@@ -127,6 +126,9 @@ def test_a_misspelt_field_is_refused_by_the_schemas(rendered: list[dict[str, Any
 def crd_round_trip(doc: dict[str, Any]) -> dict[str, Any]:
     """The object through the prometheus-operator CRD's model: types, patterns and required fields
     are checked on the way in; a field the CRD does not have is dropped on the way out."""
+    # Imported here: the generated models take 2.5 s to import, paid only by this test.
+    from cloudcoil.models.prometheus_operator import v1 as monitoring
+
     model = getattr(monitoring, doc["kind"]).model_validate(doc)
     back: dict[str, Any] = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
     return back
@@ -257,6 +259,11 @@ def test_the_deployment_follows_the_drain_and_the_image(rendered: list[dict[str,
     assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["minReplicas"] == deployment["spec"]["replicas"]
     assert settings.fleet.expected_instances == hpa["maxReplicas"] * workers
+    # ... and rounding up (concurrent_connections / expected_instances) adds nothing at that size.
+    text = find(rendered, "ConfigMap", "mailrelay-config")["data"]["mailrelay.yaml"]
+    for name, relay in yaml.safe_load(text)["relay"].items():
+        if relay.get("fleet_connections"):
+            assert relay["concurrent_connections"] % settings.fleet.expected_instances == 0, name
 
 
 # --- PromQL: syntax (promtool) and names (a live /metrics) ----------------------------------------
