@@ -9,6 +9,7 @@ smtp-sink answers /metrics after real deliveries.
 """
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -55,7 +56,6 @@ EXPOSED_WHEN: dict[str, tuple[set[str], str]] = {
     "mailrelay_rate_fallbacks": ({"limit"}, "the fleet's Redis stopped answering (rates, quotas)"),
     "mailrelay_rate_fallback_active": ({"limit"}, "the fleet's Redis stopped answering (rates, quotas)"),
     "mailrelay_rate_limited": ({"relay"}, "a delivery would wait past max_rate_wait"),
-    "mailrelay_quota_refusals": ({"key"}, "an API key with a quota goes over it (429)"),
 }
 #: Label values matched with `=` that the live run does not produce: (metric, label) -> values.
 #: Each must appear in the code (app/, relays/) as a quoted string.
@@ -529,10 +529,17 @@ relay:
     max_message_rate: "10/s"
     max_rate_wait: 10
 mailrelay:
+  auth:
+    keys:
+      - {{name: client, sha256: {client_sha}}}
+      - {{name: metered, sha256: {metered_sha}, quota: {{messages: [1/m]}}}}
   limits: {{per_relay: {{slow: 1}}, queue_timeout: 0}}
   idempotency: {{backend: redis, redis_url: "{redis_url}"}}
   fleet: {{expected_instances: 2}}
 """
+
+
+CLIENT, METERED = "deploy-test-client-key-0001", "deploy-test-metered-key-0002"
 
 
 def message(to: list[str], subject: str) -> dict[str, object]:
@@ -541,8 +548,10 @@ def message(to: list[str], subject: str) -> dict[str, object]:
 
 async def deliveries(url: str) -> None:
     """What a service in use sees: every outcome, a keyed request and its replay, and the sink's
-    one fleet-wide connection and 10/s rate made to wait by six at once, and a refusal."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    one fleet-wide connection and 10/s rate made to wait by six at once, a refusal, and a key over
+    its quota."""
+    auth = {"Authorization": f"Bearer {CLIENT}"}
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=auth) as http:
         answers = await asyncio.gather(
             *(http.post("/relays/sink/deliver", json=message(["x@example.net"], f"m{n}")) for n in range(6)),
             http.post("/relays/blackhole/deliver", json=message(["x@example.net"], "b")),
@@ -558,6 +567,13 @@ async def deliveries(url: str) -> None:
                 "/relays/blackhole/deliver", json=message(["x@example.net"], "k"), headers={"Idempotency-Key": "k-1"}
             )
             answers.append(keyed)
+        for _ in range(2):  # a quota of one message a minute: the second is answered 429
+            metered = await http.post(
+                "/relays/blackhole/deliver",
+                json=message(["x@example.net"], "q"),
+                headers={"Authorization": f"Bearer {METERED}"},
+            )
+        assert metered.status_code == 429, metered.text
         assert [a.status_code for a in answers][:7] == [200] * 7, [a.text for a in answers]
 
 
@@ -567,7 +583,15 @@ def live_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Family]:
     directory = tmp_path_factory.mktemp("deploy-live")
     with redis_server() as redis_url, smtp_sink() as sink:
         config = directory / "mailrelay.yaml"
-        config.write_text(LIVE_CONFIG.format(sink_port=sink.port, redis_url=redis_url), encoding="utf-8")
+        config.write_text(
+            LIVE_CONFIG.format(
+                sink_port=sink.port,
+                redis_url=redis_url,
+                client_sha=hashlib.sha256(CLIENT.encode()).hexdigest(),
+                metered_sha=hashlib.sha256(METERED.encode()).hexdigest(),
+            ),
+            encoding="utf-8",
+        )
         with service(config, None, "--workers", "2") as running:
             asyncio.run(deliveries(running.url))
             text = httpx.get(f"{running.url}/metrics", timeout=10).text
@@ -621,14 +645,15 @@ def test_dashboard_and_alerts_name_only_what_the_service_exposes(
 
 
 def test_the_live_run_shows_the_option_dependent_metrics_it_can(live_metrics: dict[str, Family]) -> None:
-    """The live service above does show leases, lease waits, rate waits and idempotency: only what
-    needs a failure, a reload or a quota is left to EXPOSED_WHEN."""
+    """The live service above does show leases, lease waits, rate waits, idempotency and a quota's
+    429: only what needs a failure or a reload is left to EXPOSED_WHEN."""
     for name in (
         "mailrelay_fleet_leases",
         "mailrelay_fleet_lease_wait_seconds_bucket",
         "mailrelay_rate_waits_total",
         "mailrelay_idempotency_keys_total",
         "mailrelay_smtp_connections",
+        "mailrelay_quota_refusals_total",
     ):
         assert name in live_metrics, name
     assert {"delivered", "partial", "transient_failure", "permanent_failure"} <= live_metrics[
