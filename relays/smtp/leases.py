@@ -326,6 +326,8 @@ class FleetLeases:
             self.expected_instances,
             extra={"event": "fleet_fallback"},
         )
+        for gate in list(self._active):  # connections beyond the local limit go
+            gate.on_news()
         if self._renewer is None and not self.closed:  # it asks again, and switches back
             self._renewer = asyncio.get_running_loop().create_task(self._renew())
 

@@ -285,10 +285,16 @@ class SmtpPool:
         if self._waiters and not self._closed:
             self._poller = asyncio.get_running_loop().call_later(POLL_EVERY, self._poll)
 
+    def _over_local_limit(self, gate: LeaseGate) -> bool:
+        """Redis does not answer, and this pool has more connections (not counting those saying
+        QUIT) than the local limit: those opened under leases go too, as they come back."""
+        return not gate.fleet.available and self.open_count - len(self._closing) > gate.local_limit
+
     def _shed(self) -> None:
-        """Close idle connections the fleet wants back (others wait, or they hold no lease)."""
+        """Close idle connections the fleet wants back (others wait, they hold no lease, or they
+        are more than the local limit while Redis does not answer)."""
         gate = self._gate
-        while gate is not None and self._idle and gate.unwanted_idle():
+        while gate is not None and self._idle and (gate.unwanted_idle() or self._over_local_limit(gate)):
             session = self._idle.pop(0)  # idle the longest
             del self._idle_since[session]
             self._idle_gauge.dec()
@@ -316,7 +322,9 @@ class SmtpPool:
         fresh = time.monotonic() - session.created < MAX_CONNECTION_AGE
         # Its lease goes to another instance: beyond this pool's share, or not needed here now.
         gate = self._gate
-        surplus = gate is not None and (gate.surplus() or (gate.unwanted_idle() and not self._waiters))
+        surplus = gate is not None and (
+            gate.surplus() or (gate.unwanted_idle() and not self._waiters) or self._over_local_limit(gate)
+        )
         if self._closed or not session.usable or not fresh or self.idle_timeout <= 0 or surplus:
             self._discard(session, quit=True)
             return
