@@ -86,11 +86,11 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
             gate.closed_one()
         takes = []
         for _ in range(rounds):
-            wall, cpu = time.perf_counter(), time.process_time()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for _ in range(count):
                 await gate.take()
                 gate.closed_one()  # the release goes out without being waited for
-            takes.append(((time.perf_counter() - wall) / count, (time.process_time() - cpu) / count))
+            takes.append(((time.perf_counter() - started) / count, (time.process_time() - cpu_started) / count))
         print(
             f"take + release alone: {statistics.median(t[0] for t in takes) * 1e6:.0f} us wall, "
             f"{statistics.median(t[1] for t in takes) * 1e6:.0f} us CPU"
