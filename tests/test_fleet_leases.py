@@ -20,7 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from relays.context import RelayContext
+from relays.registry import build_relay
 from relays.smtp.leases import LEASE_TTL, RENEW_EVERY
+from schemas.config import ConfigError, ServiceSettings
+from schemas.relay_options import StaticOptions
 from tests.servers.counting import CountingSink, counting_sink
 from tests.servers.mailrelay import Service, service
 from tests.servers.process import free_port
@@ -182,3 +186,10 @@ def test_a_killed_instance_frees_its_leases(fleet: Fleet) -> None:
     first = counts.opened_at[opened]
     # The dead instance's leases expired by themselves: no renewal since the kill.
     assert first - killed_at <= LEASE_TTL + 5
+
+
+def test_the_option_needs_a_redis() -> None:
+    options = StaticOptions.model_validate({"type": "static", "host": "127.0.0.1", "fleet_connections": True})
+    with pytest.raises(ConfigError) as info:
+        build_relay("out", options, RelayContext.from_settings(ServiceSettings()))
+    assert [p.path for p in info.value.problems] == ["relay.out.fleet_connections"]
