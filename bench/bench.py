@@ -292,7 +292,9 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            # mailrelay drains without its drain_delay (5 s of /readyz 503) on SIGINT: nothing balances here.
+            mailrelay = base_key(self.name) in MAILRELAY_ROWS
+            self.proc.send_signal(signal.SIGINT if mailrelay else signal.SIGTERM)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -378,6 +380,9 @@ class Point:
     conc: int
     runs: list[Run] = field(default_factory=list)
     rss_mib: float | None = None
+    #: The server's CPU time (user + system, all its threads and processes) per 2xx answer during the
+    #: measured runs: the figure to compare on a machine others load, where msg/s swings with them.
+    cpu_us_per_msg: float | None = None
     warmup_errors: int = 0
     others_cpu: float | None = None  # % of one CPU used by other users' processes during the point
     log_events: dict[str, int] = field(default_factory=dict)  # what the server logged as errors during the point
@@ -430,6 +435,7 @@ class Point:
             "p50_ms": None if not self.runs else round(self.p50, 3),
             "p99_ms": None if not self.runs else round(self.p99, 3),
             "peak_rss_mib": None if self.rss_mib is None else round(self.rss_mib, 1),
+            "cpu_us_per_msg": None if self.cpu_us_per_msg is None else round(self.cpu_us_per_msg, 1),
             "others_cpu_percent": None if self.others_cpu is None else round(self.others_cpu, 1),
             "retried_for_noise": self.retried,
             "errors": self.errors,
@@ -551,12 +557,16 @@ class Bench:
             point.failures.append(f"warm-up: {warm}")
         else:
             point.warmup_errors = warm["non2xx"] + sum(warm[k] for k in ("connect", "read", "write", "timeout"))
+        cpu_ticks = answered = 0
         for _ in range(runs):
             before = self.sink.settle(self.quiet(size)) if target.sink else 0
+            ticks = sum(_ticks(p) for p in descendants(server.proc.pid))
             result = self.wrk(target, server, size, conc, duration)
             if isinstance(result, str):
                 point.failures.append(result)
                 continue
+            cpu_ticks += sum(_ticks(p) for p in descendants(server.proc.pid)) - ticks
+            answered += (result["requests"] - result["non2xx"]) * target.per_request
             run = Run(
                 # A batch's 200 counts its lines; the sink check below catches a line answered but not delivered.
                 ok=(result["requests"] - result["non2xx"]) * target.per_request,
@@ -570,6 +580,7 @@ class Bench:
                 run.delivered = self.sink.settle(self.quiet(size)) - before
             point.runs.append(run)
         point.rss_mib = peak_rss_mib(server.proc.pid)
+        point.cpu_us_per_msg = cpu_ticks / CpuMeter.tick / answered * 1e6 if answered else None
         point.others_cpu = meter.others_percent()
         point.log_events = dict(log_events(server.new_log_text()))
         if server.proc.poll() is not None:
@@ -863,7 +874,8 @@ def table(points: list[Point], args: argparse.Namespace) -> list[str]:
     ceiling |= {"static822": "direct", "mx": "direct", "workers": "direct", "keyed": "direct", "batch": "direct"}
     head = (
         f"{'size':>7} {'conc':>4}  {'what':<36} {'msg/s':>8} {'±':>4} {'p50 ms':>7} {'p99 ms':>8} "
-        f"{'RSS MiB':>7} {'errors':>6} {'sink':>6} {'other%':>6}  {'÷slimta':>7} {'÷sketch':>7} {'÷ceil':>6}"
+        f"{'RSS MiB':>7} {'CPU us':>6} {'errors':>6} {'sink':>6} {'other%':>6}  {'÷slimta':>7} {'÷sketch':>7} "
+        f"{'÷ceil':>6}"
     )
     lines = [head, "-" * len(head)]
     keys = sorted({(p.size, p.conc) for p in points})
@@ -881,7 +893,8 @@ def table(points: list[Point], args: argparse.Namespace) -> list[str]:
             mr = row in ("static", "static822", "mx", "workers", "keyed", "batch", "sketch")
             lines.append(
                 f"{size_label(size):>7} {conc:>4}  {label:<36} {point.rate:>8.0f} {point.spread * 100:>3.0f}% "
-                f"{point.p50:>7.2f} {point.p99:>8.2f} {fmt(point.rss_mib, '.0f'):>7} {point.errors:>6} "
+                f"{point.p50:>7.2f} {point.p99:>8.2f} {fmt(point.rss_mib, '.0f'):>7} "
+                f"{fmt(point.cpu_us_per_msg, '.0f'):>6} {point.errors:>6} "
                 f"{point.verified():>6} {fmt(point.others_cpu, '.0f') + ('r' if point.retried else ''):>6}  {ratio(point, 'slimta') if mr else '-':>7} "
                 f"{ratio(point, 'sketch') if mr and target.key != 'sketch' else '-':>7} "
                 f"{ratio(point, ceiling[row]) if row in ceiling else '-':>6}"
@@ -942,20 +955,32 @@ def baseline_lines(points: list[Point], rev: str) -> list[str]:
     """Each mailrelay point against its twin on the code of `rev`, measured seconds apart."""
     by = {(p.target, p.size, p.conc): p for p in points if p.runs}
     out = []
-    ratios = []
+    ratios: list[float] = []
+    cpus: list[float] = []
     for (key, size, conc), point in by.items():
         base = by.get((key + BASE, size, conc))
         if key.endswith(BASE) or base is None or not base.rate:
             continue
         ratio = point.rate / base.rate
         ratios.append(ratio)
+        cpu = "-"
+        if point.cpu_us_per_msg and base.cpu_us_per_msg:
+            cpus.append(point.cpu_us_per_msg / base.cpu_us_per_msg)
+            cpu = f"{point.cpu_us_per_msg:.0f} vs {base.cpu_us_per_msg:.0f} us = {cpus[-1]:.3f}x"
         out.append(
             f"{size_label(size):>7} c{conc:<4} {BY_KEY[key].label:<36} {point.rate:>7.0f} ±{point.spread * 100:.0f}% vs "
-            f"{base.rate:>7.0f} ±{base.spread * 100:.0f}%  = {ratio:.3f}x   p50 {point.p50:.2f} vs {base.p50:.2f} ms"
+            f"{base.rate:>7.0f} ±{base.spread * 100:.0f}%  = {ratio:.3f}x   p50 {point.p50:.2f} vs {base.p50:.2f} ms   "
+            f"CPU/msg {cpu}"
         )
     if ratios:
         out.append(
-            f"all points: median {statistics.median(ratios):.3f}x, lowest {min(ratios):.3f}x, highest {max(ratios):.3f}x"
+            f"msg/s, all points: median {statistics.median(ratios):.3f}x, lowest {min(ratios):.3f}x, "
+            f"highest {max(ratios):.3f}x"
+        )
+    if cpus:
+        out.append(
+            f"server CPU per message, all points: median {statistics.median(cpus):.3f}x, lowest {min(cpus):.3f}x, "
+            f"highest {max(cpus):.3f}x (under 1: cheaper than the baseline)"
         )
     return out
 
@@ -1209,7 +1234,9 @@ def main() -> int:
         "# msg/s counts 2xx answers only. errors: non-2xx answers plus socket errors (connect/read/write/timeout)",
         "#   from wrk's Lua done(), warm-up included. sink: smtp-sink's message count checked against the 2xx",
         "#   answers (ok; LOST n = 2xx answers without a message at the sink). RSS: the server's peak RSS during",
-        "#   the point (VmHWM; summed over processes for --workers). ÷slimta/÷sketch/÷ceil: msg/s ratios at the",
+        "#   the point (VmHWM; summed over processes for --workers). CPU us: the server's CPU time (user+system,",
+        "#   every thread and process) per 2xx answer in the measured runs, in microseconds: steadier than msg/s",
+        "#   when others load the machine (the direct client's row has none). ÷slimta/÷sketch/÷ceil: msg/s ratios at the",
         "#   same size and concurrency; the ceiling is bare FastAPI for blackhole, the direct pool for the rest.",
         "#   other%: CPU used by processes not of this benchmark during the point, in % of one CPU (of 200%",
         f"#   on 2 cores): a point with a high figure was measured while someone else's work ran. Over "
