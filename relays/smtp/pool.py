@@ -228,6 +228,7 @@ class SmtpPool:
         bounded = reuse
         loop = asyncio.get_running_loop()
         waited_from: float | None = None
+        woken = False
         try:
             while True:
                 if reuse and (session := self._take_idle()):
@@ -258,7 +259,11 @@ class SmtpPool:
                     # A lease may free up elsewhere in the fleet: ask again soon, one delivery for the pool.
                     self._poller = loop.call_later(POLL_EVERY, self._poll)
                 waiter = loop.create_future()
-                self._waiters.append(waiter)
+                if woken:  # by a poll or a release, and still nothing: first in line again
+                    self._waiters.appendleft(waiter)
+                else:
+                    self._waiters.append(waiter)
+                woken = True
                 try:
                     await waiter
                 except BaseException:
