@@ -29,6 +29,9 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "auth_soft_bounce": True,
     "max_recipients_per_batch": 100,
     "chunking": True,
+    "fleet_connections": False,
+    "max_message_rate": None,
+    "max_rate_wait": 5.0,
 }
 #: mx encrypts by default: STARTTLS when offered, unverified (issue 18).
 MX_TLS: dict[str, Any] = {
