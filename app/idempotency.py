@@ -24,10 +24,11 @@ from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
 from hiredis import pack_command
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from schemas.config import IdempotencySettings, parse_sentinel_url
 from schemas.delivery import Envelope
@@ -361,7 +362,7 @@ REDIS_TIMEOUT = 2.0
 
 #: One command of a batch: the script, its key, its arguments, and the caller's future.
 _Call = tuple[AsyncScript, str, tuple[str | int, ...], "asyncio.Future[Any]"]
-#: Batches out at once (each on its own connection), and the most commands in one batch.
+#: Batches out at once (one: they share the batches' connection), and the most commands in one.
 _BATCHES_OUT = 1
 _BATCH_MAX = 256
 
@@ -376,6 +377,7 @@ class _Batch:
     def __init__(self, client: "aioredis.Redis") -> None:
         self.client = client
         self.pending: list[_Call] = []
+        self.connection: AbstractConnection | None = None
         self.sending: set[asyncio.Task[None]] = set()
 
     def call(self, script: AsyncScript, key: str, *args: str | int) -> "asyncio.Future[Any]":
@@ -400,25 +402,17 @@ class _Batch:
         self._flush()
 
     async def _send(self, batch: list[_Call]) -> None:
-        replies: list[object] = []
         try:
-            try:
-                await self._exchange(batch, replies)
-            except RedisConnectionError:
-                # A connection the server had closed (a restart, a failover, an idle timeout) fails
-                # at once: once more on a new one, for what got no reply. Running a script twice is
-                # harmless: each compares before it sets, and a repeated claim finds itself running.
-                await self._exchange(batch[len(replies) :], replies)
-        except BaseException as exc:  # lost, timed out, or cancelled (shutdown): the rest is unknown
-            _fail(batch[len(replies) :], exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-        for (script, key, args, future), reply in zip(batch, replies, strict=False):
-            if isinstance(reply, NoScriptError):
-                try:
-                    reply = await script(keys=[key], args=list(args))  # loads it (SCRIPT LOAD) and runs it
-                except Exception as exc:
-                    reply = exc
+            replies = await self._replies(batch)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:  # Redis restarted or failed over to a server without the scripts: load them
+                again = [batch[i] for i in missing]
+                for i, reply in zip(missing, await self._replies(again, load={c[0] for c in again}), strict=True):
+                    replies[i] = reply
+        except BaseException:  # cancelled (shutdown): no answer will come
+            _fail(batch, ConnectionError("cancelled"))
+            raise
+        for (*_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue  # its caller gave up (a timeout)
             if isinstance(reply, Exception):
@@ -426,26 +420,46 @@ class _Batch:
             else:
                 future.set_result(reply)
 
-    async def _exchange(self, batch: list[_Call], replies: list[object]) -> None:
-        """One write of the batch on one connection, then its replies in order, into `replies`."""
-        pool = self.client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    async def _replies(self, batch: list[_Call], load: set[AsyncScript] | None = None) -> list[object]:
+        """Each call's reply, or the exception that stands for it; `load`: scripts to load first
+        (SCRIPT LOAD, in the same write)."""
+        replies: list[object] = []
+        loads: list[tuple[object, ...]] = [("SCRIPT", "LOAD", script.script) for script in load or ()]
+        commands = loads + [("EVALSHA", script.sha, 1, key, *args) for script, key, args, _ in batch]
+        try:
+            try:
+                await self._exchange(commands, replies)
+            except RedisConnectionError:
+                # A connection the server had closed (a restart, a failover, an idle timeout) fails
+                # at once: once more on a new one, for what got no reply. Running a script twice is
+                # harmless: each compares before it sets, and a repeated claim finds itself running.
+                await self._exchange(commands[len(replies) :], replies)
+        except Exception as exc:  # lost or timed out: the rest is unknown
+            replies += [exc] * (len(commands) - len(replies))
+        return replies[len(loads) :]
+
+    async def _exchange(self, commands: list[tuple[object, ...]], replies: list[object]) -> None:
+        """One write of the commands, then their replies in order, into `replies` (an error reply
+        as its exception). On the batches' own connection (one batch is out at a time): a pool's
+        checkout and return cost more than the write (a lock, a probe read, observability events)."""
+        connection = self.connection
+        if connection is None:  # connected on first use; through Sentinel, to the master it names
+            connection = self.connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             # hiredis packs a command in 0.7 us, redis-py's Python encoder in 5 us.
-            packed = b"".join(
-                [pack_command(("EVALSHA", script.sha, 1, key, *args)) for script, key, args, _ in batch]  # type: ignore[arg-type]  # its stub says one item
-            )
+            packed = b"".join([pack_command(command) for command in commands])  # type: ignore[arg-type]  # its stub says one item
+            if not connection.is_connected:
+                # connect(), not the reconnect inside send: through Sentinel it asks for the master.
+                await connection.connect()
             await connection.send_packed_command(packed)
-            for _ in batch:
+            for _ in commands:
                 try:
                     replies.append(await connection.read_response())
-                except NoScriptError as exc:  # Redis restarted or failed over: run it the long way
+                except ResponseError as exc:  # NOSCRIPT, or a script's error: the connection is fine
                     replies.append(exc)
         except BaseException:
-            await connection.disconnect()
+            await connection.disconnect()  # the next batch connects again
             raise
-        finally:
-            await pool.release(connection)
 
 
 def _fail(batch: Sequence[tuple[object, object, object, "asyncio.Future[Any]"]], exc: Exception) -> None:
@@ -525,6 +539,8 @@ class RedisStore:
         return int(done) == 1
 
     async def aclose(self) -> None:
+        if self._batch.connection is not None:
+            await self._batch.connection.disconnect()
         await self.client.aclose()
 
 
