@@ -368,11 +368,14 @@ _BATCH_MAX = 256
 
 
 class _Batch:
-    """The store's commands, sent in batches: those issued in one event-loop iteration go out in
-    one write on one connection, and their replies are read in order (what a pipeline does,
-    without its per-call machinery). Under load, concurrent deliveries share a write and a read:
-    on loopback a write costs the client 50-70 us of CPU whatever it holds. Each command is still
-    one round trip for its caller; a batch is bounded by the deliveries in flight."""
+    """The store's commands, sent in batches (group commit): one batch is out at a time, and the
+    commands issued meanwhile leave together in one write when its replies are in, their replies
+    read in order (a pipeline without its per-call machinery). Concurrent deliveries share a write
+    and a read: on loopback a write costs the client 50-70 us of CPU whatever it holds. Each
+    command is still one round trip for its caller. Bounds: a batch holds at most _BATCH_MAX
+    commands, and waits at most REDIS_TIMEOUT (connect, then each read: redis-py's socket
+    timeouts); what waits is at most the claims in flight (the deliveries' limits) and their
+    renewals. A connection the server closed is tried once more (a restart, a failover)."""
 
     def __init__(self, client: "aioredis.Redis") -> None:
         self.client = client
