@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from app.problems import ProblemError
-from app.rates import KeyQuotas, SharedLimits
+from relays.rates import KeyQuotas, SharedLimits
 from schemas.config import ApiKey, KeyQuota, ServiceSettings
 
 
@@ -18,7 +18,7 @@ class Principal:
 
     name: str
     relays: frozenset[str] | None  # None: every relay
-    quota: KeyQuota | None = None  # auth.keys[].quota: fleet-wide, app/rates.py
+    quota: KeyQuota | None = None  # auth.keys[].quota: fleet-wide, relays/rates.py
 
     def may_use(self, relay: str) -> bool:
         return self.relays is None or relay in self.relays

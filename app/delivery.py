@@ -25,6 +25,7 @@ from app.idempotency import IdempotencyStore, StoredResponse
 from app.limits import Limiter, Overloaded
 from relays import replies
 from relays.base import DeliveryContext, Relay, check_results
+from relays.redis_link import REDIS_TIMEOUT
 from schemas.delivery import DeliveryResult, DeliveryStatus, Envelope, RecipientResult
 from schemas.reply import Reply
 
@@ -172,7 +173,7 @@ class _Lease:
         self.sent = True
         core = self.core
         try:
-            async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+            async with asyncio.timeout(REDIS_TIMEOUT):
                 held = await core.store.sending(self.key, self.claim)
         except (idempotency.StoreUnavailable, TimeoutError) as exc:
             logger.error("idempotency store unavailable before the data left; progress not recorded: %s", exc)
@@ -370,7 +371,7 @@ class DeliveryCore:
             if not leases:
                 return
             try:
-                async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+                async with asyncio.timeout(REDIS_TIMEOUT):
                     held = await store.renew([(lease.key, lease.claim) for lease in leases])
             except (idempotency.StoreUnavailable, TimeoutError) as exc:
                 logger.error("idempotency store unavailable; %d claims not renewed: %s", len(leases), exc)

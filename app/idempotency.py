@@ -20,17 +20,13 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-import redis.asyncio as aioredis
-from hiredis import pack_command
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from schemas.config import IdempotencySettings, parse_sentinel_url
+from relays.redis_link import REDIS_TIMEOUT, Batch, reason, redis_client
+from schemas.config import IdempotencySettings
 from schemas.delivery import Envelope
 
 #: The header a client sends; printable ASCII, at most this long.
@@ -355,126 +351,12 @@ return 0"""
 _RELEASE = """local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 97) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
 return 0"""
-#: Every Redis call gives up after this long (connect, send, reply): the bound on what a claim,
-#: the progress record before the data leaves, or a completion can add to a delivery.
-REDIS_TIMEOUT = 2.0
-
-
-#: One command of a batch: the script, its key, its arguments, and the caller's future.
-_Call = tuple[AsyncScript, str, tuple[str | int, ...], "asyncio.Future[Any]"]
-#: Batches out at once (one: they share the batches' connection), and the most commands in one.
-_BATCHES_OUT = 1
-_BATCH_MAX = 256
-
-
-class _Batch:
-    """The store's commands, sent in batches (group commit): one batch is out at a time, and the
-    commands issued meanwhile leave together in one write when its replies are in, their replies
-    read in order (a pipeline without its per-call machinery). Concurrent deliveries share a write
-    and a read: on loopback a write costs the client 50-70 us of CPU whatever it holds. Each
-    command is still one round trip for its caller. Bounds: a batch holds at most _BATCH_MAX
-    commands, and waits at most REDIS_TIMEOUT (connect, then each read: redis-py's socket
-    timeouts); what waits is at most the claims in flight (the deliveries' limits) and their
-    renewals. A connection the server closed is tried once more (a restart, a failover)."""
-
-    def __init__(self, client: "aioredis.Redis") -> None:
-        self.client = client
-        self.pending: list[_Call] = []
-        self.connection: AbstractConnection | None = None
-        self.sending: set[asyncio.Task[None]] = set()
-
-    def call(self, script: AsyncScript, key: str, *args: str | int) -> "asyncio.Future[Any]":
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self.pending and not self.sending:
-            loop.call_soon(self._flush)
-        # While a batch is out, the next one gathers; it leaves when that one's replies are in.
-        self.pending.append((script, key, args, future))
-        return future
-
-    def _flush(self) -> None:
-        if not self.pending or len(self.sending) >= _BATCHES_OUT:
-            return
-        batch, self.pending = self.pending[:_BATCH_MAX], self.pending[_BATCH_MAX:]
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self.sending.add(task)
-        task.add_done_callback(self._sent)
-
-    def _sent(self, task: "asyncio.Task[None]") -> None:
-        self.sending.discard(task)
-        self._flush()
-
-    async def _send(self, batch: list[_Call]) -> None:
-        try:
-            replies = await self._replies(batch)
-            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if missing:  # Redis restarted or failed over to a server without the scripts: load them
-                again = [batch[i] for i in missing]
-                for i, reply in zip(missing, await self._replies(again, load={c[0] for c in again}), strict=True):
-                    replies[i] = reply
-        except BaseException:  # cancelled (shutdown): no answer will come
-            _fail(batch, ConnectionError("cancelled"))
-            raise
-        for (*_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue  # its caller gave up (a timeout)
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def _replies(self, batch: list[_Call], load: set[AsyncScript] | None = None) -> list[object]:
-        """Each call's reply, or the exception that stands for it; `load`: scripts to load first
-        (SCRIPT LOAD, in the same write)."""
-        replies: list[object] = []
-        loads: list[tuple[object, ...]] = [("SCRIPT", "LOAD", script.script) for script in load or ()]
-        commands = loads + [("EVALSHA", script.sha, 1, key, *args) for script, key, args, _ in batch]
-        try:
-            try:
-                await self._exchange(commands, replies)
-            except RedisConnectionError:
-                # A connection the server had closed (a restart, a failover, an idle timeout) fails
-                # at once: once more on a new one, for what got no reply. Running a script twice is
-                # harmless: each compares before it sets, and a repeated claim finds itself running.
-                await self._exchange(commands[len(replies) :], replies)
-        except Exception as exc:  # lost or timed out: the rest is unknown
-            replies += [exc] * (len(commands) - len(replies))
-        return replies[len(loads) :]
-
-    async def _exchange(self, commands: list[tuple[object, ...]], replies: list[object]) -> None:
-        """One write of the commands, then their replies in order, into `replies` (an error reply
-        as its exception). On the batches' own connection (one batch is out at a time): a pool's
-        checkout and return cost more than the write (a lock, a probe read, observability events)."""
-        connection = self.connection
-        if connection is None:  # connected on first use; through Sentinel, to the master it names
-            connection = self.connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            # hiredis packs a command in 0.7 us, redis-py's Python encoder in 5 us.
-            packed = b"".join([pack_command(command) for command in commands])  # type: ignore[arg-type]  # its stub says one item
-            if not connection.is_connected:
-                # connect(), not the reconnect inside send: through Sentinel it asks for the master.
-                await connection.connect()
-            await connection.send_packed_command(packed)
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:  # NOSCRIPT, or a script's error: the connection is fine
-                    replies.append(exc)
-        except BaseException:
-            await connection.disconnect()  # the next batch connects again
-            raise
-
-
-def _fail(batch: Sequence[tuple[object, object, object, "asyncio.Future[Any]"]], exc: Exception) -> None:
-    for *_, future in batch:
-        if not future.done():
-            future.set_exception(exc)
 
 
 class RedisStore:
     """Shared by every instance: one Lua script per operation (one round trip each), registered
     once and run by EVALSHA (loaded again on NOSCRIPT, after a Redis restart or failover), the
-    commands of concurrent deliveries batched into shared writes (`_Batch`)."""
+    commands of concurrent deliveries batched into shared writes (`Batch`)."""
 
     def __init__(self, settings: IdempotencySettings) -> None:
         self.settings = settings
@@ -482,8 +364,9 @@ class RedisStore:
         self.lease = settings.lease
         self.lease_ms = max(1, round(settings.lease * 1000))
         self.prefix = settings.key_prefix
-        self.client = redis_client(settings)
-        self._batch = _Batch(self.client)
+        assert settings.redis_url is not None  # noqa: S101 - the settings model requires it
+        self.client = redis_client(settings.redis_url)
+        self._batch = Batch(self.client)
         self._claim = self.client.register_script(_CLAIM)
         self._renew = self.client.register_script(_RENEW)
         self._complete = self.client.register_script(_COMPLETE)
@@ -510,7 +393,7 @@ class RedisStore:
                 return Replay(StoredResponse(int(status), dict(headers), body.encode()))
             return _legacy(json.loads(reply[1]), fingerprint)
         except (RedisError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise StoreUnavailable(_reason(exc)) from None
+            raise StoreUnavailable(reason(exc)) from None
 
     async def renew(self, claims: Sequence[tuple[str, Claimed]]) -> list[bool]:
         """Every claim in one batch (one write)."""
@@ -520,7 +403,7 @@ class RedisStore:
         try:
             replies = await asyncio.gather(*calls)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(_reason(exc)) from None
+            raise StoreUnavailable(reason(exc)) from None
         return [int(r) == 1 for r in replies]
 
     async def sending(self, key: str, claim: Claimed) -> bool:
@@ -538,45 +421,13 @@ class RedisStore:
         try:
             done = await self._batch.call(script, self.prefix + key, *args)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(_reason(exc)) from None
+            raise StoreUnavailable(reason(exc)) from None
         return int(done) == 1
 
     async def aclose(self) -> None:
         if self._batch.connection is not None:
             await self._batch.connection.disconnect()
         await self.client.aclose()
-
-
-def redis_client(settings: IdempotencySettings) -> "aioredis.Redis":
-    """The client for `redis_url`; hiredis parses the replies (it is a dependency).
-
-    Through Sentinel, every new connection asks the sentinels for the master: after a failover a
-    connection to the old master fails (or, demoted, answers READONLY and is dropped), the
-    requests in flight on it are refused 503, and the next ones reach the new master."""
-    url = settings.redis_url
-    assert url is not None  # noqa: S101 - the settings model requires it
-    if url.startswith("redis+sentinel://"):
-        where = parse_sentinel_url(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            where.sentinels,
-            socket_timeout=REDIS_TIMEOUT,
-            sentinel_kwargs={"socket_timeout": REDIS_TIMEOUT, "socket_connect_timeout": REDIS_TIMEOUT},
-        )
-        client: aioredis.Redis = sentinel.master_for(
-            where.service,
-            socket_timeout=REDIS_TIMEOUT,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            decode_responses=True,
-            password=where.password,
-            db=where.db,
-        )
-        return client
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=REDIS_TIMEOUT,
-        socket_connect_timeout=REDIS_TIMEOUT,
-        decode_responses=True,
-    )
 
 
 def _legacy(record: dict[str, object], fingerprint: str) -> Claim:
@@ -587,11 +438,6 @@ def _legacy(record: dict[str, object], fingerprint: str) -> Claim:
     if record.get("state") == "done" and isinstance(response, dict):
         return Replay(StoredResponse.loads(response))
     return Running()
-
-
-def _reason(exc: BaseException) -> str:
-    # redis-py names the host and port in its messages, never the URL's password.
-    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def open_store(settings: IdempotencySettings) -> IdempotencyStore:

@@ -8,7 +8,7 @@ prometheus_client's own calls (see relays.instruments on the tally that was).
 """
 
 import os
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +21,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from relays.instruments import child
 from schemas.delivery import DeliveryResult
 
 if TYPE_CHECKING:  # the core imports nothing of ours at run time, and we nothing of it
@@ -93,47 +94,10 @@ IDEMPOTENCY_CLAIMS_LOST = Counter(
     ["operation"],
 )
 
-# Fleet-wide rates and quotas (app/rates.py). Bounded labels: relay names, key names (both from the
-# configuration), and the two kinds of limit set ("rate", "quota").
-RATE_WAITS = Counter(
-    "mailrelay_rate_waits", "deliveries that waited for a relay's max_message_rate, by relay", ["relay"]
-)
-RATE_WAIT_SECONDS = Counter(
-    "mailrelay_rate_wait_seconds", "seconds deliveries waited for a relay's max_message_rate, by relay", ["relay"]
-)
-RATE_LIMITED = Counter(
-    "mailrelay_rate_limited",
-    "deliveries to a destination answered 451 4.4.5 because its max_message_rate would have made them wait past "
-    "max_rate_wait or the deadline, by relay",
-    ["relay"],
-)
+# Per-key quotas (relays/rates.py KeyQuotas; the rates' own metrics are in relays/instruments.py).
 QUOTA_REFUSALS = Counter(
     "mailrelay_quota_refusals", "requests (or batch lines) answered 429 over an API key's quota, by key name", ["key"]
 )
-RATE_FALLBACKS = Counter(
-    "mailrelay_rate_fallbacks",
-    "times the fleet-wide limits fell back to local ones (Redis unreachable), by kind (rate, quota)",
-    ["limit"],
-)
-RATE_FALLBACK_ACTIVE = Gauge(
-    "mailrelay_rate_fallback_active",
-    "1 while this process enforces local limits instead of the fleet-wide ones, by kind (rate, quota)",
-    ["limit"],
-    multiprocess_mode="max",
-)
-
-_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
-_children: dict[tuple[object, tuple[str, ...]], object] = {}
-
-
-def child(metric: _Metric, *labels: str) -> _Metric:
-    """`metric.labels(*labels)`, remembered: `labels()` validates and locks on every call, a
-    cost per request on the hot path. Only for labels with a bounded set of values."""
-    key = (metric, labels)
-    found = _children.get(key)
-    if found is None:
-        found = _children[key] = metric.labels(*labels)
-    return found  # type: ignore[return-value]
 
 
 class DeliveryMetrics:

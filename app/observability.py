@@ -8,8 +8,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.metrics import HTTP_DURATION, HTTP_REQUESTS, child
+from app.metrics import HTTP_DURATION, HTTP_REQUESTS
 from relays.ids import unique_hex
+from relays.instruments import child
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mailrelay_request_id", default="-")
 _MAX_ID = 128

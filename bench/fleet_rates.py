@@ -1,4 +1,4 @@
-"""What a fleet-wide rate check (app/rates.py, max_message_rate) costs a delivery.
+"""What a fleet-wide rate check (relays/rates.py, max_message_rate) costs a delivery.
 
 In one process against a real redis-server and Postfix's smtp-sink (no dump files): a static
 relay without a rate and the same relay with `max_message_rate: 1000000/s` (never waits, so
@@ -14,9 +14,9 @@ import subprocess
 import sys
 import time
 
-from app.rates import RelayRate
 from relays.base import DeliveryContext
 from relays.context import RelayContext
+from relays.rates import RelayRate
 from relays.static import StaticRelay
 from schemas.config import FleetSettings, ServiceSettings
 from schemas.delivery import Envelope

@@ -13,6 +13,8 @@ delivery's ~150 us (4.4 us with --workers, where each change writes the shared
 files), too little to keep figures up to a second late; it was removed.
 """
 
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SMTP_CONNECTIONS = Gauge(
@@ -67,3 +69,43 @@ FLEET_LOCAL_LIMITS = Gauge(
     "1 while the fleet's Redis does not answer and fleet-wide connection limits are local ones",
     multiprocess_mode="livemax",
 )
+
+
+# Fleet-wide rates and quotas (relays/rates.py). Bounded labels: relay names (from the configuration)
+# and the two kinds of limit set ("rate", "quota").
+RATE_WAITS = Counter(
+    "mailrelay_rate_waits", "deliveries that waited for a relay's max_message_rate, by relay", ["relay"]
+)
+RATE_WAIT_SECONDS = Counter(
+    "mailrelay_rate_wait_seconds", "seconds deliveries waited for a relay's max_message_rate, by relay", ["relay"]
+)
+RATE_LIMITED = Counter(
+    "mailrelay_rate_limited",
+    "deliveries to a destination answered 451 4.4.5 because its max_message_rate would have made them wait past "
+    "max_rate_wait or the deadline, by relay",
+    ["relay"],
+)
+RATE_FALLBACKS = Counter(
+    "mailrelay_rate_fallbacks",
+    "times the fleet-wide limits fell back to local ones (Redis unreachable), by kind (rate, quota)",
+    ["limit"],
+)
+RATE_FALLBACK_ACTIVE = Gauge(
+    "mailrelay_rate_fallback_active",
+    "1 while this process enforces local limits instead of the fleet-wide ones, by kind (rate, quota)",
+    ["limit"],
+    multiprocess_mode="max",
+)
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_children: dict[tuple[object, tuple[str, ...]], object] = {}
+
+
+def child(metric: _Metric, *labels: str) -> _Metric:
+    """`metric.labels(*labels)`, remembered: `labels()` validates and locks on every call, a
+    cost per request on the hot path. Only for labels with a bounded set of values."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found  # type: ignore[return-value]

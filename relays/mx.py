@@ -9,7 +9,6 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import Self, TypeVar
 
-from app.rates import RelayRate
 from relays import replies
 from relays.base import DeliveryContext, PermanentRelayError, RelayError, TransientRelayError
 from relays.context import RelayContext
@@ -17,6 +16,7 @@ from relays.dane import DaneHost, usable
 from relays.dns import DnsFailure, DnsResolver, NoSuchDomain
 from relays.instruments import MTA_STS_CHECKS
 from relays.mta_sts import MtaSts, Policy
+from relays.rates import RelayRate
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, Transaction
 from schemas.delivery import Envelope, RecipientResult, domain_of

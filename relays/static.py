@@ -1,8 +1,8 @@
 """`static`: SMTP to one host, through a pool of reused connections."""
 
-from app.rates import RelayRate
 from relays.base import DeliveryContext
 from relays.context import RelayContext
+from relays.rates import RelayRate
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings
 from schemas.delivery import Envelope, RecipientResult

@@ -1,5 +1,5 @@
 """Rates in KumoMTA's notation (`"50/s"`, `"1000/h"`, `"10/m"`, `"20000/d"`): parsed here, where the
-configuration is validated; the limiter itself is app/rates.py."""
+configuration is validated; the limiter itself is relays/rates.py."""
 
 import re
 from typing import Annotated, NamedTuple

@@ -18,8 +18,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from app.rates import KeyQuotas, Limit, RelayRate, SharedLimits
 from relays.base import DeliveryContext
+from relays.rates import KeyQuotas, Limit, RelayRate, SharedLimits
 from schemas.config import FleetSettings, IdempotencySettings, KeyQuota, ServiceSettings
 from schemas.rate import Rate, parse_rate
 from tests.servers.arrivals import ArrivalSink, arrival_sink

@@ -15,8 +15,9 @@ from app.delivery import Deadline, Delivery, Refused
 from app.deps import PrincipalDep, RelayName, RuntimeDep, check_scope, find_relay, get_services
 from app.intake import JSON, RFC822, OutOfBudget, is_raw_form, read_envelope
 from app.lifespan import Runtime, Services
-from app.metrics import QUOTA_REFUSALS, child
+from app.metrics import QUOTA_REFUSALS
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
+from relays.instruments import child
 from schemas.delivery import COMPOSE_EXAMPLE, DeliveryResult
 from schemas.problem import FieldError
 from schemas.relay_options import public_options

@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from relays.instruments import FLEET_FALLBACKS, FLEET_LEASES, FLEET_LOCAL_LIMITS
+from relays.redis_link import redis_client
 from schemas.config import ConfigError, ServiceSettings
 
 if TYPE_CHECKING:
@@ -325,11 +326,7 @@ class FleetLeases:
         url = settings.fleet.redis_url or settings.idempotency.redis_url
         if url is None:
             raise ValueError("no Redis URL")
-        # The one builder of Redis clients (Sentinel URLs included) lives with the idempotency store.
-        # (imported here: relays import no app module when they load).
-        from app.idempotency import redis_client
-
-        self.client: aioredis.Redis = redis_client(settings.idempotency.model_copy(update={"redis_url": url}))
+        self.client: aioredis.Redis = redis_client(url)  # the one builder (Sentinel URLs included)
         self.expected_instances = settings.fleet.expected_instances
         self.instance = secrets.token_hex(6)
         self.ttl_ms = round(LEASE_TTL * 1000)

@@ -28,10 +28,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from app import idempotency
-from app.metrics import RATE_FALLBACK_ACTIVE, RATE_FALLBACKS, RATE_LIMITED, RATE_WAIT_SECONDS, RATE_WAITS, child
 from relays import replies
 from relays.base import DeliveryContext
+from relays.instruments import RATE_FALLBACK_ACTIVE, RATE_FALLBACKS, RATE_LIMITED, RATE_WAIT_SECONDS, RATE_WAITS, child
+from relays.redis_link import REDIS_TIMEOUT, Batch, reason, redis_client
 from schemas.config import FleetSettings, IdempotencySettings, KeyQuota, ServiceSettings
 from schemas.rate import Rate, parse_rate
 from schemas.reply import Reply
@@ -167,7 +167,7 @@ class SharedLimits:
     `idempotency.redis_url`); without one, each instance's own (divided by expected_instances).
 
     `check()` is one round trip (EVALSHA of a script registered once; concurrent checks share a
-    write, app/idempotency.py's batching) and never raises for Redis trouble: the local limits
+    write, relays/redis_link.py's Batch) and never raises for Redis trouble: the local limits
     answer then. `what` names the limits in logs and metrics ("rate", "quota")."""
 
     def __init__(self, fleet: FleetSettings, store: IdempotencySettings, *, what: str, prefix: str) -> None:
@@ -180,8 +180,8 @@ class SharedLimits:
         self._batch: Any = None
         self._script: Any = None
         if url:
-            self._client = idempotency.redis_client(store.model_copy(update={"backend": "redis", "redis_url": url}))
-            self._batch = idempotency._Batch(self._client)
+            self._client = redis_client(url)
+            self._batch = Batch(self._client)
             self._script = self._client.register_script(_GCRA)
         self._failed_at: float | None = None  # set while the local limits stand in for Redis
 
@@ -226,7 +226,7 @@ class SharedLimits:
         for limit in limits:
             # At least 1 us: the script divides by it (a rate above 1,000,000/s is that rate).
             args += [limit.field, max(1, round(limit.rate.interval * 1e6)), limit.burst, limit.cost]
-        async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+        async with asyncio.timeout(REDIS_TIMEOUT):
             reply = await self._batch.call(self._script, self.prefix + key, *args)
         states = tuple(State(int(reply[i]), int(reply[i + 1]) / 1e6) for i in range(2, len(reply), 2))
         return Outcome(int(reply[0]) == 1, max(0, int(reply[1])) / 1e6, states, shared=True)
@@ -239,7 +239,7 @@ class SharedLimits:
                 "fleet-wide %s limits: Redis unreachable (%s); each instance now enforces its part "
                 "(the fleet's limits / expected_instances %d) until it answers again",
                 self.what,
-                idempotency._reason(exc),
+                reason(exc),
                 self.instances,
                 extra={"event": "fleet_limits_local"},
             )
@@ -251,7 +251,7 @@ class SharedLimits:
         client, self._client = self._client, None
         batch, self._batch = self._batch, None
         try:
-            async with asyncio.timeout(idempotency.REDIS_TIMEOUT):
+            async with asyncio.timeout(REDIS_TIMEOUT):
                 if batch.connection is not None:
                     await batch.connection.disconnect()
                 await client.aclose()
