@@ -336,6 +336,12 @@ class _Signals:
         # Ctrl+C its workers also got) must not turn that into death by a signal.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+    async def settled(self) -> None:
+        """Until the drain's own task has seen the end (uvicorn's shutdown may finish first: its
+        `drained` line would be lost), at most a second: it only has its last poll and log to do."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
+
     def attach(self, server: _Server) -> None:
         self.server = server
         server.should_exit = self._stop_requested
@@ -518,6 +524,7 @@ def _run(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                 extra={"event": "startup", "relays": len(relays), "max_connections": cap, **where},
             )
             await server.serve(sockets=sockets)
+            await signals.settled()
             logger.info("stopped", extra={"event": "shutdown"})
         return 0 if server.started else 1
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TextIO
 import orjson
 
 from app.observability import REQUEST_ID
-from schemas.delivery import DeliveryResult, domain_of
+from schemas.delivery import DeliveryResult, DkimSignature, HopSecurity, domain_of
 
 if TYPE_CHECKING:  # the core imports nothing of ours at run time, and we nothing of it
     from app.delivery import Delivery
@@ -155,12 +155,33 @@ class DeliveryLog:
                 "outcome": outcome,
                 "elapsed_ms": result.elapsed_ms,
                 "possibly_delivered": sum(r.possibly_delivered for r in result.recipients),
+                # How each recipient's message travelled: "TLSv1.3+dane", "TLSv1.3" (unauthenticated),
+                # "plain"; null where no connection was made (and for relays without one).
+                "hops": [_hop(r.security) for r in result.recipients],
+                "dkim": _dkim(result.dkim),
             },
             alone=self.running == 0,
         )
 
     def refused(self, relay_name: str, reason: str) -> None:
         pass
+
+
+def _hop(security: HopSecurity | None) -> str | None:
+    if security is None:
+        return None
+    if not security.encrypted:
+        return "plain"
+    tls = security.tls_version or "TLS"
+    return tls if security.authenticated == "none" else f"{tls}+{security.authenticated}"
+
+
+def _dkim(signature: DkimSignature | None) -> str | None:
+    """`domain/selector` when signed, `unsigned` when the relay signs but not this message, None
+    when the relay does not sign."""
+    if signature is None:
+        return None
+    return f"{signature.domain}/{signature.selector}" if signature.signed else "unsigned"
 
 
 def _request_id() -> str | None:

@@ -173,3 +173,18 @@ async def test_past_max_queued_lines_are_dropped_and_counted(
     lines = data.lstrip(b"#").decode().splitlines()
     assert [json.loads(line)["n"] for line in lines[:-1]] == [1, 2, 3]
     assert lines[-1] == "2 log line(s) dropped: more than 3 waited"
+
+
+def test_a_delivery_line_says_how_each_hop_travelled_and_whether_it_was_signed() -> None:
+    from app.logs import _dkim, _hop
+    from schemas.delivery import DkimSignature, HopSecurity
+
+    assert _hop(None) is None
+    assert _hop(HopSecurity(encrypted=False)) == "plain"
+    assert _hop(HopSecurity(encrypted=True, tls_version="TLSv1.3")) == "TLSv1.3"
+    assert _hop(HopSecurity(encrypted=True, tls_version="TLSv1.2", authenticated="dane")) == "TLSv1.2+dane"
+    assert _dkim(None) is None
+    assert _dkim(DkimSignature(signed=True, domain="example.com", selector="s1", algorithm="ed25519-sha256")) == (
+        "example.com/s1"
+    )
+    assert _dkim(DkimSignature(signed=False, reason="no signing identity for example.org")) == "unsigned"

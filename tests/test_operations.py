@@ -129,6 +129,7 @@ def test_json_logs_one_line_per_delivery_with_the_request_id(tmp_path: Path) -> 
         "outcome": "delivered",
     }
     assert isinstance(first["elapsed_ms"], float)
+    assert (first["hops"], first["dkim"]) == ([None], None)  # blackhole: no connection, no signing
     assert "b@example.net" not in running.logs()  # no addresses, no content
     assert "Subject" not in running.logs()
 
