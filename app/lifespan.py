@@ -61,12 +61,14 @@ class Runtime:
             self._idle.set()
 
     async def wait_idle(self, grace: float) -> bool:
-        """True once no delivery runs here; False if some still run after `grace` seconds."""
-        if self.active == 0:
-            return True
+        """True once no delivery runs here, those finishing in the background after a deadline cut
+        included (their relays must stay open); False if some still run after `grace` seconds."""
         try:
             async with asyncio.timeout(grace):
-                await self._idle.wait()
+                if self.active:
+                    await self._idle.wait()
+                while self.core.finishing:
+                    await asyncio.wait(list(self.core.finishing))
         except TimeoutError:
             return False
         return True
