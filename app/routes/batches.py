@@ -5,6 +5,7 @@ same `/relays/{name}` prefix, so a key scoped to a relay reaches both or neither
 """
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections import Counter
@@ -123,8 +124,8 @@ def parse_line(line: bytes, settings: ServiceSettings, *, add_missing_headers: b
     envelope = envelope_of(parsed, settings, line)
     if add_missing_headers and parsed.content is None:  # the relay's option, as /deliver applies it
         message = complete_headers(envelope.message, envelope.sender)
-        if message is not envelope.message:
-            envelope = Envelope(envelope.sender, envelope.recipients, message, envelope.client, envelope.message)
+        if message is not envelope.message:  # everything else kept: require_tls above all
+            envelope = dataclasses.replace(envelope, message=message, origin=envelope.message)
     key: str | None = getattr(parsed, "idempotency_key", None)
     return envelope, key
 

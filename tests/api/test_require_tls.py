@@ -2,6 +2,7 @@
 synchronous. Against aiosmtpd without TLS: refused with 550 5.7.10 before MAIL, nothing sent."""
 
 import base64
+import json
 from collections.abc import Callable
 
 import pytest
@@ -65,3 +66,26 @@ def test_a_bad_require_tls_header_is_a_422(make_client: Callable[[str], TestClie
     response = client.post("/relays/out/deliver", content=MESSAGE.encode(), headers=headers)
     assert response.status_code == 422
     assert "Require-TLS" in response.text
+
+
+def test_a_batch_line_completed_by_add_missing_headers_still_requires_tls(
+    make_client: Callable[[str], TestClient],
+) -> None:
+    """A line whose message gets Date and Message-ID from the relay's add_missing_headers keeps its
+    require_tls (the completed envelope was rebuilt without it, and went out in clear text)."""
+    with smtp_server(Script()) as server:
+        client = make_client(static(server.port) + "    add_missing_headers: true\n")
+        line = {"sender": "a@example.com", "recipients": ["b@example.net"], "message": MESSAGE, "require_tls": True}
+        response = client.post(
+            "/relays/out/deliveries",
+            content=json.dumps(line).encode() + b"\n",
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        received = list(server.received)
+    assert response.status_code == 200, response.text
+    answer, done = (json.loads(text) for text in response.text.splitlines())
+    assert done["done"] is True
+    assert answer["status"] == 400, answer
+    (result,) = answer["result"]["recipients"]
+    assert (result["reply"]["code"], result["reply"]["enhanced_status"]) == (550, "5.7.10")
+    assert received == []
