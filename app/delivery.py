@@ -159,17 +159,21 @@ class _Lease:
     """A keyed delivery's claim while it runs: renewed by the core, and the relay's step before the
     data leaves (`DeliveryContext.sending`), which records that in the claim."""
 
-    __slots__ = ("claim", "core", "finishing", "key", "relay_name", "sent")
+    __slots__ = ("claim", "core", "finishing", "key", "lost", "relay_name", "sent")
 
     def __init__(self, core: "DeliveryCore", key: str, claim: idempotency.Claimed, relay_name: str) -> None:
         self.core, self.key, self.claim, self.relay_name = core, key, claim, relay_name
         self.sent = False
         #: A task finishes the delivery after its deadline cut, and stores the outcome.
         self.finishing = False
+        #: The claim was found taken by a repeat before the data left: this delivery sends nothing.
+        self.lost = False
 
     async def sending(self) -> None:
-        """Never raises, and takes at most REDIS_TIMEOUT: a store that fails here is logged and
-        counted, and the delivery goes on (its claim then cannot tell a repeat after a crash)."""
+        """Takes at most REDIS_TIMEOUT: a store that fails here is logged and counted, and the
+        delivery goes on (its claim then cannot tell a repeat after a crash). A claim found lost
+        (it lapsed and a repeat took the key, which sends its own copy) stops the delivery here,
+        before anything left: CancelledError, as a deadline cut at this await would raise."""
         self.sent = True
         core = self.core
         try:
@@ -184,8 +188,10 @@ class _Lease:
             core.store_error("sending")
             return
         if not held:
-            logger.error("idempotency claim lost before the data left (it lapsed and a repeat took the key)")
+            logger.error("idempotency claim lost before the data left (it lapsed and a repeat took the key); not sent")
             core.claim_lost("sending")
+            self.lost = True
+            raise asyncio.CancelledError
 
 
 class DeliveryCore:
@@ -222,7 +228,10 @@ class DeliveryCore:
         self._shutting_down = True
         now = asyncio.get_running_loop().time()
         for timer in self._running:
-            timer.reschedule(now)
+            # One already cut (its deadline, an earlier call: the drain calls this again and again)
+            # is unwinding: asyncio refuses to reschedule it, and raising here left the rest uncut.
+            with contextlib.suppress(RuntimeError):
+                timer.reschedule(now)
         # Those finishing in the background stop too; their claims (data sent) lapse within the
         # lease, and repeats then get the "may have been delivered; not sent again" answer.
         for finisher, relay_task in self.finishing.items():
@@ -434,6 +443,16 @@ class DeliveryCore:
                         await asyncio.wait({task})  # unwinds as under the timeout itself
                         if not task.cancelled():
                             task.exception()  # retrieved: the relay was cut, its error does not matter
+                        if lease.lost and not timer.expired():  # stopped before its data left (_Lease.sending)
+                            raise self._refuse_key(
+                                name,
+                                "key_in_use",
+                                "in_use",
+                                409,
+                                "a repeat of this request took its Idempotency-Key over while it ran (its claim "
+                                "lapsed); nothing was sent here: retry to get that one's result",
+                                1,
+                            ) from None
                     raise
         except TimeoutError:
             if not timer.expired():

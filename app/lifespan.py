@@ -133,12 +133,19 @@ class Services:
         """Requests for deliveries under way, on every configuration (reading a body counts)."""
         return self.current.active + sum(runtime.active for runtime in self._replaced)
 
+    @property
+    def finishing(self) -> int:
+        """Keyed deliveries finishing in the background after a deadline cut, on every configuration."""
+        return sum(len(runtime.core.finishing) for runtime in (self.current, *self._replaced))
+
     async def wait_idle(self, seconds: float, interrupt: asyncio.Event | None = None) -> bool:
-        """True once no delivery runs on any configuration; False after `seconds`, or as soon as
-        `interrupt` is set. Polls: it runs once, at shutdown, and a reload may add a runtime."""
+        """True once no delivery runs on any configuration, those finishing in the background
+        included (they store their true outcome; the relays and the store close after this); False
+        after `seconds`, or as soon as `interrupt` is set. Polls: it runs once, at shutdown, and a
+        reload may add a runtime."""
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
-        while self.active:
+        while self.active or self.finishing:
             left = end - loop.time()
             if left <= 0 or (interrupt is not None and interrupt.is_set()):
                 return False

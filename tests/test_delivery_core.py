@@ -11,15 +11,17 @@ import pytest
 from app import idempotency
 from app.delivery import Answer, Deadline, Delivery, DeliveryCore, KeyEvent, RefusalReason, Refused
 from app.idempotency import IdempotencyStore, MemoryStore, RedisStore, StoredResponse
+from app.lifespan import Runtime, Services
 from app.limits import Limiter
 from relays.base import DeliveryContext, Relay
 from relays.custom import load_custom_relay
 from relays.redis_link import REDIS_TIMEOUT
+from relays.registry import open_relays
 from schemas.config import IdempotencySettings, LimitSettings
 from schemas.delivery import DeliveryResult, Envelope, RecipientResult
 from schemas.relay_options import CustomOptions
 from schemas.reply import Reply
-from tests.conftest import envelope, opened
+from tests.conftest import config_from, envelope, opened
 from tests.scripted import ScriptedRelay
 from tests.servers.redis import redis_instance
 from tests.servers.smtp import Script, smtp_server
@@ -362,3 +364,101 @@ async def test_a_claim_lost_before_the_result_is_stored_is_logged_and_counted(ca
     assert answer.status == 200
     assert ("claim_lost", "complete") in recorder.events
     assert "idempotency claim lost before its result was stored" in caplog.text
+
+
+class SlowToStop:
+    """A relay that takes a while to unwind once cut (a session saying QUIT, a pool tidying up)."""
+
+    async def deliver(self, env: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)
+            raise
+        raise AssertionError("never reached")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_shutdown_cut_repeated_while_cut_deliveries_unwind_cuts_the_others(keyed: bool) -> None:
+    """The drain calls cut_running every 20 ms during CUT_MARGIN: a delivery already cut (by its
+    deadline, or the previous call) and still unwinding must not make it raise (asyncio's Timeout
+    refuses a reschedule once expired), which left the deliveries after it in the set uncut."""
+    core = make_core(Recorder())
+    key = "k" if keyed else None
+    unwinding = asyncio.ensure_future(core.deliver(delivery(SlowToStop(), envelope("a@example.net"), seconds=0.05)))
+    await asyncio.sleep(0.15)  # its deadline cut it; it is unwinding
+    assert not unwinding.done()
+    waiting = asyncio.ensure_future(core.deliver(delivery(scripted(delay=30), envelope("b@example.net"), key=key)))
+    await asyncio.sleep(0.02)
+    assert core.cut_running() == 2
+    await asyncio.sleep(0.02)
+    core.cut_running()  # again, as the drain's loop does
+    answer = await asyncio.wait_for(waiting, 2)
+    assert answer.status == 503
+    assert "shut down" in json.loads(answer.body)["recipients"][0]["reply"]["message"]
+    assert (await asyncio.wait_for(unwinding, 2)).status == 503
+
+
+async def test_the_drain_waits_within_its_grace_for_deliveries_finishing_in_the_background() -> None:
+    """Services.wait_idle (the drain, before the relays and the store are closed) counts a keyed
+    delivery that goes on after its deadline cut: it stores its true result. It returned as soon as
+    no request ran, and the relays were closed under such a delivery."""
+    config = config_from(
+        "relay:\n  out:\n    type: custom\n    factory: tests.scripted:factory\n    stall_after_data: 0.5\n"
+    )
+    services = Services(Runtime.build(config, await open_relays(config)))
+    core, relay = services.current.core, services.current.relays["out"]
+    try:
+        job = Delivery("out", relay, envelope("bob@example.net"), Deadline.within(0.1), "client-a", "k")
+        cut = await core.deliver(job)
+        assert cut.status == 503
+        assert core.finishing
+        assert services.active == 0
+        assert await services.wait_idle(5)
+        assert not core.finishing
+        again = await core.deliver(
+            Delivery("out", relay, envelope("bob@example.net"), Deadline.within(5), "client-a", "k")
+        )
+        assert (again.status, again.replayed) == (200, True)
+    finally:
+        await services.aclose()
+
+
+async def test_a_claim_lost_before_the_data_left_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """The event loop stalls past the lease, and a repeat takes the lapsed key over and sends: the first
+    delivery, reaching the step before its data leaves, finds the claim gone. It sent anyway (a second
+    copy, only logged); now it stops there, nothing sent, answered 409 like a key in use."""
+    recorder = Recorder()
+    core = make_core(recorder, store=MemoryStore(IdempotencySettings(lease=0.05)))
+    second = scripted()
+    repeats: list[asyncio.Future[Answer]] = []
+
+    class Stalled:
+        def __init__(self) -> None:
+            self.delivered: list[Envelope] = []
+
+        async def deliver(self, env: Envelope, context: DeliveryContext) -> list[RecipientResult]:
+            time.sleep(0.1)  # noqa: ASYNC251 - the loop stalls (no renewal) for longer than the lease
+            repeats.append(asyncio.ensure_future(core.deliver(delivery(second, env, key="k"))))
+            await asyncio.sleep(0.02)  # the repeat takes the lapsed claim over and delivers
+            await context.sending(env.recipients)
+            self.delivered.append(env)
+            reply = Reply.parse(250, "2.0.0 Ok", "[SEND_DATA]")
+            return [RecipientResult(recipient=r, reply=reply) for r in env.recipients]
+
+        async def aclose(self) -> None:
+            pass
+
+    first = Stalled()
+    with pytest.raises(Refused) as refused:
+        await core.deliver(delivery(first, envelope("bob@example.net"), key="k"))
+    assert refused.value.status == 409
+    (repeat,) = repeats
+    assert (await repeat).status == 200
+    assert len(first.delivered) + len(second.delivered) == 1
+    assert ("claim_lost", "sending") in recorder.events
+    again = await core.deliver(delivery(scripted(), envelope("bob@example.net"), key="k"))
+    assert (again.status, again.replayed) == (200, True)
