@@ -147,11 +147,15 @@ class SmtpPool:
         try:
             while batches:
                 batch = batches.popleft()
-                if session is not None and not session.usable:  # closed by the last transaction
-                    self._discard(session)
-                    session = await self._acquire(reuse=False)
+                # From here the connection is _transaction's, which closes it on any exception (a
+                # deadline's cancellation): `finally` must not release it a second time, which freed
+                # its slot (and its fleet lease) twice and let the pool open more than its size.
+                current, session = session, None
+                if current is not None and not current.usable:  # closed by the last transaction
+                    self._discard(current)
+                    current = await self._acquire(reuse=False)
                 session, transaction = await self._transaction(
-                    session, envelope, [recipients[i] for i in batch], context
+                    current, envelope, [recipients[i] for i in batch], context
                 )
                 if session is None:  # no connection: the same failure for every recipient still waiting
                     failure = transaction.replies[0]
