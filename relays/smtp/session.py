@@ -239,14 +239,6 @@ class SmtpSession:
             # Opportunistic, and the operator allows clear text after a failed handshake.
             self._broken = False
             await self._open("none")
-        dane = self.settings.dane
-        if dane is not None and dane.records:
-            transport = self.smtp.transport
-            tls = transport.get_extra_info("ssl_object") if transport is not None else None
-            reason = check(dane, peer_chain(tls)) if tls is not None else "no TLS"
-            if reason is not None:
-                self.close()
-                self._fail(replies.dane_failed(self.destination.label, reason))
         self.security = self._secured()
 
     async def _open(self, mode: TlsMode) -> None:
@@ -278,6 +270,7 @@ class SmtpSession:
                         self._fail(replies.tls_refused(exc.reply.message))
                     # opportunistic: refused, so carry on in plain text
                 else:
+                    self._check_dane()  # before anything more goes to the server: AUTH's password above all
                     await self._greet()
             elif self.settings.dane is not None:
                 self._fail(replies.dane_failed(self.destination.label, "it does not offer STARTTLS"))
@@ -289,6 +282,19 @@ class SmtpSession:
             if not self.smtp.supports_extension("auth"):
                 self._fail(replies.not_offered("AUTH", "AUTH"))
             await self._authenticate(*self.settings.credentials)
+
+    def _check_dane(self) -> None:
+        """A server with usable TLSA records must match them, checked as soon as the handshake is
+        done: until then it is not authenticated (the context checks no certificate)."""
+        dane = self.settings.dane
+        if dane is None or not dane.records:
+            return
+        transport = self.smtp.transport
+        tls = transport.get_extra_info("ssl_object") if transport is not None else None
+        reason = check(dane, peer_chain(tls)) if tls is not None else "no TLS"
+        if reason is not None:
+            self.close()
+            self._fail(replies.dane_failed(self.destination.label, reason))
 
     def _secured(self) -> HopSecurity:
         """How this connection is secured: TLS or not, and whether the certificate was verified
@@ -320,8 +326,17 @@ class SmtpSession:
         """
         methods = {"cram-md5": self.smtp.auth_crammd5, "plain": self.smtp.auth_plain, "login": self.smtp.auth_login}
         usable = [name for name in self.smtp.supported_auth_methods if name in methods]
+        offered = " ".join(self.smtp.server_auth_methods).upper() or "none"
+        transport = self.smtp.transport
+        if self.settings.tls_mode != "none" and (transport is None or transport.get_extra_info("ssl_object") is None):
+            # TLS was asked for and the connection is clear text all the same (STARTTLS not
+            # offered or refused, or plaintext_fallback after a failed handshake): whoever stripped
+            # STARTTLS would read PLAIN's and LOGIN's password. CRAM-MD5 sends a digest only
+            # (Postfix's default smtp_sasl_security_options = noplaintext). `tls: {mode: none}`
+            # is the operator's explicit choice of clear text.
+            usable = [name for name in usable if name == "cram-md5"]
+            offered += " over a connection that is not encrypted, where the password would go in clear text"
         if not usable:
-            offered = " ".join(self.smtp.server_auth_methods).upper() or "none"
             self._fail(replies.no_auth_mechanism(offered))
         for n, name in enumerate(usable):
             try:
