@@ -87,6 +87,8 @@ class HttpRelay:
             ("X-Envelope-Sender", _b64(envelope.sender)),
             *(("X-Envelope-Recipient", _b64(r)) for r in recipients),
         ]
+        if envelope.require_tls:  # the next hop (a mailrelay reads it) keeps to it too: RFC 8689
+            headers.append(("Require-TLS", "yes"))
         if not self.options.idle_timeout:
             headers.append(("Connection", "close"))
         # With Content-Length given, httpx sends the generator's bytes as they are (no chunking).

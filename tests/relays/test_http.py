@@ -174,13 +174,18 @@ async def test_require_tls_needs_https_with_a_verified_certificate(ca: trustme.C
     with http_server(ANSWERS, tls=server_context(ca)) as server:
         async with opened(http(server.url("/ok"), f"tls: {{ca_certs: '{ca_file}'}}")) as relays:
             (verified,) = await relays["hop"].deliver(secured, context())
+            (usual,) = await relays["hop"].deliver(envelope("bob@example.net"), context())
         unchecked = f"tls: {{ca_certs: '{ca_file}', cert_reqs: CERT_NONE}}"
         async with opened(http(server.url("/ok"), unchecked)) as relays:
             (refused,) = await relays["hop"].deliver(secured, context())
-        requests = len(server.requests)
-    assert verified.status == "delivered"
+        requests = list(server.requests)
+    assert (verified.status, usual.status) == ("delivered", "delivered")
     assert (refused.status, refused.reply.code, refused.reply.enhanced_status) == ("permanent_failure", 550, "5.7.10")
-    assert requests == 1  # the refused delivery sent nothing
+    assert len(requests) == 2  # the refused delivery sent nothing
+    # The next hop (a mailrelay's raw form reads it) must keep to verified TLS as well: the
+    # requirement travels with the message (RFC 8689), only for the deliveries that have it.
+    required = [{k.lower(): v for k, v in request.items()}.get("require-tls") for request in requests]
+    assert required == [["yes"], None]
 
 
 async def test_https_client_certificate(ca: trustme.CA, tmp_path: Path) -> None:
