@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import httpx
+import idna
 
 from relays.dns import DnsFailure, DnsResolver
 
@@ -129,6 +130,13 @@ class MtaSts:
 
     async def policy(self, domain: str) -> Policy | None:
         """The domain's policy in force: cached, or looked up and fetched now. None: no policy."""
+        if not domain.isascii():
+            # An internationalised domain's names as DNS and HTTP carry them: A-labels (the Host
+            # header and SNI are ASCII; httpx raised UnicodeEncodeError, and the delivery a 500).
+            try:
+                domain = idna.encode(domain, uts46=True).decode("ascii")
+            except idna.IDNAError:
+                return None  # no such name in DNS: no policy
         cached = self._cached(domain)
         try:
             texts = await self.dns.txt(f"_mta-sts.{domain}")

@@ -25,6 +25,7 @@ POLICIES = {
     "mta-sts.sts.test": "version: STSv1\nmode: enforce\nmx: mx.mail.test\nmax_age: 86400\n",
     "mta-sts.nomatch.test": "version: STSv1\nmode: enforce\nmx: *.elsewhere.test\nmax_age: 86400\n",
     "mta-sts.testing.test": "version: STSv1\r\nmode: testing\r\nmx: *.mail.test\r\nmax_age: 600\r\n",
+    "mta-sts.xn--bcher-kva.test": "version: STSv1\nmode: enforce\nmx: mx.mail.test\nmax_age: 86400\n",
 }
 ZONE = """
 mx.mail.test.            300 IN A   127.0.0.1
@@ -38,6 +39,9 @@ testing.test.            300 IN MX  10 mx.mail.test.
 _mta-sts.testing.test.   300 IN TXT "v=STSv1; id=1;"
 mta-sts.testing.test.    300 IN A   127.0.0.75
 plain.test.              300 IN MX  10 mx.mail.test.
+xn--bcher-kva.test.      300 IN MX  10 mx.mail.test.
+_mta-sts.xn--bcher-kva.test. 300 IN TXT "v=STSv1; id=1;"
+mta-sts.xn--bcher-kva.test.  300 IN A   127.0.0.75
 """
 MESSAGE = b"From: a@example.com\r\nSubject: sts\r\n\r\nhi\r\n"
 
@@ -206,3 +210,15 @@ def test_max_age_is_capped_at_a_year_and_a_wildcard_covers_one_label() -> None:
     assert policy.matches("mx1.example.net.")
     assert not policy.matches("example.net")
     assert not policy.matches("a.b.example.net")
+
+
+async def test_an_internationalised_domain_has_its_policy_fetched_by_its_a_label(parts: Parts) -> None:
+    """bücher.test's policy lives at mta-sts.xn--bcher-kva.test: the fetch names the host so (the
+    Host header and SNI are ASCII), and the delivery follows the policy (it was a 500: the
+    Unicode Host header raised out of deliver())."""
+    since = len(parts.fetched)
+    result = await deliver(parts, parts.trusted, "bob@bücher.test")
+    assert parts.fetched[since:] == ["mta-sts.xn--bcher-kva.test"]
+    assert result.status == "delivered", result.reply
+    assert result.security is not None
+    assert result.security.authenticated == "mta-sts"
