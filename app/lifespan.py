@@ -159,6 +159,14 @@ class Services:
 
     async def aclose(self) -> None:
         self.draining = True
+        # uvicorn gets here once no connection is left, without waiting for the drain: deliveries
+        # finishing in the background keep their relays and the store until they have stored their
+        # outcome, at most shutdown_grace (the drain cuts them at the end of its own grace anyway).
+        if self.finishing and not await self.wait_idle(self.current.config.mailrelay.shutdown_grace):
+            self.cut_running()
+            tasks = [task for runtime in (self.current, *self._replaced) for task in runtime.core.finishing]
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)  # cancelled: only their unwinding is left
         await self.retired()
         await close_relays(self.current.relays)
         await self.current.keyring.aclose()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import signal
 import time
 from dataclasses import dataclass, field
@@ -462,3 +463,24 @@ async def test_a_claim_lost_before_the_data_left_sends_nothing(caplog: pytest.Lo
     assert ("claim_lost", "sending") in recorder.events
     again = await core.deliver(delivery(scripted(), envelope("bob@example.net"), key="k"))
     assert (again.status, again.replayed) == (200, True)
+
+
+async def test_shutdown_closes_the_relays_only_after_deliveries_finishing_in_the_background(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn runs the lifespan's shutdown (Services.aclose) once no connection is left, which does
+    not wait for the drain: a keyed delivery finishing in the background after its deadline cut
+    had its relays and its store closed under it. Now they close once it has stored its outcome
+    (within shutdown_grace, after which it is cut)."""
+    config = config_from(
+        "relay:\n  out:\n    type: custom\n    factory: tests.scripted:factory\n    stall_after_data: 0.5\n"
+    )
+    services = Services(Runtime.build(config, await open_relays(config)))
+    core, relay = services.current.core, services.current.relays["out"]
+    cut = await core.deliver(Delivery("out", relay, envelope("bob@example.net"), Deadline.within(0.1), "c", "k"))
+    assert cut.status == 503
+    assert core.finishing
+    with caplog.at_level(logging.INFO, logger="app.delivery"):
+        await services.aclose()
+    assert not core.finishing
+    assert "delivery finished after its deadline: delivered" in caplog.text
