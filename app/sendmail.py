@@ -56,6 +56,10 @@ _WITH_VALUE: Final = frozenset("fFrCBNRVXLhAO")
 #: -v (verbose), -G (gateway), -q... (queue run: there is no queue), -d (debug).
 _IGNORED_FLAGS: Final = frozenset("mnUvGd")
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+):")
+#: `key value` or `key = value`: the separator is the first blank or `=` after the key, so a value keeps
+#: its own `=` (base64 keys end with it) and a `#` inside it; a comment starts at a `#` after a blank.
+_CONFIG_LINE = re.compile(r"([A-Za-z_]+)(?:\s*=\s*|\s+)(.*)")
+_COMMENT = re.compile(r"(?:^|\s)#")
 
 
 @dataclass
@@ -139,11 +143,12 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> dict[str, str]:
     except OSError as exc:
         raise SendError(EX_CONFIG, f"cannot read {chosen}: {exc}") from None
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        comment = _COMMENT.search(raw)
+        line = (raw[: comment.start()] if comment else raw).strip()
         if not line:
             continue
-        key, _, value = line.replace("=", " ", 1).partition(" ")
-        key, value = key.strip().lower(), value.strip()
+        match = _CONFIG_LINE.fullmatch(line)
+        key, value = (match.group(1).lower(), match.group(2).strip()) if match else ("", "")
         if key not in _CONFIG_KEYS or not value:
             raise SendError(
                 EX_CONFIG,

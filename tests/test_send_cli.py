@@ -242,3 +242,26 @@ def test_sendmail_null_sender(relay: Service, sink: SmtpServer) -> None:
     assert done.returncode == 0, done.stderr
     [received] = [r for r in sink.received if "bounce@example.net" in r.recipients]
     assert received.sender == "<>"  # the null reverse-path, as aiosmtpd records it
+
+
+def test_sendmail_configuration_values_keep_their_equals_and_hash_signs(tmp_path: Path) -> None:
+    """`key value` lines: a value's own `=` (base64 keys end with it, URLs carry it) and a `#` inside it
+    are kept; `key = value` and `#` comments still work. The first `=` anywhere on the line was taken
+    for the separator (`api_key c2VjcmV0==` became `c2VjcmV0`, a 401) and `#` cut any value."""
+    from app.sendmail import load_config
+
+    config = tmp_path / "sendmail.conf"
+    config.write_text(
+        "# comment\n"
+        "api_key c2VjcmV0#x/+==   # the key\n"
+        "url http://relay.test:8080/base?a=b\n"
+        "relay = out\n"
+        "sender=app@example.com\n",
+        encoding="utf-8",
+    )
+    assert load_config(config, {}) == {
+        "api_key": "c2VjcmV0#x/+==",
+        "url": "http://relay.test:8080/base?a=b",
+        "relay": "out",
+        "sender": "app@example.com",
+    }
