@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,9 +116,19 @@ def parse_policy(text: str) -> tuple[Mode, tuple[str, ...], int]:
 class MtaSts:
     """The policies of the recipient domains one mx relay delivers to."""
 
-    def __init__(self, dns: DnsResolver, context: ssl.SSLContext, *, ipv4_only: bool) -> None:
+    def __init__(
+        self,
+        dns: DnsResolver,
+        context: ssl.SSLContext,
+        *,
+        ipv4_only: bool,
+        refuse: Callable[[str], bool] | None = None,
+    ) -> None:
         self.dns = dns
         self.ipv4_only = ipv4_only
+        #: Addresses never fetched from (mx's is_private, unless allow_internal_destinations): the
+        #: recipient domain's DNS chooses them, as it chooses the MX hosts mx refuses the same way.
+        self.refuse = refuse
         self.client = httpx.AsyncClient(
             verify=context,
             follow_redirects=False,  # RFC 8461 3.3: redirects are not followed
@@ -190,6 +201,8 @@ class MtaSts:
             raise PolicyError(f"{host}: {exc}") from None
         if not addresses:
             raise PolicyError(f"{host} has no address")
+        if self.refuse is not None and not (addresses := [a for a in addresses if not self.refuse(a)]):
+            raise PolicyError(f"{host} has only addresses mx does not connect to (allow_internal_destinations)")
         errors = []
         for address in addresses[:2]:
             literal = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address

@@ -180,7 +180,9 @@ class MxRelay:
         # The policy fetch trusts what the verified connections trust (tls.ca_certs, else the system's).
         trust = self._verified_settings.tls_context
         self._mta_sts = (
-            MtaSts(self.dns, trust, ipv4_only=options.ipv4_only) if options.mta_sts and trust is not None else None
+            MtaSts(self.dns, trust, ipv4_only=options.ipv4_only, refuse=is_private if self._refuse_private else None)
+            if options.mta_sts and trust is not None
+            else None
         )
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:

@@ -222,3 +222,14 @@ async def test_an_internationalised_domain_has_its_policy_fetched_by_its_a_label
     assert result.status == "delivered", result.reply
     assert result.security is not None
     assert result.security.authenticated == "mta-sts"
+
+
+async def test_without_allow_internal_destinations_no_policy_is_fetched_from_a_private_address(parts: Parts) -> None:
+    """mta-sts.sts.test resolves to 127.0.0.75: mx connects to no such address for mail, and the
+    policy fetch (an HTTPS connection chosen by the recipient domain's DNS) must not either."""
+    since = len(parts.fetched)
+    config = mx(parts, parts.trusted).replace("    allow_internal_destinations: true\n", "")
+    async with opened(config) as relays:
+        (result,) = await relays["out"].deliver(envelope("bob@sts.test", message=MESSAGE), context())
+    assert parts.fetched[since:] == []
+    assert result.status == "permanent_failure", result.reply  # mx.mail.test is 127.0.0.1: refused too
