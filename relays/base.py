@@ -40,7 +40,9 @@ class DeliveryContext:
 
         The service first records that durably where it must (an idempotency
         key's claim, so that a retry after a crash cannot send a second copy),
-        then the recipients count as `data_sent`. Never raises.
+        then the recipients count as `data_sent`. It raises only CancelledError, when the
+        service stops the delivery before anything leaves (its idempotency claim was lost and
+        a repeat took it over): handle it as a deadline cut at that point, sending nothing.
         """
         hook = self._before_sending
         if hook is not None:
