@@ -310,6 +310,12 @@ class SmtpTlsOptions(TlsOptions):
         "deferred with 451 4.7.5 (`mx` tries the next MX host), so a broken handshake never downgrades the hop",
     )
 
+    @model_validator(mode="after")
+    def _fallback_needs_opportunistic(self) -> Self:
+        if self.plaintext_fallback and self.mode != "opportunistic":
+            raise ValueError(f"`plaintext_fallback` applies to mode `opportunistic` only, not `{self.mode}`")
+        return self
+
 
 class Credentials(_Options):
     """SMTP AUTH credentials; the password is never shown back."""

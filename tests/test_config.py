@@ -522,3 +522,10 @@ def test_the_ehlo_warning_of_the_default_says_it_is_the_default() -> None:
     assert [(w.path, w.message) for w in warnings] == (
         [("relay.o.ehlo_as", f"not set, so this machine's FQDN is used: {expected}")] if expected else []
     )
+
+
+def test_plaintext_fallback_outside_opportunistic_mode_is_an_error_not_a_silent_no_op() -> None:
+    text = "relay:\n  out: {type: static, host: h.example, tls: {mode: starttls, plaintext_fallback: true}}\n"
+    (found,) = problems(text)
+    assert found.startswith("relay.out.tls: ")
+    assert "`plaintext_fallback` applies to mode `opportunistic` only" in found
