@@ -239,6 +239,8 @@ def test_no_secret_is_shown_by_get_relays_check_config_or_the_logs(tmp_path: Pat
         "key": "***",
         "pwd": "***",
         "access_key": "***",
+        "dkim": [],  # the service's own options of every relay are shown, not masked
+        "add_missing_headers": False,
     }
     assert relays["archive"]["args"] == ["/bin/cat", "--password=***", "--token", "***", "-p", "***", "{recipient}"]
     assert f"hop: http: HTTP POST to http://***@127.0.0.1:{hop.port}/deliver?token=***&x=***" in checked.stdout

@@ -4,18 +4,13 @@ the AD bit for the signed zone's data, none for the unsigned zone's, and SERVFAI
 after signing (bogus)."""
 
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import dns.exception
-import dns.message
-import dns.query
-
+from tests.servers.nsd import free_udp_and_tcp_port, wait_answering
 from tests.servers.process import require_program, stop, traversable_tmpdir
 
 NSD_HOST, UNBOUND_HOST = "127.0.0.84", "127.0.0.85"
@@ -99,7 +94,7 @@ def validating_resolver(
     unbound = require_program("unbound", "/usr/sbin/unbound")
     keygen, signzone = require_program("ldns-keygen"), require_program("ldns-signzone")
     directory = traversable_tmpdir("dnssec-")
-    nsd_port, unbound_port = _free_port(NSD_HOST), _free_port(UNBOUND_HOST)
+    nsd_port, unbound_port = free_udp_and_tcp_port(NSD_HOST), free_udp_and_tcp_port(UNBOUND_HOST)
     (directory / "signed.zone").write_text(_zone(signed, NSD_HOST, signed_records))
     (directory / "unsigned.zone").write_text(_zone(unsigned, NSD_HOST, unsigned_records))
     key = _run([keygen, "-a", "ECDSAP256SHA256", "-k", signed], directory).strip()  # Kdane.test.+013+NNNNN
@@ -123,9 +118,9 @@ def validating_resolver(
     processes: list[subprocess.Popen[bytes]] = []
     try:
         processes.append(_spawn([nsd, "-d", "-c", str(directory / "nsd.conf")]))
-        _wait_answering(signed, NSD_HOST, nsd_port, processes[-1])
+        wait_answering(signed, NSD_HOST, nsd_port, processes[-1])
         processes.append(_spawn([unbound, "-d", "-c", str(directory / "unbound.conf")]))
-        _wait_answering(signed, UNBOUND_HOST, unbound_port, processes[-1])
+        wait_answering(signed, UNBOUND_HOST, unbound_port, processes[-1])
         yield Validating(UNBOUND_HOST, unbound_port)
     finally:
         for process in reversed(processes):
@@ -156,30 +151,3 @@ def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
-
-
-def _free_port(host: str) -> int:
-    """A port free for both TCP and UDP on `host` (DNS serves both on one)."""
-    while True:
-        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
-            tcp.bind((host, 0))
-            port: int = tcp.getsockname()[1]
-            try:
-                udp.bind((host, port))
-            except OSError:
-                continue
-            return port
-
-
-def _wait_answering(zone: str, host: str, port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {output[-2000:]}")
-        try:
-            if dns.query.udp(dns.message.make_query(zone, "SOA"), host, port=port, timeout=0.3).answer:
-                return
-        except (OSError, dns.exception.Timeout):
-            time.sleep(0.05)
-    raise TimeoutError(f"{host}@{port} did not answer for {zone} within {timeout} s")

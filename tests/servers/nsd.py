@@ -12,7 +12,7 @@ import dns.exception
 import dns.message
 import dns.query
 
-from tests.servers.process import require_program, stop, traversable_tmpdir
+from tests.servers.process import fail_if_exited, require_program, stop, traversable_tmpdir
 
 #: Its own loopback address: other DNS fixtures (MTA-STS, DANE) use theirs, with free ports each.
 NSD_HOST = "127.0.0.83"
@@ -57,7 +57,7 @@ def txt_record(name: str, value: str) -> str:
     return f"{name} IN TXT ( {parts} )\n"
 
 
-def _free_udp_and_tcp_port(host: str) -> int:
+def free_udp_and_tcp_port(host: str) -> int:
     while True:
         with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
             tcp.bind((host, 0))
@@ -74,7 +74,7 @@ def nsd_server(zone: str, records: str, host: str = NSD_HOST) -> Iterator[Namese
     """NSD serving `zone` (SOA and NS made here) plus `records` (zone-file lines relative to it)."""
     program = require_program("nsd", "/usr/sbin/nsd")
     directory = traversable_tmpdir("nsd-")
-    port = _free_udp_and_tcp_port(host)
+    port = free_udp_and_tcp_port(host)
     (directory / "zone").write_text(
         f"$ORIGIN {zone}.\n$TTL 300\n"
         f"@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n@ IN NS ns.{zone}.\nns IN A {host}\n" + records
@@ -88,23 +88,21 @@ def nsd_server(zone: str, records: str, host: str = NSD_HOST) -> Iterator[Namese
         start_new_session=True,
     )
     try:
-        _wait_answering(zone, host, port, process)
+        wait_answering(zone, host, port, process)
         yield Nameserver(host, port)
     finally:
         stop(process)
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _wait_answering(zone: str, host: str, port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+def wait_answering(zone: str, host: str, port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """Ready = the zone's SOA is answered over UDP."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-            raise RuntimeError(f"nsd exited with {process.returncode}: {output[-2000:]}")
+        fail_if_exited(process)
         try:
             if dns.query.udp(dns.message.make_query(zone, "SOA"), host, port=port, timeout=0.2).answer:
                 return
         except (OSError, dns.exception.Timeout):
             time.sleep(0.05)
-    raise TimeoutError(f"nsd on {host}@{port} did not answer for {zone} within {timeout} s")
+    raise TimeoutError(f"{host}@{port} did not answer for {zone} within {timeout} s")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.servers.process import free_port, require_program, stop, traversable_tmpdir
+from tests.servers.process import fail_if_exited, free_port, require_program, stop, traversable_tmpdir
 
 #: Extra smtpd listeners: name -> the main.cf settings it overrides.
 LISTENERS: dict[str, tuple[str, ...]] = {
@@ -325,9 +325,7 @@ def wait_unix_socket(path: Path, process: "subprocess.Popen[bytes]", timeout: fl
     """Ready = the socket accepts a connection."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {output[-2000:]}")
+        fail_if_exited(process)
         try:
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.connect(str(path))

@@ -34,9 +34,7 @@ def wait_greeting(port: int, process: subprocess.Popen[bytes], timeout: float = 
     """Ready = answers with a greeting; reading it and saying QUIT keeps dovecot's shutdown fast."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {output[-2000:]}")
+        fail_if_exited(process)
         try:
             with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
                 stream = sock.makefile("rwb")
@@ -48,6 +46,13 @@ def wait_greeting(port: int, process: subprocess.Popen[bytes], timeout: float = 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"127.0.0.1:{port} gave no greeting within {timeout} s")
+
+
+def fail_if_exited(process: subprocess.Popen[bytes]) -> None:
+    """A server that exited while a test waited for it to be ready: RuntimeError with its output."""
+    if process.poll() is not None:
+        output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+        raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {output[-2000:]}")
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
