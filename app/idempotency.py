@@ -425,8 +425,7 @@ class RedisStore:
         return int(done) == 1
 
     async def aclose(self) -> None:
-        if self._batch.connection is not None:
-            await self._batch.connection.disconnect()
+        await self._batch.aclose()
         await self.client.aclose()
 
 

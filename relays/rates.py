@@ -252,8 +252,8 @@ class SharedLimits:
         batch, self._batch = self._batch, None
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                if batch.connection is not None:
-                    await batch.connection.disconnect()
+                if batch is not None:
+                    await batch.aclose()
                 await client.aclose()
         except (RedisError, OSError, TimeoutError):
             pass

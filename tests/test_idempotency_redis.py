@@ -3,6 +3,8 @@ flush (a restart or failover), records that lapse by Redis's clock, and what a s
 
 import asyncio
 import json
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from app.idempotency import Claimed, InDoubt, Mismatch, RedisStore, Replay, Running, StoredResponse
+from app.idempotency import Claimed, InDoubt, Mismatch, RedisStore, Replay, Running, StoredResponse, StoreUnavailable
+from relays.redis_link import REDIS_TIMEOUT
 from schemas.config import IdempotencySettings
 from tests.servers.process import free_port
 from tests.servers.redis import redis_instance, redis_server
@@ -156,3 +159,42 @@ async def test_with_aof_a_restarted_redis_keeps_claims_and_results(tmp_path: Pat
         assert isinstance(await store.claim("done", fingerprint), Replay)
         assert await store.renew([("running", running)]) == [True]  # its holder goes on
     await store.aclose()
+
+
+async def test_a_redis_that_stops_answering_fails_the_batch_in_time_and_its_late_replies_go_nowhere() -> None:
+    """Batch's own connection: a wait is bounded by REDIS_TIMEOUT, and a batch that gave up drops
+    its connection, so the replies the server sends later cannot answer the next batch."""
+    with redis_instance() as instance:
+        store = RedisStore(IdempotencySettings(backend="redis", redis_url=instance.url))
+        assert isinstance(await store.claim("before", "f" * 64), Claimed)
+        instance.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="TimeoutError"):
+                await store.claim("stalled", "f" * 64)
+            assert REDIS_TIMEOUT <= time.monotonic() - started < REDIS_TIMEOUT + 1.5
+        finally:
+            instance.process.send_signal(signal.SIGCONT)
+        # The stalled claim may or may not have run (its connection was reset under it): either
+        # way a repeat gets its own answer, on a new connection.
+        assert isinstance(await store.claim("stalled", "f" * 64), Running | Claimed)
+        assert isinstance(await store.claim("after", "f" * 64), Claimed)
+        await store.aclose()
+
+
+async def test_a_password_and_a_database_in_the_url_are_used() -> None:
+    with redis_instance() as instance:
+        admin = aioredis.Redis.from_url(instance.url, socket_timeout=5)
+        await admin.config_set("requirepass", "s3cret")  # after start: the fixture pings without it
+        await admin.aclose()
+        url = f"redis://:s3cret@127.0.0.1:{instance.port}/3"
+        store = RedisStore(IdempotencySettings(backend="redis", redis_url=url))
+        assert isinstance(await store.claim("k", "f" * 64), Claimed)
+        await store.aclose()
+        admin = aioredis.Redis.from_url(url, socket_timeout=5)
+        assert await admin.dbsize() == 1  # in database 3
+        await admin.aclose()
+        wrong = RedisStore(IdempotencySettings(backend="redis", redis_url=url.replace("s3cret", "wrong")))
+        with pytest.raises(StoreUnavailable, match="AuthenticationError"):
+            await wrong.claim("k", "f" * 64)
+        await wrong.aclose()
