@@ -194,6 +194,14 @@ class LimitSettings(BaseModel):
         return self.per_relay.get(name, self.max_in_flight_per_relay)
 
 
+def check_redis_url(url: str) -> None:
+    """ValueError unless `url` is a form the Redis client builder takes (relays/redis_link.py)."""
+    if not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+        raise ValueError("`redis_url` must start with redis://, rediss://, unix:// or redis+sentinel://")
+    if url.startswith("redis+sentinel://"):
+        parse_sentinel_url(url)
+
+
 class FleetSettings(BaseModel):
     """`mailrelay.fleet`: limits shared by every instance that uses the same Redis."""
 
@@ -211,6 +219,12 @@ class FleetSettings(BaseModel):
         description="how many instances share the limits: while Redis is unreachable each one enforces "
         "its fleet-wide limits divided by this number (rounded up), so that nothing is sent without a limit",
     )
+
+    @model_validator(mode="after")
+    def _url_form(self) -> Self:
+        if self.redis_url:
+            check_redis_url(self.redis_url)
+        return self
 
 
 class BatchSettings(BaseModel):
@@ -319,10 +333,8 @@ class IdempotencySettings(BaseModel):
     def _redis_needs_url(self) -> Self:
         if self.backend == "redis" and not self.redis_url:
             raise ValueError("the redis backend needs `redis_url` (or $MAILRELAY_REDIS_URL)")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-            raise ValueError("`redis_url` must start with redis://, rediss://, unix:// or redis+sentinel://")
-        if self.redis_url and self.redis_url.startswith("redis+sentinel://"):
-            parse_sentinel_url(self.redis_url)
+        if self.redis_url:
+            check_redis_url(self.redis_url)
         return self
 
 

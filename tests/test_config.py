@@ -529,3 +529,11 @@ def test_plaintext_fallback_outside_opportunistic_mode_is_an_error_not_a_silent_
     (found,) = problems(text)
     assert found.startswith("relay.out.tls: ")
     assert "`plaintext_fallback` applies to mode `opportunistic` only" in found
+
+
+def test_the_fleet_redis_url_is_checked_like_the_idempotency_stores() -> None:
+    (found,) = problems(
+        "mailrelay:\n  fleet: {redis_url: 'http://redis.example:6379'}\nrelay:\n  b: {type: blackhole}\n"
+    )
+    assert found.startswith("mailrelay.fleet: ")
+    assert "must start with redis://" in found
