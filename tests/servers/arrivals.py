@@ -1,7 +1,5 @@
 """An SMTP sink that records when each message arrived (the end of its data), in its own thread."""
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
+
+from tests.servers.smtp import serving
 
 
 @dataclass
@@ -37,44 +37,9 @@ def arrival_sink() -> Iterator[ArrivalSink]:
     """aiosmtpd on 127.0.0.1 and a free port (read from the bound socket: no race), accepting everything."""
     arrivals: list[float] = []
     handler = _Recorder(arrivals)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    state: dict[str, Any] = {}
 
-    async def start() -> None:
-        server = await loop.create_server(
-            lambda: SMTP(handler, hostname="sink.example", ident="arrivals ESMTP"), "127.0.0.1", 0
-        )
-        state["server"] = server
-        state["port"] = server.sockets[0].getsockname()[1]
+    def protocol() -> SMTP:
+        return SMTP(handler, hostname="sink.example", ident="arrivals ESMTP")
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(start())
-        except BaseException as exc:  # reported below
-            state["error"] = exc
-            ready.set()
-            return
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="arrival-sink", daemon=True)
-    thread.start()
-    if not ready.wait(10) or "error" in state:
-        raise RuntimeError(f"the arrival sink did not start: {state.get('error')}")
-    try:
-        yield ArrivalSink("127.0.0.1", state["port"], arrivals)
-    finally:
-
-        async def shutdown() -> None:
-            state["server"].close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with serving(protocol, "127.0.0.1", 0, "arrival-sink") as port:
+        yield ArrivalSink("127.0.0.1", port, arrivals)

@@ -15,6 +15,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from tests.servers.smtp import serving
+
 
 @dataclass
 class ConnectionCounts:
@@ -75,17 +77,14 @@ def counting_sink(data_delay: float = 0.0) -> Iterator[CountingSink]:
     """aiosmtpd on 127.0.0.1 and a free port (read from the bound socket), accepting every message
     after `data_delay` seconds, counting connections open at once."""
     counts = ConnectionCounts()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    state: dict[str, Any] = {}
     sink = CountingSink("127.0.0.1", 0, counts, data_delay)
     handler = _Recorder(sink)
-    transports: list[asyncio.BaseTransport] = []
+    transports: list[asyncio.Transport] = []
 
     class Counting(SMTP):
         _ended = False
 
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             counts.opened()
             transports.append(transport)
             super().connection_made(transport)
@@ -99,43 +98,9 @@ def counting_sink(data_delay: float = 0.0) -> Iterator[CountingSink]:
             self.counted_end()
             super().connection_lost(error)
 
-    async def start() -> None:
-        server = await loop.create_server(
-            lambda: Counting(handler, hostname="sink.example", ident="counting ESMTP"), "127.0.0.1", 0
-        )
-        state["server"] = server
-        state["port"] = server.sockets[0].getsockname()[1]
+    def protocol() -> Counting:
+        return Counting(handler, hostname="sink.example", ident="counting ESMTP")
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(start())
-        except BaseException as exc:  # reported below
-            state["error"] = exc
-            ready.set()
-            return
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="counting-sink", daemon=True)
-    thread.start()
-    if not ready.wait(10) or "error" in state:
-        raise RuntimeError(f"the counting sink did not start: {state.get('error')}")
-    sink.port = state["port"]
-    try:
+    with serving(protocol, "127.0.0.1", 0, "counting-sink", transports=transports) as port:
+        sink.port = port
         yield sink
-    finally:
-
-        async def shutdown() -> None:
-            state["server"].close()
-            for transport in transports:
-                transport.abort()  # type: ignore[attr-defined]
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()

@@ -3,7 +3,7 @@
 import asyncio
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,13 +169,29 @@ def smtp_server(
     if smtputf8:
         kwargs.update(enable_SMTPUTF8=True)
 
+    server_ssl = tls.server_context if tls is not None and implicit_tls else None
+    with serving(lambda: Counting(handler, **kwargs), host, port, "aiosmtpd", server_ssl, transports) as bound:
+        yield SmtpServer(host=host, port=bound, script=script, received=received, connections=connections)
+
+
+@contextmanager
+def serving(
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+    name: str,
+    ssl_context: ssl.SSLContext | None = None,
+    transports: list[asyncio.Transport] | None = None,
+) -> Iterator[int]:
+    """A server of `factory`'s protocol on `host` and `port` (0: a free one, read from the bound
+    socket: no race) in its own thread and event loop; yields the port. At the end the `transports`
+    its protocols registered are aborted and every task of that loop is cancelled."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     state: dict[str, Any] = {}
 
     async def start() -> None:
-        server_ssl = tls.server_context if tls is not None and implicit_tls else None
-        server = await loop.create_server(lambda: Counting(handler, **kwargs), host, port, ssl=server_ssl)
+        server = await loop.create_server(factory, host, port, ssl=ssl_context)
         state["server"] = server
         state["port"] = server.sockets[0].getsockname()[1]
 
@@ -190,17 +206,17 @@ def smtp_server(
         ready.set()
         loop.run_forever()
 
-    thread = threading.Thread(target=run, name="aiosmtpd", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     if not ready.wait(10) or "error" in state:
-        raise RuntimeError(f"aiosmtpd did not start: {state.get('error')}")
+        raise RuntimeError(f"{name} did not start: {state.get('error')}")
     try:
-        yield SmtpServer(host=host, port=state["port"], script=script, received=received, connections=connections)
+        yield state["port"]
     finally:
 
         async def shutdown() -> None:
             state["server"].close()
-            for transport in transports:
+            for transport in transports or ():
                 transport.abort()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
