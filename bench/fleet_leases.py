@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from relays.base import DeliveryContext
 from relays.context import RelayContext
@@ -26,7 +27,7 @@ from tests.servers.redis import redis_server
 MESSAGE = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: bench\r\n\r\n" + b"x" * 1024 + b"\r\n"
 
 
-async def _round(relay: StaticRelay, count: int, concurrency: int) -> tuple[float, float]:
+async def per_delivery(relay: StaticRelay, count: int, concurrency: int) -> tuple[float, float]:
     """Seconds of wall time and of CPU per delivery."""
     envelope = Envelope(sender="a@example.com", recipients=["b@example.net"], message=MESSAGE)
     loop = asyncio.get_running_loop()
@@ -60,12 +61,12 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
         n = count if idle_timeout else count // 4
         try:
             for concurrency in concurrencies:
-                await _round(off, 100, concurrency)  # warm: connections open, scripts loaded
-                await _round(on, 100, concurrency)
+                await per_delivery(off, 100, concurrency)  # warm: connections open, scripts loaded
+                await per_delivery(on, 100, concurrency)
                 samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
                 for _ in range(rounds):
-                    samples["off"].append(await _round(off, n, concurrency))
-                    samples["on"].append(await _round(on, n, concurrency))
+                    samples["off"].append(await per_delivery(off, n, concurrency))
+                    samples["on"].append(await per_delivery(on, n, concurrency))
                 wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
                 cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
                 shape = "pooled" if idle_timeout else "a connection each"
@@ -99,7 +100,9 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
         await fleet.detach()
 
 
-if __name__ == "__main__":
+def run_against_sink(main: Callable[[str, int, int, int], Awaitable[None]]) -> None:
+    """`main(redis_url, sink_port, rounds, count)` with a redis-server and smtp-sink started for it;
+    rounds and count from the command line (defaults 5 and 2000). Shared with bench/fleet_rates.py."""
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
     port = free_port()
@@ -115,3 +118,7 @@ if __name__ == "__main__":
             asyncio.run(main(url, port, rounds, count))
     finally:
         stop(sink)
+
+
+if __name__ == "__main__":
+    run_against_sink(main)

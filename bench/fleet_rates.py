@@ -8,41 +8,16 @@ once. Run: .venv/bin/python -m bench.fleet_rates [rounds] [deliveries per round]
 """
 
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
 
+from bench.fleet_leases import per_delivery, run_against_sink
 from relays.base import DeliveryContext
 from relays.context import RelayContext
 from relays.rates import RelayRate
 from relays.static import StaticRelay
 from schemas.config import FleetSettings, ServiceSettings
-from schemas.delivery import Envelope
 from schemas.relay_options import StaticOptions
-from tests.servers.process import free_port, require_program, stop, wait_greeting
-from tests.servers.redis import redis_server
-
-MESSAGE = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: bench\r\n\r\n" + b"x" * 1024 + b"\r\n"
-
-
-async def _round(relay: StaticRelay, count: int, concurrency: int) -> tuple[float, float]:
-    """Seconds of wall time and of CPU per delivery."""
-    envelope = Envelope(sender="a@example.com", recipients=["b@example.net"], message=MESSAGE)
-    loop = asyncio.get_running_loop()
-    left = count
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            results = await relay.deliver(envelope, DeliveryContext(loop.time() + 30))
-            assert results[0].reply.code == 250, results[0].reply  # noqa: S101 - a benchmark's sanity check
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
 
 
 async def _admits(rate: RelayRate, count: int, concurrency: int) -> tuple[float, float]:
@@ -68,12 +43,12 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
     on = StaticRelay("on", StaticOptions.model_validate({**base, "max_message_rate": "1000000/s"}), context)
     try:
         for concurrency in (1, 8):
-            await _round(off, 200, concurrency)  # warm: connections open, scripts loaded
-            await _round(on, 200, concurrency)
+            await per_delivery(off, 200, concurrency)  # warm: connections open, scripts loaded
+            await per_delivery(on, 200, concurrency)
             samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
             for _ in range(rounds):
-                samples["off"].append(await _round(off, count, concurrency))
-                samples["on"].append(await _round(on, count, concurrency))
+                samples["off"].append(await per_delivery(off, count, concurrency))
+                samples["on"].append(await per_delivery(on, count, concurrency))
             wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
             cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
             print(
@@ -95,18 +70,4 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
-    port = free_port()
-    user = ["-u", "root"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen(  # noqa: S603
-        [require_program("smtp-sink"), *user, "-h", "sink.test", f"127.0.0.1:{port}", "256"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_greeting(port, sink)
-        with redis_server() as url:
-            asyncio.run(main(url, port, rounds, count))
-    finally:
-        stop(sink)
+    run_against_sink(main)
