@@ -26,8 +26,8 @@ from schemas.config import parse_sentinel_url
 REDIS_TIMEOUT = 2.0
 
 
-#: One command of a batch: the script, its key, its arguments, and the caller's future.
-_Call = tuple[AsyncScript, str, tuple[str | int, ...], "asyncio.Future[Any]"]
+#: One command of a batch: the script, its keys, its arguments, and the caller's future.
+_Call = tuple[AsyncScript, tuple[str, ...], tuple[str | int, ...], "asyncio.Future[Any]"]
 #: Batches out at once (one: they share the batches' connection), and the most commands in one.
 _BATCHES_OUT = 1
 _BATCH_MAX = 256
@@ -57,13 +57,15 @@ class Batch:
         )
         self.sending: set[asyncio.Task[None]] = set()
 
-    def call(self, script: AsyncScript, key: str, *args: str | int) -> "asyncio.Future[Any]":
+    def call(self, script: AsyncScript, keys: str | Sequence[str], *args: str | int) -> "asyncio.Future[Any]":
+        """EVALSHA of `script` with `keys` (one key, or several) and `args`; its reply, or the
+        exception that stands for it, comes in the future."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending and not self.sending:
             loop.call_soon(self._flush)
         # While a batch is out, the next one gathers; it leaves when that one's replies are in.
-        self.pending.append((script, key, args, future))
+        self.pending.append((script, (keys,) if isinstance(keys, str) else tuple(keys), args, future))
         return future
 
     def _flush(self) -> None:
@@ -102,7 +104,7 @@ class Batch:
         (SCRIPT LOAD, in the same write)."""
         replies: list[object] = []
         loads: list[tuple[object, ...]] = [("SCRIPT", "LOAD", script.script) for script in load or ()]
-        commands = loads + [("EVALSHA", script.sha, 1, key, *args) for script, key, args, _ in batch]
+        commands = loads + [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
         try:
             try:
                 await self._exchange(commands, replies)

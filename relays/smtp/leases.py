@@ -22,17 +22,14 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hiredis import pack_command
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from relays.instruments import FLEET_FALLBACKS, FLEET_LEASES, FLEET_LOCAL_LIMITS
-from relays.redis_link import redis_client
+from relays.redis_link import Batch, redis_client
 from schemas.config import ConfigError, ServiceSettings
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
-    from redis.asyncio.connection import AbstractConnection
     from redis.commands.core import AsyncScript
 
 logger = logging.getLogger("mailrelay")
@@ -110,98 +107,6 @@ return out"""
 _RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
 
 _UNAVAILABLE = (RedisError, OSError, TimeoutError)
-#: The most commands in one write.
-_BATCH_MAX = 256
-
-_Call = tuple["AsyncScript", list[str], list[Any], "asyncio.Future[Any]"]
-
-
-class _Wire:
-    """The lease commands, on one connection of their own: those issued in one event-loop
-    iteration leave in one write (packed by hiredis) and their replies are read in order; one
-    batch is out at a time, the next gathers meanwhile. redis-py's per-command path (a pool
-    checkout, a probe read, its events) cost a take ~3 times the CPU."""
-
-    def __init__(self, client: "aioredis.Redis") -> None:
-        self.client = client
-        self.connection: AbstractConnection | None = None
-        self.pending: list[_Call] = []
-        self.sending: asyncio.Task[None] | None = None
-
-    def call(self, script: "AsyncScript", keys: list[str], args: list[Any]) -> "asyncio.Future[Any]":
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self.pending and self.sending is None:
-            loop.call_soon(self._flush)
-        self.pending.append((script, keys, args, future))
-        return future
-
-    def _flush(self) -> None:
-        if not self.pending or self.sending is not None:
-            return
-        batch, self.pending = self.pending[:_BATCH_MAX], self.pending[_BATCH_MAX:]
-        self.sending = asyncio.get_running_loop().create_task(self._send(batch))
-        self.sending.add_done_callback(self._sent)
-
-    def _sent(self, task: "asyncio.Task[None]") -> None:
-        self.sending = None
-        self._flush()
-
-    async def _send(self, batch: list[_Call]) -> None:
-        replies: list[object] = []
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT):  # a Redis that stalls must not hold the wire
-                try:
-                    await self._exchange(batch, replies)
-                except RedisConnectionError:
-                    # A connection the server had closed (a restart, a failover) fails at once: once
-                    # more on a new one, for what got no reply. Running a script twice is harmless:
-                    # each lease and waiting mark is a member of its own, never counted twice.
-                    await self._exchange(batch[len(replies) :], replies)
-        except BaseException as exc:  # lost, timed out, or cancelled (shut down): the rest is unknown
-            failure = exc if isinstance(exc, Exception) else ConnectionError("closed")
-            for *_, future in batch[len(replies) :]:
-                if not future.done():
-                    future.set_exception(failure)
-            if not isinstance(exc, Exception):
-                raise
-        for (script, keys, args, future), reply in zip(batch, replies, strict=False):
-            if isinstance(reply, NoScriptError):  # Redis restarted or failed over: load it and run it
-                try:
-                    async with asyncio.timeout(REDIS_TIMEOUT):
-                        reply = await script(keys=keys, args=args)
-                except Exception as exc:
-                    reply = exc
-            if future.done():
-                continue  # its caller gave up
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    async def _exchange(self, batch: list[_Call], replies: list[object]) -> None:
-        connection = self.connection
-        if connection is None:  # connected on first use; through Sentinel, to the master it names
-            connection = self.connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            packed = b"".join(
-                [pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args, _ in batch]
-            )
-            await connection.send_packed_command(packed)
-            for _ in batch:
-                try:
-                    replies.append(await connection.read_response())
-                except NoScriptError as exc:
-                    replies.append(exc)
-        except BaseException:
-            await connection.disconnect()  # the next batch connects again
-            raise
-
-    async def aclose(self) -> None:
-        if self.sending is not None:
-            await asyncio.gather(self.sending, return_exceptions=True)
-        if self.connection is not None:
-            await self.connection.disconnect()
 
 
 class LeaseGate:
@@ -335,7 +240,9 @@ class FleetLeases:
         self.take_script: AsyncScript = self.client.register_script(_TAKE)
         self.renew_script: AsyncScript = self.client.register_script(_RENEW)
         self.release_script: AsyncScript = self.client.register_script(_RELEASE)
-        self._wire = _Wire(self.client)
+        # Calls issued in one event-loop iteration leave in one write, on a connection of their
+        # own that loads missing scripts itself (a Redis restarted or failed over has none).
+        self._batch = Batch(self.client)
         #: What the renewal task asks while it holds nothing: whether Redis answers again.
         self.probe_key = KEY_PREFIX + "probe"
         self._serial = 0
@@ -374,7 +281,7 @@ class FleetLeases:
 
     async def call(self, script: "AsyncScript", keys: list[str], args: list[Any]) -> Any:
         async with asyncio.timeout(REDIS_TIMEOUT):
-            return await self._wire.call(script, keys, args)
+            return await self._batch.call(script, keys, *args)
 
     def holding(self, gate: LeaseGate) -> None:
         self._active.add(gate)
@@ -469,7 +376,7 @@ class FleetLeases:
             await asyncio.gather(*self._releases, return_exceptions=True)
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                await self._wire.aclose()
+                await self._batch.aclose()
                 await self.client.aclose()
         except _UNAVAILABLE:
             pass
