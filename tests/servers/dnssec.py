@@ -10,35 +10,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers.nsd import free_udp_and_tcp_port, wait_answering
+from tests.servers.nsd import free_udp_and_tcp_port, start_nsd, wait_answering, zone_text
 from tests.servers.process import require_program, stop, traversable_tmpdir
 
 NSD_HOST, UNBOUND_HOST = "127.0.0.84", "127.0.0.85"
-
-_NSD_CONF = """\
-server:
-    ip-address: {host}@{port}
-    do-ip6: no
-    username: ""
-    chroot: ""
-    zonesdir: "{d}"
-    database: ""
-    pidfile: "{d}/nsd.pid"
-    zonelistfile: "{d}/zone.list"
-    xfrdfile: "{d}/xfrd.state"
-    xfrdir: "{d}"
-    logfile: "{d}/nsd.log"
-    server-count: 1
-    verbosity: 1
-remote-control:
-    control-enable: no
-zone:
-    name: {signed}
-    zonefile: signed.zone.signed
-zone:
-    name: {unsigned}
-    zonefile: unsigned.zone
-"""
 
 # Without `local-zone: "test." nodefault` every .test name is NXDOMAIN (RFC 6761), without
 # `do-not-query-localhost: no` nothing on 127.0.0.0/8 is asked (SERVFAIL).
@@ -77,34 +52,23 @@ class Validating:
         return f"{self.host}:{self.port}"
 
 
-def _zone(name: str, host: str, records: str) -> str:
-    return (
-        f"$ORIGIN {name}.\n$TTL 300\n@ IN SOA ns.{name}. hostmaster.{name}. 1 3600 600 86400 60\n"
-        f"@ IN NS ns.{name}.\nns IN A {host}\n{records}"
-    )
-
-
 @contextmanager
 def validating_resolver(
     signed: str, signed_records: str, unsigned: str, unsigned_records: str, *, bogus: str | None = None
 ) -> Iterator[Validating]:
     """unbound validating `signed` (its records signed by a fresh key) and resolving `unsigned`;
     the TLSA record of `bogus` (an owner name with its final dot) is changed after signing."""
-    nsd = require_program("nsd", "/usr/sbin/nsd")
     unbound = require_program("unbound", "/usr/sbin/unbound")
     keygen, signzone = require_program("ldns-keygen"), require_program("ldns-signzone")
     directory = traversable_tmpdir("dnssec-")
     nsd_port, unbound_port = free_udp_and_tcp_port(NSD_HOST), free_udp_and_tcp_port(UNBOUND_HOST)
-    (directory / "signed.zone").write_text(_zone(signed, NSD_HOST, signed_records))
-    (directory / "unsigned.zone").write_text(_zone(unsigned, NSD_HOST, unsigned_records))
+    (directory / "signed.zone").write_text(zone_text(signed, NSD_HOST, signed_records))
+    (directory / "unsigned.zone").write_text(zone_text(unsigned, NSD_HOST, unsigned_records))
     key = _run([keygen, "-a", "ECDSAP256SHA256", "-k", signed], directory).strip()  # Kdane.test.+013+NNNNN
     _run([signzone, "-o", signed, "signed.zone", key], directory)
     if bogus is not None:
         _tamper(directory / "signed.zone.signed", bogus)
     (directory / "anchor.ds").write_text((directory / f"{key}.ds").read_text())
-    (directory / "nsd.conf").write_text(
-        _NSD_CONF.format(host=NSD_HOST, port=nsd_port, d=directory, signed=signed, unsigned=unsigned)
-    )
     (directory / "unbound.conf").write_text(
         _UNBOUND_CONF.format(
             host=UNBOUND_HOST,
@@ -117,7 +81,8 @@ def validating_resolver(
     )
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        processes.append(_spawn([nsd, "-d", "-c", str(directory / "nsd.conf")]))
+        zones = {signed: "signed.zone.signed", unsigned: "unsigned.zone"}
+        processes.append(start_nsd(directory, NSD_HOST, nsd_port, zones))
         wait_answering(signed, NSD_HOST, nsd_port, processes[-1])
         processes.append(_spawn([unbound, "-d", "-c", str(directory / "unbound.conf")]))
         wait_answering(signed, UNBOUND_HOST, unbound_port, processes[-1])

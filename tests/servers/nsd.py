@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import dns.exception
 import dns.message
@@ -34,9 +35,6 @@ server:
     verbosity: 1
 remote-control:
     control-enable: no
-zone:
-    name: {zone}
-    zonefile: zone
 """
 
 
@@ -69,24 +67,37 @@ def free_udp_and_tcp_port(host: str) -> int:
             return port
 
 
-@contextmanager
-def nsd_server(zone: str, records: str, host: str = NSD_HOST) -> Iterator[Nameserver]:
-    """NSD serving `zone` (SOA and NS made here) plus `records` (zone-file lines relative to it)."""
-    program = require_program("nsd", "/usr/sbin/nsd")
-    directory = traversable_tmpdir("nsd-")
-    port = free_udp_and_tcp_port(host)
-    (directory / "zone").write_text(
-        f"$ORIGIN {zone}.\n$TTL 300\n"
-        f"@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n@ IN NS ns.{zone}.\nns IN A {host}\n" + records
+def zone_text(zone: str, host: str, records: str) -> str:
+    """A zone file: SOA and NS (its name server `ns.<zone>` at `host`) made here, plus `records`
+    (zone-file lines relative to the zone)."""
+    return (
+        f"$ORIGIN {zone}.\n$TTL 300\n@ IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 60\n"
+        f"@ IN NS ns.{zone}.\nns IN A {host}\n{records}"
     )
-    (directory / "nsd.conf").write_text(_CONF.format(host=host, port=port, d=directory, zone=zone))
-    process = subprocess.Popen(  # noqa: S603
+
+
+def start_nsd(directory: Path, host: str, port: int, zones: dict[str, str]) -> "subprocess.Popen[bytes]":
+    """NSD on `host`@`port` serving `zones` (name: zone file in `directory`), its state in `directory`."""
+    program = require_program("nsd", "/usr/sbin/nsd")
+    conf = _CONF.format(host=host, port=port, d=directory)
+    conf += "".join(f"zone:\n    name: {name}\n    zonefile: {file}\n" for name, file in zones.items())
+    (directory / "nsd.conf").write_text(conf)
+    return subprocess.Popen(  # noqa: S603
         [program, "-d", "-c", str(directory / "nsd.conf")],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+@contextmanager
+def nsd_server(zone: str, records: str, host: str = NSD_HOST) -> Iterator[Nameserver]:
+    """NSD serving `zone` (SOA and NS made here) plus `records` (zone-file lines relative to it)."""
+    directory = traversable_tmpdir("nsd-")
+    port = free_udp_and_tcp_port(host)
+    (directory / "zone").write_text(zone_text(zone, host, records))
+    process = start_nsd(directory, host, port, {zone: "zone"})
     try:
         wait_answering(zone, host, port, process)
         yield Nameserver(host, port)
