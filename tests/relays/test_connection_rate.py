@@ -12,6 +12,7 @@ from relays.mx import MxRelay
 from relays.static import StaticRelay
 from tests.conftest import context, envelope, opened
 from tests.servers.dns import DnsServer, dns_server
+from tests.servers.process import free_port
 from tests.servers.redis import redis_server
 from tests.servers.smtp import smtp_server
 
@@ -109,3 +110,22 @@ async def test_mx_keeps_one_connection_rate_per_mx_host(redis_url: str, dns: Dns
     assert (second.reply.code, second.reply.enhanced_status) == (451, "4.4.5")
     assert second.reply.message.startswith("4.4.5 connection rate limit 1/m to 127.0.0.1 reached")
     assert server.connection_count == 1
+
+
+async def test_redis_unreachable_the_connection_rate_is_this_instances_part() -> None:
+    # 20/s for a fleet of 2, Redis unreachable: this instance opens 10 a second, one every 100 ms.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with smtp_server() as server:
+        config = _static(server.port, dead, "local", "max_connection_rate: 20/s").replace(
+            "fleet: {", "fleet: {expected_instances: 2, "
+        )
+        async with opened(config) as relays:
+            out = relays["local"]
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for i in range(6):
+                (result,) = await out.deliver(envelope(f"r{i}@example.net"), context())
+                assert result.status == "delivered"
+            elapsed = loop.time() - start
+    assert 0.45 <= elapsed < 1.0, f"6 connections in {elapsed:.2f} s: the local part is 10/s"
+    assert server.connection_count == 6
