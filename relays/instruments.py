@@ -72,17 +72,23 @@ FLEET_LOCAL_LIMITS = Gauge(
 
 
 # Fleet-wide rates and quotas (relays/rates.py). Bounded labels: relay names (from the configuration)
-# and the two kinds of limit set ("rate", "quota").
+# and the two kinds of limit set ("rate", "quota"). A relay's message and connection rates share the
+# rate series: the 451's text says which one refused.
 RATE_WAITS = Counter(
-    "mailrelay_rate_waits", "deliveries that waited for a relay's max_message_rate, by relay", ["relay"]
+    "mailrelay_rate_waits",
+    "deliveries that waited for a relay's max_message_rate, or for a new connection's slot under its "
+    "max_connection_rate, by relay",
+    ["relay"],
 )
 RATE_WAIT_SECONDS = Counter(
-    "mailrelay_rate_wait_seconds", "seconds deliveries waited for a relay's max_message_rate, by relay", ["relay"]
+    "mailrelay_rate_wait_seconds",
+    "seconds deliveries waited for a relay's max_message_rate or max_connection_rate, by relay",
+    ["relay"],
 )
 RATE_LIMITED = Counter(
     "mailrelay_rate_limited",
-    "deliveries to a destination answered 451 4.4.5 because its max_message_rate would have made them wait past "
-    "max_rate_wait or the deadline, by relay",
+    "deliveries to a destination answered 451 4.4.5 because its max_message_rate or max_connection_rate would "
+    "have made them wait past max_rate_wait or the deadline, by relay",
     ["relay"],
 )
 RATE_FALLBACKS = Counter(

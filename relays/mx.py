@@ -16,7 +16,7 @@ from relays.dane import DaneHost, usable
 from relays.dns import DnsFailure, DnsResolver, NoSuchDomain
 from relays.instruments import MTA_STS_CHECKS
 from relays.mta_sts import MtaSts, Policy
-from relays.rates import RelayRate
+from relays.rates import RelayRates
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings, Transaction
 from schemas.delivery import Envelope, RecipientResult, domain_of
@@ -174,8 +174,8 @@ class MxRelay:
         self._verified_pools: dict[Destination, SmtpPool] = {}
         self._dane_pools: dict[tuple[Destination, DaneHost], SmtpPool] = {}
         self._dane_settings: dict[DaneHost, SessionSettings] = {}
-        rate = options.max_message_rate
-        self._rate = RelayRate.for_relay(context.settings, name, rate, options.max_rate_wait) if rate else None
+        self._rates = RelayRates.for_relay(context.settings, name, options)
+        self._rate = self._rates.message
         self._verified_settings = self.settings.verified(options.tls, name)
         # The policy fetch trusts what the verified connections trust (tls.ca_certs, else the system's).
         trust = self._verified_settings.tls_context
@@ -402,6 +402,9 @@ class MxRelay:
                 self.options.idle_timeout,
                 max_waiting=self.options.max_waiting,
                 fleet=self._fleet,
+                # Per MX host like max_message_rate: its addresses' and TLS variants' pools share one rate.
+                connection_rate=self._rates.connection,
+                rate_target=destination.name,
             )
             pools[key] = pool
         return pool
@@ -411,7 +414,6 @@ class MxRelay:
         await asyncio.gather(*(pool.aclose() for pool in pools))
         if self._fleet is not None:
             await self._fleet.detach()
-        if self._rate is not None:
-            await self._rate.aclose()
+        await self._rates.aclose()
         if self._mta_sts is not None:
             await self._mta_sts.aclose()

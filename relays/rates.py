@@ -34,9 +34,21 @@ from relays.instruments import RATE_FALLBACK_ACTIVE, RATE_FALLBACKS, RATE_LIMITE
 from relays.redis_link import REDIS_TIMEOUT, Batch, reason, redis_client
 from schemas.config import FleetSettings, IdempotencySettings, KeyQuota, ServiceSettings
 from schemas.rate import Rate, parse_rate
+from schemas.relay_options import SmtpOptions
 from schemas.reply import Reply
 
-__all__ = ["KeyQuotas", "Limit", "Outcome", "QuotaAnswer", "Rate", "RelayRate", "SharedLimits", "State", "parse_rate"]
+__all__ = [
+    "KeyQuotas",
+    "Limit",
+    "Outcome",
+    "QuotaAnswer",
+    "Rate",
+    "RelayRate",
+    "RelayRates",
+    "SharedLimits",
+    "State",
+    "parse_rate",
+]
 
 logger = logging.getLogger("mailrelay")
 
@@ -260,15 +272,25 @@ class SharedLimits:
 
 
 class RelayRate:
-    """A relay's `max_message_rate`, checked right before a message goes to a destination."""
+    """A relay's `max_message_rate`, checked right before a message goes to a destination; or, with
+    `connections`, its `max_connection_rate`, checked right before a pool opens a connection.
 
-    def __init__(self, limits: SharedLimits, relay: str, spec: str, max_wait: float) -> None:
+    The connection rate is a limit set of its own (`<relay>:<target>:conn`), not a second field of
+    the message rate's hash: the two are taken at different times, and the script's PEXPIRE, set
+    from the limits of the call, would cut short the other field's state (a 1/h message rate
+    forgotten after a 10/s connection check)."""
+
+    def __init__(
+        self, limits: SharedLimits, relay: str, spec: str, max_wait: float, *, connections: bool = False
+    ) -> None:
         self.limits = limits
         self.relay = relay
         self.spec = spec
         self.rate = parse_rate(spec)
         self.max_wait = max_wait
-        self._limit = (Limit("m", self.rate),)
+        self._limit = (Limit("c" if connections else "m", self.rate),)
+        self._suffix = ":conn" if connections else ""
+        self._refusal = replies.connection_rate_limited if connections else replies.rate_limited
 
     @classmethod
     def for_relay(cls, settings: ServiceSettings, relay: str, spec: str, max_wait: float) -> "RelayRate":
@@ -282,10 +304,10 @@ class RelayRate:
         longer than `max_rate_wait` or the time left before the deadline, returns the 451 reply
         that names the limit (no slot taken)."""
         budget = min(self.max_wait, context.remaining())
-        outcome = await self.limits.check(f"{self.relay}:{target}", self._limit, budget)
+        outcome = await self.limits.check(f"{self.relay}:{target}{self._suffix}", self._limit, budget)
         if not outcome.allowed:
             child(RATE_LIMITED, self.relay).inc()
-            return replies.rate_limited(self.spec, target, outcome.wait)
+            return self._refusal(self.spec, target, outcome.wait)
         if outcome.wait >= _LEAST_SLEEP:
             child(RATE_WAITS, self.relay).inc()
             child(RATE_WAIT_SECONDS, self.relay).inc(outcome.wait)
@@ -294,6 +316,32 @@ class RelayRate:
 
     async def aclose(self) -> None:
         await self.limits.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRates:
+    """An SMTP relay's `max_message_rate` and `max_connection_rate` (each None when not set), on one
+    SharedLimits: one Redis client per relay however many rates it has, closed by `aclose`."""
+
+    message: RelayRate | None
+    connection: RelayRate | None
+
+    @classmethod
+    def for_relay(cls, settings: ServiceSettings, relay: str, options: SmtpOptions) -> "RelayRates":
+        message, connection = options.max_message_rate, options.max_connection_rate
+        if message is None and connection is None:
+            return cls(None, None)
+        limits = SharedLimits(settings.fleet, settings.idempotency, what="rate", prefix="mailrelay:rate:")
+        wait = options.max_rate_wait
+        return cls(
+            RelayRate(limits, relay, message, wait) if message else None,
+            RelayRate(limits, relay, connection, wait, connections=True) if connection else None,
+        )
+
+    async def aclose(self) -> None:
+        rate = self.message or self.connection
+        if rate is not None:
+            await rate.limits.aclose()
 
 
 @dataclass(frozen=True, slots=True)

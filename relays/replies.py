@@ -130,6 +130,17 @@ def rate_limited(rate: str, target: str, wait: float) -> Reply:
     )
 
 
+def connection_rate_limited(rate: str, target: str, wait: float) -> Reply:
+    """The relay's max_connection_rate to `target` would have made this delivery wait past its bound
+    for a new connection (none idle to reuse): nothing sent."""
+    return _reply(
+        451,
+        "4.4.5",
+        f"connection rate limit {rate} to {target} reached (next slot in {wait:.1f} s); not sent",
+        "[CONNECT]",
+    )
+
+
 def dns_failure(domain: str, reason: str) -> Reply:
     return _reply(451, "4.4.3", f"DNS lookup for {domain} failed: {reason}", "[DNS]")
 

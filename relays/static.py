@@ -2,7 +2,7 @@
 
 from relays.base import DeliveryContext
 from relays.context import RelayContext
-from relays.rates import RelayRate
+from relays.rates import RelayRates
 from relays.smtp.pool import SmtpPool
 from relays.smtp.session import Destination, SessionSettings
 from schemas.delivery import Envelope, RecipientResult
@@ -19,6 +19,8 @@ class StaticRelay:
         settings = SessionSettings.from_options(options, name, lmtp=self.lmtp)
         destination = Destination(address=options.host, port=options.port, name=options.host)
         self._fleet = context.fleet_leases(name) if options.fleet_connections else None
+        self._rates = RelayRates.for_relay(context.settings, name, options)
+        self.rate = self._rates.message
         self.pool = SmtpPool(
             destination,
             settings,
@@ -27,9 +29,8 @@ class StaticRelay:
             max_waiting=options.max_waiting,
             metrics_destination=destination.label,  # one configured host: a bounded label
             fleet=self._fleet,
+            connection_rate=self._rates.connection,
         )
-        rate = options.max_message_rate
-        self.rate = RelayRate.for_relay(context.settings, name, rate, options.max_rate_wait) if rate else None
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
         recipients = list(envelope.recipients)
@@ -52,5 +53,4 @@ class StaticRelay:
         await self.pool.aclose()
         if self._fleet is not None:
             await self._fleet.detach()
-        if self.rate is not None:
-            await self.rate.aclose()
+        await self._rates.aclose()

@@ -361,10 +361,17 @@ class SmtpOptions(_RelayOptions):
         "instance using `mailrelay.fleet`'s Redis (smoothly: one message every period/count); without Redis, or "
         "while it is unreachable, each instance keeps to the rate / `fleet.expected_instances`. Default: no limit",
     )
+    max_connection_rate: RateSpec | None = Field(
+        default=None,
+        description="most new connections per period to one destination (same notation and destinations as "
+        "`max_message_rate`), fleet-wide like it; a reused pooled connection needs no slot, so with "
+        "`idle_timeout` > 0 this bounds the connections opened, not the messages. Default: no limit",
+    )
     max_rate_wait: NonNegativeSeconds = Field(
         default=5,
-        description="most seconds a delivery waits for its slot under `max_message_rate` (never past its "
-        "deadline); one that would wait longer fails at once with 451 4.4.5 naming the limit, nothing sent",
+        description="most seconds a delivery waits for its slot under `max_message_rate`, and again for a new "
+        "connection's under `max_connection_rate` (never past its deadline); one that would wait longer fails at "
+        "once with 451 4.4.5 naming the limit, nothing sent",
     )
     ehlo_as: EhloName = Field(
         default_factory=machine_fqdn,

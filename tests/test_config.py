@@ -31,6 +31,7 @@ SMTP_DEFAULTS: dict[str, Any] = {
     "chunking": True,
     "fleet_connections": False,
     "max_message_rate": None,
+    "max_connection_rate": None,
     "max_rate_wait": 5.0,
 }
 #: mx encrypts by default: STARTTLS when offered, unverified (issue 18).

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from relays import replies
 from relays.base import DeliveryContext, RelayError
 from relays.instruments import FLEET_LEASE_WAIT, SMTP_CONNECTIONS, SMTP_OPENED, SMTP_REUSED
+from relays.rates import RelayRate
 from relays.smtp.leases import LEASE_IDLE, POLL_EVERY, FleetLeases, LeaseGate
 from relays.smtp.session import Destination, SessionSettings, SmtpSession, StaleSessionError, Transaction
 from schemas.delivery import Envelope, HopSecurity
@@ -44,6 +45,11 @@ class SmtpPool:
     asking again every POLL_EVERY seconds, or takes an idle connection of this pool. Idle
     connections are kept at most LEASE_IDLE seconds, and closed at once when other instances
     wait and this pool holds more than its share.
+
+    With `connection_rate` (the relay's `max_connection_rate`), opening a connection also waits
+    for its slot under that rate (fleet-wide, keyed by `rate_target`), at most `max_rate_wait`
+    and never past the delivery's deadline; refused, the delivery gets 451 4.4.5 naming the
+    limit, nothing sent. A reused idle connection takes no slot.
     """
 
     def __init__(
@@ -57,6 +63,8 @@ class SmtpPool:
         max_waiting: int = MAX_WAITING,
         metrics_destination: str = ANY_DESTINATION,
         fleet: FleetLeases | None = None,
+        connection_rate: RelayRate | None = None,
+        rate_target: str | None = None,
     ) -> None:
         self.destination = destination
         self.settings = settings
@@ -74,6 +82,9 @@ class SmtpPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
         self._closed = False
+        # The relay's max_connection_rate, keyed like its max_message_rate (`rate_target`).
+        self._connection_rate = connection_rate
+        self._rate_target = rate_target or destination.label
         labels = (settings.relay, metrics_destination)
         self._open_gauge = SMTP_CONNECTIONS.labels(*labels, "open")
         self._idle_gauge = SMTP_CONNECTIONS.labels(*labels, "idle")
@@ -179,6 +190,9 @@ class SmtpPool:
         closed or could not be opened."""
         while True:
             if session is None:
+                rate = self._connection_rate
+                if rate is not None and (refusal := await self._rate_slot(rate, context)) is not None:
+                    return None, Transaction([refusal] * len(recipients), False)
                 session = self._session_factory(self.destination, self.settings)
                 try:
                     await session.open()
@@ -197,6 +211,20 @@ class SmtpPool:
             except BaseException:
                 self._discard(session)
                 raise
+
+    async def _rate_slot(self, rate: RelayRate, context: DeliveryContext) -> Reply | None:
+        """Wait for a new connection's slot under max_connection_rate (the pool slot, and its fleet
+        lease, are already reserved: they are given back when the slot is refused or the wait is
+        cancelled). Here, not in _acquire: every way to a new connection (the first, a stale one's
+        replacement, the next batch's after a 421) passes by, and a reused one never does."""
+        try:
+            refusal = await rate.admit(self._rate_target, context)
+        except BaseException:
+            self._closed_one()
+            raise
+        if refusal is not None:
+            self._closed_one()
+        return refusal
 
     async def _acquire(self, *, reuse: bool) -> SmtpSession | None:
         """An idle connection, or None with a slot reserved for opening one.
