@@ -21,9 +21,14 @@ What a resumed session may be used for:
   verified) it was made with;
 - a DANE context does not resume at all (relays/smtp/session.py `with_dane` builds a plain
   context): the TLSA check reads the chain the server sends, which a resumed handshake has not;
-- at most `MAX_AGE` seconds after the full handshake that checked the certificate, however
-  often it was resumed since (each resumption brings a fresh ticket, the check stays as old),
-  and never past the server's own lifetime for the session (`SSLSession.timeout`);
+- only the session of a full handshake is kept, and offered to every new connection until
+  `MAX_AGE` seconds after that handshake (so the certificate is checked again at least that
+  often) or the server's own lifetime for it (`SSLSession.timeout`), whichever comes first.
+  Tickets that resumed connections bring are not read (reading one costs about what resumption
+  saves: `remember`). A TLS 1.3 ticket may serve several connections: RFC 8446 (C.4) advises
+  single use against the linking of a client's connections by an observer, which an MTA's own
+  address allows anyway; a server that takes each ticket once answers the second with a full
+  handshake, whose session is then kept;
 - at most `CACHE_SIZE` destinations per context, the least recently stored dropped first.
 """
 
@@ -52,7 +57,7 @@ _destination: contextvars.ContextVar[tuple[str, int, str] | None] = contextvars.
 class _Entry:
     session: ssl.SSLSession
     server_hostname: str | None  # the name it was made for (SNI, and the name verified): only for that
-    checked_at: float  # time.time() of the full handshake this session descends from
+    expires: float  # time.time() after which it is not offered
 
 
 class ResumingContext(ssl.SSLContext):
@@ -90,32 +95,28 @@ class ResumingContext(ssl.SSLContext):
         entry = self._sessions.get(key)
         if entry is None or entry.server_hostname != server_hostname:
             return None
-        now = time.time()
-        if now >= min(entry.checked_at + MAX_AGE, entry.session.time + entry.session.timeout):
+        if time.time() >= entry.expires:
             del self._sessions[key]
             return None
         return entry.session
 
-    def remember(self, key: tuple[str, int, str], tls: ssl.SSLObject) -> None:
-        """Keep `tls`'s session for `key`, if the server gave one that can be resumed.
+    def remember(self, key: tuple[str, int, str], tls: ssl.SSLObject) -> bool:
+        """Keep the session of `tls`, a connection to `key` that made a full handshake; whether it
+        could be kept (a TLS 1.3 server sends its ticket after the handshake: not yet, maybe).
 
-        Called after the first reply over TLS and again before the connection closes: a TLS 1.3
-        server sends its ticket after the handshake, read with the next data."""
+        Reading a connection's session copies it, certificate and all (CPython's `_ssl_session_dup`:
+        about 0.2 ms, as much CPU as a resumption saves the client), so it is read after a full
+        handshake only: a resumed connection leaves the kept session in place, offered again
+        until it expires."""
         session = tls.session
         if session is None or not (session.has_ticket or (tls.version() != "TLSv1.3" and session.id)):
-            return
-        previous = self._sessions.get(key)
-        if previous is not None and previous.session.id == session.id and previous.session.time == session.time:
-            return  # the same session, already kept
-        checked_at = float(session.time)
-        if tls.session_reused and previous is not None:
-            checked_at = previous.checked_at  # resumed: the certificate was checked then, not now
-        elif tls.session_reused:
-            return  # resumed from a session no longer kept (expired): no age to carry on
-        self._sessions[key] = _Entry(session, tls.server_hostname, checked_at)
+            return False
+        made = float(session.time)
+        self._sessions[key] = _Entry(session, tls.server_hostname, min(made + MAX_AGE, made + session.timeout))
         self._sessions.move_to_end(key)
         while len(self._sessions) > CACHE_SIZE:
             self._sessions.popitem(last=False)
+        return True
 
     def forget(self, key: tuple[str, int, str]) -> None:
         """Drop `key`'s session (its handshake failed: the next one starts afresh)."""

@@ -228,6 +228,7 @@ class SmtpSession:
         self.created = time.monotonic()
         self.transactions = 0
         self._broken = False
+        self._session_kept = False  # this connection's TLS session is in the context's cache
         self.security = _PLAIN  # set by open()
 
     @property
@@ -300,16 +301,17 @@ class SmtpSession:
             await self._authenticate(*self.settings.credentials)
 
     def _remember_session(self) -> None:
-        """Keep the TLS session for the next connection to this destination (relays/smtp/resumption.py).
-
-        Called once a reply came over TLS, when a TLS 1.3 server has sent its ticket, and
-        again at QUIT, for a ticket that came later."""
+        """Keep the TLS session of a full handshake for the next connections to this destination
+        (relays/smtp/resumption.py). Called once a reply came over TLS, when a TLS 1.3 server
+        has sent its ticket, and at QUIT for a ticket that came later."""
         context = self.settings.tls_context
         transport = self.smtp.transport
-        if isinstance(context, ResumingContext) and transport is not None:
-            tls = transport.get_extra_info("ssl_object")
-            if tls is not None:
-                context.remember(self.destination, tls)
+        if self._session_kept or not isinstance(context, ResumingContext) or transport is None:
+            return
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            # A resumed connection's session is the one kept already.
+            self._session_kept = tls.session_reused or context.remember(self.destination, tls)
 
     def _check_dane(self) -> None:
         """A server with usable TLSA records must match them, checked as soon as the handshake is
