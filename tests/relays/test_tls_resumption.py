@@ -4,9 +4,11 @@ against a private Postfix (tests/servers/postfix.py): its `tlslog` and `tls12` l
 
 `idle_timeout: 0` closes each connection after its delivery: every delivery is a new connection."""
 
+import asyncio
 import dataclasses
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +18,10 @@ from relays.smtp.resumption import ResumingContext
 from relays.smtp.session import SessionSettings
 from schemas.delivery import HopSecurity, RecipientResult
 from schemas.relay_options import MxOptions
+from tests.canaries import LOOPS
 from tests.conftest import context, envelope, opened
 from tests.servers.postfix import Postfix, postfix
+from tests.servers.smtp import smtp_server, tls_material
 
 MESSAGE = b"From: alice@example.com\r\nTo: bob@mail.test\r\nSubject: resume\r\n\r\nHello\r\n"
 
@@ -129,6 +133,29 @@ async def test_the_cache_keeps_at_most_cache_size_destinations(
             (result,) = await relays["out"].deliver(envelope(f"bob@{domain}.example", message=MESSAGE), context())
             resumed.append(hop(result).resumed)
     assert resumed == [False, True, False, False]
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_resumption_on_either_loop_and_either_tls_mode(tmp_path: Path, loop: str, mode: str) -> None:
+    """The destination reaches wrap_bio through a context variable, which asyncio's loop and
+    uvloop carry to the handshake differently (relays/smtp/resumption.py): both loops, STARTTLS
+    and implicit TLS, against aiosmtpd on Python's ssl (which issues TLS 1.3 tickets)."""
+
+    async def deliveries(port: int, ca_file: Path) -> list[bool]:
+        config = static(port, f"{{mode: {mode}, ca_certs: '{ca_file}'}}")
+        async with opened(config) as relays:
+            resumed = []
+            for _ in range(2):
+                (result,) = await relays["out"].deliver(envelope("bob@example.net", message=MESSAGE), context())
+                resumed.append(hop(result).resumed)
+            return resumed
+
+    with tls_material(tmp_path) as tls, smtp_server(tls=tls, implicit_tls=mode == "implicit") as server:
+        runner = asyncio.Runner(loop_factory=LOOPS[loop])
+        with runner:
+            assert runner.run(deliveries(server.port, tls.ca_file)) == [False, True]
+    assert [r.tls for r in server.received] == [True, True]
 
 
 def test_dane_connections_never_resume() -> None:
