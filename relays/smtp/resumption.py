@@ -29,7 +29,9 @@ What a resumed session may be used for:
   single use against the linking of a client's connections by an observer, which an MTA's own
   address allows anyway; a server that takes each ticket once answers the second with a full
   handshake, whose session is then kept;
-- at most `CACHE_SIZE` destinations per context, the least recently stored dropped first.
+- at most `CACHE_SIZE` destinations per context, the least recently stored dropped first; an
+  expired session is dropped when it would be offered, or when a newer one is stored and it is
+  the oldest.
 """
 
 import contextvars
@@ -105,7 +107,7 @@ class ResumingContext(ssl.SSLContext):
         could be kept (a TLS 1.3 server sends its ticket after the handshake: not yet, maybe).
 
         Reading a connection's session copies it, certificate and all (CPython's `_ssl_session_dup`:
-        about 0.2 ms, as much CPU as a resumption saves the client), so it is read after a full
+        0.2 to 0.5 ms measured, about what a resumption saves the client), so it is read after a full
         handshake only: a resumed connection leaves the kept session in place, offered again
         until it expires."""
         session = tls.session
@@ -114,7 +116,12 @@ class ResumingContext(ssl.SSLContext):
         made = float(session.time)
         self._sessions[key] = _Entry(session, tls.server_hostname, min(made + MAX_AGE, made + session.timeout))
         self._sessions.move_to_end(key)
-        while len(self._sessions) > CACHE_SIZE:
+        # Oldest first: drop the expired ones there (most expire in the order they were made),
+        # then any beyond the bound.
+        now = time.time()
+        while self._sessions and (
+            len(self._sessions) > CACHE_SIZE or next(iter(self._sessions.values())).expires <= now
+        ):
             self._sessions.popitem(last=False)
         return True
 
