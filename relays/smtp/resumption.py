@@ -107,7 +107,7 @@ class ResumingContext(ssl.SSLContext):
         could be kept (a TLS 1.3 server sends its ticket after the handshake: not yet, maybe).
 
         Reading a connection's session copies it, certificate and all (CPython's `_ssl_session_dup`:
-        0.2 to 0.5 ms measured, about what a resumption saves the client), so it is read after a full
+        0.2 to 0.5 ms measured, more than a resumption saves the client), so it is read after a full
         handshake only: a resumed connection leaves the kept session in place, offered again
         until it expires."""
         session = tls.session
