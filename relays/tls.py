@@ -1,6 +1,7 @@
 """Client TLS contexts from the `tls` options (the old ssl.wrap_socket keywords)."""
 
 import ssl
+from collections.abc import Callable
 
 from schemas.config import ConfigError
 from schemas.relay_options import TlsOptions
@@ -12,13 +13,20 @@ _MINIMUM_VERSION = {
 }
 
 
-def client_context(options: TlsOptions, path: str, *, verify_by_default: bool = True) -> ssl.SSLContext:
+def _default() -> ssl.SSLContext:
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+
+
+def client_context(
+    options: TlsOptions, path: str, *, verify_by_default: bool = True, new: Callable[[], ssl.SSLContext] = _default
+) -> ssl.SSLContext:
     """An SSLContext for a client; a bad file or cipher list is a ConfigError at `path`.
 
     `verify_by_default` is False for opportunistic STARTTLS, which (as Postfix's
-    `may` level) encrypts without verifying unless `cert_reqs` says otherwise.
+    `may` level) encrypts without verifying unless `cert_reqs` says otherwise. `new` makes
+    the context before the options apply (SMTP's resumes sessions: relays/smtp/resumption.py).
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context = new()
     cert_reqs = options.cert_reqs or ("CERT_REQUIRED" if verify_by_default else "CERT_NONE")
     if cert_reqs == "CERT_NONE":
         context.check_hostname = False

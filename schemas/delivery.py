@@ -703,6 +703,11 @@ class HopSecurity(BaseModel):
         "certificate verified by a CA for its name), `mta-sts` (by the domain's MTA-STS policy), `dane` (by "
         "DNSSEC-signed TLSA records)",
     )
+    resumed: bool = Field(
+        default=False,
+        description="the TLS session of an earlier connection to this host was resumed (no certificate sent; it "
+        "was checked as `authenticated` says when that session began, at most an hour before)",
+    )
 
 
 class RecipientResult(BaseModel):

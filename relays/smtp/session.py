@@ -37,6 +37,7 @@ from relays import replies
 from relays.base import DeliveryContext, RelayError
 from relays.dane import DaneHost, check, peer_chain
 from relays.smtp.reader import ReplyReader, ReplyTooLongError, reading_replies
+from relays.smtp.resumption import ResumingContext, resuming_for
 from relays.tls import client_context
 from schemas.delivery import Envelope, HopSecurity
 from schemas.relay_options import SmtpOptions, SmtpTlsOptions
@@ -97,7 +98,12 @@ class SessionSettings:
         tls = options.tls
         context = None
         if tls is not None and tls.mode != "none":
-            context = client_context(tls, f"relay.{relay_name}.tls", verify_by_default=tls.mode != "opportunistic")
+            context = client_context(
+                tls,
+                f"relay.{relay_name}.tls",
+                verify_by_default=tls.mode != "opportunistic",
+                new=ResumingContext.default,
+            )
         credentials = None
         if options.credentials is not None:
             credentials = (options.credentials.username, options.credentials.password.get_secret_value())
@@ -120,7 +126,9 @@ class SessionSettings:
 
     def with_dane(self, host: DaneHost, tls: SmtpTlsOptions | None, relay_name: str) -> "SessionSettings":
         """These settings for an MX host with TLSA records: STARTTLS required, no CA check (the
-        records decide, after the handshake)."""
+        records decide, after the handshake). A plain context: no session resumption, as the
+        records are checked against the chain the server sends, which a resumed handshake has not
+        (relays/smtp/resumption.py)."""
         options = (tls or SmtpTlsOptions()).model_copy(update={"mode": "starttls", "cert_reqs": "CERT_NONE"})
         context = client_context(options, f"relay.{relay_name}.tls")
         return dataclasses.replace(self, tls_mode="starttls", tls_context=context, plaintext_fallback=False, dane=host)
@@ -129,7 +137,7 @@ class SessionSettings:
         """These settings for a require_tls delivery: STARTTLS required, the certificate verified for
         the server's name (with the relay's `ca_certs`, else the system's CAs)."""
         options = (tls or SmtpTlsOptions()).model_copy(update={"mode": "starttls", "cert_reqs": "CERT_REQUIRED"})
-        context = client_context(options, f"relay.{relay_name}.tls")
+        context = client_context(options, f"relay.{relay_name}.tls", new=ResumingContext.default)
         return dataclasses.replace(
             self, tls_mode="starttls", tls_context=context, plaintext_fallback=False, require_tls=True
         )
@@ -220,6 +228,7 @@ class SmtpSession:
         self.created = time.monotonic()
         self.transactions = 0
         self._broken = False
+        self._session_kept = False  # this connection's TLS session is in the context's cache
         self.security = _PLAIN  # set by open()
 
     @property
@@ -232,7 +241,10 @@ class SmtpSession:
 
         `security` then says how the connection is secured."""
         try:
-            await self._open(self.settings.tls_mode)
+            # uvloop runs the handshake in the context the connection was made in, asyncio in the
+            # one STARTTLS was sent from: the destination is set around both.
+            with resuming_for(*self.destination):
+                await self._open(self.settings.tls_mode)
         except _HandshakeFailed as exc:
             if not self.settings.plaintext_fallback:
                 raise exc.error from None
@@ -245,6 +257,8 @@ class SmtpSession:
         async with self._step("[CONNECT]"):
             await self.smtp.connect(timeout=self.settings.connect_timeout)
         await self._greet()
+        if mode == "implicit":
+            self._remember_session()
         if mode in ("starttls", "opportunistic"):
             if self.smtp.supports_extension("starttls"):
                 plain = self.smtp.transport  # under uvloop a failed handshake leaves it open, unowned
@@ -259,6 +273,8 @@ class SmtpSession:
                     if not self.usable:  # the handshake failed: the connection is gone
                         if plain is not None and not plain.is_closing():
                             plain.abort()  # type: ignore[attr-defined]
+                        if isinstance(self.settings.tls_context, ResumingContext):
+                            self.settings.tls_context.forget(self.destination)  # the next starts afresh
                         error = exc
                         if exc.reply.enhanced_status != "4.7.5":  # lost or timed out mid-handshake
                             detail = f"{exc.reply.message.partition(' ')[2]} ({self.destination.label})"
@@ -272,6 +288,7 @@ class SmtpSession:
                 else:
                     self._check_dane()  # before anything more goes to the server: AUTH's password above all
                     await self._greet()
+                    self._remember_session()
             elif self.settings.dane is not None:
                 self._fail(replies.dane_failed(self.destination.label, "it does not offer STARTTLS"))
             elif self.settings.require_tls:
@@ -282,6 +299,19 @@ class SmtpSession:
             if not self.smtp.supports_extension("auth"):
                 self._fail(replies.not_offered("AUTH", "AUTH"))
             await self._authenticate(*self.settings.credentials)
+
+    def _remember_session(self) -> None:
+        """Keep the TLS session of a full handshake for the next connections to this destination
+        (relays/smtp/resumption.py). Called once a reply came over TLS, when a TLS 1.3 server
+        has sent its ticket, and at QUIT for a ticket that came later."""
+        context = self.settings.tls_context
+        transport = self.smtp.transport
+        if self._session_kept or not isinstance(context, ResumingContext) or transport is None:
+            return
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            # A resumed connection's session is the one kept already.
+            self._session_kept = tls.session_reused or context.remember(self.destination, tls)
 
     def _check_dane(self) -> None:
         """A server with usable TLSA records must match them, checked as soon as the handshake is
@@ -312,6 +342,7 @@ class SmtpSession:
             tls_version=tls.version(),
             cipher=cipher[0] if cipher else None,
             authenticated="dane" if dane else "ca" if verified else "none",
+            resumed=tls.session_reused,
         )
 
     async def _authenticate(self, username: str, password: str) -> None:
@@ -667,6 +698,7 @@ class SmtpSession:
         # the pool freed its slot (and lease), and unfinished when a test's loop closed. Dropped
         # at once here, as close() drops every other connection: after 221 nothing is left to send.
         transport = self.smtp.transport
+        self._remember_session()
         try:
             if self.smtp.is_connected:
                 async with asyncio.timeout(min(self.settings.command_timeout, QUIT_TIMEOUT)):

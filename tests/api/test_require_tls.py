@@ -40,7 +40,13 @@ def test_a_hop_without_tls_is_refused_and_nothing_is_sent(make_client: Callable[
     assert response.status_code == 400, response.text
     (result,) = response.json()["recipients"]
     assert (result["reply"]["code"], result["reply"]["enhanced_status"]) == (550, "5.7.10")
-    assert result["security"] == {"encrypted": False, "tls_version": None, "cipher": None, "authenticated": "none"}
+    assert result["security"] == {
+        "encrypted": False,
+        "tls_version": None,
+        "cipher": None,
+        "authenticated": "none",
+        "resumed": False,
+    }
     assert received == []
 
 

@@ -32,6 +32,10 @@ LISTENERS: dict[str, tuple[str, ...]] = {
     "rcptlim": ("smtpd_recipient_limit=2",),
     "nochunking": ("smtpd_discard_ehlo_keywords=chunking",),
     "notls": ("smtpd_tls_security_level=none",),
+    # TLS details logged, "Reusing old session" among them (with sasl=True: TLS on): for the
+    # resumption tests, on listeners of their own so that the others' logs stay short.
+    "tlslog": ("smtpd_tls_loglevel=2",),
+    "tls12": ("smtpd_tls_loglevel=2", "smtpd_tls_protocols=<=TLSv1.2"),
 }
 SASL_USER, SASL_PASSWORD = "relay@mail.test", "s3cret"
 #: The names smtpd's certificate holds (with sasl=True): the MX hosts of the TLS tests.
