@@ -585,6 +585,32 @@ class Bench:
         reapers = [self.postfix.master] if self.postfix else []
         return CpuMeter([self.sink.proc.pid, *(s.proc.pid for s in self.servers.values()), *readers], reapers)
 
+    def check_setup(self, key: str) -> str | None:
+        """One delivery through a row whose answer shows what it measures (a DKIM signature, TLS or not):
+        None when it does, else why not. A row that silently went unsigned or in clear text would time
+        the wrong thing. A baseline twin whose code does not report it passes."""
+        row = base_key(key)
+        if row not in ("dkim-ed25519", "dkim-rsa", "plain", "tls"):
+            return None
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.servers[key].port}{BY_KEY[key].path}",
+            data=self.body_files("json", KIB)[0].read_bytes(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:  # noqa: S310 - http://127.0.0.1
+                answer = json.loads(reply.read())
+        except (OSError, ValueError) as error:
+            return f"its first delivery failed: {error}"
+        if row.startswith("dkim"):
+            shown, wanted, what = (answer.get("dkim") or {}).get("signed"), True, "dkim.signed"
+        else:
+            first = (answer.get("recipients") or [{}])[0]
+            shown, wanted, what = (first.get("security") or {}).get("encrypted"), row == "tls", "security.encrypted"
+        if shown == wanted or (shown is None and key != row):
+            return None
+        return f"not run: its first answer has {what} {shown}, not {wanted}: {json.dumps(answer)[:300]}"
+
     def quiet(self, size: int) -> float:
         return 0.6 if size >= MIB else 0.25
 
@@ -1406,6 +1432,10 @@ def main() -> int:
         for key, why in problems.items():
             log(f"{key}: {why}")
         bench = Bench(args, pin, sink, logdir, servers, postfix)
+        for key in list(servers):
+            if why := bench.check_setup(key):
+                problems[key] = why
+                servers.pop(key).stop()
         for index, (size, conc, key) in enumerate(steps, 1):
             target = BY_KEY[key]
             if key == "direct" or key in servers:
