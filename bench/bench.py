@@ -1207,6 +1207,8 @@ def baseline_lines(points: list[Point], rev: str) -> list[str]:
     return out
 
 
+#: mailrelay's events when the fleet-wide limits fall back to local ones (Redis did not answer in time).
+FLEET_FALLBACKS = ("fleet_fallback", "fleet_limits_local")
 EXCEPTION_LINE = re.compile(r"^(?:[a-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Disconnect|Exit|Timeout))\b")
 SLIMTA_EXCEPTION = re.compile(r"exception:(\w+):")
 
@@ -1220,6 +1222,8 @@ def log_events(text: str) -> collections.Counter[str]:
                 record = json.loads(line)
             except ValueError:
                 continue
+            if record.get("event") in FLEET_FALLBACKS:  # the fleet row then measured local limits, not Redis
+                events[f"WARNING {record['event']}: the fleet's Redis did not answer in time, limits were local"] += 1
             if str(record.get("level", "")).lower() in ("error", "critical"):
                 where = f"{record.get('logger', '')}: " if record.get("logger") else ""
                 events[re.sub(r"\s+", " ", f"ERROR: {where}{record.get('message', '')}").strip()[:120]] += 1
