@@ -1383,8 +1383,8 @@ def main() -> int:
 
     def per_step(size: int) -> float:
         if size >= MIB:
-            return args.large_warmup + args.large_runs * (args.large_duration + 1.5) + 2
-        return args.warmup + args.runs * (args.duration + 0.6) + 1
+            return float(args.large_warmup + args.large_runs * (args.large_duration + 1.5) + 2)
+        return float(args.warmup + args.runs * (args.duration + 0.6) + 1)
 
     estimate = sum(per_step(size) for size, _, _ in steps)
     log(f"bench: {len(steps)} points, about {estimate / 60:.0f} min; logs in {logdir.relative_to(ROOT)}")
@@ -1439,8 +1439,8 @@ def main() -> int:
             log(f"{key}: {why}")
         bench = Bench(args, pin, sink, logdir, servers, postfix)
         for key in list(servers):
-            if why := bench.check_setup(key):
-                problems[key] = why
+            if wrong := bench.check_setup(key):
+                problems[key] = wrong
                 servers.pop(key).stop()
         for index, (size, conc, key) in enumerate(steps, 1):
             target = BY_KEY[key]
