@@ -191,7 +191,7 @@ class Pinning:
             return f"no CPU pinning ({self.cpus} CPU(s){'' if shutil.which('taskset') else ', no taskset'})"
         return (
             "pinned with taskset: the server under test (and the direct aiosmtplib client) on CPU 0; wrk, "
-            "smtp-sink, the DNS server and the orchestrator on CPU 1; the --workers row spans CPUs "
+            "smtp-sink, the DNS server, redis-server, Postfix and the orchestrator on CPU 1; the --workers row spans CPUs "
             f"{self.all}. Other users' processes are not pinned and share both CPUs."
         )
 
