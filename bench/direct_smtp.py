@@ -50,7 +50,7 @@ class Pool:
     async def get(self) -> aiosmtplib.SMTP:
         if self.idle and not self.waiters:
             return self.idle.pop()
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[aiosmtplib.SMTP] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         return await waiter
 

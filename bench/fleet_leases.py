@@ -1,10 +1,12 @@
-"""What a fleet-wide connection lease (fleet_connections, relays/smtp/leases.py) costs a delivery.
+"""What a fleet-wide connection lease (fleet_connections, relays/smtp/leases.py) costs a new connection.
 
-In one process against a real redis-server and Postfix's smtp-sink: a static relay without
-the option and the same relay with it, in alternating rounds; per delivery the wall time and
-this process's CPU. Two shapes: pooled connections (idle_timeout 10: a reused connection needs
-no lease call) and a connection per delivery (idle_timeout 0: a take and a release each).
-Then a take and a release alone. Run: .venv/bin/python -m bench.fleet_leases [rounds] [deliveries]
+bench/run's `fleet` row measures the pooled case in the service (a lease only when a connection
+opens, a rate check per delivery). This measures what it does not show, in one process against a
+real redis-server and Postfix's smtp-sink: a connection per delivery (idle_timeout 0: a take and a
+release each), a static relay without the option and the same relay with it, in alternating rounds,
+per delivery the wall time and this process's CPU; then a take and a release alone.
+Run: .venv/bin/python -m bench.fleet_leases [rounds] [deliveries]
+(`per_delivery` and `run_against_sink` are shared with fleet_rates.py and fleet_connection_rate.py.)
 """
 
 import asyncio
@@ -13,7 +15,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from relays.base import DeliveryContext
 from relays.context import RelayContext
@@ -48,37 +51,27 @@ async def per_delivery(relay: StaticRelay, count: int, concurrency: int) -> tupl
 async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
     settings = ServiceSettings(fleet=FleetSettings(redis_url=redis_url))
     context = RelayContext.from_settings(settings)
-    for idle_timeout, concurrencies in ((10, (1, 8)), (0, (1,))):
-        base = {
-            "type": "static",
-            "host": "127.0.0.1",
-            "port": sink_port,
-            "concurrent_connections": 8,
-            "idle_timeout": idle_timeout,
-        }
-        off = StaticRelay("off", StaticOptions.model_validate(base), context)
-        on = StaticRelay("on", StaticOptions.model_validate({**base, "fleet_connections": True}), context)
-        n = count if idle_timeout else count // 4
-        try:
-            for concurrency in concurrencies:
-                await per_delivery(off, 100, concurrency)  # warm: connections open, scripts loaded
-                await per_delivery(on, 100, concurrency)
-                samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-                for _ in range(rounds):
-                    samples["off"].append(await per_delivery(off, n, concurrency))
-                    samples["on"].append(await per_delivery(on, n, concurrency))
-                wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
-                cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
-                shape = "pooled" if idle_timeout else "a connection each"
-                print(
-                    f"static, {shape}, c{concurrency}: off {wall['off']:.0f} us wall / {cpu['off']:.0f} us CPU, "
-                    f"on {wall['on']:.0f} us / {cpu['on']:.0f} us: +{wall['on'] - wall['off']:.0f} us wall "
-                    f"(x{wall['on'] / wall['off']:.2f}), +{cpu['on'] - cpu['off']:.0f} us CPU "
-                    f"(x{cpu['on'] / cpu['off']:.2f})"
-                )
-        finally:
-            await off.aclose()
-            await on.aclose()
+    base = {"type": "static", "host": "127.0.0.1", "port": sink_port, "concurrent_connections": 8, "idle_timeout": 0}
+    off = StaticRelay("off", StaticOptions.model_validate(base), context)
+    on = StaticRelay("on", StaticOptions.model_validate({**base, "fleet_connections": True}), context)
+    n = count // 4  # a connection each: slower
+    try:
+        await per_delivery(off, 100, 1)  # warm: code paths hot, scripts loaded
+        await per_delivery(on, 100, 1)
+        samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            samples["off"].append(await per_delivery(off, n, 1))
+            samples["on"].append(await per_delivery(on, n, 1))
+        wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
+        cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
+        print(
+            f"static, a connection each, c1: off {wall['off']:.0f} us wall / {cpu['off']:.0f} us CPU, "
+            f"on {wall['on']:.0f} us / {cpu['on']:.0f} us: +{wall['on'] - wall['off']:.0f} us wall "
+            f"(x{wall['on'] / wall['off']:.2f}), +{cpu['on'] - cpu['off']:.0f} us CPU (x{cpu['on'] / cpu['off']:.2f})"
+        )
+    finally:
+        await off.aclose()
+        await on.aclose()
     fleet = context.fleet_leases("alone")
     gate = fleet.gate("alone", "127.0.0.1:25", 1_000_000, "*")
     try:
@@ -100,7 +93,7 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
         await fleet.detach()
 
 
-def run_against_sink(main: Callable[[str, int, int, int], Awaitable[None]]) -> None:
+def run_against_sink(main: Callable[[str, int, int, int], Coroutine[Any, Any, None]]) -> None:
     """`main(redis_url, sink_port, rounds, count)` with a redis-server and smtp-sink started for it;
     rounds and count from the command line (defaults 5 and 2000). Shared with bench/fleet_rates.py."""
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
