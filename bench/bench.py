@@ -851,7 +851,9 @@ def row_configs(logdir: Path, sink_port: int, backends: Backends) -> dict[str, P
     if backends.redis_url:
         redis = f"    redis_url: {backends.redis_url}\n"
         write("keyed", service=f"mailrelay:\n  idempotency:\n    backend: redis\n{redis}")
-        fleet = f"    fleet_connections: true\n    max_message_rate: {FLEET_RATE}\n"
+        fleet = (
+            f"    fleet_connections: true\n    max_message_rate: {FLEET_RATE}\n    max_connection_rate: {FLEET_RATE}\n"
+        )
         write("fleet", service=f"mailrelay:\n  fleet:\n{redis}", options=fleet)
         # The baseline's twin in a Redis database of its own: the same relay name and destination would
         # otherwise share one fleet-wide limit of 8 connections with the row, and wait for its leases.
@@ -1150,7 +1152,7 @@ def goals(points: list[Point], rsa_signature_us: float | None = None) -> list[st
     rate_ratio("dkim-rsa (RSA-2048) 1 KiB c8 / unsigned static", "dkim-rsa", "static", KIB, 8, None, raw)
     # issue 17: a fleet-wide lease and a fleet-wide rate check per delivery
     rate_ratio(
-        f"fleet (fleet_connections + max_message_rate {FLEET_RATE}, Redis) 1 KiB c8 / static",
+        f"fleet (fleet_connections + max_message_rate and max_connection_rate {FLEET_RATE}, Redis) 1 KiB c8 / static",
         "fleet",
         "static",
         KIB,
@@ -1532,7 +1534,7 @@ def main() -> int:
     if rows & {"dkim-ed25519", "dkim-rsa", "fleet"}:
         report.append(
             "# dkim-*: `static` with a DKIM identity for the messages' From: domain (keys made at start by "
-            "bench/signing.py's keys()).\n#   fleet: `static` with fleet_connections: true and max_message_rate "
+            "bench/signing.py's keys()).\n#   fleet: `static` with fleet_connections: true, max_connection_rate and max_message_rate "
             f"{FLEET_RATE} (never binding) on the bench's redis-server\n#   (CPU 1, no persistence): a shared lease "
             "per connection opened and a shared rate check per delivery."
         )
