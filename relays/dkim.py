@@ -46,11 +46,13 @@ DEFAULT_HEADERS: Final = frozenset(
 #: A key file or variable larger than this is not a key (an RSA-8192 PEM is under 7 KiB).
 MAX_KEY_BYTES: Final = 64 * 1024
 _PEM_LABEL: Final = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
-_FROM: Final = re.compile(rb"^from[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
-_LINE_END: Final = re.compile(rb"\r?\n")
+#: The first empty line. A line end is an LF with any CRs right before it: mailrelay's SMTP client
+#: sends each as one CRLF (relays/smtp/session.py crlf_lines), and what is signed must be what goes out.
+_HEADER_END: Final = re.compile(rb"\n\r*\n")
+_FROM: Final = re.compile(rb"^from[ \t]*:((?:[^\r\n]|\r*\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+_LINE_END: Final = re.compile(rb"\r*\n")
+_BARE_CR: Final = re.compile(rb"\r+(?!\r*\n)")
 _WSP: Final = re.compile(rb"[ \t]+")
-_TRAILING_LINES: Final = re.compile(rb"(?:\r\n)+\Z")
 
 
 class KeyProblem(ValueError):
@@ -178,18 +180,23 @@ def _read_key(option: DkimIdentity) -> bytes:
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the first address in the first From: header, as an A-label; None without one."""
-    end = _HEADER_END.search(message)
-    match = _FROM.search(message, 0, end.start() if end else len(message))
-    if match is None:
-        return None
-    value = match[1]
+    try:
+        return _Parsed(message).from_domain()
+    except ValueError:  # a header line that is not a field: the first From: is still read
+        end = _HEADER_END.search(message)
+        match = _FROM.search(message, 0, end.start() if end else len(message))
+        return None if match is None else _address_domain(_LINE_END.sub(b"", match[1]))
+
+
+def _address_domain(value: bytes) -> str | None:
+    """The domain of the first address in a From: value (unfolded), as an A-label."""
     if value.count(b"@") == 1 and not any(c in value for c in (b",", b"(", b'"', b"\\")):
         # `Name <local@domain>` or `local@domain`: the domain is what follows the one "@" (the
         # email package's parser costs 30 us more, for the general case below).
         address = value[value.rfind(b"<") + 1 :] if b"<" in value else value
         domain = address.partition(b"@")[2].partition(b">")[0].strip().decode("utf-8", "replace")
     else:
-        text = _LINE_END.sub(b"", value).decode("utf-8", "replace")
+        text = value.decode("utf-8", "replace")
         addresses = [address for _, address in email.utils.getaddresses([text]) if "@" in address]
         if not addresses:
             return None
@@ -202,96 +209,166 @@ def from_domain(message: bytes) -> str | None:
         return None
 
 
+class _Parsed:
+    """A message's header read once, for choosing the identity and for signing.
+
+    Line ends are read as mailrelay's SMTP client sends them (relays/smtp/session.py crlf_lines):
+    an LF with any CRs right before it is one line end, so what is signed is what goes out.
+    Raises ValueError when a header line is not a field.
+    """
+
+    __slots__ = ("body", "fields", "message", "names")
+
+    def __init__(self, message: bytes) -> None:
+        end = _HEADER_END.search(message)
+        if end is None:  # no body: the header ends with the message (and its last line end)
+            head, self.body = message.rstrip(b"\r\n"), b""
+        else:
+            head, self.body = message[: end.start()], message[end.end() :]
+        head = head.rstrip(b"\r")  # the CRs of the last line's end
+        crs = head.count(b"\r")
+        # The usual header splits with bytes.split, without the regular expression.
+        if crs == 0:
+            lines = head.split(b"\n")
+        elif crs == head.count(b"\n") == head.count(b"\r\n"):
+            lines = head.split(b"\r\n")
+        else:
+            lines = _LINE_END.split(head)
+        self.message = message
+        # Linear in the header's size, whatever a client puts in it: this runs on the event loop,
+        # and a header of many fields (or one folded over many lines) cost its square
+        # (tests/relays/test_dkim_scaling.py). Each field: its lines, folds kept, the name in the first.
+        self.fields: list[list[bytes]] = []
+        self.names: list[bytes] = []  # each field's name, lower case, blanks before the colon removed
+        for line in lines:
+            if line[:1] in (b" ", b"\t") and self.fields:
+                self.fields[-1].append(line)
+                continue
+            colon = line.find(b":")
+            name = line[:colon].rstrip(b" \t")
+            if colon <= 0 or not name or b" " in name or b"\t" in name:
+                raise ValueError("cannot sign: a header line is not a field (name: value)")
+            self.fields.append([line])
+            self.names.append(name.lower())
+
+    def from_domain(self) -> str | None:
+        try:
+            lines = self.fields[self.names.index(b"from")]
+        except ValueError:
+            return None
+        value = b"".join(lines)
+        return _address_domain(value[value.find(b":") + 1 :])
+
+    def signature_field(self, identity: Identity, now: int | None) -> bytes:
+        """The DKIM-Signature field (relaxed/relaxed) for this message, with its line end."""
+        names = self.names
+        signed = [name for name in names if name in identity.headers]
+        signed.append(b"from")
+        # Fields are taken from the bottom up (RFC 6376 5.4.2): a name's fields in a stack, the
+        # bottom one on top. A name listed more often than it appears (From, here) adds nothing,
+        # and a verifier then refuses a message given one more.
+        stacks: dict[bytes, list[int]] = {}
+        for i, name in enumerate(names):
+            if name in identity.headers:
+                stacks.setdefault(name, []).append(i)
+        hashed: list[bytes] = []
+        for name in signed:
+            if stack := stacks.get(name):
+                hashed.append(_relaxed_field(name, self.fields[stack.pop()]))
+        # Our own line ends: those of the message, so that a relay that keeps them (pipe, maildrop)
+        # does not get a message with two kinds.
+        message = self.message
+        first = message.find(b"\n")
+        sep = b"\r\n" if first > 0 and message[first - 1] == 13 else b"\n"  # 13: CR
+        body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(self.body)).digest())
+        tags = b"v=1; a=%s; c=relaxed/relaxed; d=%s; s=%s;%s\tt=%d; h=%s;%s\tbh=%s;%s\tb=" % (
+            identity.key.algorithm.encode(),
+            identity.domain.encode(),
+            identity.selector.encode(),
+            sep,
+            int(time.time()) if now is None else now,
+            b":".join(signed),
+            sep,
+            body_hash,
+            sep,
+        )
+        # Its relaxed form (RFC 6376 3.7: b= empty, no line end): the folds (a line end and a tab)
+        # unfolded and made one space, which is what compressing the blanks makes of them.
+        hashed.append(b"dkim-signature:" + tags.replace(sep + b"\t", b" "))
+        return b"DKIM-Signature: " + tags + base64.b64encode(identity.key.sign(b"\r\n".join(hashed))) + sep
+
+
+def _bare_cr(message: bytes) -> bool:
+    """A CR that is not part of a line end (an LF with the CRs right before it)."""
+    crs = message.count(b"\r")
+    if crs == 0 or crs == message.count(b"\r\n") == message.count(b"\n"):
+        return False
+    return _BARE_CR.search(message) is not None
+
+
+def _signed(identity: Identity) -> DkimSignature:
+    return DkimSignature(
+        signed=True, domain=identity.domain, selector=identity.selector, algorithm=identity.key.algorithm
+    )
+
+
 class Signer:
     """Chooses the identity by the From: domain (exact, then the default) and signs."""
 
     def __init__(self, identities: Sequence[Identity]) -> None:
         self.identities = list(identities)
-        self._by_domain = {identity.domain: identity for identity in identities}
-        self._default = next((identity for identity in identities if identity.default), None)
+        # What the result says when one signs: made once (a frozen model), not per message.
+        self._by_domain = {identity.domain: (identity, _signed(identity)) for identity in identities}
+        self._default = next(((identity, _signed(identity)) for identity in identities if identity.default), None)
 
     def sign(self, message: bytes) -> tuple[bytes, DkimSignature]:
         """The message with a DKIM-Signature field on top, or as it was, and what was done."""
-        domain = from_domain(message)
-        identity = self._by_domain.get(domain, self._default) if domain else self._default
-        if identity is None:
+        try:
+            parsed: _Parsed | None = _Parsed(message)
+        except ValueError:
+            parsed = None
+        domain = parsed.from_domain() if parsed is not None else from_domain(message)
+        chosen = self._by_domain.get(domain, self._default) if domain else self._default
+        if chosen is None:
             reason = f"no signing identity for {domain}" if domain else "the message has no From: address"
             return message, DkimSignature(signed=False, reason=reason)
-        try:
-            field = signature_field(message, identity)
-        except ValueError as exc:
-            return message, DkimSignature(
-                signed=False, domain=identity.domain, selector=identity.selector, reason=str(exc)
+        identity, outcome = chosen
+        if parsed is None or _bare_cr(message):
+            reason = (
+                "cannot sign: a header line is not a field (name: value)"
+                if parsed is None
+                # Receivers read a CR outside a line end differently (OpenDKIM drops it, dkimpy keeps
+                # it, Postfix stores a space): a signature over it would not verify.
+                else "cannot sign: a CR outside a line end (receivers read it differently)"
             )
-        return field + message, DkimSignature(
-            signed=True, domain=identity.domain, selector=identity.selector, algorithm=identity.key.algorithm
-        )
+            return message, DkimSignature(
+                signed=False, domain=identity.domain, selector=identity.selector, reason=reason
+            )
+        return parsed.signature_field(identity, None) + message, outcome
 
 
 def signature_field(message: bytes, identity: Identity, now: int | None = None) -> bytes:
     """The DKIM-Signature field (relaxed/relaxed) to put on top of `message`, with its line end.
     Raises ValueError when the header cannot be read."""
-    end = _HEADER_END.search(message)
-    head, body = (message[: end.start()], message[end.end() :]) if end else (message, b"")
-    # Linear in the header's size, whatever a client puts in it: this runs on the event loop, and a
-    # header of many fields (or one folded over many lines) cost its square (tests/relays/test_dkim_scaling.py).
-    fields: list[tuple[bytes, list[bytes]]] = []  # (name as written, its value's lines: folds kept)
-    for line in _LINE_END.split(head):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        else:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or _WSP.search(name.rstrip(b" \t")):
-                raise ValueError("cannot sign: a header line is not a field (name: value)")
-            fields.append((name, [value]))
-    names = [name.rstrip(b" \t").lower() for name, _ in fields]
-    signed = [name for name in names if name in identity.headers] + [b"from"]
-    # Fields are taken from the bottom up (RFC 6376 5.4.2): each name's fields in a stack, the
-    # bottom one on top. A name listed more often than it appears (From, here) adds nothing, and
-    # a verifier then refuses a message given one more.
-    stacks: dict[bytes, list[int]] = {}
-    for i, name in enumerate(names):
-        stacks.setdefault(name, []).append(i)
-    hashed = bytearray()
-    for name in signed:
-        if stack := stacks.get(name):
-            written, lines = fields[stack.pop()]
-            hashed += _relaxed_field(written, b"\r\n".join(lines)) + b"\r\n"
-    # Our own line ends: those of the message, so that a relay that keeps them (pipe, maildrop)
-    # does not get a message with two kinds.
-    first = message.find(b"\n")
-    sep = b"\r\n" if first > 0 and message[first - 1 : first] == b"\r" else b"\n"
-    body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest())
-    tags = (
-        b"v=1; a=%s; c=relaxed/relaxed; d=%s; s=%s;"
-        % (identity.key.algorithm.encode(), identity.domain.encode(), identity.selector.encode()),
-        b"t=%d; h=%s;" % (int(time.time()) if now is None else now, b":".join(signed)),
-        b"bh=" + body_hash + b";",
-        b"b=",
-    )
-    # Its relaxed form (RFC 6376 3.7: b= empty, no line end) is the tags joined by one space: the
-    # folds are a line end and a tab, which unfolding and blank compression make one space.
-    hashed += b"dkim-signature:" + b" ".join(tags)
-    value = (sep + b"\t").join(tags)
-    return b"DKIM-Signature: " + value + base64.b64encode(identity.key.sign(bytes(hashed))) + sep
+    return _Parsed(message).signature_field(identity, now)
 
 
-def _relaxed_field(name: bytes, value: bytes) -> bytes:
-    """RFC 6376 3.4.2: the name in lower case, the value unfolded, runs of blanks made one space,
-    blanks around the colon and at the end removed."""
-    # The tests skip the regular expressions for the usual one-line, single-spaced value (2 x 3 us).
-    if b"\n" in value:
-        value = _LINE_END.sub(b"", value)
+def _relaxed_field(name: bytes, lines: list[bytes]) -> bytes:
+    """RFC 6376 3.4.2 of a field given as its lines (folds kept) and its name in lower case: the
+    value unfolded, runs of blanks made one space, blanks around the colon and at the end removed."""
+    value = lines[0] if len(lines) == 1 else b"".join(lines)
+    value = value[value.find(b":") + 1 :]
+    # The tests skip the regular expression for the usual single-spaced value.
     if b"\t" in value or b"  " in value:
         value = _WSP.sub(b" ", value)
-    return name.rstrip(b" \t").lower() + b":" + value.strip(b" ")
+    return name + b":" + value.strip(b" ")
 
 
 def _relaxed_body(body: bytes) -> bytes:
     """RFC 6376 3.4.4 (CRLF line ends, as SMTP carries them): runs of blanks made one space, none at
     a line's end, no empty lines at the end, and a non-empty body ending in CRLF."""
     # Each pass only when it changes something: the usual body has CRLF line ends and no blank runs.
-    if body.count(b"\n") != body.count(b"\r\n"):
+    if body.count(b"\n") != body.count(b"\r\n") or b"\r\r\n" in body:
         body = _LINE_END.sub(b"\r\n", body)
     if b"\t" in body or b"  " in body:
         body = _WSP.sub(b" ", body)
