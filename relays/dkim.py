@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import os
 import re
@@ -127,6 +128,15 @@ class Identity:
     headers: frozenset[bytes]
     default: bool = False
 
+    @functools.cached_property
+    def tags(self) -> bytes:
+        """The signature's first tags, the same in each."""
+        return b"v=1; a=%s; c=relaxed/relaxed; d=%s; s=%s;" % (
+            self.key.algorithm.encode(),
+            self.domain.encode(),
+            self.selector.encode(),
+        )
+
     @property
     def name(self) -> str:
         """Where its public key is published."""
@@ -230,13 +240,19 @@ class _Parsed:
         # regular expression (with one, CRLF -> CRLF cost 4 us a KiB).
         crs, lfs = message.count(b"\r"), message.count(b"\n")
         self.ends = _LF if crs == 0 else _CRLF if crs == lfs == message.count(b"\r\n") else _MIXED
-        end = _HEADER_END.search(message)
-        if end is None:  # no body: the header ends with the message (and its last line end)
+        if self.ends == _MIXED:
+            end = _HEADER_END.search(message)
+            start, stop = (end.start(), end.end()) if end else (-1, -1)
+        else:
+            blank = b"\r\n\r\n" if self.ends == _CRLF else b"\n\n"
+            start = message.find(blank)
+            stop = start + len(blank)
+        if start < 0:  # no body: the header ends with the message (and its last line end)
             head, self.body = message.rstrip(b"\r\n"), b""
         else:
-            head, self.body = message[: end.start()], message[end.end() :]
+            head, self.body = message[:start], message[stop:]
         if self.ends == _CRLF:
-            lines = head.removesuffix(b"\r").split(b"\r\n")
+            lines = head.split(b"\r\n")
         elif self.ends == _LF:
             lines = head.split(b"\n")
         else:
@@ -300,10 +316,7 @@ class _Parsed:
         first = message.find(b"\n")
         sep = b"\r\n" if first > 0 and message[first - 1] == 13 else b"\n"  # 13: CR
         body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(self.body, self.ends)).digest())
-        tags = b"v=1; a=%s; c=relaxed/relaxed; d=%s; s=%s;%s\tt=%d; h=%s;%s\tbh=%s;%s\tb=" % (
-            identity.key.algorithm.encode(),
-            identity.domain.encode(),
-            identity.selector.encode(),
+        tags = identity.tags + b"%s\tt=%d; h=%s;%s\tbh=%s;%s\tb=" % (
             sep,
             int(time.time()) if now is None else now,
             b":".join(signed),
