@@ -15,7 +15,7 @@ with Ed25519 and with RSA-2048, in alternating rounds, in CPU microseconds per r
 thread's CPU time: what others run on the machine moves it far less than wall-clock time). Run
 it from each revision's tree, in the same minute, to compare them:
 
-    PYTHONPATH=. taskset -c 0 .venv/bin/python bench/signing.py --inprocess [--rounds 7] [--count 3000]
+    PYTHONPATH=. taskset -c 0 .venv/bin/python bench/signing.py --inprocess [--rounds 7] [--count 3000] [--conc 1]
 """
 
 import argparse
@@ -150,8 +150,9 @@ def raw_costs(found: dict[str, bytes], msg: bytes) -> list[str]:
     return [f"  {name:<40} {best_us(function, count):9.1f} us" for name, function, count in rows]
 
 
-def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int, count: int) -> None:
-    """What signing adds to a delivery in-process (see the module's doc): the best round of each row."""
+def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int, count: int, conc: int) -> None:
+    """What signing adds to a delivery in-process (see the module's doc), `conc` requests at a time."""
+    import asyncio
     import gc
     from typing import Any
 
@@ -218,9 +219,9 @@ def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int,
                 for row in ROWS:
                     requests = count if row != "rsa" else max(1, count // 5)  # RSA: 5x fewer, as slow
                     started = time.thread_time()
-                    for _ in range(requests):
-                        await app(dict(scopes[row]), receive, send)
-                    used[row].append((time.thread_time() - started) / requests)
+                    for _ in range(requests // conc):  # conc at once: they reach the relay in one turn
+                        await asyncio.gather(*(app(dict(scopes[row]), receive, send) for _ in range(conc)))
+                    used[row].append((time.thread_time() - started) / (requests // conc * conc))
             if statuses != {200}:
                 raise SystemExit(f"unexpected statuses {statuses}")
             return used
@@ -228,7 +229,7 @@ def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int,
     with open(os.devnull, "w") as sink:  # the delivery line is written, as at the default log level
         setup_logging("info", "json", sink)
         used = uvloop.run(run())
-    print(f"# bench/signing.py --inprocess: {len(msg)} B messages, blackhole, {rounds} rounds, CPU us/request")
+    print(f"# bench/signing.py --inprocess: {len(msg)} B messages, blackhole, c{conc}, {rounds} rounds, CPU us/request")
     for row in ROWS:
         # Each round's row against the unsigned run of the same round: the machine's noise is shared.
         added = [(u - p) * 1e6 for u, p in zip(used[row], used["plain"], strict=True)]
@@ -254,7 +255,7 @@ def main() -> None:
     msg = message(args.size)
     if args.inprocess:
         try:
-            inprocess(found, directory, msg, args.rounds, args.count)
+            inprocess(found, directory, msg, args.rounds, args.count, args.conc)
             print("# raw costs, in-process (best of 5):")
             print("\n".join(raw_costs(found, msg)))
         finally:

@@ -397,24 +397,50 @@ def _relaxed_body(body: bytes, ends: int = _MIXED) -> bytes:
     return body if end == len(body) - 2 else body[:end] + b"\r\n"
 
 
+#: At most this many messages signed in one go (SigningRelay): a longer run of signatures would hold
+#: the event loop for longer (32 x ~0.05 ms with Ed25519; RSA-2048 ~0.3-0.7 ms each).
+MAX_BATCH: Final = 32
+
+
 class SigningRelay:
     """Signs each envelope's message once, then hands it to the relay it wraps.
 
     Every recipient's result carries what was done (`dkim`), which DeliveryResult shows once.
+
+    The messages of deliveries that reach it in the same turn of the event loop are signed one after
+    the other, in one callback: a signature's cost is mostly its code and tables coming back into
+    the CPU's caches after the rest of a request evicted them (an Ed25519 signature: 34 us in a loop,
+    122 us after a cache flush), which the second signature of a run does not pay again.
     """
 
     def __init__(self, inner: Relay, signer: Signer) -> None:
         self.inner = inner
         self.signer = signer
+        # Waiting to be signed: at most one entry per delivery in flight, signed at the next turn.
+        self._pending: list[tuple[bytes, asyncio.Future[tuple[bytes, DkimSignature]]]] = []
 
     async def deliver(self, envelope: Envelope, context: DeliveryContext) -> list[RecipientResult]:
-        # On the loop: measured (bench/signing.py), a 1 KiB message costs ~0.06 ms with Ed25519 and
-        # the signature itself (~0.4-0.7 ms) with RSA-2048; a thread would add its hand-off to that.
-        message, outcome = self.signer.sign(envelope.message)
+        future: asyncio.Future[tuple[bytes, DkimSignature]] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            future.get_loop().call_soon(self._sign_pending)
+        self._pending.append((envelope.message, future))
+        message, outcome = await future
         if message is not envelope.message:
             envelope = dataclasses.replace(envelope, message=message)
         results = await self.inner.deliver(envelope, context)
         return [result.model_copy(update={"dkim": outcome}) for result in results]
+
+    def _sign_pending(self) -> None:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        if self._pending:  # the rest at the next turn, after what else is waiting
+            batch[0][1].get_loop().call_soon(self._sign_pending)
+        for message, future in batch:
+            if future.done():  # its delivery was cancelled (deadline, client gone)
+                continue
+            try:
+                future.set_result(self.signer.sign(message))
+            except Exception as exc:  # a bug: the delivery's 500, not every delivery of the batch
+                future.set_exception(exc)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -1,5 +1,6 @@
 """DKIM signing: signatures made by mailrelay (dkimpy) verified by OpenDKIM against keys in a real NSD."""
 
+import asyncio
 import base64
 import re
 import shutil
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from relays.dkim import DEFAULT_HEADERS, Identity, Signer, SigningRelay, parse_key
 from schemas.config import ConfigError
-from schemas.delivery import DeliveryResult, DkimSignature, Envelope
+from schemas.delivery import DeliveryResult, DkimSignature, Envelope, RecipientResult
 from tests.conftest import context, opened
 from tests.servers.mailrelay import Service, service
 from tests.servers.nsd import Nameserver, nsd_server, txt_record
@@ -217,6 +218,40 @@ async def test_a_local_delivery_relay_signs_a_message_with_lf_line_ends(keys: Ke
     assert b"\r" not in written
     verified = opendkim.verify(written)
     assert verified.passed, verified.line
+
+
+async def test_deliveries_signed_together_each_go_out_with_their_own_signature(
+    keys: Keys, opendkim: OpenDkim, receiver: SmtpServer
+) -> None:
+    """Deliveries that reach the relay in one turn of the event loop are signed in one run
+    (SigningRelay): each message still goes out with its own signature, and one cancelled while
+    it waits leaves the others be."""
+    yaml = relay_yaml(receiver, identity("ed", f"key_file: {keys.ed}"))
+    messages = [MESSAGE.replace(b"signed as sent", b"message %d" % i) for i in range(6)]
+    before = len(receiver.received)
+    async with opened(yaml) as relays:
+        relay = relays["out"]
+
+        def deliver(message: bytes) -> asyncio.Task[list[RecipientResult]]:
+            return asyncio.create_task(
+                relay.deliver(Envelope("alice@dkim.test", ["bob@example.net"], message), context())
+            )
+
+        tasks = [deliver(message) for message in messages[:3]]
+        dropped = deliver(MESSAGE.replace(b"signed as sent", b"never sent"))  # in the middle of the run
+        tasks += [deliver(message) for message in messages[3:]]
+        await asyncio.sleep(0)  # every task now waits for its signature, signed at the next turn
+        dropped.cancel()
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+    assert [[r.status for r in results] for results in answers] == [["delivered"]] * len(messages)
+    sent = sorted((r.content for r in receiver.received[before:]), key=lambda c: c[-30:])
+    assert len(sent) == len(messages)
+    for message, content in zip(messages, sent, strict=True):
+        assert content.endswith(message)
+        verified = opendkim.verify(content)
+        assert verified.passed, verified.line
 
 
 #: Line ends as clients send them besides CRLF: a CR before CRLF is part of one line end, for
