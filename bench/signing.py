@@ -4,7 +4,18 @@ One `mailrelay serve` (CPU 0) with the three relays, loaded by wrk (CPU 1, with 
 alternating rounds, so the three rows share the machine's noise; each ratio is taken against the
 unsigned run of the same round. Then the raw cost of the signatures, in-process:
 
-    taskset -c 0 .venv/bin/python bench/signing.py [--rounds 5] [--seconds 3] [--conc 8]
+    taskset -c 0 .venv/bin/python bench/signing.py [--rounds 5] [--seconds 3] [--conc 8] [--baseline REV]
+
+With `--baseline REV` a second server runs REV's code (a `git archive` of it) and measures each row
+right after this tree's: before/after in one run, compared by CPU per message.
+
+`--inprocess` measures instead what signing adds to one delivery without sockets, wrk or smtp-sink
+(the ASGI app called in a loop, as bench/inprocess.py does): a `blackhole` relay unsigned, signed
+with Ed25519 and with RSA-2048, in alternating rounds, in CPU microseconds per request (the
+thread's CPU time: what others run on the machine moves it far less than wall-clock time). Run
+it from each revision's tree, in the same minute, to compare them:
+
+    PYTHONPATH=. taskset -c 0 .venv/bin/python bench/signing.py --inprocess [--rounds 7] [--count 3000] [--conc 1]
 """
 
 import argparse
@@ -139,23 +150,124 @@ def raw_costs(found: dict[str, bytes], msg: bytes) -> list[str]:
     return [f"  {name:<40} {best_us(function, count):9.1f} us" for name, function, count in rows]
 
 
+def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int, count: int, conc: int) -> None:
+    """What signing adds to a delivery in-process (see the module's doc), `conc` requests at a time."""
+    import asyncio
+    import gc
+    from typing import Any
+
+    import uvloop
+
+    from app.config import parse_config
+    from app.logs import setup_logging
+    from app.main import create_app
+
+    relays = "".join(
+        f"  {row}:\n    type: blackhole\n"
+        + (
+            f"    dkim:\n      - {{domain: bench.test, selector: s, key_file: {directory / row}.key}}\n"
+            if row != "plain"
+            else ""
+        )
+        for row in ROWS
+    )
+    body = json.dumps({"sender": "bench@bench.test", "recipients": ["sink@example.net"], "message": msg.decode()})
+    request = body.encode()
+
+    async def run() -> dict[str, float]:
+        app = create_app(parse_config(f"relay:\n{relays}", "bench").config)
+        async with app.router.lifespan_context(app) as state:
+            statuses: set[int] = set()
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": request, "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.add(message["status"])
+
+            def scope(row: str) -> dict[str, Any]:
+                path = f"/relays/{row}/deliver"
+                return {
+                    "type": "http",
+                    "asgi": {"version": "3.0"},
+                    "http_version": "1.1",
+                    "method": "POST",
+                    "scheme": "http",
+                    "path": path,
+                    "raw_path": path.encode(),
+                    "root_path": "",
+                    "query_string": b"",
+                    "headers": [
+                        (b"host", b"x"),
+                        (b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(request)),
+                    ],
+                    "client": ("127.0.0.1", 5000),
+                    "server": ("127.0.0.1", 8080),
+                    "state": dict(state or {}),
+                }
+
+            scopes = {row: scope(row) for row in ROWS}
+            for row in ROWS:  # warm-up
+                for _ in range(count // 2):
+                    await app(dict(scopes[row]), receive, send)
+            gc.collect()
+            gc.freeze()  # as the service does once serving
+            used: dict[str, list[float]] = {row: [] for row in ROWS}
+            for _ in range(rounds):
+                for row in ROWS:
+                    requests = count if row != "rsa" else max(1, count // 5)  # RSA: 5x fewer, as slow
+                    started = time.thread_time()
+                    for _ in range(requests // conc):  # conc at once: they reach the relay in one turn
+                        await asyncio.gather(*(app(dict(scopes[row]), receive, send) for _ in range(conc)))
+                    used[row].append((time.thread_time() - started) / (requests // conc * conc))
+            if statuses != {200}:
+                raise SystemExit(f"unexpected statuses {statuses}")
+            return used
+
+    with open(os.devnull, "w") as sink:  # the delivery line is written, as at the default log level
+        setup_logging("info", "json", sink)
+        used = uvloop.run(run())
+    print(f"# bench/signing.py --inprocess: {len(msg)} B messages, blackhole, c{conc}, {rounds} rounds, CPU us/request")
+    for row in ROWS:
+        # Each round's row against the unsigned run of the same round: the machine's noise is shared.
+        added = [(u - p) * 1e6 for u, p in zip(used[row], used["plain"], strict=True)]
+        print(
+            f"  {row:<8} best {min(used[row]) * 1e6:7.1f} us, median {statistics.median(used[row]) * 1e6:7.1f} us"
+            f"   signing adds: median {statistics.median(added):6.1f} us, best-to-best"
+            f" {(min(used[row]) - min(used['plain'])) * 1e6:6.1f} us"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--conc", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--inprocess", action="store_true", help="signing's added CPU per delivery, no sockets")
+    parser.add_argument("--count", type=int, default=3000, help="--inprocess: requests per row and round")
+    parser.add_argument("--baseline", metavar="REV", help="also each row on REV's code (git archive), right after it")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="bench-dkim-"))
     found = keys(directory)
     msg = message(args.size)
+    if args.inprocess:
+        try:
+            inprocess(found, directory, msg, args.rounds, args.count, args.conc)
+            print("# raw costs, in-process (best of 5):")
+            print("\n".join(raw_costs(found, msg)))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        return
     body = directory / "body.json"
     body.write_text(
         json.dumps({"sender": "bench@bench.test", "recipients": ["sink@example.net"], "message": msg.decode()})
     )
     headers = directory / "headers"
     headers.write_text("Content-Type: application/json\n")
-    sink_port, port = free_port(), free_port()
+    sink_port = free_port()
     relays = "".join(
         f"  {row}:\n    type: static\n    host: 127.0.0.1\n    port: {sink_port}\n    concurrent_connections: 8\n"
         + (
@@ -173,79 +285,95 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    log = (directory / "mailrelay.log").open("wb")
-    server = subprocess.Popen(  # noqa: S603 - our own command line
-        [
-            TASKSET,
-            "-c",
-            "0",
-            str(ROOT / ".venv/bin/mailrelay"),
-            "serve",
-            "--port",
-            str(port),
-            "--config",
-            str(directory / "mailrelay.yaml"),
-            "--log-level",
-            "info",
-            "--log-format",
-            "json",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    trees = {"": ROOT}
+    if args.baseline:
+        trees["@base"] = directory / "base"
+        trees["@base"].mkdir()
+        git, tar = shutil.which("git") or "/usr/bin/git", shutil.which("tar") or "/usr/bin/tar"
+        archive = subprocess.run(  # noqa: S603 - our own command line
+            [git, "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
+        ).stdout
+        subprocess.run([tar, "-x", "-C", str(trees["@base"])], input=archive, check=True)  # noqa: S603
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    logs = []
     try:
+        for name, tree in trees.items():
+            port = free_port()
+            logs.append((directory / f"mailrelay{name}.log").open("wb"))
+            # `python -m app` from the tree: the installed `mailrelay` script runs the code the
+            # editable install points at (the main tree), not this one's.
+            command = [sys.executable, "-m", "app", "serve", "--port", str(port), "--config"]
+            command += [str(directory / "mailrelay.yaml"), "--log-level", "info", "--log-format", "json"]
+            process = subprocess.Popen(  # noqa: S603 - our own command line
+                [TASKSET, "-c", "0", *command], cwd=tree, stdout=logs[-1], stderr=subprocess.STDOUT
+            )
+            servers[name] = (process, port)
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", sink_port), 1).close()
                 break
             except OSError:
                 time.sleep(0.1)
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/readyz").raise_for_status()
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        answer = httpx.post(
-            f"http://127.0.0.1:{port}/relays/ed25519/deliver",
-            content=body.read_bytes(),
-            headers={"Content-Type": "application/json"},
-        ).json()
-        if answer["status"] != "delivered" or not answer["dkim"]["signed"]:
-            raise SystemExit(f"a signed delivery failed: {answer}")
-        rates: dict[str, list[float]] = {row: [] for row in ROWS}
-        cpu: dict[str, list[float]] = {row: [] for row in ROWS}  # the server's CPU us per message
+        for _, port in servers.values():
+            for _ in range(100):
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/readyz").raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            answer = httpx.post(
+                f"http://127.0.0.1:{port}/relays/ed25519/deliver",
+                content=body.read_bytes(),
+                headers={"Content-Type": "application/json"},
+            ).json()
+            if answer["status"] != "delivered" or not answer["dkim"]["signed"]:
+                raise SystemExit(f"a signed delivery failed: {answer}")
+        keys_ = [row + name for row in ROWS for name in servers]
+        rates: dict[str, list[float]] = {key: [] for key in keys_}
+        cpu: dict[str, list[float]] = {key: [] for key in keys_}  # the server's CPU us per message
         for row in ROWS:  # warm-up
-            wrk(port, f"/relays/{row}/deliver", body, headers, args.conc, 1)
+            for _, port in servers.values():
+                wrk(port, f"/relays/{row}/deliver", body, headers, args.conc, 1)
         for _ in range(args.rounds):
             for row in ROWS:
-                before = cpu_seconds(server.pid)
-                result = wrk(port, f"/relays/{row}/deliver", body, headers, args.conc, args.seconds)
-                used = cpu_seconds(server.pid) - before
-                if result["non2xx"] or result["connect"] + result["read"] + result["timeout"]:
-                    raise SystemExit(f"{row}: errors: {result}")
-                rates[row].append(result["requests"] / (result["duration_us"] / 1e6))
-                cpu[row].append(used / result["requests"] * 1e6)
+                for name, (process, port) in servers.items():  # the baseline right after: the same load
+                    before = cpu_seconds(process.pid)
+                    result = wrk(port, f"/relays/{row}/deliver", body, headers, args.conc, args.seconds)
+                    used = cpu_seconds(process.pid) - before
+                    if result["non2xx"] or result["connect"] + result["read"] + result["timeout"]:
+                        raise SystemExit(f"{row}{name}: errors: {result}")
+                    rates[row + name].append(result["requests"] / (result["duration_us"] / 1e6))
+                    cpu[row + name].append(used / result["requests"] * 1e6)
         print(
             f"# bench/signing.py: {args.size} B messages, static to smtp-sink, c{args.conc}, {args.rounds} rounds x {args.seconds} s"
+            + (f", baseline {args.baseline} (@base)" if args.baseline else "")
         )
         print(f"# load average {os.getloadavg()[0]:.2f} (shared machine: msg/s is noisy; CPU per message less so)")
         for row in ROWS:
-            ratios = [r / p for r, p in zip(rates[row], rates["plain"], strict=True)]
-            cpu_ratios = [p / c for c, p in zip(cpu[row], cpu["plain"], strict=True)]
-            print(
-                f"  {row:<8} {statistics.median(rates[row]):6.0f} msg/s x{statistics.median(ratios):.2f}"
-                f"   server CPU {statistics.median(cpu[row]):6.0f} us/msg, unsigned/this x{statistics.median(cpu_ratios):.2f}"
-                f"   (msg/s rounds: {', '.join(f'{r:.0f}' for r in rates[row])})"
-            )
+            for name in servers:
+                key, plain = row + name, "plain" + name
+                ratios = [r / p for r, p in zip(rates[key], rates[plain], strict=True)]
+                cpu_ratios = [p / c for c, p in zip(cpu[key], cpu[plain], strict=True)]
+                print(
+                    f"  {key:<13} {statistics.median(rates[key]):6.0f} msg/s x{statistics.median(ratios):.2f}"
+                    f"   server CPU {statistics.median(cpu[key]):6.0f} us/msg, unsigned/this x{statistics.median(cpu_ratios):.2f}"
+                    f"   (msg/s rounds: {', '.join(f'{r:.0f}' for r in rates[key])})"
+                )
+        if args.baseline:
+            print("# CPU us/msg of each row / its baseline twin, per round (median, lowest, highest):")
+            for row in ROWS:
+                shares = [c / b for c, b in zip(cpu[row], cpu[row + "@base"], strict=True)]
+                print(f"  {row:<8} x{statistics.median(shares):.3f} ({min(shares):.3f}-{max(shares):.3f})")
         print("# raw costs, in-process (best of 5):")
         print("\n".join(raw_costs(found, msg)))
     finally:
-        server.terminate()
-        server.wait(30)
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(30)
         sink.terminate()
         sink.wait(10)
-        log.close()
+        for log in logs:
+            log.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -1,5 +1,6 @@
 """DKIM signing: signatures made by mailrelay (dkimpy) verified by OpenDKIM against keys in a real NSD."""
 
+import asyncio
 import base64
 import re
 import shutil
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from relays.dkim import DEFAULT_HEADERS, Identity, Signer, SigningRelay, parse_key
 from schemas.config import ConfigError
-from schemas.delivery import DeliveryResult, DkimSignature, Envelope
+from schemas.delivery import DeliveryResult, DkimSignature, Envelope, RecipientResult
 from tests.conftest import context, opened
 from tests.servers.mailrelay import Service, service
 from tests.servers.nsd import Nameserver, nsd_server, txt_record
@@ -217,6 +218,91 @@ async def test_a_local_delivery_relay_signs_a_message_with_lf_line_ends(keys: Ke
     assert b"\r" not in written
     verified = opendkim.verify(written)
     assert verified.passed, verified.line
+
+
+async def test_deliveries_signed_together_each_go_out_with_their_own_signature(
+    keys: Keys, opendkim: OpenDkim, receiver: SmtpServer
+) -> None:
+    """Deliveries that reach the relay in one turn of the event loop are signed in one run
+    (SigningRelay): each message still goes out with its own signature, and one cancelled while
+    it waits leaves the others be."""
+    yaml = relay_yaml(receiver, identity("ed", f"key_file: {keys.ed}"))
+    messages = [MESSAGE.replace(b"signed as sent", b"message %d" % i) for i in range(6)]
+    before = len(receiver.received)
+    async with opened(yaml) as relays:
+        relay = relays["out"]
+
+        def deliver(message: bytes) -> asyncio.Task[list[RecipientResult]]:
+            return asyncio.create_task(
+                relay.deliver(Envelope("alice@dkim.test", ["bob@example.net"], message), context())
+            )
+
+        tasks = [deliver(message) for message in messages[:3]]
+        dropped = deliver(MESSAGE.replace(b"signed as sent", b"never sent"))  # in the middle of the run
+        tasks += [deliver(message) for message in messages[3:]]
+        await asyncio.sleep(0)  # every task now waits for its signature, signed at the next turn
+        dropped.cancel()
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+    assert [[r.status for r in results] for results in answers] == [["delivered"]] * len(messages)
+    sent = sorted((r.content for r in receiver.received[before:]), key=lambda c: c[-30:])
+    assert len(sent) == len(messages)
+    for message, content in zip(messages, sent, strict=True):
+        assert content.endswith(message)
+        verified = opendkim.verify(content)
+        assert verified.passed, verified.line
+
+
+#: Line ends as clients send them besides CRLF: a CR before CRLF is part of one line end, for
+#: mailrelay's SMTP client as for Postfix, which sends and stores one CRLF.
+CR_LINE_ENDS = [
+    pytest.param(MESSAGE.replace(b"signed as sent.\r\n", b"signed as sent.\r\r\n"), id="cr-before-crlf-in-the-body"),
+    pytest.param(MESSAGE.replace(b"over two lines\r\n", b"over two lines\r\r\n"), id="cr-before-crlf-in-a-header"),
+    pytest.param(MESSAGE.replace(b"\r\n", b"\n").replace(b"lines\n", b"lines\r\r\n"), id="lf-and-cr-cr-lf"),
+]
+
+
+@pytest.mark.parametrize("message", CR_LINE_ENDS)
+async def test_what_is_signed_is_what_smtp_sends_with_crs_before_line_ends(
+    keys: Keys, opendkim: OpenDkim, receiver: SmtpServer, message: bytes
+) -> None:
+    """The SMTP client sends an LF with the CRs before it as one CRLF: the signature covers the
+    message as it goes out, not as the client gave it (it covered the CRs, and failed)."""
+    yaml = relay_yaml(receiver, identity("ed", f"key_file: {keys.ed}"))
+    sent, result = await deliver_through(yaml, receiver, message)
+    assert result.dkim is not None
+    assert result.dkim.signed, result.dkim
+    assert b"\r\r" not in sent
+    verified = opendkim.verify(sent)
+    assert verified.passed, (verified.line, sent)
+    assert not opendkim.verify(sent.replace("Grüße".encode(), b"Hallo")).passed
+
+
+#: A CR that ends no line: OpenDKIM drops it, dkimpy keeps it, Postfix 3.7 stores a space; the one
+#: at the very end goes out as CR CR LF, which Postfix reads as one line end and others as a CR.
+BARE_CRS = [
+    pytest.param(MESSAGE.replace(b"8-bit text", b"8-bit\rtext"), id="in-a-body-line"),
+    pytest.param(MESSAGE.replace(b"a subject", b"a\rsubject"), id="in-a-header"),
+    pytest.param(MESSAGE.removesuffix(b"\r\n") + b"\r", id="at-the-end"),
+]
+
+
+@pytest.mark.parametrize("message", BARE_CRS)
+async def test_a_message_with_a_bare_cr_goes_unsigned_and_the_result_says_why(
+    keys: Keys, opendkim: OpenDkim, receiver: SmtpServer, message: bytes
+) -> None:
+    """Signed, a CR inside a line did not verify with OpenDKIM, and the CR at the end verifies or
+    not depending on the receiver: the message goes out unsigned, which the result says."""
+    yaml = relay_yaml(receiver, identity("ed", f"key_file: {keys.ed}"))
+    sent, result = await deliver_through(yaml, receiver, message)
+    assert result.dkim == DkimSignature(
+        signed=False,
+        domain=ZONE,
+        selector="ed",
+        reason="cannot sign: a CR outside a line end (receivers read it differently)",
+    )
+    assert not sent.startswith(b"DKIM-Signature:")
 
 
 # --- configuration: keys checked at start-up and by check-config ----------------------------------
