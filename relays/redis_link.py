@@ -104,7 +104,12 @@ class Batch:
         if exc is None and not any(isinstance(reply, NoScriptError) for reply in replies):
             _answer(batch, replies)
             if self.pending:
-                asyncio.get_running_loop().call_soon(self._flush)  # after the callers just woken
+                # In two iterations: the callers just woken run, then what they issue joins the
+                # batch (as the task path did). After one, batches were smaller: 0.83-0.90 writes
+                # per keyed delivery instead of 0.62-0.66 (in-process 1 KiB c8, cProfile counts),
+                # and a write is the dearest part of a call.
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._flush)
             return
         task = asyncio.get_running_loop().create_task(self._recover(batch, replies, exc))
         self.sending.add(task)
