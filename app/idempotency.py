@@ -416,14 +416,23 @@ class RedisStore:
         return [int(r) == 1 for r in replies]
 
     async def sending(self, key: str, claim: Claimed) -> bool:
-        return await self._compare_and_set(self._renew, key, claim.head, self.lease_ms, "1")
+        # _compare_and_set's body, here and in complete: one coroutine less on every delivery.
+        try:
+            done = await self._batch.call(self._renew, self.prefix + key, claim.head, self.lease_ms, "1")
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(reason(exc)) from None
+        return int(done) == 1
 
     async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
         # json.dumps([status, headers], separators=(",", ":")) without its encoder object per call.
         fields = ",".join([f"{_json_str(name)}:{_json_str(value)}" for name, value in response.headers.items()])
         head = f"[{response.status:d},{{{fields}}}]"
         stored = "D" + fingerprint + head + "\n" + response.body.decode()
-        return await self._compare_and_set(self._complete, key, claim.head, stored, self.ttl_ms)
+        try:
+            done = await self._batch.call(self._complete, self.prefix + key, claim.head, stored, self.ttl_ms)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(reason(exc)) from None
+        return int(done) == 1
 
     async def release(self, key: str, claim: Claimed) -> bool:
         return await self._compare_and_set(self._release, key, claim.head)
