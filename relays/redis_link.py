@@ -227,6 +227,8 @@ class Batch:
 
     async def aclose(self) -> None:
         """Closes the batches' connection (the client's pool is the caller's to close)."""
+        if self.link is not None:  # a batch out fails now, not sent again on a new connection
+            self.link.fail(ConnectionError("closed"))
         self._drop()
         if self.connection is not None:
             await self.connection.disconnect()
