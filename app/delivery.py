@@ -432,9 +432,14 @@ class DeliveryCore:
             else:
                 context = DeliveryContext(deadline.at, lease.sending)
                 task = loop.create_task(delivery.relay.deliver(envelope, context))
+                # What asyncio.shield(task) does, without its two futures' callbacks: a deadline
+                # cut cancels `ended`, never the relay's task.
+                ended: asyncio.Future[None] = loop.create_future()
+                task.add_done_callback(functools.partial(_wake, ended))
                 try:
                     async with timer:
-                        results = await asyncio.shield(task)
+                        await ended
+                    results = task.result()
                 except BaseException:
                     if timer.expired() and not task.done() and self._may_finish(name, envelope, context):
                         background = task
@@ -592,6 +597,11 @@ def format_smtp_reply(reply: Reply) -> str:
 
 #: `; command="..."` at the end of an X-Smtp-Reply stored by a version that still wrote it.
 _STORED_COMMAND = re.compile(r'; command="[^"]*"$')
+
+
+def _wake(waiter: "asyncio.Future[None]", _: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _replayed_headers(stored: dict[str, str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ may retry with it.
 
 import asyncio
 import hashlib
+import itertools
 import json
 import secrets
 import time
@@ -20,6 +21,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Literal, Protocol
 
 from redis.commands.core import AsyncScript
@@ -124,7 +126,10 @@ def fingerprint(relay: str, envelope: Envelope) -> str:
     (`origin` when the message was built or completed here: each build gets its own Date and
     Message-ID, and a repeat must still be recognised)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([relay, envelope.sender, list(envelope.recipients)]).encode("utf-8"))
+    # The bytes of json.dumps([relay, sender, [recipients...]]), which records stored by earlier
+    # versions must still match, from json's own string encoder: 0.9 us instead of 4.
+    names = ", ".join([_json_str(r) for r in envelope.recipients])
+    digest.update(f"[{_json_str(relay)}, {_json_str(envelope.sender)}, [{names}]]".encode())
     digest.update(b"\0")
     digest.update(envelope.message if envelope.origin is None else envelope.origin)
     return digest.hexdigest()
@@ -139,7 +144,7 @@ def key_problem(value: str) -> str | None:
     """The problem with a client's key, or None."""
     if not 1 <= len(value) <= MAX_KEY_LENGTH:
         return f"must be 1 to {MAX_KEY_LENGTH} characters"
-    if not all(" " <= c <= "~" for c in value):
+    if not (value.isascii() and value.isprintable()):  # " " to "~"
         return "must be printable ASCII"
     return None
 
@@ -371,9 +376,13 @@ class RedisStore:
         self._renew = self.client.register_script(_RENEW)
         self._complete = self.client.register_script(_COMPLETE)
         self._release = self.client.register_script(_RELEASE)
+        # A claim's token (32 hex digits, as the records' layout wants): this store's random prefix
+        # and a counter, unique as a random token is, without a getrandom call per claim.
+        self._token_prefix = secrets.token_hex(8)
+        self._tokens = itertools.count()
 
     async def claim(self, key: str, fingerprint: str) -> Claim:
-        token = secrets.token_hex(16)
+        token = "%s%016x" % (self._token_prefix, next(self._tokens))  # noqa: UP031 - the fastest form
         try:
             reply = await self._batch.call(
                 self._claim, self.prefix + key, fingerprint, token, self.lease_ms, self.ttl_ms
@@ -407,12 +416,23 @@ class RedisStore:
         return [int(r) == 1 for r in replies]
 
     async def sending(self, key: str, claim: Claimed) -> bool:
-        return await self._compare_and_set(self._renew, key, claim.head, self.lease_ms, "1")
+        # _compare_and_set's body, here and in complete: one coroutine less on every delivery.
+        try:
+            done = await self._batch.call(self._renew, self.prefix + key, claim.head, self.lease_ms, "1")
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(reason(exc)) from None
+        return int(done) == 1
 
     async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
-        head = json.dumps([response.status, response.headers], separators=(",", ":"))
+        # json.dumps([status, headers], separators=(",", ":")) without its encoder object per call.
+        fields = ",".join([f"{_json_str(name)}:{_json_str(value)}" for name, value in response.headers.items()])
+        head = f"[{response.status:d},{{{fields}}}]"
         stored = "D" + fingerprint + head + "\n" + response.body.decode()
-        return await self._compare_and_set(self._complete, key, claim.head, stored, self.ttl_ms)
+        try:
+            done = await self._batch.call(self._complete, self.prefix + key, claim.head, stored, self.ttl_ms)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(reason(exc)) from None
+        return int(done) == 1
 
     async def release(self, key: str, claim: Claimed) -> bool:
         return await self._compare_and_set(self._release, key, claim.head)

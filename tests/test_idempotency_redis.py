@@ -85,6 +85,22 @@ async def test_a_record_of_an_earlier_version_is_still_replayed(store: RedisStor
     assert replay.response.status == 400
 
 
+async def test_a_stored_result_is_the_record_earlier_versions_wrote(store: RedisStore, redis_url: str) -> None:
+    """The head is built without json.dumps (its cost per delivery): the same bytes, so that other
+    versions of the fleet (a rolling upgrade) replay it."""
+    claim = await store.claim("format", "e" * 64)
+    assert isinstance(claim, Claimed)
+    headers = {"X-Smtp-Reply": '250 2.0.0 "ok" \\ \u00e9t\u00e9 \U0001f600', "Retry-After": "5"}
+    assert await store.complete("format", claim, "e" * 64, StoredResponse(250, headers, b'{"a": 1}'))
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    stored = await admin.get(store.prefix + "format")
+    await admin.aclose()
+    assert stored == "D" + "e" * 64 + json.dumps([250, headers], separators=(",", ":")) + '\n{"a": 1}'
+    replay = await store.claim("format", "e" * 64)
+    assert isinstance(replay, Replay)
+    assert replay.response == StoredResponse(250, headers, b'{"a": 1}')
+
+
 async def test_what_a_stored_result_costs_in_redis(store: RedisStore, redis_url: str) -> None:
     """The sizing figure in the docs: MEMORY USAGE of a typical stored result (one recipient,
     the answer's JSON and headers), with the key's prefix and its TTL."""
