@@ -200,6 +200,10 @@ class _NdjsonStream(StreamingResponse):
         await self.stream_response(send)
 
 
+#: The batches streaming now, per relay: they share its `mailrelay.batch.concurrency` (_Batch._share).
+_batches_on: Counter[Relay] = Counter()
+
+
 class _Batch:
     """One batch request: its reader, its running deliveries and the answer lines they put in `out`."""
 
@@ -231,6 +235,7 @@ class _Batch:
 
     async def stream(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
+        _batches_on[self.relay] += 1
         reader = loop.create_task(self._read())
         try:
             ended = False
@@ -267,6 +272,9 @@ class _Batch:
             reader.cancel()
             if self._ahead is not None:
                 self._ahead.cancel()
+            _batches_on[self.relay] -= 1
+            if not _batches_on[self.relay]:
+                del _batches_on[self.relay]
             self._release()
 
     def _release(self, _task: object = None) -> None:
@@ -323,9 +331,9 @@ class _Batch:
         return await self.receive()
 
     async def _room(self) -> bool:
-        """Waits until fewer than `concurrency` of the batch's deliveries run. Meanwhile the next
+        """Waits until fewer than the batch's share of `concurrency` run. Meanwhile the next
         receive() is started ahead, so that a client that leaves is seen: False then."""
-        while len(self.running) >= self.batch.concurrency:
+        while len(self.running) >= self._share():
             ahead = self._ahead
             if ahead is None:  # after the body's end too: then it returns only on a disconnect
                 ahead = self._ahead = asyncio.ensure_future(self.receive())
@@ -335,6 +343,12 @@ class _Batch:
                 return False
             await self._wait()  # a body chunk that came meanwhile is kept for _next_message
         return not self.gone
+
+    def _share(self) -> int:
+        """`concurrency` divided among the batches streaming to this relay, each at least one: 8
+        batches of 16 had 128 deliveries wait for a few connections, past the relay's max_waiting
+        (those failed at once, 451 4.4.5), where 8 single requests would each have been delivered."""
+        return -(-self.batch.concurrency // max(1, _batches_on[self.relay]))
 
     async def _wait(self) -> None:
         """Until a delivery of the batch finishes, or the look-ahead receive() returns."""
