@@ -230,6 +230,9 @@ class _Batch:
         self._waiter: asyncio.Future[None] | None = None
         self.gone = False  # the client disconnected
         self._ahead: asyncio.Future[Message] | None = None
+        #: Every delivery has ended (its line queued, then None): the last write waits no longer.
+        self._read_all = False
+        self._lingering: asyncio.Future[None] | None = None
         #: The request and each running delivery: the runtime is left when none is left.
         self._holds = 1
 
@@ -242,30 +245,29 @@ class _Batch:
             written = -math.inf
             while not ended:
                 line = await self.out.get()
+                lines: list[bytes] = []
                 if line is None:
-                    break
-                if (wait := written + WRITE_EVERY - loop.time()) > 0:
-                    await asyncio.sleep(wait)  # the lines finished until then share this write
-                # The lines ready together go in one write: one chunk, one send, not one per line.
-                lines = [line]
-                while not self.out.empty():
-                    ready = self.out.get_nowait()
-                    if ready is None:
-                        ended = True
-                        break
-                    lines.append(ready)
-                yield b"".join(lines)
-                written = loop.time()
-            yield (
-                orjson.dumps(
-                    {
+                    ended = True
+                else:
+                    if (wait := written + WRITE_EVERY - loop.time()) > 0 and not self._read_all:
+                        await self._linger(wait)  # the lines finished until then share this write
+                    # The lines ready together go in one write: one chunk, one send, not one per line.
+                    lines.append(line)
+                    while not self.out.empty():
+                        ready = self.out.get_nowait()
+                        if ready is None:
+                            ended = True
+                            break
+                        lines.append(ready)
+                if ended:  # the last lines and the summary in the same write
+                    summary = {
                         "done": True,
                         "answered": self.statuses.total(),
                         "statuses": {str(k): v for k, v in self.statuses.items()},
                     }
-                )
-                + b"\n"
-            )
+                    lines.append(orjson.dumps(summary) + b"\n")
+                yield b"".join(lines)
+                written = loop.time()
         finally:
             # Stops reading (lines not started are never delivered); running deliveries go on to
             # their end, so keyed ones store their outcomes for a repeat of the batch.
@@ -290,6 +292,22 @@ class _Batch:
                 await asyncio.wait(set(self.running))  # not gather: a cancelled reader must not cancel them
         finally:
             self.out.put_nowait(None)
+            self._read_all = True
+            self._stop_lingering()
+
+    async def _linger(self, seconds: float) -> None:
+        """Waits `seconds`, or less when the last delivery ends meanwhile (its answer is not held)."""
+        lingering = self._lingering = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, self._stop_lingering)
+        try:
+            await lingering
+        finally:
+            timer.cancel()
+            self._lingering = None
+
+    def _stop_lingering(self) -> None:
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
 
     async def _start_lines(self, splitter: LineSplitter) -> None:
         """Reads the body and starts each line's delivery; returns at its end, past max_lines, or
