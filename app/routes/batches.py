@@ -223,6 +223,13 @@ class _Batch:
         self.settings = runtime.config.mailrelay
         self.batch: BatchSettings = self.settings.batch
         self.seconds = seconds
+        options = runtime.config.relay[name]
+        self.add_missing_headers = bool(getattr(options, "add_missing_headers", False))
+        # What the relay runs at once (its pool's connections, and as many again waiting within its
+        # max_waiting), or `concurrency` if more: what the batches streaming to it share (_share).
+        connections = int(getattr(options, "concurrent_connections", 0))
+        waiting = min(connections, int(getattr(options, "max_waiting", connections)))
+        self.shared = max(self.batch.concurrency, connections + waiting)
         self.running: set[asyncio.Task[None]] = set()
         #: Answer lines not yet written: at most one per line read (max_lines + 1 in all).
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -363,10 +370,11 @@ class _Batch:
         return not self.gone
 
     def _share(self) -> int:
-        """`concurrency` divided among the batches streaming to this relay, each at least one: 8
-        batches of 16 had 128 deliveries wait for a few connections, past the relay's max_waiting
-        (those failed at once, 451 4.4.5), where 8 single requests would each have been delivered."""
-        return -(-self.batch.concurrency // max(1, _batches_on[self.relay]))
+        """`concurrency`, or less: an even part of `shared` among the batches streaming to this
+        relay, each at least one. 8 batches of 16 had 128 deliveries wait for a few connections,
+        past the relay's max_waiting (those failed at once, 451 4.4.5), where 8 single requests
+        would each have been delivered."""
+        return min(self.batch.concurrency, -(-self.shared // max(1, _batches_on[self.relay])))
 
     async def _wait(self) -> None:
         """Until a delivery of the batch finishes, or the look-ahead receive() returns."""
@@ -416,7 +424,7 @@ class _Batch:
                 self._refused(index, core.overloaded(self.name, why))
                 return
         holding.held = taken
-        complete = bool(getattr(self.runtime.config.relay[self.name], "add_missing_headers", False))
+        complete = self.add_missing_headers
         try:
             if len(line) > _BUILD_IN_THREAD:  # a large composed message would hold the loop while it is built
                 envelope, key = await asyncio.to_thread(parse_line, line, self.settings, add_missing_headers=complete)
