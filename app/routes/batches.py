@@ -200,7 +200,7 @@ class _NdjsonStream(StreamingResponse):
         await self.stream_response(send)
 
 
-#: The batches streaming now, per relay: they share its `mailrelay.batch.concurrency` (_Batch._share).
+#: The batches streaming now, per relay: they share what it runs at once (_Batch.shared, _Batch._share).
 _batches_on: Counter[Relay] = Counter()
 
 
