@@ -46,10 +46,10 @@ _BUILD_IN_THREAD: Final = 256 * 1024
 #: Also accepted: the same format under its other names.
 _NDJSON_TYPES: Final = frozenset((NDJSON, "application/jsonl", "application/jsonlines", "application/x-jsonlines"))
 #: A batch writes its answer lines at most once per this many seconds: the lines that finish
-#: meanwhile go in the same write, and a line waits at most this long once its delivery ended.
-#: Each write is a chunk through the ASGI stack and a send(); at c8 the 8 connections' replies
-#: mostly finish deliveries of different batches, so without it every line was its own write.
-WRITE_EVERY: Final = 0.01
+#: meanwhile go in the same write, and a line waits at most this long once its delivery ended (the
+#: last ones not at all). Each write is a chunk through the ASGI stack and a send(): at c8 a batch
+#: runs 2 deliveries (its share) and finishes a line every few ms, one write each before.
+WRITE_EVERY: Final = 0.025
 
 
 def _check_key(value: str | None) -> str | None:
