@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from functools import cached_property
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, cast
 
 from pydantic import (
     AfterValidator,
@@ -570,7 +570,9 @@ class DeliveryRequest(BaseModel):
         """The finished message; a composed request has none until it is built (app.intake.envelope_of)."""
         if self.content is not None:
             raise RuntimeError("a `content` request's message is built by app.intake.envelope_of, not read here")
-        return self._raw
+        # From the private dict: `self._raw` goes through pydantic's __getattr__, which raised and
+        # caught two AttributeErrors per read (3.2 us against 0.05, pydantic 2.14), on every delivery.
+        return cast(dict[str, bytes], self.__pydantic_private__)["_raw"]
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 from collections import Counter
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -44,6 +45,11 @@ NDJSON: Final = "application/x-ndjson"
 _BUILD_IN_THREAD: Final = 256 * 1024
 #: Also accepted: the same format under its other names.
 _NDJSON_TYPES: Final = frozenset((NDJSON, "application/jsonl", "application/jsonlines", "application/x-jsonlines"))
+#: A batch writes its answer lines at most once per this many seconds: the lines that finish
+#: meanwhile go in the same write, and a line waits at most this long once its delivery ended (the
+#: last ones not at all). Each write is a chunk through the ASGI stack and a send(): at c8 a batch
+#: runs 2 deliveries (its share) and finishes a line every few ms, one write each before.
+WRITE_EVERY: Final = 0.025
 
 
 def _check_key(value: str | None) -> str | None:
@@ -194,6 +200,10 @@ class _NdjsonStream(StreamingResponse):
         await self.stream_response(send)
 
 
+#: The batches streaming now, per relay: they share what it runs at once (_Batch.shared, _Batch._share).
+_batches_on: Counter[Relay] = Counter()
+
+
 class _Batch:
     """One batch request: its reader, its running deliveries and the answer lines they put in `out`."""
 
@@ -213,6 +223,13 @@ class _Batch:
         self.settings = runtime.config.mailrelay
         self.batch: BatchSettings = self.settings.batch
         self.seconds = seconds
+        options = runtime.config.relay[name]
+        self.add_missing_headers = bool(getattr(options, "add_missing_headers", False))
+        # What the relay runs at once (its pool's connections, and as many again waiting within its
+        # max_waiting), or `concurrency` if more: what the batches streaming to it share (_share).
+        connections = int(getattr(options, "concurrent_connections", 0))
+        waiting = min(connections, int(getattr(options, "max_waiting", connections)))
+        self.shared = max(self.batch.concurrency, connections + waiting)
         self.running: set[asyncio.Task[None]] = set()
         #: Answer lines not yet written: at most one per line read (max_lines + 1 in all).
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -220,42 +237,53 @@ class _Batch:
         self._waiter: asyncio.Future[None] | None = None
         self.gone = False  # the client disconnected
         self._ahead: asyncio.Future[Message] | None = None
+        #: Every delivery has ended (its line queued, then None): the last write waits no longer.
+        self._read_all = False
+        self._lingering: asyncio.Future[None] | None = None
         #: The request and each running delivery: the runtime is left when none is left.
         self._holds = 1
 
     async def stream(self) -> AsyncIterator[bytes]:
-        reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        _batches_on[self.relay] += 1
+        reader = loop.create_task(self._read())
         try:
             ended = False
+            written = -math.inf
             while not ended:
                 line = await self.out.get()
+                lines: list[bytes] = []
                 if line is None:
-                    break
-                # The lines ready together go in one write: one chunk, one send, not one per line.
-                lines = [line]
-                while not self.out.empty():
-                    ready = self.out.get_nowait()
-                    if ready is None:
-                        ended = True
-                        break
-                    lines.append(ready)
-                yield b"".join(lines)
-            yield (
-                orjson.dumps(
-                    {
+                    ended = True
+                else:
+                    if (wait := written + WRITE_EVERY - loop.time()) > 0 and not self._read_all:
+                        await self._linger(wait)  # the lines finished until then share this write
+                    # The lines ready together go in one write: one chunk, one send, not one per line.
+                    lines.append(line)
+                    while not self.out.empty():
+                        ready = self.out.get_nowait()
+                        if ready is None:
+                            ended = True
+                            break
+                        lines.append(ready)
+                if ended:  # the last lines and the summary in the same write
+                    summary = {
                         "done": True,
                         "answered": self.statuses.total(),
                         "statuses": {str(k): v for k, v in self.statuses.items()},
                     }
-                )
-                + b"\n"
-            )
+                    lines.append(orjson.dumps(summary) + b"\n")
+                yield b"".join(lines)
+                written = loop.time()
         finally:
             # Stops reading (lines not started are never delivered); running deliveries go on to
             # their end, so keyed ones store their outcomes for a repeat of the batch.
             reader.cancel()
             if self._ahead is not None:
                 self._ahead.cancel()
+            _batches_on[self.relay] -= 1
+            if not _batches_on[self.relay]:
+                del _batches_on[self.relay]
             self._release()
 
     def _release(self, _task: object = None) -> None:
@@ -271,6 +299,22 @@ class _Batch:
                 await asyncio.wait(set(self.running))  # not gather: a cancelled reader must not cancel them
         finally:
             self.out.put_nowait(None)
+            self._read_all = True
+            self._stop_lingering()
+
+    async def _linger(self, seconds: float) -> None:
+        """Waits `seconds`, or less when the last delivery ends meanwhile (its answer is not held)."""
+        lingering = self._lingering = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, self._stop_lingering)
+        try:
+            await lingering
+        finally:
+            timer.cancel()
+            self._lingering = None
+
+    def _stop_lingering(self) -> None:
+        if self._lingering is not None and not self._lingering.done():
+            self._lingering.set_result(None)
 
     async def _start_lines(self, splitter: LineSplitter) -> None:
         """Reads the body and starts each line's delivery; returns at its end, past max_lines, or
@@ -312,9 +356,9 @@ class _Batch:
         return await self.receive()
 
     async def _room(self) -> bool:
-        """Waits until fewer than `concurrency` of the batch's deliveries run. Meanwhile the next
+        """Waits until fewer than the batch's share of `concurrency` run. Meanwhile the next
         receive() is started ahead, so that a client that leaves is seen: False then."""
-        while len(self.running) >= self.batch.concurrency:
+        while len(self.running) >= self._share():
             ahead = self._ahead
             if ahead is None:  # after the body's end too: then it returns only on a disconnect
                 ahead = self._ahead = asyncio.ensure_future(self.receive())
@@ -324,6 +368,13 @@ class _Batch:
                 return False
             await self._wait()  # a body chunk that came meanwhile is kept for _next_message
         return not self.gone
+
+    def _share(self) -> int:
+        """`concurrency`, or less: an even part of `shared` among the batches streaming to this
+        relay, each at least one. 8 batches of 16 had 128 deliveries wait for a few connections,
+        past the relay's max_waiting (those failed at once, 451 4.4.5), where 8 single requests
+        would each have been delivered."""
+        return min(self.batch.concurrency, -(-self.shared // max(1, _batches_on[self.relay])))
 
     async def _wait(self) -> None:
         """Until a delivery of the batch finishes, or the look-ahead receive() returns."""
@@ -373,7 +424,7 @@ class _Batch:
                 self._refused(index, core.overloaded(self.name, why))
                 return
         holding.held = taken
-        complete = bool(getattr(self.runtime.config.relay[self.name], "add_missing_headers", False))
+        complete = self.add_missing_headers
         try:
             if len(line) > _BUILD_IN_THREAD:  # a large composed message would hold the loop while it is built
                 envelope, key = await asyncio.to_thread(parse_line, line, self.settings, add_missing_headers=complete)

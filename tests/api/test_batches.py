@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def _config(path: Path, port: int, extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def sink() -> Iterator[GatedSink]:
-    with gated_sink("gate@example.net", "hold@example.net", "stall@example.net") as running:
+    with gated_sink("gate@example.net", "hold@example.net", "stall@example.net", "queue@example.net") as running:
         yield running
 
 
@@ -209,6 +210,44 @@ def test_a_batch_of_100_streams_each_result_as_it_finishes(relay: Service, sink:
     assert by_index[50]["result"]["message_id"]
     subjects = sorted(int(m.split(b"Subject: line ")[1].split(b"\r\n")[0]) for _, m in sink.messages[before:])
     assert subjects == sorted(i for i, a in by_index.items() if a["status"] in (200, 207))
+
+
+def test_concurrent_batches_share_the_concurrency_within_the_relays_waiting_bound(
+    relay: Service, sink: GatedSink
+) -> None:
+    """8 batches at once on a relay with the default 5 connections and max_waiting 100: with 16
+    deliveries each, 128 ran and 123 waited for a connection, and the pool failed those past 100 at
+    once (451 4.4.5) where 8 single requests would all have been delivered. Batches to one relay now
+    share `concurrency` (each at least one), so every line is delivered once the sink moves on."""
+    batches, per_batch = 8, 20
+    before = sink.count("queue@example.net")
+    answered = threading.Event()
+    results: list[list[dict[str, Any]]] = [[] for _ in range(batches)]
+
+    def post(number: int) -> None:
+        body = b"\n".join(line("queue@example.net", subject=f"queued {number}") for _ in range(per_batch)) + b"\n"
+        with (
+            httpx.Client(base_url=relay.url, timeout=60) as client,
+            client.stream("POST", "/relays/out/deliveries", content=body, headers=NDJSON) as answer,
+        ):
+            for text in answer.iter_lines():
+                if text:
+                    results[number].append(json.loads(text))
+                    answered.set()
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(batches)]
+    for thread in threads:
+        thread.start()
+    # Every delivery is held at the sink's RCPT: nothing is answered before the gate opens, unless it
+    # was refused without being tried (before, about 30 lines were answered 451 within milliseconds).
+    answered.wait(3)
+    sink.open("queue@example.net")
+    for thread in threads:
+        thread.join(60)
+    statuses = Counter(a["status"] for answers in results for a in answers if "index" in a)
+    failed = {a["result"]["recipients"][0]["reply"]["message"] for r in results for a in r if a.get("status") == 503}
+    assert statuses == {200: batches * per_batch}, failed
+    assert sink.count("queue@example.net") - before == batches * per_batch
 
 
 def _post(service: Service, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
