@@ -69,12 +69,17 @@ class Batch:
         self.out: list[_Call] | None = None
         self._out_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: Set by aclose(): every call fails at once, nothing connects again.
+        self.closed = False
 
     def call(self, script: AsyncScript, keys: str | Sequence[str], *args: str | int) -> "asyncio.Future[Any]":
         """EVALSHA of `script` with `keys` (one key, or several) and `args`; its reply, or the
         exception that stands for it, comes in the future."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self.closed:
+            future.set_exception(ConnectionError("closed"))
+            return future
         if not self.pending and self.out is None and not self.sending:
             loop.call_soon(self._flush)
         # While a batch is out, the next one gathers; it leaves when that one's replies are in.
@@ -82,7 +87,7 @@ class Batch:
         return future
 
     def _flush(self) -> None:
-        if not self.pending or self.out is not None or len(self.sending) >= _BATCHES_OUT:
+        if self.closed or not self.pending or self.out is not None or len(self.sending) >= _BATCHES_OUT:
             return
         batch, self.pending = self.pending[:_BATCH_MAX], self.pending[_BATCH_MAX:]
         link = self.link
@@ -104,6 +109,9 @@ class Batch:
     def _answered(self, batch: list[_Call], replies: list[object], exc: Exception | None) -> None:
         """The fast way's end: every reply is in, or the link failed (`exc`) after `replies`."""
         self.out = None
+        if self.closed:  # aclose() failed it: no recovery on a new connection
+            _fail(batch, exc or ConnectionError("closed"))
+            return
         if exc is None and not any(isinstance(reply, NoScriptError) for reply in replies):
             _answer(batch, replies)
             if self.pending:
@@ -236,9 +244,19 @@ class Batch:
             raise
 
     async def aclose(self) -> None:
-        """Closes the batches' connection (the client's pool is the caller's to close)."""
+        """Closes the batches' connection (the client's pool is the caller's to close): the batch
+        out, the calls gathering behind it and any later call fail with ConnectionError, and
+        nothing connects again."""
+        self.closed = True
+        closed = ConnectionError("closed")
         if self.link is not None:  # a batch out fails now, not sent again on a new connection
-            self.link.fail(ConnectionError("closed"))
+            self.link.fail(closed)
+        pending, self.pending = self.pending, []
+        _fail(pending, closed)
+        for task in list(self.sending):  # connecting or recovering: its calls fail (_send, _recover)
+            task.cancel()
+        if self.sending:
+            await asyncio.gather(*self.sending, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -48,3 +48,30 @@ async def test_a_batch_whose_connection_dies_under_it_is_sent_again_on_a_new_one
         finally:
             await batch.aclose()
             await client.aclose()
+
+
+async def test_calls_waiting_at_aclose_fail_and_no_connection_is_opened_after_it() -> None:
+    """aclose() with a batch out and a call gathering behind it (a reload or shutdown while
+    renewals and rate checks arrive): both fail, and nothing connects again afterwards (the
+    gathering call used to run on a new connection that nobody would ever close)."""
+    with redis_instance() as instance:
+        client: aioredis.Redis = redis_client(instance.url)
+        batch = Batch(client)
+        slow = client.register_script(_SLOW_INCR)
+        try:
+            assert await batch.call(slow, "warm", 0) == 1
+            out = batch.call(slow, "a", 200)
+            await asyncio.sleep(0.05)
+            assert batch.out is not None
+            gathering = batch.call(slow, "b", 0)
+            await batch.aclose()
+            results = await asyncio.gather(out, gathering, return_exceptions=True)
+            assert all(isinstance(result, ConnectionError) for result in results), results
+            late = batch.call(slow, "c", 0)
+            with pytest.raises(ConnectionError):
+                await late
+            await asyncio.sleep(0.3)
+            assert batch.link is None or batch.link.closed()
+            assert not batch.sending
+        finally:
+            await client.aclose()
