@@ -36,6 +36,7 @@ from relays.base import Relay
 from schemas.config import BatchSettings, ServiceSettings
 from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, request_model
 from schemas.problem import FieldError, Problem
+from schemas.relay_options import RelayOptions
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/relays", tags=["relays"])
@@ -202,6 +203,18 @@ class _NdjsonStream(StreamingResponse):
 
 #: The batches streaming now, per relay: they share what it runs at once (_Batch.shared, _Batch._share).
 _batches_on: Counter[Relay] = Counter()
+#: Relay types with one destination, one pool: the batches streaming to them share it.
+_ONE_DESTINATION = frozenset({"static", "lmtp"})
+
+
+def shared_capacity(options: RelayOptions, batch: BatchSettings) -> int | None:
+    """What the batches streaming to a relay share (_Batch._share), or None: each runs
+    `concurrency`."""
+    if options.type not in _ONE_DESTINATION:
+        return None
+    connections = int(getattr(options, "concurrent_connections", 0))
+    waiting = min(connections, int(getattr(options, "max_waiting", connections)))
+    return max(batch.concurrency, connections + waiting)
 
 
 class _Batch:
@@ -225,11 +238,11 @@ class _Batch:
         self.seconds = seconds
         options = runtime.config.relay[name]
         self.add_missing_headers = bool(getattr(options, "add_missing_headers", False))
-        # What the relay runs at once (its pool's connections, and as many again waiting within its
-        # max_waiting), or `concurrency` if more: what the batches streaming to it share (_share).
-        connections = int(getattr(options, "concurrent_connections", 0))
-        waiting = min(connections, int(getattr(options, "max_waiting", connections)))
-        self.shared = max(self.batch.concurrency, connections + waiting)
+        # What a one-destination relay (static, lmtp: one pool) runs at once (its connections, and
+        # as many again waiting within its max_waiting), or `concurrency` if more: what the batches
+        # streaming to it share (_share). None for the others: mx has a pool per MX host, so its
+        # concurrent_connections says nothing of a batch that fans out over many domains.
+        self.shared = shared_capacity(options, self.batch)
         self.running: set[asyncio.Task[None]] = set()
         #: Answer lines not yet written: at most one per line read (max_lines + 1 in all).
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -374,6 +387,8 @@ class _Batch:
         relay, each at least one. 8 batches of 16 had 128 deliveries wait for a few connections,
         past the relay's max_waiting (those failed at once, 451 4.4.5), where 8 single requests
         would each have been delivered."""
+        if self.shared is None:
+            return self.batch.concurrency
         return min(self.batch.concurrency, -(-self.shared // max(1, _batches_on[self.relay])))
 
     async def _wait(self) -> None:
