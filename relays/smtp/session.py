@@ -254,8 +254,16 @@ class SmtpSession:
         self.security = self._secured()
 
     async def _open(self, mode: TlsMode) -> None:
-        async with self._step("[CONNECT]"):
-            await self.smtp.connect(timeout=self.settings.connect_timeout)
+        try:
+            async with self._step("[CONNECT]"):
+                await self.smtp.connect(timeout=self.settings.connect_timeout)
+        except RelayError:
+            context = self.settings.tls_context
+            if mode == "implicit" and isinstance(context, ResumingContext):
+                # The handshake may be what failed (one that offered the kept session, say): the
+                # next connection starts afresh, as after a failed STARTTLS.
+                context.forget(self.destination)
+            raise
         await self._greet()
         if mode == "implicit":
             self._remember_session()

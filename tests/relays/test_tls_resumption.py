@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from relays.base import RelayError
 from relays.dane import DaneHost
 from relays.smtp import resumption
 from relays.smtp.resumption import ResumingContext
-from relays.smtp.session import SessionSettings
+from relays.smtp.session import Destination, SessionSettings, SmtpSession
 from schemas.delivery import HopSecurity, RecipientResult
-from schemas.relay_options import MxOptions
+from schemas.relay_options import MxOptions, StaticOptions
 from tests.canaries import LOOPS
 from tests.conftest import context, envelope, opened
 from tests.servers.postfix import Postfix, postfix
@@ -171,3 +172,29 @@ def test_dane_connections_never_resume() -> None:
     assert dane.tls_context is not None
     assert not isinstance(dane.tls_context, ResumingContext)
     assert isinstance(settings.verified(None, "out").tls_context, ResumingContext)
+
+
+def test_a_failed_implicit_tls_connection_forgets_the_kept_session(tmp_path: Path) -> None:
+    """As after a failed STARTTLS: a connection with implicit TLS that fails (its handshake
+    included) drops the destination's kept session, so the next one starts afresh instead of
+    offering it again for up to MAX_AGE."""
+    with tls_material(tmp_path) as tls:
+        options = StaticOptions.model_validate(
+            {"type": "static", "host": "127.0.0.1", "tls": {"mode": "implicit", "ca_certs": str(tls.ca_file)}}
+        )
+        settings = SessionSettings.from_options(options, "out", lmtp=False)
+        kept = settings.tls_context
+        assert isinstance(kept, ResumingContext)
+
+        async def open_and_quit(destination: Destination) -> None:
+            session = SmtpSession(destination, settings)
+            await session.open()
+            await session.quit()
+
+        with smtp_server(tls=tls, implicit_tls=True) as server:
+            destination = Destination("127.0.0.1", server.port, "localhost")
+            asyncio.run(open_and_quit(destination))
+            assert destination in kept._sessions  # the cache itself is what is checked
+        with pytest.raises(RelayError):  # the server is gone: the connection fails
+            asyncio.run(open_and_quit(destination))
+        assert destination not in kept._sessions
