@@ -9,9 +9,7 @@ never made, so on and off should match.
 Run: .venv/bin/python -m bench.fleet_connection_rate [rounds] [deliveries per round]
 """
 
-import statistics
-
-from bench.fleet_leases import per_delivery, run_against_sink
+from bench.fleet_leases import compare, run_against_sink
 from relays.context import RelayContext
 from relays.static import StaticRelay
 from schemas.config import FleetSettings, ServiceSettings
@@ -33,20 +31,7 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
         on = StaticRelay("on", StaticOptions.model_validate({**base, "max_connection_rate": "1000000/s"}), context)
         try:
             for concurrency in (1, 8):
-                await per_delivery(off, 200, concurrency)  # warm: scripts loaded, pools open
-                await per_delivery(on, 200, concurrency)
-                samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-                for _ in range(rounds):
-                    samples["off"].append(await per_delivery(off, count, concurrency))
-                    samples["on"].append(await per_delivery(on, count, concurrency))
-                wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
-                cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
-                print(
-                    f"static, {what}, c{concurrency}: off {wall['off']:.0f} us wall / {cpu['off']:.0f} us CPU, "
-                    f"on {wall['on']:.0f} us / {cpu['on']:.0f} us: +{wall['on'] - wall['off']:.0f} us wall "
-                    f"(x{wall['on'] / wall['off']:.2f}), +{cpu['on'] - cpu['off']:.0f} us CPU "
-                    f"(x{cpu['on'] / cpu['off']:.2f})"
-                )
+                await compare(off, on, rounds, count, concurrency, what)
         finally:
             await off.aclose()
             await on.aclose()

@@ -48,6 +48,25 @@ async def per_delivery(relay: StaticRelay, count: int, concurrency: int) -> tupl
     return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
 
 
+async def compare(
+    off: StaticRelay, on: StaticRelay, rounds: int, count: int, concurrency: int, what: str, warm: int = 200
+) -> None:
+    """Prints what `on` costs per delivery over `off`: medians of `rounds` alternating rounds."""
+    await per_delivery(off, warm, concurrency)  # warm: code paths hot, scripts loaded, pools open
+    await per_delivery(on, warm, concurrency)
+    samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        samples["off"].append(await per_delivery(off, count, concurrency))
+        samples["on"].append(await per_delivery(on, count, concurrency))
+    wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
+    cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
+    print(
+        f"static, {what}, c{concurrency}: off {wall['off']:.0f} us wall / {cpu['off']:.0f} us CPU, "
+        f"on {wall['on']:.0f} us / {cpu['on']:.0f} us: +{wall['on'] - wall['off']:.0f} us wall "
+        f"(x{wall['on'] / wall['off']:.2f}), +{cpu['on'] - cpu['off']:.0f} us CPU (x{cpu['on'] / cpu['off']:.2f})"
+    )
+
+
 async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
     settings = ServiceSettings(fleet=FleetSettings(redis_url=redis_url))
     context = RelayContext.from_settings(settings)
@@ -56,19 +75,7 @@ async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
     on = StaticRelay("on", StaticOptions.model_validate({**base, "fleet_connections": True}), context)
     n = count // 4  # a connection each: slower
     try:
-        await per_delivery(off, 100, 1)  # warm: code paths hot, scripts loaded
-        await per_delivery(on, 100, 1)
-        samples: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-        for _ in range(rounds):
-            samples["off"].append(await per_delivery(off, n, 1))
-            samples["on"].append(await per_delivery(on, n, 1))
-        wall = {k: statistics.median(s[0] for s in v) * 1e6 for k, v in samples.items()}
-        cpu = {k: statistics.median(s[1] for s in v) * 1e6 for k, v in samples.items()}
-        print(
-            f"static, a connection each, c1: off {wall['off']:.0f} us wall / {cpu['off']:.0f} us CPU, "
-            f"on {wall['on']:.0f} us / {cpu['on']:.0f} us: +{wall['on'] - wall['off']:.0f} us wall "
-            f"(x{wall['on'] / wall['off']:.2f}), +{cpu['on'] - cpu['off']:.0f} us CPU (x{cpu['on'] / cpu['off']:.2f})"
-        )
+        await compare(off, on, rounds, n, 1, "a connection each", warm=100)
     finally:
         await off.aclose()
         await on.aclose()

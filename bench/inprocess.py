@@ -22,28 +22,34 @@ BODY = json.dumps(
 ).encode()
 
 
+def post_scope(path: str, length: int, state: Any) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST to `path` with a body of `length` bytes; `state` is the
+    lifespan's (what the service gets from uvicorn)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"x"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % length),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+        "state": dict(state or {}),
+    }
+
+
 async def main(count: int) -> None:
     app = create_app(parse_config(DEFAULT_CONFIG_YAML, "bench").config)
     async with app.router.lifespan_context(app) as state:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/relays/blackhole/deliver",
-            "raw_path": b"/relays/blackhole/deliver",
-            "root_path": "",
-            "query_string": b"",
-            "headers": [
-                (b"host", b"x"),
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(BODY)),
-            ],
-            "client": ("127.0.0.1", 5000),
-            "server": ("127.0.0.1", 8080),
-            "state": dict(state or {}),
-        }
+        scope = post_scope("/relays/blackhole/deliver", len(BODY), state)
         statuses: set[int] = set()
 
         async def receive() -> dict[str, Any]:

@@ -157,6 +157,7 @@ def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int,
     from typing import Any
 
     import uvloop
+    from inprocess import post_scope  # bench/ is on sys.path (run as a script, or imported by bench.py)
 
     from app.config import parse_config
     from app.logs import setup_logging
@@ -186,29 +187,7 @@ def inprocess(found: dict[str, bytes], directory: Path, msg: bytes, rounds: int,
                 if message["type"] == "http.response.start":
                     statuses.add(message["status"])
 
-            def scope(row: str) -> dict[str, Any]:
-                path = f"/relays/{row}/deliver"
-                return {
-                    "type": "http",
-                    "asgi": {"version": "3.0"},
-                    "http_version": "1.1",
-                    "method": "POST",
-                    "scheme": "http",
-                    "path": path,
-                    "raw_path": path.encode(),
-                    "root_path": "",
-                    "query_string": b"",
-                    "headers": [
-                        (b"host", b"x"),
-                        (b"content-type", b"application/json"),
-                        (b"content-length", b"%d" % len(request)),
-                    ],
-                    "client": ("127.0.0.1", 5000),
-                    "server": ("127.0.0.1", 8080),
-                    "state": dict(state or {}),
-                }
-
-            scopes = {row: scope(row) for row in ROWS}
+            scopes = {row: post_scope(f"/relays/{row}/deliver", len(request), state) for row in ROWS}
             for row in ROWS:  # warm-up
                 for _ in range(count // 2):
                     await app(dict(scopes[row]), receive, send)
