@@ -8,9 +8,8 @@ Run: .venv/bin/python -m bench.fleet_rates [rounds] [checks per round]
 
 import asyncio
 import statistics
-import time
 
-from bench.fleet_leases import run_against_sink
+from bench.fleet_leases import per_call, run_against_sink
 from relays.base import DeliveryContext
 from relays.context import RelayContext
 from relays.rates import RelayRate
@@ -21,17 +20,7 @@ from schemas.relay_options import StaticOptions
 
 async def _admits(rate: RelayRate, count: int, concurrency: int) -> tuple[float, float]:
     loop = asyncio.get_running_loop()
-    left = count
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await rate.admit("127.0.0.1:25", DeliveryContext(loop.time() + 30))
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
+    return await per_call(lambda: rate.admit("127.0.0.1:25", DeliveryContext(loop.time() + 30)), count, concurrency)
 
 
 async def main(redis_url: str, sink_port: int, rounds: int, count: int) -> None:
