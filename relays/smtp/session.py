@@ -48,6 +48,8 @@ TlsMode = Literal["none", "starttls", "implicit", "opportunistic"]
 QUIT_TIMEOUT = 5.0
 #: The message is written in pieces this size, each waiting until the server takes the last.
 _DATA_CHUNK = 256 * 1024
+#: A last piece up to this size goes out joined with its command and terminator (a TLS record's most).
+_ONE_RECORD = 16 * 1024
 
 
 class Destination(NamedTuple):
@@ -658,7 +660,12 @@ class SmtpSession:
                         # The final "." goes out with this chunk: from here on the server may deliver.
                         await context.sending([state.recipients[i] for i in accepted])
                         whole_sent = True
-                        transport.writelines([head, chunk, end])  # one system call where the loop can
+                        if len(chunk) <= _ONE_RECORD:
+                            # Joined: over TLS each piece written is a record of its own (and a read
+                            # for the server); a small message goes as one.
+                            transport.write(b"".join((head, chunk, end)))
+                        else:
+                            transport.writelines([head, chunk, end])  # one system call where the loop can
                     elif head:
                         transport.writelines([head, chunk])
                     else:
