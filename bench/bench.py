@@ -1331,7 +1331,7 @@ def plan(args: argparse.Namespace, targets: list[str]) -> list[tuple[int, int, s
                     continue
                 if base_key(key) == "batch" and (size != KIB or conc > 8):  # 100 lines of 1 KiB, at c1 and c8
                     continue
-                if base_key(key) in ("dkim-ed25519", "dkim-rsa", "fleet") and size != KIB:
+                if base_key(key) in ("dkim-ed25519", "dkim-rsa", "fleet", "starttls") and size != KIB:
                     continue
                 # Postfix refuses 10 MiB (its fixture's message_size_limit); 100 KiB at c1 and c8 only (run time)
                 if base_key(key) in POSTFIX_ROWS and (size >= MIB or (size > KIB and conc > 8)):
