@@ -32,9 +32,6 @@ _Call = tuple[AsyncScript, tuple[str, ...], tuple[str | int, ...], "asyncio.Futu
 #: Batches out at once (one: they share the batches' connection), and the most commands in one.
 _BATCHES_OUT = 1
 _BATCH_MAX = 256
-#: Loop turns between a batch's replies and the next batch's write: the callers woken run, then
-#: the deliveries' I/O of the next turns (HTTP requests read, SMTP replies) adds its calls.
-_FLUSH_TURNS = 4
 
 
 class Batch:
@@ -122,7 +119,8 @@ class Batch:
                 # batch (as the task path did). After one, batches were smaller: 0.83-0.90 writes
                 # per keyed delivery instead of 0.62-0.66 (in-process 1 KiB c8, cProfile counts),
                 # and a write is the dearest part of a call.
-                _later(asyncio.get_running_loop(), _FLUSH_TURNS, self._flush)
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._flush)
             return
         task = asyncio.get_running_loop().create_task(self._recover(batch, replies, exc))
         self.sending.add(task)
@@ -270,14 +268,6 @@ class Batch:
         if self.link is not None:
             self.link.close()
             self.link = None
-
-
-def _later(loop: asyncio.AbstractEventLoop, turns: int, callback: Callable[[], None]) -> None:
-    """`callback` after `turns` passes of the loop's ready queue (call_soon `turns` times)."""
-    if turns <= 1:
-        loop.call_soon(callback)
-    else:
-        loop.call_soon(_later, loop, turns - 1, callback)
 
 
 def _command(call: _Call) -> tuple[object, ...]:
