@@ -170,15 +170,14 @@ class _Lease:
         self.lost = False
 
     async def sending(self) -> None:
-        """Takes at most REDIS_TIMEOUT: a store that fails here is logged and counted, and the
+        """Takes at most REDIS_TIMEOUT (the store's bound): a store that fails here is logged and counted, and the
         delivery goes on (its claim then cannot tell a repeat after a crash). A claim found lost
         (it lapsed and a repeat took the key, which sends its own copy) stops the delivery here,
         before anything left: CancelledError, as a deadline cut at this await would raise."""
         self.sent = True
         core = self.core
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT):
-                held = await core.store.sending(self.key, self.claim)
+            held = await core.store.sending(self.key, self.claim)
         except (idempotency.StoreUnavailable, TimeoutError) as exc:
             logger.error("idempotency store unavailable before the data left; progress not recorded: %s", exc)
             core.store_error("sending")

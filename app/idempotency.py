@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relays.redis_link import REDIS_TIMEOUT, Batch, reason, redis_client
 from schemas.config import IdempotencySettings
@@ -103,7 +104,8 @@ class IdempotencyStore(Protocol):
     """Claims are leases of `lease` seconds: the holder renews them while its delivery runs
     (`renew`), records that the data is about to leave (`sending`), then stores the answer
     (`complete`) or frees the key (`release`). Each of these returns False when the claim was no
-    longer held (it lapsed and another request took the key), and raises StoreUnavailable."""
+    longer held (it lapsed and another request took the key), and raises StoreUnavailable.
+    `sending` answers or raises within REDIS_TIMEOUT: it holds up the data."""
 
     settings: IdempotencySettings
     lease: float
@@ -417,17 +419,26 @@ class RedisStore:
 
     async def sending(self, key: str, claim: Claimed) -> bool:
         # _compare_and_set's body, here and in complete: one coroutine less on every delivery.
+        reply = self._batch.call(self._renew, self.prefix + key, claim.head, self.lease_ms, "1")
+        # The bound (REDIS_TIMEOUT, connecting included) as one timer that fails the reply's
+        # future: asyncio.timeout around the await cost 5 us more per keyed delivery (in-process,
+        # DeliveryCore at c8, memory store: 28.7 -> 23.8 us over unkeyed without it).
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + REDIS_TIMEOUT, _expire, reply)
         try:
-            done = await self._batch.call(self._renew, self.prefix + key, claim.head, self.lease_ms, "1")
+            done = await reply
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(reason(exc)) from None
+        finally:
+            timer.cancel()
         return int(done) == 1
 
     async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
         # json.dumps([status, headers], separators=(",", ":")) without its encoder object per call.
         fields = ",".join([f"{_json_str(name)}:{_json_str(value)}" for name, value in response.headers.items()])
         head = f"[{response.status:d},{{{fields}}}]"
-        stored = "D" + fingerprint + head + "\n" + response.body.decode()
+        # Bytes: the answer's own, not decoded here and encoded again when the command is packed.
+        stored = f"D{fingerprint}{head}\n".encode() + response.body
         try:
             done = await self._batch.call(self._complete, self.prefix + key, claim.head, stored, self.ttl_ms)
         except (RedisError, OSError) as exc:
@@ -447,6 +458,11 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._batch.aclose()
         await self.client.aclose()
+
+
+def _expire(reply: "asyncio.Future[object]") -> None:
+    if not reply.done():  # the batch answers it later, or never: _answer skips a done future
+        reply.set_exception(RedisTimeoutError(f"no reply from Redis in {REDIS_TIMEOUT} s"))
 
 
 def _legacy(record: dict[str, object], fingerprint: str) -> Claim:

@@ -28,7 +28,7 @@ REDIS_TIMEOUT = 2.0
 
 
 #: One command of a batch: the script, its keys, its arguments, and the caller's future.
-_Call = tuple[AsyncScript, tuple[str, ...], tuple[str | int, ...], "asyncio.Future[Any]"]
+_Call = tuple[AsyncScript, tuple[str, ...], tuple[str | int | bytes, ...], "asyncio.Future[Any]"]
 #: Batches out at once (one: they share the batches' connection), and the most commands in one.
 _BATCHES_OUT = 1
 _BATCH_MAX = 256
@@ -72,7 +72,7 @@ class Batch:
         #: Set by aclose(): every call fails at once, nothing connects again.
         self.closed = False
 
-    def call(self, script: AsyncScript, keys: str | Sequence[str], *args: str | int) -> "asyncio.Future[Any]":
+    def call(self, script: AsyncScript, keys: str | Sequence[str], *args: str | int | bytes) -> "asyncio.Future[Any]":
         """EVALSHA of `script` with `keys` (one key, or several) and `args`; its reply, or the
         exception that stands for it, comes in the future."""
         loop = asyncio.get_running_loop()

@@ -198,6 +198,29 @@ async def test_a_redis_that_stops_answering_fails_the_batch_in_time_and_its_late
         await store.aclose()
 
 
+async def test_the_progress_record_is_bounded_from_its_own_call_even_behind_a_stalled_batch() -> None:
+    """sending() holds up the data: the store answers or fails it within REDIS_TIMEOUT of the call
+    (the core has no timeout of its own around it), also when it waits behind a batch out to a
+    Redis that stopped answering (that batch's bound, then its own, would take longer)."""
+    with redis_instance() as instance:
+        store = RedisStore(IdempotencySettings(backend="redis", redis_url=instance.url))
+        claim = await store.claim("progress", "f" * 64)
+        assert isinstance(claim, Claimed)
+        instance.process.send_signal(signal.SIGSTOP)
+        try:
+            stalled = asyncio.ensure_future(store.claim("stalled", "f" * 64))  # the batch out
+            await asyncio.sleep(REDIS_TIMEOUT / 2)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="TimeoutError"):
+                await store.sending("progress", claim)
+            assert REDIS_TIMEOUT - 0.1 <= time.monotonic() - started < REDIS_TIMEOUT + 0.4
+            with pytest.raises(StoreUnavailable):
+                await stalled
+        finally:
+            instance.process.send_signal(signal.SIGCONT)
+        await store.aclose()
+
+
 async def test_a_password_and_a_database_in_the_url_are_used() -> None:
     with redis_instance() as instance:
         admin = aioredis.Redis.from_url(instance.url, socket_timeout=5)
