@@ -165,6 +165,19 @@ def parse_size(text: str) -> int:
     return int(match[1]) * {"": 1, "k": KIB, "m": MIB}[match[2].lower()]
 
 
+def listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> bool:
+    """Whether a server started as `proc` takes connections on 127.0.0.1:`port` within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -363,15 +376,8 @@ class Sink:
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"smtp-sink did not start: {self.counter_file.read_text()}") from None
-                time.sleep(0.05)
+        if not listening(self.port, self.proc):
+            raise RuntimeError(f"smtp-sink did not start: {self.counter_file.read_text()}")
 
     def count(self) -> int:
         with self.counter_file.open("rb") as f:
@@ -431,16 +437,9 @@ class StunnelReceiver:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("stunnel did not start (bench/.logs/*/stunnel/stunnel.log)") from None
-                time.sleep(0.05)
+        if not listening(self.port, self.proc):
+            self.stop()
+            raise RuntimeError("stunnel did not start (bench/.logs/*/stunnel/stunnel.log)")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
