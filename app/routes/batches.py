@@ -59,7 +59,9 @@ def _check_key(value: str | None) -> str | None:
     return value
 
 
-LineKey = Annotated[str | None, AfterValidator(_check_key), Field(max_length=idempotency.MAX_KEY_LENGTH)]
+# The length bound on the str alone: on `str | None` pydantic applied it to a null key too, whose
+# TypeError made the line a 500.
+LineKey = Annotated[Annotated[str, Field(max_length=idempotency.MAX_KEY_LENGTH)] | None, AfterValidator(_check_key)]
 _KEY_DESCRIPTION: Final = (
     "as the Idempotency-Key header of /deliver, for this line alone: a repeat (in this batch or any later "
     "request by the same API key) replays this line's result instead of sending again"

@@ -6,6 +6,7 @@ while another is still running, without any timing.
 """
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -301,6 +302,24 @@ def test_a_keyed_line_is_replayed_by_a_repeated_batch(small: Service, sink: Gate
     assert second[0]["replayed"] is True
     assert second[0]["result"] == first[0]["result"]
     assert sum(b"keyed replay" in m for _, m in sink.messages) == 1
+
+
+def test_a_line_whose_key_is_null_has_no_key(relay: Service, sink: GatedSink) -> None:
+    # `"idempotency_key": null` is the field's default said out loud: delivered unkeyed. It was a 500 line
+    # (pydantic applied the key's max_length to None and raised a TypeError, not a validation error).
+    message = base64.b64encode(b"From: app@example.com\r\nSubject: null key\r\n\r\nx\r\n").decode()
+    body = json.dumps(
+        {
+            "sender": "app@example.com",
+            "recipients": ["ok@example.net"],
+            "message_base64": message,
+            "idempotency_key": None,
+        }
+    ).encode()
+    answers = _lines(_post(relay, body + b"\n" + body.replace(b"null}", b'"x" }') + b"\n"))
+    done = answers.pop()
+    assert done["statuses"] == {"200": 2}, answers
+    assert sum(b"null key" in m for _, m in sink.messages) == 2
 
 
 def test_a_client_that_leaves_lets_running_deliveries_finish_and_starts_no_more(
