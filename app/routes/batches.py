@@ -34,7 +34,7 @@ from app.problems import ProblemError, problem_doc
 from app.routes.relays import DEADLINE_HEADER, _deadline, quota_check, with_quota_state
 from relays.base import Relay
 from schemas.config import BatchSettings, ServiceSettings
-from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, request_model
+from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, check_address, request_model
 from schemas.problem import FieldError, Problem
 from schemas.relay_options import RelayOptions
 
@@ -117,11 +117,65 @@ def _line_model(max_recipients: int) -> type[DeliveryRequest]:
     return cast(type[DeliveryRequest], model)
 
 
+#: The keys of the common line (common_line): a finished message as text, and the line's own options.
+_COMMON_KEYS: Final = frozenset(("sender", "recipients", "message", "idempotency_key", "require_tls"))
+
+
+def common_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str | None] | None:
+    """The envelope and key of a line of the common shape (`sender`, `recipients`, `message`, optionally
+    `idempotency_key` and `require_tls`, each of its JSON type), checked by the functions the line model
+    runs (check_address, idempotency.key_problem, the size limit); None for any other line, and for any
+    line one of those checks refuses: the model then reads it and words its 422 or 413. It accepts only
+    what the model accepts, into the same envelope (tests/test_batch_lines.py compares the two).
+
+    About 6 us a line against 14 for the model's (model_validate_json, its validators, the private
+    attribute, envelope_of), 1 KiB message, one recipient (timeit, 2026-12-01): of a batch line's
+    ~260 us at c8, the part that is neither HTTP nor SMTP."""
+    try:
+        data = orjson.loads(line)  # refuses what jiter refuses too: lone surrogates, invalid UTF-8
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict or not data.keys() <= _COMMON_KEYS:
+        return None
+    sender, recipients, message = data.get("sender"), data.get("recipients"), data.get("message")
+    key, require_tls = data.get("idempotency_key"), data.get("require_tls", False)
+    if type(sender) is not str or type(message) is not str or type(recipients) is not list:
+        return None
+    if not message or not 0 < len(recipients) <= settings.max_recipients or type(require_tls) is not bool:
+        return None
+    if key is not None and (type(key) is not str or idempotency.key_problem(key) is not None):
+        return None  # key_problem holds it to MAX_KEY_LENGTH characters, as the field's max_length
+    raw = message.encode()  # no lone surrogate: orjson refused those
+    if len(raw) > settings.max_message_size:
+        return None
+    if not all(type(r) is str for r in recipients):
+        return None
+    try:
+        envelope_recipients = [check_address(r) for r in recipients]
+        envelope_sender = check_address(sender, allow_empty=True)
+    except ValueError:
+        return None
+    envelope = Envelope(sender=envelope_sender, recipients=envelope_recipients, message=raw, require_tls=require_tls)
+    return envelope, key
+
+
 def parse_line(line: bytes, settings: ServiceSettings, *, add_missing_headers: bool) -> tuple[Envelope, str | None]:
     """A line's envelope (its message built in the compose form) and idempotency key; ProblemError
     (422, 413) as /deliver would answer the same body. Builds on the calling thread."""
     if len(line) > _CHECKED_JSON_BYTES:
         _check_json_values(line, settings.max_recipients)
+    common = common_line(line, settings)
+    if common is not None:
+        return (_completed(common[0]), common[1]) if add_missing_headers else common
+    envelope, key, composed = model_line(line, settings)
+    if add_missing_headers and not composed:  # the relay's option, as /deliver applies it
+        envelope = _completed(envelope)
+    return envelope, key
+
+
+def model_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str | None, bool]:
+    """Any line, read by the line model (request_model's, as /deliver reads its body): its envelope,
+    key, and whether its message was built (the compose form); ProblemError (422, 413) otherwise."""
     try:
         parsed = _line_model(settings.max_recipients).model_validate_json(line)
     except ValidationError as exc:
@@ -130,13 +184,15 @@ def parse_line(line: bytes, settings: ServiceSettings, *, add_missing_headers: b
             for e in exc.errors(include_input=False, include_url=False)
         ]
         raise ProblemError(422, "the line is invalid; nothing was delivered", errors=errors) from None
-    envelope = envelope_of(parsed, settings, line)
-    if add_missing_headers and parsed.content is None:  # the relay's option, as /deliver applies it
-        message = complete_headers(envelope.message, envelope.sender)
-        if message is not envelope.message:  # everything else kept: require_tls above all
-            envelope = dataclasses.replace(envelope, message=message, origin=envelope.message)
     key: str | None = getattr(parsed, "idempotency_key", None)
-    return envelope, key
+    return envelope_of(parsed, settings, line), key, parsed.content is not None
+
+
+def _completed(envelope: Envelope) -> Envelope:
+    message = complete_headers(envelope.message, envelope.sender)
+    if message is envelope.message:
+        return envelope
+    return dataclasses.replace(envelope, message=message, origin=envelope.message)  # require_tls and all kept
 
 
 def _line_loc(error: object) -> str:
