@@ -344,6 +344,9 @@ class _Batch:
                         "statuses": {str(k): v for k, v in self.statuses.items()},
                     }
                     lines.append(orjson.dumps(summary) + b"\n")
+                # As /deliver: the deliveries' log lines are handed to the OS before their answers go
+                # out; here once for the lines of this write (a wait per delivery cost a task step each).
+                await logs.written(logs.numbered())
                 yield b"".join(lines)
                 written = loop.time()
         finally:
@@ -522,8 +525,6 @@ class _Batch:
         except Refused as refused:
             self._refused(index, refused)
             return
-        # As /deliver: the delivery's log line is handed to the OS before its answer goes out.
-        await logs.written()
         parts = [b'{"index":%d,"status":%d' % (index, answer.status)]
         if answer.replayed:
             parts.append(b',"replayed":true')
