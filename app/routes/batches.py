@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Annotated, Final, cast
@@ -301,23 +301,36 @@ class _Batch:
         # streaming to it share (_share). None for the others: mx has a pool per MX host, so its
         # concurrent_connections says nothing of a batch that fans out over many domains.
         self.shared = shared_capacity(options, self.batch)
-        self.running: set[asyncio.Task[None]] = set()
+        #: Each takes the next line, delivers it, and takes the next: at most _share() of them. A task
+        #: per line cost its creation, a callback and a wake-up of the reader per line (bench/).
+        self.workers: set[asyncio.Task[None]] = set()
+        self.idle = 0  # workers looking for a line (or about to): more are started only for lines beyond them
+        #: Lines split off the body and not yet taken: those of one body chunk at most.
+        self.lines: deque[tuple[int, bytes | _TooLong]] = deque()
+        self.splitter = LineSplitter(self.batch.max_line_bytes)
+        self.taken = 0  # lines taken, the blank ones apart: max_lines
+        self.more = True  # the body has more to come
+        #: No further line is taken: past max_lines, or the answer ended (the client left).
+        self.stopped = False
+        self.gone = False  # the client disconnected
+        #: The next receive(), always under way: the body's next chunk (one held at most), and once the
+        #: body has ended, what returns only when the client leaves. Either way a client that leaves is
+        #: seen at once, and no further line starts.
+        self._ahead: asyncio.Future[Message] | None = None
         #: Answer lines not yet written: at most one per line read (max_lines + 1 in all).
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.statuses: Counter[int] = Counter()
-        self._waiter: asyncio.Future[None] | None = None
-        self.gone = False  # the client disconnected
-        self._ahead: asyncio.Future[Message] | None = None
         #: Every delivery has ended (its line queued, then None): the last write waits no longer.
         self._read_all = False
         self._lingering: asyncio.Future[None] | None = None
-        #: The request and each running delivery: the runtime is left when none is left.
+        #: The request and each worker: the runtime is left when none is left.
         self._holds = 1
 
     async def stream(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         _batches_on[self.relay] += 1
-        reader = loop.create_task(self._read())
+        self._receive_ahead()
+        self._grow()  # the first worker: it takes the body's first lines
         try:
             ended = False
             written = -math.inf
@@ -352,29 +365,18 @@ class _Batch:
         finally:
             # Stops reading (lines not started are never delivered); running deliveries go on to
             # their end, so keyed ones store their outcomes for a repeat of the batch.
-            reader.cancel()
+            self.stopped = True
             if self._ahead is not None:
-                self._ahead.cancel()
+                self._ahead.cancel()  # and the workers waiting for it end
             _batches_on[self.relay] -= 1
             if not _batches_on[self.relay]:
                 del _batches_on[self.relay]
             self._release()
 
-    def _release(self, _task: object = None) -> None:
+    def _release(self) -> None:
         self._holds -= 1
         if self._holds == 0:
             self.runtime.leave()
-
-    async def _read(self) -> None:
-        splitter = LineSplitter(self.batch.max_line_bytes)
-        try:
-            await self._start_lines(splitter)
-            if self.running:
-                await asyncio.wait(set(self.running))  # not gather: a cancelled reader must not cancel them
-        finally:
-            self.out.put_nowait(None)
-            self._read_all = True
-            self._stop_lingering()
 
     async def _linger(self, seconds: float) -> None:
         """Waits `seconds`, or less when the last delivery ends meanwhile (its answer is not held)."""
@@ -390,59 +392,6 @@ class _Batch:
         if self._lingering is not None and not self._lingering.done():
             self._lingering.set_result(None)
 
-    async def _start_lines(self, splitter: LineSplitter) -> None:
-        """Reads the body and starts each line's delivery; returns at its end, past max_lines, or
-        when the client has gone."""
-        lines = 0
-        more = True
-        while more:
-            message = await self._next_message()
-            if message["type"] == "http.disconnect":
-                self.gone = True
-                return
-            more = bool(message.get("more_body", False))
-            for index, line in splitter.feed(message.get("body", b""), last=not more):
-                lines += 1
-                if lines > self.batch.max_lines:
-                    self._problem(
-                        index,
-                        413,
-                        f"the batch has more than {self.batch.max_lines} lines; this line and those after it "
-                        "were not read, nothing of them was delivered",
-                    )
-                    return
-                if isinstance(line, _TooLong):
-                    self._problem(
-                        index,
-                        413,
-                        f"the line is longer than {self.batch.max_line_bytes} bytes; nothing was delivered "
-                        "(send larger messages to /deliver)",
-                    )
-                    continue
-                if not await self._room():
-                    return
-                self._start(index, line)
-
-    async def _next_message(self) -> Message:
-        if self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            return await ahead
-        return await self.receive()
-
-    async def _room(self) -> bool:
-        """Waits until fewer than the batch's share of `concurrency` run. Meanwhile the next
-        receive() is started ahead, so that a client that leaves is seen: False then."""
-        while len(self.running) >= self._share():
-            ahead = self._ahead
-            if ahead is None:  # after the body's end too: then it returns only on a disconnect
-                ahead = self._ahead = asyncio.ensure_future(self.receive())
-                ahead.add_done_callback(self._wake)
-            elif ahead.done() and ahead.result()["type"] == "http.disconnect":
-                self.gone = True
-                return False
-            await self._wait()  # a body chunk that came meanwhile is kept for _next_message
-        return not self.gone
-
     def _share(self) -> int:
         """`concurrency`, or less: an even part of `shared` among the batches streaming to this
         relay, each at least one. 8 batches of 16 had 128 deliveries wait for a few connections,
@@ -452,29 +401,93 @@ class _Batch:
             return self.batch.concurrency
         return min(self.batch.concurrency, -(-self.shared // max(1, _batches_on[self.relay])))
 
-    async def _wait(self) -> None:
-        """Until a delivery of the batch finishes, or the look-ahead receive() returns."""
-        # One future, woken by either: asyncio.wait() would cost a task and callbacks for every line.
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+    def _grow(self) -> None:
+        """Starts workers, up to the batch's share, for the lines (and the body still to read) that
+        the idle ones will not take."""
+        if self.stopped or self.gone:
+            return
+        share = self._share()
+        while len(self.workers) < share and self.idle < len(self.lines) + self.more:
+            worker = asyncio.get_running_loop().create_task(self._work())
+            self.workers.add(worker)
+            self.idle += 1
+            self._holds += 1
+
+    async def _work(self) -> None:
+        worker = asyncio.current_task()
         try:
-            await waiter
+            while (taken := await self._take()) is not None:
+                self.idle -= 1
+                try:
+                    await self._deliver(*taken)
+                finally:
+                    self.idle += 1
+                if len(self.workers) > self._share():  # another batch started on the relay: its part
+                    return
+                self._grow()  # or one ended: a larger part
+                # The connection this delivery gave back went to the first delivery waiting for one,
+                # which takes it when it runs: the next line waits its turn behind it, not before it.
+                await asyncio.sleep(0)
         finally:
-            self._waiter = None
+            self.idle -= 1
+            self.workers.discard(cast("asyncio.Task[None]", worker))
+            if not self.workers:  # the last one: every line was taken, or none will be
+                self.out.put_nowait(None)
+                self._read_all = True
+                self._stop_lingering()
+            self._release()
 
-    def _wake(self, _done: object = None) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    async def _take(self) -> tuple[int, bytes] | None:
+        """The next line to deliver, reading the body as needed (lines too long are answered on the
+        way); None when no line is left to take: the body ended, max_lines passed, the client left."""
+        while not (self.stopped or self.gone):
+            if self.lines:
+                index, line = self.lines.popleft()
+                self.taken += 1
+                if self.taken > self.batch.max_lines:
+                    self.stopped = True
+                    self._problem(
+                        index,
+                        413,
+                        f"the batch has more than {self.batch.max_lines} lines; this line and those after it "
+                        "were not read, nothing of them was delivered",
+                    )
+                    return None
+                if isinstance(line, _TooLong):
+                    self._problem(
+                        index,
+                        413,
+                        f"the line is longer than {self.batch.max_line_bytes} bytes; nothing was delivered "
+                        "(send larger messages to /deliver)",
+                    )
+                    continue
+                return index, line
+            if not self.more:
+                return None
+            ahead = self._ahead
+            assert ahead is not None  # noqa: S101 - started with the stream, again after each chunk
+            if not ahead.done():
+                await ahead  # then the first worker here takes its chunk in, the others its lines
+            else:
+                self._take_in(ahead.result())
+        return None
 
-    def _start(self, index: int, line: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(self._deliver(index, line))
-        self.running.add(task)
-        self._holds += 1
-        task.add_done_callback(self._finished)
+    def _take_in(self, message: Message) -> None:
+        if message["type"] == "http.disconnect":
+            self.gone = True
+            return
+        self.more = bool(message.get("more_body", False))
+        self.lines.extend(self.splitter.feed(message.get("body", b""), last=not self.more))
+        self._receive_ahead()
+        self._grow()
 
-    def _finished(self, task: "asyncio.Task[None]") -> None:
-        self.running.discard(task)
-        self._wake()
-        self._release()
+    def _receive_ahead(self) -> None:
+        ahead = self._ahead = asyncio.ensure_future(self.receive())
+        ahead.add_done_callback(self._watched)
+
+    def _watched(self, ahead: "asyncio.Future[Message]") -> None:
+        if not ahead.cancelled() and ahead.exception() is None and ahead.result()["type"] == "http.disconnect":
+            self.gone = True
 
     async def _deliver(self, index: int, line: bytes) -> None:
         holding = Holding(self.runtime.limiter.bodies)
