@@ -428,6 +428,8 @@ class _Batch:
                 # The connection this delivery gave back went to the first delivery waiting for one,
                 # which takes it when it runs: the next line waits its turn behind it, not before it.
                 await asyncio.sleep(0)
+        except Exception:  # a bug: the lines this worker would have taken go to the others, if any
+            logger.exception("a batch worker failed")
         finally:
             self.idle -= 1
             self.workers.discard(cast("asyncio.Task[None]", worker))
