@@ -356,6 +356,23 @@ def test_a_client_that_leaves_lets_running_deliveries_finish_and_starts_no_more(
     assert sum(b"waiting line" in m for _, m in sink.messages) == 1
 
 
+def test_a_body_that_comes_in_small_pieces_is_read_as_it_comes(relay: Service, sink: GatedSink) -> None:
+    # Lines split across many body chunks, read by the workers as they need lines; blank lines count.
+    lines = [line("ok@example.net", subject=f"piece {i}") for i in range(20)]
+    body = b"\n".join(lines[:10]) + b"\n\n" + b"\n".join(lines[10:]) + b"\n"
+
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 700):
+            time.sleep(0.005)
+            yield body[start : start + 700]
+
+    answers = _lines(httpx.post(f"{relay.url}/relays/out/deliveries", content=pieces(), headers=NDJSON, timeout=30))
+    done = answers.pop()
+    assert done["statuses"] == {"200": 20}
+    assert sorted(a["index"] for a in answers) == [*range(10), *range(11, 21)]
+    assert all(sum(f"piece {i}\r".encode() in m for _, m in sink.messages) == 1 for i in range(20))
+
+
 def test_x_delivery_timeout_bounds_each_delivery_of_the_batch(relay: Service) -> None:
     """The header is each delivery's deadline (from its start), not the batch's: the stalled line is
     cut (503, 4.4.7) while the others are answered as usual."""
