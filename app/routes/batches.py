@@ -417,10 +417,18 @@ class _Batch:
         worker = asyncio.current_task()
         try:
             while (taken := await self._take()) is not None:
+                index, line = taken
                 self.idle -= 1
+                holding = Holding(self.runtime.limiter.bodies)
+                # _attempt directly, not through a method around it: each level of the coroutine chain
+                # is walked again every time the delivery resumes (several times per SMTP transaction).
                 try:
-                    await self._deliver(*taken)
+                    await self._attempt(index, line, holding)
+                except Exception:  # a bug: this line's outcome is unknown, the batch goes on
+                    logger.exception("a batch delivery failed (line %d)", index)
+                    self._problem(index, 500, "internal error; the delivery outcome is unknown, see the service log")
                 finally:
+                    holding.release()
                     self.idle += 1
                 if len(self.workers) > self._share():  # another batch started on the relay: its part
                     return
@@ -490,16 +498,6 @@ class _Batch:
     def _watched(self, ahead: "asyncio.Future[Message]") -> None:
         if not ahead.cancelled() and ahead.exception() is None and ahead.result()["type"] == "http.disconnect":
             self.gone = True
-
-    async def _deliver(self, index: int, line: bytes) -> None:
-        holding = Holding(self.runtime.limiter.bodies)
-        try:
-            await self._attempt(index, line, holding)
-        except Exception:  # a bug: this line's outcome is unknown, the batch goes on
-            logger.exception("a batch delivery failed (line %d)", index)
-            self._problem(index, 500, "internal error; the delivery outcome is unknown, see the service log")
-        finally:
-            holding.release()
 
     async def _attempt(self, index: int, line: bytes, holding: Holding) -> None:
         core = self.runtime.core
