@@ -196,3 +196,41 @@ def test_any_bytes_in_a_line_are_read_as_the_model_reads_them(noise: bytes, at: 
     line = json.dumps({**COMMON, "idempotency_key": "k1"}).encode()
     at %= len(line)
     check_same(line[:at] + noise + line[at + (len(noise) if replace else 0) :])
+
+
+def reference_lines(body: bytes, limit: int) -> list[tuple[int, bytes | None]]:
+    """What LineSplitter must give, from the whole body at once (None: too long)."""
+    pieces = body.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()
+    return [
+        (i, None if len(piece) > limit else piece.strip())
+        for i, piece in enumerate(pieces)
+        if len(piece) > limit or piece.strip()
+    ]
+
+
+def plain(fed: list[tuple[int, bytes | batches._TooLong]]) -> list[tuple[int, bytes | None]]:
+    return [(i, line if isinstance(line, bytes) else None) for i, line in fed]
+
+
+@given(
+    st.lists(st.sampled_from([b"", b" ", b"\r", b"ab", b"x" * 30, b"{}", b"y" * 70]), max_size=12),
+    st.lists(st.integers(min_value=1, max_value=90), min_size=1, max_size=20),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_body_fed_in_any_pieces_gives_the_same_lines(lines: list[bytes], cuts: list[int]) -> None:
+    limit = 64
+    body = b"\n".join(lines)
+    splitter = batches.LineSplitter(limit)
+    got: list[tuple[int, bytes | None]] = []
+    start = 0
+    for cut in cuts:
+        piece, start = body[start : start + cut], start + cut
+        last = start >= len(body)
+        got += plain(splitter.feed(piece, last=last))
+        if last:
+            break
+    else:
+        got += plain(splitter.feed(body[start:], last=True))
+    assert got == reference_lines(body, limit)

@@ -225,7 +225,14 @@ class LineSplitter:
             end = data.find(b"\n", start)
             if end < 0:
                 break
-            self._take(data[start:end], lines, complete=True)
+            if not self._partial and not self._skipping and end - start <= self.limit:
+                # A whole line within this piece, the usual case: one copy of it, not three (_take).
+                line = data[start:end].strip()
+                if line:
+                    lines.append((self.index, line))
+                self.index += 1
+            else:
+                self._take(data[start:end], lines, complete=True)
             start = end + 1
         if start < len(data):
             self._take(data[start:], lines, complete=False)
