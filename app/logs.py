@@ -389,8 +389,9 @@ class _Writer:
                 future.set_result(None)
         self.waiting = still
 
-    async def written(self) -> None:
-        number = _LINE.get()
+    async def written(self, number: int | None = None) -> None:
+        if number is None:
+            number = _LINE.get()
         if number <= self.through or number <= self.released or self.loop is None:
             return
         if self.pending:
@@ -494,13 +495,21 @@ def _fileno(stream: TextIO) -> int | None:
     return fd
 
 
-async def written() -> None:
+async def written(number: int | None = None) -> None:
     """Returns once this request's delivery line (if it made one) was handed to the OS: the route
     awaits it before sending the answer, so that a crash cannot lose the line of an acknowledged
-    delivery. Waits at most WRITE_WAIT seconds when the log destination takes nothing."""
+    delivery. Waits at most WRITE_WAIT seconds when the log destination takes nothing.
+    `number`: the lines numbered up to it instead (`numbered()`: all made so far)."""
     writer = _writer
     if writer is not None:
-        await writer.written()
+        await writer.written(number)
+
+
+def numbered() -> int:
+    """The number of the last delivery line made: `written(numbered())` waits for every line made so
+    far (a batch, once for the answers of a write, not once per delivery)."""
+    writer = _writer
+    return writer.numbered if writer is not None else 0
 
 
 _writer: _Writer | None = None

@@ -122,6 +122,25 @@ async def test_concurrent_deliveries_share_one_write_made_before_their_answers(
     assert calls == 1
 
 
+async def test_written_through_numbered_waits_for_the_lines_of_other_tasks(tmp_path: Path) -> None:
+    # A batch answers the lines of many deliveries (each its own task) in one write, after this.
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        logs.setup_logging("info", "json", stream)
+        try:
+            await answer(0)
+            for n in range(1, 6):
+                asyncio.get_running_loop().call_soon(delivery_line, n)
+            await asyncio.sleep(0)  # the lines are made, in the loop's context, not this task's
+            assert len(path.read_text().splitlines()) == 1  # theirs are not written yet
+            await logs.written(logs.numbered())
+            lines = path.read_text().splitlines()
+        finally:
+            assert logs._writer is not None
+            logs._writer.stop()
+    assert [json.loads(line)["n"] for line in lines] == list(range(6))
+
+
 @pytest.fixture
 def blocked_pipe(captured: io.StringIO) -> Iterator[tuple[int, int]]:
     """(read end, write end) of a pipe filled to the brim: a log destination that takes nothing."""

@@ -6,6 +6,7 @@ while another is still running, without any timing.
 """
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -303,6 +304,24 @@ def test_a_keyed_line_is_replayed_by_a_repeated_batch(small: Service, sink: Gate
     assert sum(b"keyed replay" in m for _, m in sink.messages) == 1
 
 
+def test_a_line_whose_key_is_null_has_no_key(relay: Service, sink: GatedSink) -> None:
+    # `"idempotency_key": null` is the field's default said out loud: delivered unkeyed. It was a 500 line
+    # (pydantic applied the key's max_length to None and raised a TypeError, not a validation error).
+    message = base64.b64encode(b"From: app@example.com\r\nSubject: null key\r\n\r\nx\r\n").decode()
+    body = json.dumps(
+        {
+            "sender": "app@example.com",
+            "recipients": ["ok@example.net"],
+            "message_base64": message,
+            "idempotency_key": None,
+        }
+    ).encode()
+    answers = _lines(_post(relay, body + b"\n" + body.replace(b"null}", b'"x" }') + b"\n"))
+    done = answers.pop()
+    assert done["statuses"] == {"200": 2}, answers
+    assert sum(b"null key" in m for _, m in sink.messages) == 2
+
+
 def test_a_client_that_leaves_lets_running_deliveries_finish_and_starts_no_more(
     small: Service, sink: GatedSink
 ) -> None:
@@ -335,6 +354,23 @@ def test_a_client_that_leaves_lets_running_deliveries_finish_and_starts_no_more(
     assert "replayed" not in answers[1]
     assert sum(b"held line" in m for _, m in sink.messages) == 1
     assert sum(b"waiting line" in m for _, m in sink.messages) == 1
+
+
+def test_a_body_that_comes_in_small_pieces_is_read_as_it_comes(relay: Service, sink: GatedSink) -> None:
+    # Lines split across many body chunks, read by the workers as they need lines; blank lines count.
+    lines = [line("ok@example.net", subject=f"piece {i}") for i in range(20)]
+    body = b"\n".join(lines[:10]) + b"\n\n" + b"\n".join(lines[10:]) + b"\n"
+
+    def pieces() -> Iterator[bytes]:
+        for start in range(0, len(body), 700):
+            time.sleep(0.005)
+            yield body[start : start + 700]
+
+    answers = _lines(httpx.post(f"{relay.url}/relays/out/deliveries", content=pieces(), headers=NDJSON, timeout=30))
+    done = answers.pop()
+    assert done["statuses"] == {"200": 20}
+    assert sorted(a["index"] for a in answers) == [*range(10), *range(11, 21)]
+    assert all(sum(f"piece {i}\r".encode() in m for _, m in sink.messages) == 1 for i in range(20))
 
 
 def test_x_delivery_timeout_bounds_each_delivery_of_the_batch(relay: Service) -> None:
