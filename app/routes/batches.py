@@ -458,6 +458,8 @@ class _Batch:
         """The next line to deliver, reading the body as needed (lines too long are answered on the
         way); None when no line is left to take: the body ended, max_lines passed, the client left."""
         while not (self.stopped or self.gone):
+            if len(self.workers) > self._share():  # another batch started on the relay while it waited
+                return None  # (never the last worker: the share is at least one)
             if self.lines:
                 index, line = self.lines.popleft()
                 self.taken += 1

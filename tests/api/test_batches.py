@@ -384,3 +384,47 @@ def test_x_delivery_timeout_bounds_each_delivery_of_the_batch(relay: Service) ->
     assert {i: a["status"] for i, a in answers.items()} == {0: 503, 1: 200, 2: 200}
     assert answers[0]["result"]["recipients"][0]["reply"]["enhanced_status"] == "4.4.7"
     assert [a["index"] for a in _lines(response) if "index" in a][-1] == 0  # answered last, as it finished
+
+
+def test_waiting_workers_keep_to_a_share_that_shrank(tmp_path: Path) -> None:
+    """A batch's workers waiting for its next chunk when another batch starts on the relay take no
+    more lines than the batch's new share: past it, deliveries went over the relay's capacity and
+    failed at once (451 4.4.5 too many waiting). Found by review (R7)."""
+    with gated_sink("share@example.net") as sink:
+        config = tmp_path / "mailrelay.yaml"
+        config.write_text(
+            f"relay:\n  out: {{type: static, host: 127.0.0.1, port: {sink.port}, concurrent_connections: 1, "
+            "max_waiting: 1}\nmailrelay:\n  batch: {concurrency: 2}\n",
+            encoding="utf-8",
+        )
+        with service(config) as relay:
+            second_chunk = threading.Event()
+            answers: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+
+            def a_body() -> Iterator[bytes]:
+                yield b"".join(line("ok@example.net", subject=f"a-first {i}") + b"\n" for i in range(2))
+                second_chunk.wait(20)
+                yield b"".join(line("share@example.net", subject=f"a-second {i}") + b"\n" for i in range(2))
+
+            def post(name: str, body: Any) -> None:
+                reply = httpx.post(f"{relay.url}/relays/out/deliveries", content=body, headers=NDJSON, timeout=60)
+                answers[name].extend(json.loads(text) for text in reply.text.splitlines() if text)
+
+            a = threading.Thread(target=post, args=("a", a_body()))
+            a.start()
+            for _ in range(200):  # A's first two lines delivered: its two workers wait for the next chunk
+                if sum(b"a-first" in message for _, message in sink.messages) == 2:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.3)
+            b = threading.Thread(target=post, args=("b", line("share@example.net", subject="b") + b"\n"))
+            b.start()
+            time.sleep(0.8)  # B's line holds the only connection at the gate: A's share is now 1
+            second_chunk.set()
+            time.sleep(1.0)
+            sink.open("share@example.net")
+            a.join(30)
+            b.join(30)
+    statuses = Counter(answer.get("status") for answer in answers["a"] if "index" in answer)
+    assert statuses == {200: 4}, (statuses, answers)
+    assert [answer.get("status") for answer in answers["b"] if "index" in answer] == [200]
