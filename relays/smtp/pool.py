@@ -78,7 +78,10 @@ class SmtpPool:
         self._idle_since: dict[SmtpSession, float] = {}
         # One timer for the pool, at the oldest idle connection's expiry; not one per delivery.
         self._sweeper: asyncio.TimerHandle | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Deliveries waiting for a connection, in arrival order: a connection given back goes to the
+        # first that may reuse one (its future's result); None wakes one to try again.
+        self._waiters: deque[asyncio.Future[SmtpSession | None]] = deque()
+        self._fresh_only: set[asyncio.Future[SmtpSession | None]] = set()  # waiters that will not reuse one
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
         self._closed = False
@@ -242,17 +245,21 @@ class SmtpPool:
             if bounded and len(self._waiters) >= self.max_waiting:
                 raise _TooManyWaiting
             bounded = False
-            waiter = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[SmtpSession | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
+            if not reuse:
+                self._fresh_only.add(waiter)
             try:
-                await waiter
+                handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # we were woken but will not use it: pass it on
+                self._pass_on(waiter)  # woken, or handed a connection, but cancelled: the next one's
                 raise
             finally:
+                self._fresh_only.discard(waiter)
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+            if handed is not None:
+                return handed
 
     async def _acquire_leased(self, gate: LeaseGate, *, reuse: bool) -> SmtpSession | None:
         """_acquire under a fleet-wide limit: a slot also needs a lease (or, while Redis does
@@ -290,21 +297,25 @@ class SmtpPool:
                 if self._poller is None and (refused or self.open_count < gate.limit()):
                     # A lease may free up elsewhere in the fleet: ask again soon, one delivery for the pool.
                     self._poller = loop.call_later(POLL_EVERY, self._poll)
-                waiter = loop.create_future()
+                waiter: asyncio.Future[SmtpSession | None] = loop.create_future()
                 if woken:  # by a poll or a release, and still nothing: first in line again
                     self._waiters.appendleft(waiter)
                 else:
                     self._waiters.append(waiter)
+                if not reuse:
+                    self._fresh_only.add(waiter)
                 woken = True
                 try:
-                    await waiter
+                    handed = await waiter
                 except BaseException:
-                    if waiter.done() and not waiter.cancelled():
-                        self._wake()
+                    self._pass_on(waiter)
                     raise
                 finally:
+                    self._fresh_only.discard(waiter)
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
+                if handed is not None:
+                    return handed
         finally:
             if waited_from is not None:
                 self._lease_wait.observe(loop.time() - waited_from)
@@ -344,6 +355,28 @@ class SmtpPool:
                 waiter.set_result(None)
                 return
 
+    def _hand_over(self, session: SmtpSession) -> bool:
+        """Give a connection coming back to the delivery that has waited longest and may reuse it.
+        Put in the idle list and woken, that delivery found it taken by one that asked after it
+        (a batch's next line asks at once) and waited again at the back of the line."""
+        for waiter in self._waiters:
+            if not waiter.done() and waiter not in self._fresh_only:
+                self._waiters.remove(waiter)
+                self._reused.inc()
+                waiter.set_result(session)
+                return True
+        return False
+
+    def _pass_on(self, waiter: "asyncio.Future[SmtpSession | None]") -> None:
+        """A waiter whose delivery was cancelled after it was woken gives what it got to the next."""
+        if not waiter.done() or waiter.cancelled():
+            return
+        session = waiter.result()
+        if session is None:
+            self._wake()
+        else:
+            self._release(session)
+
     def _take_idle(self) -> SmtpSession | None:
         while self._idle:
             session = self._idle.pop()
@@ -364,6 +397,8 @@ class SmtpPool:
         )
         if self._closed or not session.usable or not fresh or self.idle_timeout <= 0 or surplus:
             self._discard(session, quit=True)
+            return
+        if self._hand_over(session):
             return
         loop = asyncio.get_running_loop()
         self._idle.append(session)
