@@ -440,9 +440,6 @@ class _Batch:
                 if len(self.workers) > self._share():  # another batch started on the relay: its part
                     return
                 self._grow()  # or one ended: a larger part
-                # The connection this delivery gave back went to the first delivery waiting for one,
-                # which takes it when it runs: the next line waits its turn behind it, not before it.
-                await asyncio.sleep(0)
         except Exception:  # a bug: the lines this worker would have taken go to the others, if any
             logger.exception("a batch worker failed")
         finally:
