@@ -437,9 +437,7 @@ class _Batch:
                 finally:
                     holding.release()
                     self.idle += 1
-                if len(self.workers) > self._share():  # another batch started on the relay: its part
-                    return
-                self._grow()  # or one ended: a larger part
+                self._grow()  # another batch on the relay ended: a larger part (a smaller one: _take)
         except Exception:  # a bug: the lines this worker would have taken go to the others, if any
             logger.exception("a batch worker failed")
         finally:

@@ -245,20 +245,7 @@ class SmtpPool:
             if bounded and len(self._waiters) >= self.max_waiting:
                 raise _TooManyWaiting
             bounded = False
-            waiter: asyncio.Future[SmtpSession | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            if not reuse:
-                self._fresh_only.add(waiter)
-            try:
-                handed = await waiter
-            except BaseException:
-                self._pass_on(waiter)  # woken, or handed a connection, but cancelled: the next one's
-                raise
-            finally:
-                self._fresh_only.discard(waiter)
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            if handed is not None:
+            if (handed := await self._wait_in_line(reuse=reuse)) is not None:
                 return handed
 
     async def _acquire_leased(self, gate: LeaseGate, *, reuse: bool) -> SmtpSession | None:
@@ -297,24 +284,9 @@ class SmtpPool:
                 if self._poller is None and (refused or self.open_count < gate.limit()):
                     # A lease may free up elsewhere in the fleet: ask again soon, one delivery for the pool.
                     self._poller = loop.call_later(POLL_EVERY, self._poll)
-                waiter: asyncio.Future[SmtpSession | None] = loop.create_future()
-                if woken:  # by a poll or a release, and still nothing: first in line again
-                    self._waiters.appendleft(waiter)
-                else:
-                    self._waiters.append(waiter)
-                if not reuse:
-                    self._fresh_only.add(waiter)
-                woken = True
-                try:
-                    handed = await waiter
-                except BaseException:
-                    self._pass_on(waiter)
-                    raise
-                finally:
-                    self._fresh_only.discard(waiter)
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                if handed is not None:
+                # Woken by a poll or a release, and still nothing: first in line again.
+                first, woken = woken, True
+                if (handed := await self._wait_in_line(reuse=reuse, first=first)) is not None:
                     return handed
         finally:
             if waited_from is not None:
@@ -354,6 +326,25 @@ class SmtpPool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    async def _wait_in_line(self, *, reuse: bool, first: bool = False) -> SmtpSession | None:
+        """Waits for a turn: the connection handed over (`_hand_over`), or None when woken to try again."""
+        waiter: asyncio.Future[SmtpSession | None] = asyncio.get_running_loop().create_future()
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        if not reuse:
+            self._fresh_only.add(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            self._pass_on(waiter)  # woken, or handed a connection, but cancelled: the next one's
+            raise
+        finally:
+            self._fresh_only.discard(waiter)
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def _hand_over(self, session: SmtpSession) -> bool:
         """Give a connection coming back to the delivery that has waited longest and may reuse it.
