@@ -226,11 +226,7 @@ class LineSplitter:
             if end < 0:
                 break
             if not self._partial and not self._skipping and end - start <= self.limit:
-                # A whole line within this piece, the usual case: one copy of it, not three (_take).
-                line = data[start:end].strip()
-                if line:
-                    lines.append((self.index, line))
-                self.index += 1
+                self._emit(data[start:end], lines)  # whole in this piece, the usual case: no copy to _partial
             else:
                 self._take(data[start:end], lines, complete=True)
             start = end + 1
@@ -249,13 +245,19 @@ class LineSplitter:
             else:
                 self._partial += piece
         if complete:
-            if not self._skipping:
-                line = bytes(self._partial).strip()  # tolerates CRLF and indentation
-                if line:
-                    lines.append((self.index, line))
+            if self._skipping:
+                self.index += 1
+            else:
+                self._emit(bytes(self._partial), lines)
             self._partial.clear()
             self._skipping = False
-            self.index += 1
+
+    def _emit(self, line: bytes, lines: list[tuple[int, bytes | _TooLong]]) -> None:
+        """A complete line: numbered, and returned unless blank."""
+        line = line.strip()  # tolerates CRLF and indentation
+        if line:
+            lines.append((self.index, line))
+        self.index += 1
 
 
 class _NdjsonStream(StreamingResponse):
