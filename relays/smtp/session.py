@@ -50,6 +50,11 @@ QUIT_TIMEOUT = 5.0
 _DATA_CHUNK = 256 * 1024
 #: A last piece up to this size goes out joined with its command and terminator (a TLS record's most).
 _ONE_RECORD = 16 * 1024
+#: A message up to _ONE_RECORD goes in one write with its envelope (MAIL, RCPT, BDAT LAST: RFC 3030
+#: allows BDAT in a pipelined group) over a connection the server answered within this many seconds.
+#: One that idled longer goes in two steps, so that a connection the server or a middlebox dropped
+#: silently is found dead at MAIL, before the message went, and the delivery moves to a new one.
+JOIN_WITHIN = 2.0
 
 
 class Destination(NamedTuple):
@@ -228,6 +233,8 @@ class SmtpSession:
             source_address=("0.0.0.0", 0) if settings.ipv4_only else None,  # noqa: S104 - a local bind, not a listener
         )
         self.created = time.monotonic()
+        #: When the server last answered (`_after_reading`): a connection heard from recently is alive.
+        self.heard = self.created
         self.transactions = 0
         self._broken = False
         self._session_kept = False  # this connection's TLS session is in the context's cache
@@ -254,6 +261,7 @@ class SmtpSession:
             self._broken = False
             await self._open("none")
         self.security = self._secured()
+        self.heard = time.monotonic()
 
     async def _open(self, mode: TlsMode) -> None:
         try:
@@ -428,13 +436,16 @@ class SmtpSession:
         in_doubt: frozenset[int] = frozenset()
         try:
             if state.pending:
-                if self.smtp.supports_extension("pipelining"):
-                    accepted = await self._envelope_pipelined(state)
+                if self._joins(state):
+                    data_sent, in_doubt = await self._envelope_with_message(state, context)
                 else:
-                    accepted = await self._envelope_stepwise(state)
-                if accepted:
-                    data_sent = True
-                    in_doubt = await self._send_data(state, accepted, context)
+                    if self.smtp.supports_extension("pipelining"):
+                        accepted = await self._envelope_pipelined(state)
+                    else:
+                        accepted = await self._envelope_stepwise(state)
+                    if accepted:
+                        data_sent = True
+                        in_doubt = await self._send_data(state, accepted, context)
         except RelayError as exc:
             state.answer_rest(exc.reply)
         return Transaction(state.replies(), data_sent, in_doubt, self.security)
@@ -486,6 +497,69 @@ class SmtpSession:
             data=data,
             bdat=self.settings.chunking and self.smtp.supports_extension("chunking"),
         )
+
+    def _joins(self, state: "_TransactionState") -> bool:
+        """Whether the message goes in the envelope's write (`_envelope_with_message`): BDAT and
+        PIPELINING offered, SMTP (an LMTP server's reply count depends on the RCPT replies), a
+        message of one TLS record at most, a connection new or heard from within JOIN_WITHIN."""
+        return (
+            state.bdat
+            and not self.settings.lmtp
+            and len(state.data) <= _ONE_RECORD
+            and (not state.reused or time.monotonic() - self.heard < JOIN_WITHIN)
+            and self.smtp.supports_extension("pipelining")
+        )
+
+    async def _envelope_with_message(
+        self, state: "_TransactionState", context: DeliveryContext
+    ) -> tuple[bool, frozenset[int]]:
+        """MAIL, every RCPT and `BDAT <size> LAST` with the message, in one write (RFC 3030 allows
+        BDAT in a pipelined group), then their replies: one round trip and, over TLS, one record
+        each way instead of two. Recipients are answered in `state`.
+
+        Returns whether the server may have the message (some RCPT taken, or replies missing)
+        and the recipients it may have delivered to without a final reply."""
+        rcpt_count = len(state.rcpts)
+        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts)]
+        if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
+            # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
+            self._fail(replies.invalid_characters("MAIL"))
+        body = state.data
+        end = b"" if body.endswith(b"\r\n") or not body else b"\r\n"  # as DATA's terminator would
+        # Everything goes in this write: from here on the server may deliver.
+        await context.sending([state.recipients[i] for i in state.pending])
+        payload = b"".join(
+            (*(line + b"\r\n" for line in lines), b"BDAT %d LAST\r\n" % (len(body) + len(end)), body, end)
+        )
+        rcpt_names: list[Command] = ["RCPT"] * rcpt_count
+        names: list[Command] = ["MAIL", *rcpt_names, "[SEND_DATA]"]
+        got, lost = await self._exchange(payload, names, with_message=True)
+        if state.reused and got and got[0].code == 421:
+            raise StaleSessionError  # the server is closing: it took nothing of this group
+        mail, rcpt_replies, final = got[:1], got[1 : 1 + rcpt_count], got[1 + rcpt_count :]
+        if mail and mail[0].code // 100 != 2:
+            state.answer_rest(_refusal(mail[0], "MAIL"))  # no transaction: the data went nowhere
+            return False, frozenset()
+        accepted: list[int] = []
+        unknown: list[int] = []  # the connection went before their RCPT reply: maybe taken
+        for n, i in enumerate(state.pending):
+            if n >= len(rcpt_replies):
+                unknown.append(i)
+            elif rcpt_replies[n].code // 100 == 2:
+                accepted.append(i)
+            else:
+                state.results[i] = _refusal(rcpt_replies[n], "RCPT")
+        if final:
+            if accepted:
+                state.answer(accepted, _final(final[0], "[SEND_DATA]"))
+            # No recipient taken: the server refused the chunk (554/503) and has nothing to deliver.
+            return bool(accepted), frozenset()
+        if not accepted and not unknown:  # every recipient refused, then no reply to the chunk
+            return False, frozenset()
+        # The whole group went, then the replies stopped: the server may have delivered.
+        doubt = [*accepted, *unknown]
+        state.answer(doubt, lost or replies.connection_lost("[SEND_DATA]", maybe_delivered=True))
+        return True, frozenset(doubt)
 
     async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
         """MAIL, RCPT and DATA one at a time, each waiting for its reply. Returns the indexes of
@@ -566,33 +640,57 @@ class SmtpSession:
             return []
         return accepted
 
-    async def _exchange(self, payload: bytes, names: Sequence[Command]) -> tuple[list[SMTPResponse], Reply | None]:
+    async def _exchange(
+        self, payload: bytes, names: Sequence[Command], *, with_message: bool = False
+    ) -> tuple[list[SMTPResponse], Reply | None]:
         """Write `payload` (pipelined commands) and read one reply per name in `names`, each
         within `command_timeout`. Returns the replies that came and, if not all did, the reply
         for the rest (a timeout or a lost connection; the connection is then closed).
 
-        Our own reader takes the transport for the exchange (`reading_replies`)."""
+        `with_message`: the payload ends with the whole message (`_envelope_with_message`): the
+        last reply is waited for up to `data_timeout`, and a failure says the message may have
+        been delivered. Our own reader takes the transport for the exchange (`reading_replies`)."""
         transport = self._live_transport()
         if transport is None:
             return [], replies.connection_lost(names[0])
         lost: Reply | None = None
+        settings = self.settings
+        last = len(names)
         with reading_replies(transport, self._after_reading) as reader:
-            reader.expect(len(names))
+            reader.expect(last)
             try:
                 transport.write(payload)
-                while len(reader.replies) < len(names):
-                    await reader.read(len(reader.replies) + 1, self.settings.command_timeout)
+                while (n := len(reader.replies)) < last:
+                    final = with_message and n + 1 == last
+                    await reader.read(n + 1, settings.data_timeout if final else settings.command_timeout)
             except TimeoutError:
-                lost = replies.timed_out(names[len(reader.replies)], f"the reply to {names[len(reader.replies)]}")
+                lost = self._lost(names[len(reader.replies)], "timeout", "", with_message)
             except ReplyTooLongError as exc:
-                lost = replies.reply_too_long(names[min(len(reader.replies), len(names) - 1)], exc.message)
+                lost = self._lost(names[min(len(reader.replies), last - 1)], "too long", exc.message, with_message)
             except (aiosmtplib.SMTPException, OSError):
-                lost = replies.connection_lost(names[min(len(reader.replies), len(names) - 1)])
+                lost = self._lost(names[min(len(reader.replies), last - 1)], "lost", "", with_message)
         if lost is not None:
             self.close()
         elif not reader.clean:  # all replies came, then more or an end: closed, so no data
-            lost = replies.connection_lost(names[-1])
-        return reader.replies[: len(names)], lost
+            lost = self._lost(names[-1], "lost", "", with_message)
+        return reader.replies[:last], lost
+
+    @staticmethod
+    def _lost(name: Command, why: Literal["timeout", "too long", "lost"], detail: str, with_message: bool) -> Reply:
+        """The reply for the rest of an exchange that broke off at `name`'s reply."""
+        if with_message:  # the whole message went: the server may have delivered it
+            if why == "timeout":
+                return replies.timed_out(
+                    "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
+                )
+            if why == "too long":
+                return replies.reply_too_long("[SEND_DATA]", detail, maybe_delivered=True)
+            return replies.connection_lost("[SEND_DATA]", maybe_delivered=True)
+        if why == "timeout":
+            return replies.timed_out(name, f"the reply to {name}")
+        if why == "too long":
+            return replies.reply_too_long(name, detail)
+        return replies.connection_lost(name)
 
     def _live_transport(self) -> asyncio.Transport | None:
         """The connection's transport; None (and the connection closed) when it is gone."""
@@ -608,8 +706,10 @@ class SmtpSession:
         closed; a 421 marks it broken."""
         if not reader.clean:
             self.close()
-        if any(r.code == 421 for r in reader.replies):
-            self._broken = True
+        if reader.replies:
+            self.heard = time.monotonic()
+            if any(r.code == 421 for r in reader.replies):
+                self._broken = True
 
     async def _end_empty_data(self) -> None:
         """DATA was accepted although the transaction cannot go on: a lone "." ends it (RFC 2920)."""

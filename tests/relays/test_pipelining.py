@@ -4,6 +4,11 @@ The raw server reads every command of the group before it answers any: a client
 that waited for each reply would stall until command_timeout.
 """
 
+import asyncio
+
+import pytest
+
+from relays.smtp import session
 from tests.conftest import context, envelope, opened
 from tests.relays.test_misbehaving_servers import relay
 from tests.servers.raw import Conversation, RawServer, raw_server
@@ -106,3 +111,108 @@ async def test_size_without_a_limit_is_declared_and_an_advertised_limit_refuses_
     assert sent.status == "delivered"
     assert (refused.status, refused.reply.code, refused.reply.enhanced_status) == ("permanent_failure", 552, "5.3.4")
     assert refused.reply.command == "MAIL"
+
+
+EHLO_CHUNKING = "250-raw.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME"
+
+
+def take_bdat_group(conv: Conversation, recipients: int, *, greet: bool = True) -> tuple[list[str], bytes]:
+    """Read MAIL, the RCPTs, `BDAT <n> LAST` and its n bytes, answering none of them."""
+    if greet:
+        conv.send("220 raw.test ESMTP")
+        conv.expect("EHLO", EHLO_CHUNKING)
+    lines = [conv.command() for _ in range(recipients + 2)]
+    verb, size, last = lines[-1].split()
+    assert (verb, last) == ("BDAT", "LAST"), lines
+    return lines, conv.stream.read(int(size))
+
+
+async def test_a_small_message_goes_in_the_envelope_s_write_with_bdat() -> None:
+    """MAIL, RCPT and BDAT LAST with the message in one group (RFC 3030): one round trip. The
+    server answers nothing before it has the message: a client that waits for the RCPT replies
+    first stalls until command_timeout."""
+    seen: list[tuple[list[str], bytes]] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        seen.append(take_bdat_group(conv, 2))
+        conv.send("250 2.1.0 sender ok", "250 2.1.5 bob ok", "550 5.1.1 no such user", "250 2.0.0 queued as B1")
+        conv.expect("QUIT", "221 bye")
+
+    message = b"From: alice@example.com\r\nSubject: one write\r\n\r\nHello\r\n"
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            bob, ghost = await relays["out"].deliver(
+                envelope("bob@example.net", "ghost@example.net", message=message), context()
+            )
+    assert not server.errors, server.errors
+    assert seen == [
+        (["MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.net>", "RCPT TO:<ghost@example.net>",
+          f"BDAT {len(message)} LAST"], message)
+    ]  # fmt: skip
+    assert (bob.status, bob.reply.message, bob.reply.command) == ("delivered", "2.0.0 queued as B1", "[SEND_DATA]")
+    assert (ghost.status, ghost.reply.code, ghost.reply.command) == ("permanent_failure", 550, "RCPT")
+    assert not bob.possibly_delivered
+    assert not ghost.possibly_delivered
+
+
+async def test_no_reply_after_the_joined_group_may_have_delivered() -> None:
+    """The message went with the envelope, then the connection did: the server may have it."""
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_bdat_group(conv, 2)  # then gone without a reply
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            results = await relays["out"].deliver(envelope("bob@example.net", "carol@example.net"), context())
+    assert not server.errors, server.errors
+    assert [(r.status, r.possibly_delivered, r.reply.command) for r in results] == [
+        ("transient_failure", True, "[SEND_DATA]")
+    ] * 2
+    assert all("may have been delivered" in r.reply.message for r in results)
+
+
+async def test_every_recipient_refused_in_the_joined_group_delivers_nothing() -> None:
+    after: list[str] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_bdat_group(conv, 1)
+        conv.send("250 2.1.0 sender ok", "550 5.1.1 no such user", "554 5.5.1 no valid recipients")
+        after.append(conv.expect("QUIT", "221 bye"))
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (ghost,) = await relays["out"].deliver(envelope("ghost@example.net"), context())
+    assert not server.errors, server.errors
+    assert (ghost.status, ghost.reply.code, ghost.reply.command) == ("permanent_failure", 550, "RCPT")
+    assert not ghost.possibly_delivered
+    assert after == ["QUIT"]  # no RSET needed: BDAT LAST ended the transaction
+
+
+async def test_a_connection_idle_past_join_within_sends_the_envelope_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled connection not heard from for JOIN_WITHIN seconds may be dead without the client
+    knowing (a middlebox dropped it): the envelope goes first, so a dead one is found at MAIL,
+    before the message left, and the delivery moves to a new connection instead of ending in doubt."""
+    monkeypatch.setattr(session, "JOIN_WITHIN", 0.2)
+    connections: list[list[str]] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        seen: list[str] = []
+        connections.append(seen)
+        lines, _ = take_bdat_group(conv, 1)
+        seen += lines
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 queued")
+        if len(connections) == 1:
+            seen.append(conv.command())  # the next transaction's MAIL, after the idle time: then gone
+            return
+        conv.expect("QUIT", "221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+            await asyncio.sleep(0.3)
+            (second,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+    assert not server.errors, server.errors
+    assert (first.status, second.status) == ("delivered", "delivered")
+    assert not second.possibly_delivered
+    assert connections[0][-1].startswith("MAIL FROM:<alice@example.com>")  # alone, not with the message
+    assert len(connections) == 2  # the second message went on a new connection, once
