@@ -559,9 +559,12 @@ class _Batch:
         if self.services.draining:
             self._refused(index, self.runtime.core.refuse(self.name, "draining", _DRAINING, 5))
             return None
-        return Delivery(
-            self.name, self.relay, envelope, Deadline.within(self.seconds), self.principal.name, key, reply_header=False
-        )
+        return self._delivery(envelope, key)
+
+    def _delivery(self, envelope: Envelope, key: str | None) -> Delivery:
+        # No X-Smtp-Reply: the answer goes into a result line, without headers of its own.
+        deadline = Deadline.within(self.seconds)
+        return Delivery(self.name, self.relay, envelope, deadline, self.principal.name, key, reply_header=False)
 
     def _budget_share(self, line: bytes) -> int:
         """As the JSON form of /deliver: the line and its decoded message, held from the body budget."""
@@ -603,9 +606,7 @@ class _Batch:
                 retry = (exc.headers or {}).get("Retry-After", "")
                 self._problem(index, exc.status, exc.detail, retry_after=int(retry) if retry.isdigit() else None)
                 return None
-        return Delivery(
-            self.name, self.relay, envelope, Deadline.within(self.seconds), self.principal.name, key, reply_header=False
-        )
+        return self._delivery(envelope, key)
 
     def _answered(self, index: int, answer: Answer) -> None:
         parts = [b'{"index":%d,"status":%d' % (index, answer.status)]
