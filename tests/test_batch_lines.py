@@ -34,11 +34,18 @@ def model_answer(line: bytes) -> tuple[Envelope, str | None] | ProblemError:
     return envelope, key
 
 
+#: The addresses remembered as checked across every line these tests read, as a batch's (_Batch.known).
+KNOWN: set[str] = set()
+
+
 def check_same(line: bytes) -> tuple[Envelope, str | None] | None:
-    """common_line's answer, which when given must be the model's."""
+    """common_line's answer, which when given must be the model's; the same with the addresses
+    remembered from earlier lines."""
     common = common_line(line, SETTINGS)
     if common is not None:
         assert model_answer(line) == common, line
+    assert common_line(line, SETTINGS, KNOWN) == common, line
+    assert len(KNOWN) <= batches.KNOWN_ADDRESSES
     return common
 
 
@@ -93,6 +100,7 @@ def test_common_lines_are_read_as_the_model_reads_them(fields: dict[str, Any]) -
 )
 def test_invalid_lines_go_to_the_model(line: bytes) -> None:
     assert common_line(line, SETTINGS) is None
+    assert common_line(line, SETTINGS, {"a@example.com", "b@example.net"}) is None
     with pytest.raises(ProblemError) as raised:
         parse_line(line, SETTINGS, add_missing_headers=False)
     assert raised.value.status in (413, 422)
@@ -234,3 +242,18 @@ def test_a_body_fed_in_any_pieces_gives_the_same_lines(lines: list[bytes], cuts:
     else:
         got += plain(splitter.feed(body[start:], last=True))
     assert got == reference_lines(body, limit)
+
+
+def test_remembered_addresses_are_only_those_checked() -> None:
+    """A batch remembers the addresses its lines passed (most repeat one sender); the empty sender is
+    never one of them, since a recipient may not be empty, and at most KNOWN_ADDRESSES are kept."""
+    known: set[str] = set()
+    assert common_line(json.dumps({**COMMON, "sender": ""}).encode(), SETTINGS, known) is not None
+    assert known == {"b@example.net"}
+    assert common_line(json.dumps({**COMMON, "recipients": [""]}).encode(), SETTINGS, known) is None
+    assert common_line(json.dumps({**COMMON, "recipients": ["c <d>"]}).encode(), SETTINGS, known) is None
+    assert known == {"b@example.net"}
+    for n in range(batches.KNOWN_ADDRESSES + 10):
+        line = json.dumps({**COMMON, "recipients": [f"r{n}@example.net"]}).encode()
+        assert check_same(line) == common_line(line, SETTINGS, known)
+    assert len(known) == batches.KNOWN_ADDRESSES

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import math
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -26,7 +25,7 @@ from app.budget import Holding
 
 # The single route's own checks, so that a line is read exactly as a /deliver body is.
 from app.compose import add_missing_headers as complete_headers
-from app.delivery import Deadline, Delivery, Refused
+from app.delivery import Answer, Deadline, Delivery, Refused
 from app.deps import RelayName, find_relay
 from app.intake import _CHECKED_JSON_BYTES, _check_json_values, _loc, _message, envelope_of, media_type
 from app.lifespan import Runtime, Services
@@ -121,7 +120,13 @@ def _line_model(max_recipients: int) -> type[DeliveryRequest]:
 _COMMON_KEYS: Final = frozenset(("sender", "recipients", "message", "idempotency_key", "require_tls"))
 
 
-def common_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str | None] | None:
+#: Addresses a batch remembers as checked (_Batch.known): its lines mostly repeat one sender.
+KNOWN_ADDRESSES: Final = 256
+
+
+def common_line(
+    line: bytes, settings: ServiceSettings, known: set[str] | None = None
+) -> tuple[Envelope, str | None] | None:
     """The envelope and key of a line of the common shape (`sender`, `recipients`, `message`, optionally
     `idempotency_key` and `require_tls`, each of its JSON type), checked by the functions the line model
     runs (check_address, idempotency.key_problem, the size limit); None for any other line, and for any
@@ -130,7 +135,10 @@ def common_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str |
 
     About 6 us a line against 14 for the model's (model_validate_json, its validators, the private
     attribute, envelope_of), 1 KiB message, one recipient (timeit, 2026-12-01): of a batch line's
-    ~260 us at c8, the part that is neither HTTP nor SMTP."""
+    ~260 us at c8, the part that is neither HTTP nor SMTP.
+
+    `known`: addresses check_address passed before (a batch's, at most KNOWN_ADDRESSES, never the
+    empty one, which only a sender may be): not checked again; those it passes now are added."""
     try:
         data = orjson.loads(line)  # refuses what jiter refuses too: lone surrogates, invalid UTF-8
     except orjson.JSONDecodeError:
@@ -150,21 +158,34 @@ def common_line(line: bytes, settings: ServiceSettings) -> tuple[Envelope, str |
         return None
     if not all(type(r) is str for r in recipients):
         return None
+    if known is None:
+        known = set()
     try:
-        envelope_recipients = [check_address(r) for r in recipients]
-        envelope_sender = check_address(sender, allow_empty=True)
+        # check_address returns its argument or raises: an address it passed once passes again.
+        for recipient in recipients:
+            if recipient not in known:
+                check_address(recipient)
+                if len(known) < KNOWN_ADDRESSES:
+                    known.add(recipient)
+        if sender not in known:
+            check_address(sender, allow_empty=True)
+            if sender and len(known) < KNOWN_ADDRESSES:
+                known.add(sender)
     except ValueError:
         return None
-    envelope = Envelope(sender=envelope_sender, recipients=envelope_recipients, message=raw, require_tls=require_tls)
+    envelope = Envelope(sender=sender, recipients=recipients, message=raw, require_tls=require_tls)
     return envelope, key
 
 
-def parse_line(line: bytes, settings: ServiceSettings, *, add_missing_headers: bool) -> tuple[Envelope, str | None]:
+def parse_line(
+    line: bytes, settings: ServiceSettings, *, add_missing_headers: bool, known: set[str] | None = None
+) -> tuple[Envelope, str | None]:
     """A line's envelope (its message built in the compose form) and idempotency key; ProblemError
-    (422, 413) as /deliver would answer the same body. Builds on the calling thread."""
+    (422, 413) as /deliver would answer the same body. Builds on the calling thread. `known`: as
+    common_line's."""
     if len(line) > _CHECKED_JSON_BYTES:
         _check_json_values(line, settings.max_recipients)
-    common = common_line(line, settings)
+    common = common_line(line, settings, known)
     if common is not None:
         return (_completed(common[0]), common[1]) if add_missing_headers else common
     envelope, key, composed = model_line(line, settings)
@@ -198,6 +219,14 @@ def _completed(envelope: Envelope) -> Envelope:
 def _line_loc(error: object) -> str:
     loc = _loc(error)
     return "line" if loc == "body" else loc
+
+
+class _Await:
+    """_Batch._ready's answer for a line whose delivery needs a wait first (_Batch._prepare)."""
+
+
+_AWAIT: Final = _Await()
+_DRAINING: Final = "shutting down; not accepting deliveries"
 
 
 class _TooLong:
@@ -304,7 +333,9 @@ class _Batch:
         self.batch: BatchSettings = self.settings.batch
         self.seconds = seconds
         options = runtime.config.relay[name]
-        self.add_missing_headers = bool(getattr(options, "add_missing_headers", False))
+        self.complete = bool(getattr(options, "add_missing_headers", False))  # the relay's option, as /deliver's
+        #: Addresses the batch's lines passed check_address with (common_line): most repeat a sender.
+        self.known: set[str] = set()
         # What a one-destination relay (static, lmtp: one pool) runs at once (its connections, and
         # as many again waiting within its max_waiting), or `concurrency` if more: what the batches
         # streaming to it share (_share). None for the others: mx has a pool per MX host, so its
@@ -336,29 +367,21 @@ class _Batch:
         self._holds = 1
 
     async def stream(self) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
         _batches_on[self.relay] += 1
         self._receive_ahead()
         self._grow()  # the first worker: it takes the body's first lines
         try:
             ended = False
-            written = -math.inf
             while not ended:
-                line = await self.out.get()
+                # The lines ready together go in one write: one chunk, one send, not one per line.
                 lines: list[bytes] = []
-                if line is None:
-                    ended = True
-                else:
-                    if (wait := written + WRITE_EVERY - loop.time()) > 0 and not self._read_all:
-                        await self._linger(wait)  # the lines finished until then share this write
-                    # The lines ready together go in one write: one chunk, one send, not one per line.
+                line = await self.out.get()  # at once when lines finished while the last write lingered
+                while line is not None:
                     lines.append(line)
-                    while not self.out.empty():
-                        ready = self.out.get_nowait()
-                        if ready is None:
-                            ended = True
-                            break
-                        lines.append(ready)
+                    if self.out.empty():
+                        break
+                    line = self.out.get_nowait()
+                ended = line is None
                 if ended:  # the last lines and the summary in the same write
                     summary = {
                         "done": True,
@@ -370,7 +393,10 @@ class _Batch:
                 # out; here once for the lines of this write (a wait per delivery cost a task step each).
                 await logs.written(logs.numbered())
                 yield b"".join(lines)
-                written = loop.time()
+                if not ended and not self._read_all:
+                    # The lines finishing meanwhile share the next write: a timer's wake per write, where
+                    # waiting for the next line first cost a wake of its own as well.
+                    await self._linger(WRITE_EVERY)
         finally:
             # Stops reading (lines not started are never delivered); running deliveries go on to
             # their end, so keyed ones store their outcomes for a repeat of the batch.
@@ -424,15 +450,26 @@ class _Batch:
 
     async def _work(self) -> None:
         worker = asyncio.current_task()
+        core = self.runtime.core
+        holding = Holding(self.runtime.limiter.bodies)  # the worker's line's share: given back after each
         try:
             while (taken := await self._take()) is not None:
                 index, line = taken
                 self.idle -= 1
-                holding = Holding(self.runtime.limiter.bodies)
-                # _attempt directly, not through a method around it: each level of the coroutine chain
-                # is walked again every time the delivery resumes (several times per SMTP transaction).
                 try:
-                    await self._attempt(index, line, holding)
+                    delivery = self._ready(index, line, holding)
+                    if isinstance(delivery, _Await):
+                        delivery = await self._prepare(index, line, holding)
+                    if delivery is not None:
+                        # core.deliver awaited by the worker itself, not within a method around it: each
+                        # level of the coroutine chain is walked again every time the delivery resumes
+                        # (several times per SMTP transaction).
+                        try:
+                            answer = await core.deliver(delivery)
+                        except Refused as refused:
+                            self._refused(index, refused)
+                        else:
+                            self._answered(index, answer)
                 except Exception:  # a bug: this line's outcome is unknown, the batch goes on
                     logger.exception("a batch delivery failed (line %d)", index)
                     self._problem(index, 500, "internal error; the delivery outcome is unknown, see the service log")
@@ -505,11 +542,40 @@ class _Batch:
         if not ahead.cancelled() and ahead.exception() is None and ahead.result()["type"] == "http.disconnect":
             self.gone = True
 
-    async def _attempt(self, index: int, line: bytes, holding: Holding) -> None:
+    def _ready(self, index: int, line: bytes, holding: Holding) -> "Delivery | _Await | None":
+        """The line's delivery, without awaiting anything: its share of the body budget free, the line
+        small, no quota. _AWAIT otherwise (then _prepare, which may wait); None when answered already."""
+        if len(line) > _BUILD_IN_THREAD or self.principal.quota is not None:
+            return _AWAIT
+        taken = holding.budget.try_take(self._budget_share(line))
+        if taken is None:
+            return _AWAIT
+        holding.held = taken
+        try:
+            envelope, key = parse_line(line, self.settings, add_missing_headers=self.complete, known=self.known)
+        except ProblemError as exc:
+            self._problem(index, exc.status, exc.detail, errors=exc.errors)
+            return None
+        if self.services.draining:
+            self._refused(index, self.runtime.core.refuse(self.name, "draining", _DRAINING, 5))
+            return None
+        return self._delivery(envelope, key)
+
+    def _delivery(self, envelope: Envelope, key: str | None) -> Delivery:
+        # No X-Smtp-Reply: the answer goes into a result line, without headers of its own.
+        deadline = Deadline.within(self.seconds)
+        return Delivery(self.name, self.relay, envelope, deadline, self.principal.name, key, reply_header=False)
+
+    def _budget_share(self, line: bytes) -> int:
+        """As the JSON form of /deliver: the line and its decoded message, held from the body budget."""
+        return len(line) + min(len(line), self.settings.max_message_size)
+
+    async def _prepare(self, index: int, line: bytes, holding: Holding) -> Delivery | None:
+        """_ready's work for any line, waiting as needed: for the body budget, a large line's parse in a
+        thread, the key's quotas. None when the line was answered (nothing to deliver)."""
         core = self.runtime.core
-        # As the JSON form of /deliver: the line and its decoded message, held from the body budget.
         budget = holding.budget
-        share = len(line) + min(len(line), self.settings.max_message_size)
+        share = self._budget_share(line)
         taken = budget.try_take(share)
         if taken is None:
             loop = asyncio.get_running_loop()
@@ -517,33 +583,32 @@ class _Batch:
             if taken is None:
                 why = f"request bodies being handled already hold the body budget of {budget.capacity} bytes"
                 self._refused(index, core.overloaded(self.name, why))
-                return
+                return None
         holding.held = taken
-        complete = self.add_missing_headers
         try:
             if len(line) > _BUILD_IN_THREAD:  # a large composed message would hold the loop while it is built
-                envelope, key = await asyncio.to_thread(parse_line, line, self.settings, add_missing_headers=complete)
+                # Without `known`: the loop's workers change it meanwhile.
+                envelope, key = await asyncio.to_thread(
+                    parse_line, line, self.settings, add_missing_headers=self.complete
+                )
             else:
-                envelope, key = parse_line(line, self.settings, add_missing_headers=complete)
+                envelope, key = parse_line(line, self.settings, add_missing_headers=self.complete, known=self.known)
         except ProblemError as exc:
             self._problem(index, exc.status, exc.detail, errors=exc.errors)
-            return
+            return None
         if self.services.draining:
-            self._refused(index, core.refuse(self.name, "draining", "shutting down; not accepting deliveries", 5))
-            return
+            self._refused(index, core.refuse(self.name, "draining", _DRAINING, 5))
+            return None
         if self.principal.quota is not None:  # each line takes its message from the key's quotas
             try:
                 await quota_check(self.runtime, self.principal, len(envelope.recipients))
             except ProblemError as exc:
                 retry = (exc.headers or {}).get("Retry-After", "")
                 self._problem(index, exc.status, exc.detail, retry_after=int(retry) if retry.isdigit() else None)
-                return
-        delivery = Delivery(self.name, self.relay, envelope, Deadline.within(self.seconds), self.principal.name, key)
-        try:
-            answer = await core.deliver(delivery)
-        except Refused as refused:
-            self._refused(index, refused)
-            return
+                return None
+        return self._delivery(envelope, key)
+
+    def _answered(self, index: int, answer: Answer) -> None:
         parts = [b'{"index":%d,"status":%d' % (index, answer.status)]
         if answer.replayed:
             parts.append(b',"replayed":true')

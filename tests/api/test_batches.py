@@ -304,6 +304,26 @@ def test_a_keyed_line_is_replayed_by_a_repeated_batch(small: Service, sink: Gate
     assert sum(b"keyed replay" in m for _, m in sink.messages) == 1
 
 
+def test_a_keyed_line_replayed_by_deliver_has_its_smtp_reply_header(small: Service, sink: GatedSink) -> None:
+    """A batch line's answer is made without X-Smtp-Reply (its result line has no headers), but a keyed
+    one is stored for any later request with its key: /deliver replays it with the header."""
+    key = f"{KEY}-to-deliver"
+    body = line("ok@example.net", key=key, subject="keyed then deliver")
+    [first, _done] = _lines(_post(small, body + b"\n"))
+    assert first["status"] == 200
+    request = {k: v for k, v in json.loads(body).items() if k != "idempotency_key"}
+    replay = httpx.post(
+        f"{small.url}/relays/out/deliver",
+        json=request,
+        headers={"Authorization": "Bearer batch-secret-key-0001", "Idempotency-Key": key},
+        timeout=10,
+    )
+    assert replay.status_code == 200
+    assert replay.json() == first["result"]
+    assert replay.headers["X-Smtp-Reply"].startswith("250; message=")
+    assert sum(b"keyed then deliver" in m for _, m in sink.messages) == 1
+
+
 def test_a_line_whose_key_is_null_has_no_key(relay: Service, sink: GatedSink) -> None:
     # `"idempotency_key": null` is the field's default said out loud: delivered unkeyed. It was a 500 line
     # (pydantic applied the key's max_length to None and raised a TypeError, not a validation error).
