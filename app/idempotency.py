@@ -130,7 +130,8 @@ def fingerprint(relay: str, envelope: Envelope) -> str:
     digest = hashlib.sha256()
     # The bytes of json.dumps([relay, sender, [recipients...]]), which records stored by earlier
     # versions must still match, from json's own string encoder: 0.9 us instead of 4.
-    names = ", ".join([_json_str(r) for r in envelope.recipients])
+    recipients = envelope.recipients
+    names = _json_str(recipients[0]) if len(recipients) == 1 else ", ".join([_json_str(r) for r in recipients])
     digest.update(f"[{_json_str(relay)}, {_json_str(envelope.sender)}, [{names}]]".encode())
     digest.update(b"\0")
     digest.update(envelope.message if envelope.origin is None else envelope.origin)
@@ -435,7 +436,12 @@ class RedisStore:
 
     async def complete(self, key: str, claim: Claimed, fingerprint: str, response: StoredResponse) -> bool:
         # json.dumps([status, headers], separators=(",", ":")) without its encoder object per call.
-        fields = ",".join([f"{_json_str(name)}:{_json_str(value)}" for name, value in response.headers.items()])
+        headers = response.headers
+        if len(headers) == 1:  # the usual answer's one header (X-Smtp-Reply): no comprehension's frame
+            [(name, value)] = headers.items()
+            fields = f"{_json_str(name)}:{_json_str(value)}"
+        else:
+            fields = ",".join([f"{_json_str(name)}:{_json_str(value)}" for name, value in headers.items()])
         head = f"[{response.status:d},{{{fields}}}]"
         # Bytes: the answer's own, not decoded here and encoded again when the command is packed.
         stored = f"D{fingerprint}{head}\n".encode() + response.body
