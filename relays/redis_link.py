@@ -98,7 +98,7 @@ class Batch:
             return
         replies: list[object] = []
         self.out = batch
-        loop = asyncio.get_running_loop()
+        loop = batch[0][3].get_loop()  # no getpid() as get_running_loop
         self._out_at = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(self._out_at + REDIS_TIMEOUT, self._watch)
@@ -129,7 +129,7 @@ class Batch:
                 # batch (as the task path did). After one, batches were smaller: 0.83-0.90 writes
                 # per keyed delivery instead of 0.62-0.66 (in-process 1 KiB c8, cProfile counts),
                 # and a write is the dearest part of a call.
-                loop = asyncio.get_running_loop()
+                loop = batch[0][3].get_loop()
                 loop.call_soon(loop.call_soon, self._flush)
             return
         task = asyncio.get_running_loop().create_task(self._recover(batch, replies, exc))
