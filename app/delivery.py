@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: The answer headers a replay repeats.
 _STORED_HEADERS = ("X-Smtp-Reply", "Retry-After")
+_STORED_SET = frozenset(_STORED_HEADERS)
 
 #: The HTTP status that stands for each outcome.
 HTTP_STATUS: dict[DeliveryStatus, int] = {
@@ -298,6 +299,30 @@ class DeliveryCore:
                 "the idempotency store is unavailable, so a repeat could not be recognised; nothing was delivered",
                 self.retry_after,
             ) from None
+        if not isinstance(claim, idempotency.Claimed):  # the common case first: one check
+            return self._not_claimed(delivery, claim)
+
+        self.key_event(name, "taken_over" if claim.taken_over else "claimed")
+        lease = _Lease(self, key, claim, name)
+        self._hold(lease)
+        try:
+            answer = await self._run(delivery, lease)
+        except BaseException:
+            # A bug (500) or a cancellation. The key is freed unless the data may have left: then
+            # its lease lapses, and repeats are told the message may have been delivered.
+            self._leases.discard(lease)
+            if not lease.sent:
+                with contextlib.suppress(idempotency.StoreUnavailable):
+                    await asyncio.shield(store.release(key, claim))
+            raise
+        if not lease.finishing:
+            await self._settle(lease, answer)
+        return answer
+
+    def _not_claimed(self, delivery: Delivery, claim: idempotency.Claim) -> Answer:
+        """The answer to a keyed request whose claim found the key taken: a replay, or in doubt.
+        Raises Refused for one still running (409) and for one that named another request (422)."""
+        name = delivery.relay_name
         if isinstance(claim, idempotency.Replay):
             self.key_event(name, "replayed")
             stored = claim.response
@@ -321,26 +346,8 @@ class DeliveryCore:
                 "use a new key for a new message",
                 None,
             )
-        if isinstance(claim, idempotency.InDoubt):
-            self.key_event(name, "in_doubt")
-            return self._in_doubt(delivery)
-
-        self.key_event(name, "taken_over" if claim.taken_over else "claimed")
-        lease = _Lease(self, key, claim, name)
-        self._hold(lease)
-        try:
-            answer = await self._run(delivery, lease)
-        except BaseException:
-            # A bug (500) or a cancellation. The key is freed unless the data may have left: then
-            # its lease lapses, and repeats are told the message may have been delivered.
-            self._leases.discard(lease)
-            if not lease.sent:
-                with contextlib.suppress(idempotency.StoreUnavailable):
-                    await asyncio.shield(store.release(key, claim))
-            raise
-        if not lease.finishing:
-            await self._settle(lease, answer)
-        return answer
+        self.key_event(name, "in_doubt")  # InDoubt: what remains of the Claim union
+        return self._in_doubt(delivery)
 
     async def _settle(self, lease: _Lease, answer: Answer) -> None:
         """Store the answer for repeats, or free the key when nothing was sent and a retry may send.
@@ -356,7 +363,9 @@ class DeliveryCore:
                 operation = "release"
                 held = await store.release(key, claim)
             else:
-                headers = {name: answer.headers[name] for name in _STORED_HEADERS if name in answer.headers}
+                headers = answer.headers
+                if not headers.keys() <= _STORED_SET:  # _answer makes only those: no copy as a rule
+                    headers = {name: headers[name] for name in _STORED_HEADERS if name in headers}
                 stored = StoredResponse(answer.status, headers, answer.body)
                 held = await store.complete(key, claim, claim.fingerprint, stored)
         except idempotency.StoreUnavailable as exc:
