@@ -200,10 +200,16 @@ def from_domain(message: bytes) -> str | None:
 
 def _address_domain(value: bytes) -> str | None:
     """The domain of the first address in a From: value (unfolded), as an A-label."""
-    if value.count(b"@") == 1 and b"," not in value and b"(" not in value and b'"' not in value and b"\\" not in value:
+    if (
+        value.count(b"@") == 1
+        and value.find(b",") < 0
+        and value.find(b"(") < 0
+        and value.find(b'"') < 0
+        and value.find(b"\\") < 0
+    ):
         # `Name <local@domain>` or `local@domain`: the domain is what follows the one "@" (the
         # email package's parser costs 30 us more, for the general case below).
-        address = value[value.rfind(b"<") + 1 :] if b"<" in value else value
+        address = value[value.rfind(b"<") + 1 :]  # the whole value without a "<" (rfind: -1)
         domain = address.partition(b"@")[2].partition(b">")[0].strip().decode("utf-8", "replace")
     else:
         text = value.decode("utf-8", "replace")
@@ -218,6 +224,9 @@ def _address_domain(value: bytes) -> str | None:
     except (idna.IDNAError, UnicodeError):
         return None
 
+
+# `x in some_bytes` tries x as an integer first and formats a TypeError before it searches: 1,800
+# instructions more than `some_bytes.find(x)` (callgrind), a dozen times a message; hence find().
 
 #: How a message's line ends are written, from three counts (see _Parsed): CRLF only, LF only,
 #: or anything else (LF with several CRs before it, CRs outside line ends).
@@ -269,7 +278,7 @@ class _Parsed:
                 continue
             colon = line.find(b":")
             name = line[:colon].rstrip(b" \t")
-            if colon <= 0 or not name or b" " in name or b"\t" in name:
+            if colon <= 0 or not name or name.find(b" ") >= 0 or name.find(b"\t") >= 0:
                 raise ValueError("cannot sign: a header line is not a field (name: value)")
             fields.append([line[colon + 1 :]])
             names.append(name.lower())
@@ -307,14 +316,16 @@ class _Parsed:
         for i in picked:
             lines = fields[i]
             value = lines[0] if len(lines) == 1 else b"".join(lines)
-            if b"\t" in value or b"  " in value:
+            if value.find(b"\t") >= 0 or value.find(b"  ") >= 0:
                 value = _WSP.sub(b" ", value)
             hashed.append(names[i] + b":" + value.strip(b" "))
         # Our own line ends: those of the message, so that a relay that keeps them (pipe, maildrop)
         # does not get a message with two kinds.
-        message = self.message
-        first = message.find(b"\n")
-        sep = b"\r\n" if first > 0 and message[first - 1] == 13 else b"\n"  # 13: CR
+        if self.ends == _MIXED:
+            first = self.message.find(b"\n")
+            sep = b"\r\n" if first > 0 and self.message[first - 1] == 13 else b"\n"  # 13: CR
+        else:
+            sep = b"\r\n" if self.ends == _CRLF else b"\n"
         body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(self.body, self.ends)).digest())
         tags = identity.tags + b"%s\tt=%d; h=%s;%s\tbh=%s;%s\tb=" % (
             sep,
@@ -385,10 +396,9 @@ def _relaxed_body(body: bytes, ends: int = _MIXED) -> bytes:
         body = body.replace(b"\n", b"\r\n")
     elif ends == _MIXED:
         body = _LINE_END.sub(b"\r\n", body)
-    if b"\t" in body or b"  " in body:
+    if body.find(b"\t") >= 0 or body.find(b"  ") >= 0:
         body = _WSP.sub(b" ", body)
-    if b" \r\n" in body:
-        body = body.replace(b" \r\n", b"\r\n")
+    body = body.replace(b" \r\n", b"\r\n")  # the body itself when there is none
     end = len(body.rstrip(b" "))
     while body.endswith(b"\r\n", 0, end):
         end -= 2
@@ -400,6 +410,19 @@ def _relaxed_body(body: bytes, ends: int = _MIXED) -> bytes:
 #: At most this many messages signed in one go (SigningRelay): a longer run of signatures would hold
 #: the event loop for longer (32 x ~0.05 ms with Ed25519; RSA-2048 ~0.3-0.7 ms each).
 MAX_BATCH: Final = 32
+
+
+def _with_message(envelope: Envelope, message: bytes) -> Envelope:
+    """`dataclasses.replace(envelope, message=message)` at 40% of its cost (9,400 instructions
+    against 24,000, callgrind); a test checks that every other field is carried over."""
+    return Envelope(
+        sender=envelope.sender,
+        recipients=envelope.recipients,
+        message=message,
+        client=envelope.client,
+        origin=envelope.origin,
+        require_tls=envelope.require_tls,
+    )
 
 
 class SigningRelay:
@@ -426,7 +449,7 @@ class SigningRelay:
         self._pending.append((envelope.message, future))
         message, outcome = await future
         if message is not envelope.message:
-            envelope = dataclasses.replace(envelope, message=message)
+            envelope = _with_message(envelope, message)
         results = await self.inner.deliver(envelope, context)
         return [result.model_copy(update={"dkim": outcome}) for result in results]
 
