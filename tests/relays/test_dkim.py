@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import re
 import shutil
 import signal
@@ -535,3 +536,19 @@ def test_the_signed_envelope_carries_every_other_field_over() -> None:
     signed = _with_message(original, b"signed")
     assert signed.message == b"signed"
     assert all(getattr(signed, name) is getattr(original, name) for name in fields if name != "message")
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=50, deadline=None)
+def test_ed25519_through_libsodium_is_openssl_s_signature(data: bytes) -> None:
+    """SigningKey.sign takes Ed25519 through libsodium (faster): the very bytes OpenSSL signs,
+    and a signature OpenSSL verifies."""
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key = parse_key(pem)
+    digest = hashlib.sha256(data).digest()
+    signature = key.sign(data)
+    assert signature == private.sign(digest)
+    private.public_key().verify(signature, digest)
