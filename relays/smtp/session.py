@@ -510,6 +510,14 @@ class SmtpSession:
             and self.smtp.supports_extension("pipelining")
         )
 
+    def _envelope(self, state: "_TransactionState") -> bytes:
+        """MAIL and every RCPT, pipelined, each with its CRLF."""
+        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts)]
+        if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
+            # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
+            self._fail(replies.invalid_characters("MAIL"))
+        return b"".join(line + b"\r\n" for line in lines)
+
     async def _envelope_with_message(
         self, state: "_TransactionState", context: DeliveryContext
     ) -> tuple[bool, frozenset[int]]:
@@ -520,17 +528,10 @@ class SmtpSession:
         Returns whether the server may have the message (some RCPT taken, or replies missing)
         and the recipients it may have delivered to without a final reply."""
         rcpt_count = len(state.rcpts)
-        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts)]
-        if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
-            # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
-            self._fail(replies.invalid_characters("MAIL"))
-        body = state.data
-        end = b"" if body.endswith(b"\r\n") or not body else b"\r\n"  # as DATA's terminator would
+        envelope = self._envelope(state)
         # Everything goes in this write: from here on the server may deliver.
         await context.sending([state.recipients[i] for i in state.pending])
-        payload = b"".join(
-            (*(line + b"\r\n" for line in lines), b"BDAT %d LAST\r\n" % (len(body) + len(end)), body, end)
-        )
+        payload = b"".join((envelope, *_bdat_chunk(state.data)))
         rcpt_names: list[Command] = ["RCPT"] * rcpt_count
         names: list[Command] = ["MAIL", *rcpt_names, "[SEND_DATA]"]
         got, lost = await self._exchange(payload, names, with_message=True)
@@ -599,13 +600,8 @@ class SmtpSession:
         rcpt_count = len(state.rcpts)
         rcpt_names: list[Command] = ["RCPT"] * rcpt_count
         # With BDAT the envelope ends at the last RCPT: the message goes once some recipient is taken.
-        data_command: list[bytes] = [] if state.bdat else [b"DATA"]
         names: list[Command] = ["MAIL", *rcpt_names, *(() if state.bdat else ("DATA",))]
-        lines = [b" ".join([b"MAIL", *state.mail]), *(b"RCPT " + r for r in state.rcpts), *data_command]
-        if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
-            # Never reached with validated addresses: the same guard aiosmtplib keeps for its commands.
-            self._fail(replies.invalid_characters("MAIL"))
-        got, lost = await self._exchange(b"".join(line + b"\r\n" for line in lines), names)
+        got, lost = await self._exchange(self._envelope(state) + (b"" if state.bdat else b"DATA\r\n"), names)
         if state.reused and (not got or got[0].code == 421):
             raise StaleSessionError  # a pooled connection the server had given up on: nothing happened
         if lost is not None and not got:
@@ -744,9 +740,7 @@ class SmtpSession:
         failure: Reply | None = None
         whole_sent = False
         if state.bdat:  # the message as it is, its size in the command: nothing to stuff or scan for
-            # A last line without its CRLF gets one, as DATA's terminator gives it one.
-            body, end = state.data, b"" if state.data.endswith(b"\r\n") or not state.data else b"\r\n"
-            head = b"BDAT %d LAST\r\n" % (len(body) + len(end))
+            head, body, end = _bdat_chunk(state.data)
         else:
             head = b""
             body, end = stuff_dots(state.data)
@@ -774,13 +768,11 @@ class SmtpSession:
                     await reader.writable(self.settings.data_timeout)
                 await reader.read(count, self.settings.data_timeout)
             except TimeoutError:
-                failure = replies.timed_out(
-                    "[SEND_DATA]", "the reply to the message data; the message may have been delivered"
-                )
+                failure = self._lost("[SEND_DATA]", "timeout", "", True)
             except ReplyTooLongError as exc:
-                failure = replies.reply_too_long("[SEND_DATA]", exc.message, maybe_delivered=whole_sent)
+                failure = self._lost("[SEND_DATA]", "too long", exc.message, whole_sent)
             except (aiosmtplib.SMTPException, OSError):
-                failure = replies.connection_lost("[SEND_DATA]", maybe_delivered=True)
+                failure = self._lost("[SEND_DATA]", "lost", "", True)
         if failure is not None:
             self.close()  # abort, not close: close would still send the buffered rest of the message
         finals = reader.replies
@@ -961,6 +953,13 @@ def encode_data(message: bytes) -> tuple[bytes, bytes]:
     line starting with ".": then the body is the message itself, not a copy.
     """
     return stuff_dots(crlf_lines(message))
+
+
+def _bdat_chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """`BDAT <size> LAST`, the message as it is, and the CRLF a last line without one gets (as
+    DATA's terminator gives it one): nothing to stuff or scan for."""
+    end = b"" if data.endswith(b"\r\n") or not data else b"\r\n"
+    return b"BDAT %d LAST\r\n" % (len(data) + len(end)), data, end
 
 
 def stuff_dots(data: bytes) -> tuple[bytes, bytes]:
