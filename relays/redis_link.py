@@ -116,14 +116,7 @@ class Batch:
         link = self.link
         errors = link is None or link.errors
         if exc is None and not (errors and any(isinstance(reply, NoScriptError) for reply in replies)):
-            # _answer's loop, inline: this runs once per batch on every keyed delivery's path.
-            for call, reply in zip(batch, replies, strict=True):
-                future = call[3]
-                if not future.done():  # else its caller gave up (a timeout)
-                    if errors and isinstance(reply, Exception):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
+            _answer(batch, replies)
             if self.pending:
                 # In two iterations: the callers just woken run, then what they issue joins the
                 # batch (as the task path did). After one, batches were smaller: 0.83-0.90 writes
