@@ -551,15 +551,27 @@ class _Batch:
         if taken is None:
             return _AWAIT
         holding.held = taken
+        parsed = self._admit(index, self._parse(line, self.known))
+        return None if parsed is None else self._delivery(*parsed)
+
+    def _parse(self, line: bytes, known: set[str] | None) -> tuple[Envelope, str | None] | ProblemError:
+        """parse_line, its ProblemError returned: it may run in a thread, and _admit answers it."""
         try:
-            envelope, key = parse_line(line, self.settings, add_missing_headers=self.complete, known=self.known)
+            return parse_line(line, self.settings, add_missing_headers=self.complete, known=known)
         except ProblemError as exc:
-            self._problem(index, exc.status, exc.detail, errors=exc.errors)
+            return exc
+
+    def _admit(
+        self, index: int, parsed: tuple[Envelope, str | None] | ProblemError
+    ) -> tuple[Envelope, str | None] | None:
+        """The parsed line, or None once it is answered: its problem (422, 413), or 503 while draining."""
+        if isinstance(parsed, ProblemError):
+            self._problem(index, parsed.status, parsed.detail, errors=parsed.errors)
             return None
         if self.services.draining:
             self._refused(index, self.runtime.core.refuse(self.name, "draining", _DRAINING, 5))
             return None
-        return self._delivery(envelope, key)
+        return parsed
 
     def _delivery(self, envelope: Envelope, key: str | None) -> Delivery:
         # No X-Smtp-Reply: the answer goes into a result line, without headers of its own.
@@ -585,20 +597,14 @@ class _Batch:
                 self._refused(index, core.overloaded(self.name, why))
                 return None
         holding.held = taken
-        try:
-            if len(line) > _BUILD_IN_THREAD:  # a large composed message would hold the loop while it is built
-                # Without `known`: the loop's workers change it meanwhile.
-                envelope, key = await asyncio.to_thread(
-                    parse_line, line, self.settings, add_missing_headers=self.complete
-                )
-            else:
-                envelope, key = parse_line(line, self.settings, add_missing_headers=self.complete, known=self.known)
-        except ProblemError as exc:
-            self._problem(index, exc.status, exc.detail, errors=exc.errors)
+        if len(line) > _BUILD_IN_THREAD:  # a large composed message would hold the loop while it is built
+            # Without `known`: the loop's workers change it meanwhile.
+            parsed = self._admit(index, await asyncio.to_thread(self._parse, line, None))
+        else:
+            parsed = self._admit(index, self._parse(line, self.known))
+        if parsed is None:
             return None
-        if self.services.draining:
-            self._refused(index, core.refuse(self.name, "draining", _DRAINING, 5))
-            return None
+        envelope, key = parsed
         if self.principal.quota is not None:  # each line takes its message from the key's quotas
             try:
                 await quota_check(self.runtime, self.principal, len(envelope.recipients))
