@@ -513,6 +513,21 @@ class Run:
     def rate(self) -> float:
         return self.ok / self.seconds if self.seconds else 0.0
 
+    @classmethod
+    def of(cls, result: dict[str, int], target: "Target", ticks: int) -> "Run":
+        """A run from what wrk's post.lua printed and the server's CPU ticks during it."""
+        # A batch's 200 counts its lines; the sink check catches a line answered but not delivered.
+        ok = (result["requests"] - result["non2xx"]) * target.per_request
+        return cls(
+            ok=ok,
+            seconds=result["duration_us"] / 1e6,
+            p50_ms=result["p50_us"] / 1000,
+            p99_ms=result["p99_us"] / 1000,
+            non2xx=result["non2xx"],
+            socket_errors=sum(result[k] for k in ("connect", "read", "write", "timeout")),
+            cpu_us=ticks / CpuMeter.tick / ok * 1e6 if ok else None,
+        )
+
 
 @dataclass
 class Point:
@@ -849,17 +864,7 @@ class Bench:
                 spent = sum(_ticks(p) for p in descendants(server.proc.pid)) - ticks
                 cpu_ticks[target.key] += spent
                 answered[target.key] += (result["requests"] - result["non2xx"]) * target.per_request
-                run = Run(
-                    # A batch's 200 counts its lines; the sink check below catches a line answered but not delivered.
-                    ok=(result["requests"] - result["non2xx"]) * target.per_request,
-                    seconds=result["duration_us"] / 1e6,
-                    p50_ms=result["p50_us"] / 1000,
-                    p99_ms=result["p99_us"] / 1000,
-                    non2xx=result["non2xx"],
-                    socket_errors=sum(result[k] for k in ("connect", "read", "write", "timeout")),
-                )
-                if run.ok:
-                    run.cpu_us = spent / CpuMeter.tick / run.ok * 1e6
+                run = Run.of(result, target, spent)
                 if target.sink:
                     run.delivered = self.sink.settle(self.quiet(size)) - before
                 point.runs.append(run)
@@ -898,18 +903,7 @@ class Bench:
                 if isinstance(result, str):
                     pair.failures.append(result)
                     break
-                ok = (result["requests"] - result["non2xx"]) * target.per_request
-                made.append(
-                    Run(
-                        ok=ok,
-                        seconds=result["duration_us"] / 1e6,
-                        p50_ms=result["p50_us"] / 1000,
-                        p99_ms=result["p99_us"] / 1000,
-                        non2xx=result["non2xx"],
-                        socket_errors=sum(result[k] for k in ("connect", "read", "write", "timeout")),
-                        cpu_us=cpu / CpuMeter.tick / ok * 1e6 if ok else None,
-                    )
-                )
+                made.append(Run.of(result, target, cpu))
             if len(made) != 2:
                 continue
             delivered = self.sink.settle(self.quiet(size)) - before
