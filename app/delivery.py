@@ -120,7 +120,8 @@ class Answer(NamedTuple):
     """What the client gets: an HTTP status, headers and a JSON body.
 
     `result` is the delivery result it was made from, None for a replay
-    (`replayed`) of an earlier request's answer.
+    (`replayed`) of an earlier request's answer. `attempted`: this request
+    ran a delivery (False: a replay, or a key in doubt: nothing was sent for it).
     """
 
     status: int
@@ -128,6 +129,7 @@ class Answer(NamedTuple):
     body: bytes
     result: DeliveryResult | None
     replayed: bool = False
+    attempted: bool = True
 
 
 class DeliveryObserver(Protocol):
@@ -326,7 +328,7 @@ class DeliveryCore:
         if isinstance(claim, idempotency.Replay):
             self.key_event(name, "replayed")
             stored = claim.response
-            return Answer(stored.status, _replayed_headers(stored.headers), stored.body, None, replayed=True)
+            return Answer(stored.status, _replayed_headers(stored.headers), stored.body, None, True, False)
         if isinstance(claim, idempotency.Running):
             raise self._refuse_key(
                 name,
@@ -413,7 +415,7 @@ class DeliveryCore:
             relay=delivery.relay_name, message_id=envelope.message_id, elapsed_ms=0.0, recipients=recipients
         )
         headers = {"X-Smtp-Reply": format_smtp_reply(IN_DOUBT), "Retry-After": str(self.retry_after)}
-        return Answer(503, headers, result.model_dump_json().encode(), result)
+        return Answer(503, headers, result.model_dump_json().encode(), result, attempted=False)
 
     async def _run(self, delivery: Delivery, lease: _Lease | None = None) -> Answer:
         """Wait for a slot, deliver within the deadline, and make the answer.

@@ -54,7 +54,7 @@ logger = logging.getLogger("mailrelay")
 
 #: KEYS[1]: the hash of one limit set. ARGV[1]: the most microseconds the caller may wait;
 #: ARGV[2]: "1" to only read the state (nothing is taken). Then per limit: field, interval (us),
-#: burst (events at once), cost (events). Answers {allowed 0|1, wait us, remaining1, reset1 us, ...}.
+#: burst (events at once), cost (events; negative gives them back, never beyond a full limit). Answers {allowed 0|1, wait us, remaining1, reset1 us, ...}.
 _GCRA = """local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local maxwait = tonumber(ARGV[1])
@@ -70,6 +70,7 @@ for i = 1, n do
   local tat = tonumber(redis.call('HGET', KEYS[1], ARGV[b + 1]) or now)
   if tat < now then tat = now end
   local new = tat + interval * tonumber(ARGV[b + 4])
+  if new < now then new = now end
   local w = new - tolerance - now
   if w > wait then wait = w end
   tats[i] = tat
@@ -159,7 +160,7 @@ class _Local:
         for limit in limits:
             interval = limit.rate.interval
             tat = max(fields.get(limit.field, now), now)
-            new = tat + interval * limit.cost
+            new = max(tat + interval * limit.cost, now)
             wait = max(wait, new - interval * limit.burst - now)
             tats.append(tat)
             news.append(new)
@@ -392,8 +393,15 @@ class KeyQuotas:
         """The headers for an answer that took nothing (an error before the check)."""
         return await self._check(name, quota, 1, peek=True)
 
-    async def _check(self, name: str, quota: KeyQuota, recipients: int, *, peek: bool) -> QuotaAnswer:
+    async def give_back(self, name: str, quota: KeyQuota, recipients: int) -> QuotaAnswer:
+        """Returns what `take` took for a message that was not sent after all (a replay, a
+        refusal), and the headers of the quotas' state after it."""
+        return await self._check(name, quota, recipients, peek=False, sign=-1)
+
+    async def _check(self, name: str, quota: KeyQuota, recipients: int, *, peek: bool, sign: int = 1) -> QuotaAnswer:
         limits = self._limits(quota, max(1, recipients))
+        if sign < 0:
+            limits = [Limit(lim.field, lim.rate, lim.burst, -lim.cost) for lim in limits]
         outcome = await self.limits.check(name, limits, 0.0, peek=peek)
         if not outcome.shared:  # the local fallback: this instance's part of each quota
             limits = [

@@ -216,9 +216,26 @@ async def test_quota_headers_follow_the_ratelimit_draft(redis_url: str) -> None:
     assert over.headers["RateLimit"].startswith('"messages-m";r=0;t=60, "recipients-h";r=96;')
 
 
+@pytest.mark.parametrize("shared_by", ["redis", "local"])
+async def test_quota_given_back_returns_what_was_taken_and_never_more(redis_url: str, shared_by: str) -> None:
+    quotas = KeyQuotas(_limits(redis_url if shared_by == "redis" else None, what="quota"))
+    quota = KeyQuota(messages=["2/m"], recipients=["100/h"])
+    name = _key()
+    try:
+        await quotas.take(name, quota, 3)
+        back = await quotas.give_back(name, quota, 3)
+        beyond = await quotas.give_back(name, quota, 3)  # never taken: nothing more than full
+        two = [await quotas.take(name, quota, 1) for _ in range(3)]
+    finally:
+        await quotas.limits.aclose()
+    assert back.headers["RateLimit"] == '"messages-m";r=2;t=0, "recipients-h";r=100;t=0'
+    assert beyond.headers == back.headers
+    assert [t.allowed for t in two] == [True, True, False]
+
+
 # -- three instances, one Redis, one sink ------------------------------------------------------
 
-SENDER, METERED = "s" * 32, "m" * 32
+SENDER, METERED, RETRYING = "s" * 32, "m" * 32, "r" * 32
 
 
 def _sha(key: str) -> str:
@@ -277,6 +294,9 @@ mailrelay:
       - name: metered
         sha256: {_sha(METERED)}
         quota: {{messages: [5/m], recipients: [100/h]}}
+      - name: retrying
+        sha256: {_sha(RETRYING)}
+        quota: {{messages: [3/m]}}
 """
         )
         services = [stack.enter_context(service(config)) for _ in range(3)]
@@ -379,6 +399,37 @@ def test_a_key_over_its_quota_gets_429_on_every_instance(fleet: Fleet) -> None:
     lines = [json.loads(line) for line in batch.text.splitlines()]
     assert [(line["status"], 1 <= line["retry_after"] <= 12) for line in lines[:2]] == [(429, True)] * 2
     assert lines[-1]["done"]
+
+
+def test_a_request_that_sends_nothing_gives_its_quota_back(fleet: Fleet) -> None:
+    """A replay of an idempotency key, a key refused (another request's) and a batch line replayed
+    send nothing: the message they took from the key's quota goes back, and RateLimit says so."""
+    url = fleet.services[0].url  # the idempotency store is each instance's own here
+    auth = {"Authorization": f"Bearer {RETRYING}"}
+
+    def post(message: int, key: str | None = None) -> httpx.Response:
+        headers = {**auth, **({"Idempotency-Key": key} if key else {})}
+        return httpx.post(f"{url}/relays/quick/deliver", json=_message(message), headers=headers, timeout=10)
+
+    def left(answer: httpx.Response) -> str:
+        return answer.headers["RateLimit"].split(";")[1]
+
+    first = post(1, "order-1")
+    assert (first.status_code, left(first)) == (200, "r=2")
+    replay = post(1, "order-1")
+    assert (replay.status_code, replay.headers.get("Idempotent-Replayed"), left(replay)) == (200, "true", "r=2")
+    mismatch = post(2, "order-1")  # the key of another request: refused, nothing sent
+    assert (mismatch.status_code, left(mismatch)) == (422, "r=2")
+    # A batch: the replayed line gives back, the new one takes.
+    lines = [{**_message(1), "idempotency_key": "order-1"}, _message(3)]
+    batch = httpx.post(
+        f"{url}/relays/quick/deliveries",
+        content="".join(json.dumps(line) + "\n" for line in lines),
+        headers={**auth, "Content-Type": "application/x-ndjson"},
+        timeout=10,
+    )
+    assert sorted(json.loads(line).get("status", 0) for line in batch.text.splitlines()) == [0, 200, 200]
+    assert (post(4).status_code, post(5).status_code) == (200, 429)  # 3 messages sent: 1, 3 and 4
 
 
 def test_redis_stopped_local_limits_apply_and_shared_ones_resume(fleet: Fleet) -> None:

@@ -30,7 +30,7 @@ from app.deps import RelayName, find_relay
 from app.intake import _CHECKED_JSON_BYTES, _check_json_values, _loc, _message, envelope_of, media_type
 from app.lifespan import Runtime, Services
 from app.problems import ProblemError, problem_doc
-from app.routes.relays import DEADLINE_HEADER, _deadline, quota_check, with_quota_state
+from app.routes.relays import DEADLINE_HEADER, _deadline, quota_check, quota_give_back, with_quota_state
 from relays.base import Relay
 from schemas.config import BatchSettings, ServiceSettings
 from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, check_address, request_model
@@ -467,8 +467,11 @@ class _Batch:
                         try:
                             answer = await core.deliver(delivery)
                         except Refused as refused:
+                            await self._not_sent(delivery)
                             self._refused(index, refused)
                         else:
+                            if not answer.attempted:
+                                await self._not_sent(delivery)
                             self._answered(index, answer)
                 except Exception:  # a bug: this line's outcome is unknown, the batch goes on
                     logger.exception("a batch delivery failed (line %d)", index)
@@ -613,6 +616,12 @@ class _Batch:
                 self._problem(index, exc.status, exc.detail, retry_after=int(retry) if retry.isdigit() else None)
                 return None
         return self._delivery(envelope, key)
+
+    async def _not_sent(self, delivery: Delivery) -> None:
+        """The line's message was not sent (refused, a replay, a key in doubt): what it took from
+        the key's quotas goes back."""
+        if self.principal.quota is not None:
+            await quota_give_back(self.runtime, self.principal, delivery.envelope)
 
     def _answered(self, index: int, answer: Answer) -> None:
         parts = [b'{"index":%d,"status":%d' % (index, answer.status)]

@@ -18,7 +18,7 @@ from app.lifespan import Runtime, Services
 from app.metrics import QUOTA_REFUSALS
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
 from relays.instruments import child
-from schemas.delivery import COMPOSE_EXAMPLE, DeliveryResult
+from schemas.delivery import COMPOSE_EXAMPLE, DeliveryResult, Envelope
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
 
@@ -282,7 +282,12 @@ async def deliver(name: RelayName, request: Request) -> Response:
         try:
             answer = await runtime.core.deliver(delivery)
         except Refused as refused:
-            raise _problem(refused) from None
+            problem = _problem(refused)
+            if quota_headers is not None:  # nothing was sent: the message goes back to the quota
+                problem.headers = {**(problem.headers or {}), **await quota_give_back(runtime, principal, envelope)}
+            raise problem from None
+        if quota_headers is not None and not answer.attempted:
+            quota_headers = await quota_give_back(runtime, principal, envelope)
         # The delivery's log line is handed to the OS before its answer goes out: a crash
         # cannot lose the line of an acknowledged delivery (app/logs.py, group-committed).
         await logs.written()
@@ -350,6 +355,14 @@ async def quota_check(runtime: Runtime, principal: Principal, recipients: int) -
             headers={"Retry-After": str(answer.retry_after), **answer.headers},
         )
     return answer.headers
+
+
+async def quota_give_back(runtime: Runtime, principal: Principal, envelope: Envelope) -> dict[str, str]:
+    """Gives back what quota_check took for a message that was not sent after all (the core
+    refused it, or answered a replay or a key in doubt); the RateLimit headers after it."""
+    assert principal.quota is not None  # noqa: S101 - callers check
+    quotas = runtime.keyring.quotas(runtime.config.mailrelay)
+    return (await quotas.give_back(principal.name, principal.quota, len(envelope.recipients))).headers
 
 
 async def with_quota_state(problem: ProblemError, runtime: Runtime, principal: Principal) -> None:
