@@ -571,8 +571,13 @@ class SmtpSession:
         if final:
             if accepted:
                 state.answer(accepted, _final(final[0], "[SEND_DATA]"))
+                return True, frozenset()
             # No recipient taken: the server refused the chunk (554/503) and has nothing to deliver.
-            return bool(accepted), frozenset()
+            # Whether that ended the transaction MAIL opened, RFC 3030 does not say (Postfix ends
+            # it): RSET, as the two-step path does, or the next MAIL may be refused as nested.
+            if self.usable:
+                await self._reset()
+            return False, frozenset()
         if not accepted and not unknown:  # every recipient refused, then no reply to the chunk
             return False, frozenset()
         # The whole group went, then the replies stopped: the server may have delivered.

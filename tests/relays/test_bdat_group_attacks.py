@@ -178,3 +178,35 @@ async def test_lmtp_never_joins_the_message_to_the_envelope() -> None:
     assert seen == ["MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.net>", "RCPT TO:<ghost@example.net>",
                     "BDAT LAST"]  # fmt: skip
     assert (bob.status, ghost.status) == ("delivered", "permanent_failure")
+
+
+async def test_a_pooled_connection_after_a_refused_group_is_reset_before_the_next_message() -> None:
+    """Every recipient refused, then the chunk (554): the transaction MAIL opened may still be open
+    (RFC 3030 does not say a refused BDAT LAST ends it; Postfix ends it, a stricter server need not),
+    and the next message's MAIL would get 503 "nested MAIL": a permanent failure for a good
+    message. RSET first, as the two-step path does after a refused envelope."""
+    after: list[str] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_bdat_group(conv, 1)
+        conv.send("250 2.1.0 sender ok", "550 5.1.1 no such user", "554 5.5.1 no valid recipients")
+        line = conv.command()
+        after.append(line)
+        if line == "RSET":
+            conv.send("250 2.0.0 reset")
+            take_bdat_group(conv, 1, greet=False)
+            conv.send("250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 queued as R1")
+        else:  # still in the first transaction: MAIL is out of sequence
+            conv.command()  # RCPT
+            conv.stream.read(int(conv.command().split()[1]))  # BDAT <n> LAST and its n bytes
+            conv.send("503 5.5.1 Error: nested MAIL command", "503 5.5.1 need MAIL", "503 5.5.1 need MAIL")
+        conv.expect("QUIT", "221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (ghost,) = await relays["out"].deliver(envelope("ghost@example.net"), context())
+            (bob,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+    assert not server.errors, server.errors
+    assert (ghost.status, ghost.reply.code) == ("permanent_failure", 550)
+    assert (bob.status, bob.reply.message) == ("delivered", "2.0.0 queued as R1"), bob.reply
+    assert after == ["RSET"]
