@@ -210,3 +210,64 @@ async def test_a_pooled_connection_after_a_refused_group_is_reset_before_the_nex
     assert (ghost.status, ghost.reply.code) == ("permanent_failure", 550)
     assert (bob.status, bob.reply.message) == ("delivered", "2.0.0 queued as R1"), bob.reply
     assert after == ["RSET"]
+
+
+async def test_replies_split_byte_by_byte_and_an_end_right_after_the_last_still_deliver() -> None:
+    """Replies come in pieces (one byte a write), and the server closes right after the last: the
+    replies stand (an end is not a reply out of step)."""
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_bdat_group(conv, 2)
+        for byte in b"250 2.1.0 ok\r\n250-2.1.5 bob\r\n250 2.1.5 ok\r\n550 5.1.1 no\r\n250 2.0.0 queued as S1\r\n":
+            conv.sock.sendall(bytes([byte]))
+        # then gone at once: the end may come in the same read as the last reply
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            bob, ghost = await relays["out"].deliver(envelope("bob@example.net", "ghost@example.net"), context())
+    assert not server.errors, server.errors
+    assert (bob.status, bob.reply.message, bob.possibly_delivered) == ("delivered", "2.0.0 queued as S1", False)
+    assert (ghost.status, ghost.reply.code, ghost.possibly_delivered) == ("permanent_failure", 550, False)
+
+
+async def test_a_reply_too_long_in_the_group_leaves_the_message_in_doubt_and_the_connection_dropped() -> None:
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_bdat_group(conv, 1)
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok")
+        conv.sock.sendall(b"250-" + b"x" * 70_000 + b"\r\n")  # past MAX_REPLY_BYTES, never ended
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+            assert relays["out"].pool.idle_count == 0  # type: ignore[attr-defined]  # dropped, not pooled
+    assert not server.errors, server.errors
+    assert (result.status, result.possibly_delivered, result.reply.command) == (
+        "transient_failure",
+        True,
+        "[SEND_DATA]",
+    )
+    assert "may have been delivered" in result.reply.message
+
+
+async def test_a_421_to_mail_on_a_pooled_connection_moves_the_message_to_a_new_one_once() -> None:
+    """The server closing (421 to MAIL) took nothing of the group: a new connection, one copy."""
+    connections: list[int] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        connections.append(1)
+        take_bdat_group(conv, 1)
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok", f"250 2.0.0 queued as C{len(connections)}")
+        if len(connections) == 1:
+            take_bdat_group(conv, 1, greet=False)
+            conv.send("421 4.3.2 shutting down")
+            return
+        conv.expect("QUIT", "221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+            (second,) = await relays["out"].deliver(envelope("carol@example.net"), context())
+    assert not server.errors, server.errors
+    assert (first.reply.message, second.reply.message) == ("2.0.0 queued as C1", "2.0.0 queued as C2")
+    assert not second.possibly_delivered
+    assert len(connections) == 2
