@@ -547,16 +547,11 @@ class SmtpSession:
         names: list[Command] = ["MAIL", *rcpt_names, "[SEND_DATA]"]
         got, lost = await self._exchange(payload, names, with_message=True)
         mail, rcpt_replies, final = got[:1], got[1 : 1 + rcpt_count], got[1 + rcpt_count :]
-        if final and final[0].code // 100 == 2 and not (mail[0].code // 100 == 2 and _any_taken(rcpt_replies)):
-            # Out of protocol: the envelope refused, then the message taken. The server may have
-            # queued it: a retry elsewhere could send a second copy. A server out of step is dropped.
-            self.close()
-            detail = f"{final[0].code} to the message after the envelope was refused; it may have been delivered"
-            state.answer(state.pending, replies.protocol_error("[SEND_DATA]", detail[:200]))
-            return True, frozenset(state.pending)
-        if state.reused and mail and mail[0].code == 421:
-            raise StaleSessionError  # the server is closing: it took nothing of this group
         if mail and mail[0].code // 100 != 2:
+            if final and final[0].code // 100 == 2:
+                return self._taken_anyway(state, final[0])
+            if state.reused and mail[0].code == 421:
+                raise StaleSessionError  # the server is closing: it took nothing of this group
             state.answer_rest(_refusal(mail[0], "MAIL"))  # no transaction: the data went nowhere
             return False, frozenset()
         accepted: list[int] = []
@@ -572,6 +567,8 @@ class SmtpSession:
             if accepted:
                 state.answer(accepted, _final(final[0], "[SEND_DATA]"))
                 return True, frozenset()
+            if final[0].code // 100 == 2:
+                return self._taken_anyway(state, final[0])
             # No recipient taken: the server refused the chunk (554/503) and has nothing to deliver.
             # Whether that ended the transaction MAIL opened, RFC 3030 does not say (Postfix ends
             # it): RSET, as the two-step path does, or the next MAIL may be refused as nested.
@@ -584,6 +581,15 @@ class SmtpSession:
         doubt = [*accepted, *unknown]
         state.answer(doubt, lost or replies.connection_lost("[SEND_DATA]", maybe_delivered=True))
         return True, frozenset(doubt)
+
+    def _taken_anyway(self, state: "_TransactionState", final: SMTPResponse) -> tuple[bool, frozenset[int]]:
+        """Out of protocol: the envelope refused (MAIL, or every RCPT), then the message answered
+        2xx. The server may have queued it, for whom is unknown: all in doubt (a retry elsewhere
+        could send a second copy), and a server out of step is dropped."""
+        self.close()
+        detail = f"{final.code} to the message after the envelope was refused; it may have been delivered"
+        state.answer(state.pending, replies.protocol_error("[SEND_DATA]", detail))
+        return True, frozenset(state.pending)
 
     async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
         """MAIL, RCPT and DATA one at a time, each waiting for its reply. Returns the indexes of
@@ -981,10 +987,6 @@ def encode_data(message: bytes) -> tuple[bytes, bytes]:
     line starting with ".": then the body is the message itself, not a copy.
     """
     return stuff_dots(crlf_lines(message))
-
-
-def _any_taken(rcpt_replies: Sequence[SMTPResponse]) -> bool:
-    return any(r.code // 100 == 2 for r in rcpt_replies)
 
 
 async def _out_of_step(reader: ReplyReader) -> bool:
