@@ -675,7 +675,9 @@ class SmtpSession:
         `with_message`: the payload ends with the whole message (`_envelope_with_message`): each
         reply is waited for up to the longer of `command_timeout` and `data_timeout`, a failure
         says the message may have been delivered, and replies followed by more than an end of
-        the connection are out of step: none is returned. Our own reader takes the transport for the exchange (`reading_replies`)."""
+        the connection are out of step: none is returned.
+
+        Our own reader takes the transport for the exchange (`reading_replies`)."""
         transport = self._live_transport()
         if transport is None:
             return [], replies.connection_lost(names[0])
