@@ -5,6 +5,7 @@ replies out of step. The rules: never a false "delivered"; a recipient whose mes
 may have is possibly_delivered; nothing sent is never in doubt."""
 
 import asyncio
+import select
 import time
 from collections.abc import Iterator
 
@@ -271,3 +272,30 @@ async def test_a_421_to_mail_on_a_pooled_connection_moves_the_message_to_a_new_o
     assert (first.reply.message, second.reply.message) == ("2.0.0 queued as C1", "2.0.0 queued as C2")
     assert not second.possibly_delivered
     assert len(connections) == 2
+
+
+@pytest.mark.parametrize(("size", "joined"), [(16 * 1024, True), (16 * 1024 + 1, False)])
+async def test_a_message_at_and_just_over_one_record_arrives_whole_either_way(size: int, joined: bool) -> None:
+    """16 KiB (one TLS record's most) goes in the envelope's write, a byte more in two steps; the
+    server gets the message byte for byte in both."""
+    head = b"From: alice@example.com\r\nSubject: edge\r\n\r\n"
+    message = head + b"x" * (size - len(head) - 2) + b"\r\n"
+    seen: list[tuple[bool, bytes]] = []
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        conv.send("220 raw.test ESMTP")
+        conv.expect("EHLO", "250-raw.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME")
+        conv.command(), conv.command()  # MAIL, RCPT
+        # Joined: the message (more than the stream's 8 KiB buffer) is still on the socket.
+        together = bool(select.select([conv.sock], [], [], 0.5)[0])
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok")
+        seen.append((together, conv.stream.read(int(conv.command().split()[1]))))
+        conv.send("250 2.0.0 queued")
+        conv.expect("QUIT", "221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
+    assert not server.errors, server.errors
+    assert result.status == "delivered", result.reply
+    assert seen == [(joined, message)]
