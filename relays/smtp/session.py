@@ -436,8 +436,9 @@ class SmtpSession:
         in_doubt: frozenset[int] = frozenset()
         try:
             if state.pending:
-                if self._joins(state):
-                    data_sent, in_doubt = await self._envelope_with_message(state, context)
+                joined = await self._envelope_with_message(state, context) if self._joins(state) else None
+                if joined is not None:
+                    data_sent, in_doubt = joined
                 else:
                     if self.smtp.supports_extension("pipelining"):
                         accepted = await self._envelope_pipelined(state)
@@ -520,25 +521,37 @@ class SmtpSession:
 
     async def _envelope_with_message(
         self, state: "_TransactionState", context: DeliveryContext
-    ) -> tuple[bool, frozenset[int]]:
+    ) -> tuple[bool, frozenset[int]] | None:
         """MAIL, every RCPT and `BDAT <size> LAST` with the message, in one write (RFC 3030 allows
         BDAT in a pipelined group), then their replies: one round trip and, over TLS, one record
         each way instead of two. Recipients are answered in `state`.
 
         Returns whether the server may have the message (some RCPT taken, or replies missing)
-        and the recipients it may have delivered to without a final reply."""
+        and the recipients it may have delivered to without a final reply; None when nothing
+        was sent and the message goes in two steps after all (see below)."""
         rcpt_count = len(state.rcpts)
         envelope = self._envelope(state)
         # Everything goes in this write: from here on the server may deliver.
         await context.sending([state.recipients[i] for i in state.pending])
+        # That await may have taken up to REDIS_TIMEOUT (a keyed delivery's progress record):
+        # a connection that went meanwhile took nothing (a new one, not a delivery in doubt), and
+        # one silent for JOIN_WITHIN since is judged as `_joins` judges an idle one.
+        if self._live_transport() is None:
+            if state.reused:
+                raise StaleSessionError
+            self._fail(replies.connection_lost("MAIL"))
+        if state.reused and time.monotonic() - self.heard >= JOIN_WITHIN:
+            return None
         payload = b"".join((envelope, *_bdat_chunk(state.data)))
         rcpt_names: list[Command] = ["RCPT"] * rcpt_count
         names: list[Command] = ["MAIL", *rcpt_names, "[SEND_DATA]"]
         got, lost = await self._exchange(payload, names, with_message=True)
-        if state.reused and got and got[0].code == 421:
-            raise StaleSessionError  # the server is closing: it took nothing of this group
         mail, rcpt_replies, final = got[:1], got[1 : 1 + rcpt_count], got[1 + rcpt_count :]
         if mail and mail[0].code // 100 != 2:
+            if final and final[0].code // 100 == 2:
+                return self._taken_anyway(state, final[0])
+            if state.reused and mail[0].code == 421:
+                raise StaleSessionError  # the server is closing: it took nothing of this group
             state.answer_rest(_refusal(mail[0], "MAIL"))  # no transaction: the data went nowhere
             return False, frozenset()
         accepted: list[int] = []
@@ -553,14 +566,30 @@ class SmtpSession:
         if final:
             if accepted:
                 state.answer(accepted, _final(final[0], "[SEND_DATA]"))
+                return True, frozenset()
+            if final[0].code // 100 == 2:
+                return self._taken_anyway(state, final[0])
             # No recipient taken: the server refused the chunk (554/503) and has nothing to deliver.
-            return bool(accepted), frozenset()
+            # Whether that ended the transaction MAIL opened, RFC 3030 does not say (Postfix ends
+            # it): RSET, as the two-step path does, or the next MAIL may be refused as nested.
+            if self.usable:
+                await self._reset()
+            return False, frozenset()
         if not accepted and not unknown:  # every recipient refused, then no reply to the chunk
             return False, frozenset()
         # The whole group went, then the replies stopped: the server may have delivered.
         doubt = [*accepted, *unknown]
         state.answer(doubt, lost or replies.connection_lost("[SEND_DATA]", maybe_delivered=True))
         return True, frozenset(doubt)
+
+    def _taken_anyway(self, state: "_TransactionState", final: SMTPResponse) -> tuple[bool, frozenset[int]]:
+        """Out of protocol: the envelope refused (MAIL, or every RCPT), then the message answered
+        2xx. The server may have queued it, for whom is unknown: all in doubt (a retry elsewhere
+        could send a second copy), and a server out of step is dropped."""
+        self.close()
+        detail = f"{final.code} to the message after the envelope was refused; it may have been delivered"
+        state.answer(state.pending, replies.protocol_error("[SEND_DATA]", detail))
+        return True, frozenset(state.pending)
 
     async def _envelope_stepwise(self, state: "_TransactionState") -> list[int]:
         """MAIL, RCPT and DATA one at a time, each waiting for its reply. Returns the indexes of
@@ -643,22 +672,27 @@ class SmtpSession:
         within `command_timeout`. Returns the replies that came and, if not all did, the reply
         for the rest (a timeout or a lost connection; the connection is then closed).
 
-        `with_message`: the payload ends with the whole message (`_envelope_with_message`): the
-        last reply is waited for up to `data_timeout`, and a failure says the message may have
-        been delivered. Our own reader takes the transport for the exchange (`reading_replies`)."""
+        `with_message`: the payload ends with the whole message (`_envelope_with_message`): each
+        reply is waited for up to the longer of `command_timeout` and `data_timeout`, a failure
+        says the message may have been delivered, and replies followed by more than an end of
+        the connection are out of step: none is returned.
+
+        Our own reader takes the transport for the exchange (`reading_replies`)."""
         transport = self._live_transport()
         if transport is None:
             return [], replies.connection_lost(names[0])
         lost: Reply | None = None
         settings = self.settings
         last = len(names)
+        # With the message, any reply may wait for it to be processed (Postfix holds RCPT's reply
+        # until its end-of-data step, milters included, is done): each within the longer timeout.
+        timeout = max(settings.command_timeout, settings.data_timeout) if with_message else settings.command_timeout
         with reading_replies(transport, self._after_reading) as reader:
             reader.expect(last)
             try:
                 transport.write(payload)
                 while (n := len(reader.replies)) < last:
-                    final = with_message and n + 1 == last
-                    await reader.read(n + 1, settings.data_timeout if final else settings.command_timeout)
+                    await reader.read(n + 1, timeout)
             except TimeoutError:
                 lost = self._lost(names[len(reader.replies)], "timeout", "", with_message)
             except ReplyTooLongError as exc:
@@ -669,6 +703,8 @@ class SmtpSession:
             self.close()
         elif not reader.clean:  # all replies came, then more or an end: closed, so no data
             lost = self._lost(names[-1], "lost", "", with_message)
+            if with_message and await _out_of_step(reader):
+                return [], lost  # which reply answered the message is unknown: none is trusted
         return reader.replies[:last], lost
 
     @staticmethod
@@ -953,6 +989,18 @@ def encode_data(message: bytes) -> tuple[bytes, bytes]:
     line starting with ".": then the body is the message itself, not a copy.
     """
     return stuff_dots(crlf_lines(message))
+
+
+async def _out_of_step(reader: ReplyReader) -> bool:
+    """After all the replies came, the reader saw more than an end of the connection: another
+    reply, a part of one, or garbage. `writable` raises the error the reader kept, at once."""
+    try:
+        await reader.writable(0)
+    except aiosmtplib.SMTPServerDisconnected:
+        return False  # the server closed after its last reply: the replies stand
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        return True
+    return True  # no error: a reply begun after the last one
 
 
 def _bdat_chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
