@@ -480,7 +480,8 @@ class SmtpSession:
                         wire[i] = converted
         data = crlf_lines(envelope.message)  # once: SIZE= counts it, DATA sends it
         if self.smtp.supports_extension("size"):
-            size = len(data)
+            # With the CRLF a last line without one gets (BDAT's chunk, DATA's terminator alike).
+            size = len(data) + (0 if not data or data.endswith(b"\r\n") else 2)
             limit = self.smtp.esmtp_extensions["size"].strip()
             if limit.isdigit() and 0 < int(limit) < size:
                 return _TransactionState.answered(recipients, replies.size_exceeded(size, int(limit)), reused)

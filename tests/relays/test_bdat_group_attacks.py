@@ -299,3 +299,36 @@ async def test_a_message_at_and_just_over_one_record_arrives_whole_either_way(si
     assert not server.errors, server.errors
     assert result.status == "delivered", result.reply
     assert seen == [(joined, message)]
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+async def test_size_counts_the_crlf_a_last_line_without_one_gets(chunking: bool) -> None:
+    """SIZE= (RFC 1870) is what goes: a message whose last line has no CRLF gets one (BDAT's
+    chunk and DATA's terminator alike), and SIZE counted two bytes fewer than the server took."""
+    seen: list[tuple[str, bytes]] = []
+    offer = "250-raw.test\r\n250-PIPELINING\r\n" + ("250-CHUNKING\r\n" if chunking else "") + "250 SIZE 1000000"
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        conv.send("220 raw.test ESMTP")
+        conv.expect("EHLO", offer)
+        mail, _rcpt, last = conv.command(), conv.command(), conv.command()
+        if chunking:
+            data = conv.stream.read(int(last.split()[1]))
+        else:
+            conv.send("250 2.1.0 ok", "250 2.1.5 ok", "354 go ahead")
+            data = b"".join(iter(conv.stream.readline, b".\r\n"))  # no line starts with a dot here
+        seen.append((mail, data))
+        if chunking:
+            conv.send("250 2.1.0 ok", "250 2.1.5 ok")
+        conv.send("250 2.0.0 queued")
+        conv.expect("QUIT", "221 bye")
+
+    message = b"From: alice@example.com\r\nSubject: no end\r\n\r\nno line end"
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
+    assert not server.errors, server.errors
+    assert result.status == "delivered", result.reply
+    ((mail, data),) = seen
+    assert data == message + b"\r\n"
+    assert mail.endswith(f" SIZE={len(data)}")
