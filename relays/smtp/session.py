@@ -567,6 +567,8 @@ class SmtpSession:
         if final:
             if accepted:
                 state.answer(accepted, _final(final[0], "[SEND_DATA]"))
+                if final[0].code // 100 != 2 and self.usable:
+                    await self._reset()  # a refused BDAT LAST may leave the transaction open (_send_data)
                 return True, frozenset()
             if final[0].code // 100 == 2:
                 return self._taken_anyway(state, final[0])
@@ -815,6 +817,11 @@ class SmtpSession:
         finals = reader.replies
         if not self.settings.lmtp and finals:
             state.answer(accepted, _final(finals[0], "[SEND_DATA]"))
+            if state.bdat and finals[0].code // 100 != 2 and self.usable:
+                # DATA's final reply ends the transaction (RFC 5321); whether a refused BDAT LAST
+                # does, RFC 3030 does not say (Postfix ends it): RSET, or a stricter server
+                # refuses the next message's MAIL as nested.
+                await self._reset()
             return frozenset()
         # LMTP: replies that came before a failure stand; only the rest get the failure.
         for i, response in zip(accepted, finals, strict=False):

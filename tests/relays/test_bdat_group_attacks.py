@@ -332,3 +332,47 @@ async def test_size_counts_the_crlf_a_last_line_without_one_gets(chunking: bool)
     ((mail, data),) = seen
     assert data == message + b"\r\n"
     assert mail.endswith(f" SIZE={len(data)}")
+
+
+@pytest.mark.parametrize("size", [1024, 20_000], ids=["joined", "two-steps"])
+async def test_a_pooled_connection_after_a_refused_message_is_reset_before_the_next(size: int) -> None:
+    """A recipient taken, then `BDAT LAST` refused (554 after the content checks): whether that
+    ended the transaction, RFC 3030 does not say (DATA's final reply does, RFC 5321). RSET before
+    the connection serves the next message, whose MAIL a strict server would refuse as nested."""
+    after: list[str] = []
+    message = b"Subject: big\r\n\r\n" + b"x" * (size - 18) + b"\r\n"
+
+    def take(conv: Conversation, greet: bool) -> None:
+        if size <= session._ONE_RECORD:
+            take_bdat_group(conv, 1, greet=greet)
+            conv.send("250 2.1.0 ok", "250 2.1.5 ok")
+            return
+        if greet:
+            conv.send("220 raw.test ESMTP")
+            conv.expect("EHLO", "250-raw.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME")
+        conv.command(), conv.command()
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok")
+        conv.stream.read(int(conv.command().split()[1]))
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take(conv, True)
+        conv.send("554 5.7.1 content refused")
+        line = conv.command()
+        after.append(line)
+        if line == "RSET":
+            conv.send("250 2.0.0 reset")
+            take(conv, False)
+            conv.send("250 2.0.0 queued as R2")
+        else:  # still in the first transaction: MAIL is out of sequence, and the server is done
+            conv.send("503 5.5.1 Error: nested MAIL command")
+            return
+        conv.expect("QUIT", "221 bye")
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (refused,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
+            (bob,) = await relays["out"].deliver(envelope("bob@example.net", message=message), context())
+    assert not server.errors, server.errors
+    assert (refused.status, refused.reply.code) == ("permanent_failure", 554)
+    assert (bob.status, bob.reply.message) == ("delivered", "2.0.0 queued as R2"), bob.reply
+    assert after == ["RSET"]
