@@ -45,6 +45,17 @@ class ReplyReader(asyncio.Protocol):
         """Nothing left over and nothing wrong: the connection may go back to aiosmtplib."""
         return self._error is None and not self._buffer and not self._lines and len(self.replies) == self._expected
 
+    @property
+    def closed_after_replies(self) -> bool:
+        """The replies asked for came, then the server closed the connection, and nothing else:
+        not another reply, nor a part of one (the replies stand)."""
+        return (
+            isinstance(self._error, aiosmtplib.SMTPServerDisconnected)
+            and not self._buffer
+            and not self._lines
+            and len(self.replies) == self._expected
+        )
+
     def pause_writing(self) -> None:
         self._paused = True
 

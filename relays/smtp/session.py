@@ -706,7 +706,7 @@ class SmtpSession:
             self.close()
         elif not reader.clean:  # all replies came, then more or an end: closed, so no data
             lost = self._lost(names[-1], "lost", "", with_message)
-            if with_message and await _out_of_step(reader):
+            if with_message and not reader.closed_after_replies:
                 return [], lost  # which reply answered the message is unknown: none is trusted
         return reader.replies[:last], lost
 
@@ -997,18 +997,6 @@ def encode_data(message: bytes) -> tuple[bytes, bytes]:
     line starting with ".": then the body is the message itself, not a copy.
     """
     return stuff_dots(crlf_lines(message))
-
-
-async def _out_of_step(reader: ReplyReader) -> bool:
-    """After all the replies came, the reader saw more than an end of the connection: another
-    reply, a part of one, or garbage. `writable` raises the error the reader kept, at once."""
-    try:
-        await reader.writable(0)
-    except aiosmtplib.SMTPServerDisconnected:
-        return False  # the server closed after its last reply: the replies stand
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        return True
-    return True  # no error: a reply begun after the last one
 
 
 def _bdat_chunk(data: bytes) -> tuple[bytes, bytes, bytes]:

@@ -156,6 +156,24 @@ async def test_a_reply_beyond_the_group_in_the_same_read_leaves_the_final_in_dou
     assert result.possibly_delivered
 
 
+async def test_part_of_a_reply_after_the_group_then_the_end_leaves_the_final_in_doubt() -> None:
+    """The group's replies, then the start of one more and the end: the server is out of step, so
+    which reply answered the message is unknown (a clean end right after the last one is not:
+    test_replies_split_byte_by_byte_and_an_end_right_after_the_last_still_deliver)."""
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        take_bdat_group(conv, 1)
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 queued as P1")
+        conv.sock.sendall(b"250-2.0.0 and")  # then gone
+
+    with raw_server(server_side) as server:
+        async with opened(relay(server.port, "command_timeout: 2")) as relays:
+            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+    assert not server.errors, server.errors
+    assert result.status != "delivered", result.reply
+    assert result.possibly_delivered
+
+
 async def test_lmtp_never_joins_the_message_to_the_envelope() -> None:
     """LMTP answers the message once per accepted recipient: its reply count is unknown before
     the RCPT replies, so the message goes after them even when CHUNKING and PIPELINING are offered."""
