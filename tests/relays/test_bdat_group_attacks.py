@@ -163,8 +163,9 @@ async def test_part_of_a_reply_after_the_group_then_the_end_leaves_the_final_in_
 
     def server_side(conv: Conversation, server: RawServer) -> None:
         take_bdat_group(conv, 1)
-        conv.send("250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 queued as P1")
-        conv.sock.sendall(b"250-2.0.0 and")  # then gone
+        # In one write, so that it comes in one read (later, the replies would stand: a client
+        # cannot wait for what may never come), then gone.
+        conv.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 queued as P1\r\n250-2.0.0 and")
 
     with raw_server(server_side) as server:
         async with opened(relay(server.port, "command_timeout: 2")) as relays:
