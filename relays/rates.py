@@ -304,16 +304,31 @@ class RelayRate:
         """Waits for this message's slot to `target` and returns None; or, when that would take
         longer than `max_rate_wait` or the time left before the deadline, returns the 451 reply
         that names the limit (no slot taken)."""
+        reserved = await self.reserve(target, context)
+        if isinstance(reserved, Reply):
+            return reserved
+        if reserved:
+            await asyncio.sleep(reserved)
+        return None
+
+    async def reserve(self, target: str, context: DeliveryContext) -> Reply | float:
+        """`admit` without its wait: the seconds until the slot reserved now (0 for a wait too
+        short to sleep), or the 451 reply (no slot taken)."""
         budget = min(self.max_wait, context.remaining())
         outcome = await self.limits.check(f"{self.relay}:{target}{self._suffix}", self._limit, budget)
         if not outcome.allowed:
             child(RATE_LIMITED, self.relay).inc()
             return self._refusal(self.spec, target, outcome.wait)
-        if outcome.wait >= _LEAST_SLEEP:
-            child(RATE_WAITS, self.relay).inc()
-            child(RATE_WAIT_SECONDS, self.relay).inc(outcome.wait)
-            await asyncio.sleep(outcome.wait)
-        return None
+        if outcome.wait < _LEAST_SLEEP:
+            return 0.0
+        child(RATE_WAITS, self.relay).inc()
+        child(RATE_WAIT_SECONDS, self.relay).inc(outcome.wait)
+        return outcome.wait
+
+    async def give_back(self, target: str) -> None:
+        """A slot `reserve` took and that was not used (the fleet's next one comes sooner)."""
+        back = (Limit(self._limit[0].field, self.rate, 1, -1),)
+        await self.limits.check(f"{self.relay}:{target}{self._suffix}", back, 0.0)
 
     async def aclose(self) -> None:
         await self.limits.aclose()

@@ -82,6 +82,8 @@ class SmtpPool:
         # first that may reuse one (its future's result); None wakes one to try again.
         self._waiters: deque[asyncio.Future[SmtpSession | None]] = deque()
         self._fresh_only: set[asyncio.Future[SmtpSession | None]] = set()  # waiters that will not reuse one
+        # Deliveries holding a slot while they wait for the connection rate's (_wait_for_slot).
+        self._rate_waiters: deque[asyncio.Future[SmtpSession | None]] = deque()
         self._closing: set[asyncio.Task[None]] = set()
         self._session_factory = session_factory
         self._closed = False
@@ -192,10 +194,13 @@ class SmtpPool:
         stale socket never fails a delivery. Returns the session to go on with, None when it was
         closed or could not be opened."""
         while True:
+            rate = self._connection_rate
+            if session is None and rate is not None:
+                slot = await self._rate_slot(rate, context)
+                if isinstance(slot, Reply):
+                    return None, Transaction([slot] * len(recipients), False)
+                session = slot  # a connection given back while the slot was awaited, or None
             if session is None:
-                rate = self._connection_rate
-                if rate is not None and (refusal := await self._rate_slot(rate, context)) is not None:
-                    return None, Transaction([refusal] * len(recipients), False)
                 session = self._session_factory(self.destination, self.settings)
                 try:
                     await session.open()
@@ -215,19 +220,52 @@ class SmtpPool:
                 self._discard(session)
                 raise
 
-    async def _rate_slot(self, rate: RelayRate, context: DeliveryContext) -> Reply | None:
+    async def _rate_slot(self, rate: RelayRate, context: DeliveryContext) -> Reply | SmtpSession | None:
         """Wait for a new connection's slot under max_connection_rate (the pool slot, and its fleet
         lease, are already reserved: they are given back when the slot is refused or the wait is
         cancelled). Here, not in _acquire: every way to a new connection (the first, a stale one's
-        replacement, the next batch's after a 421) passes by, and a reused one never does."""
+        replacement, the next batch's after a 421) passes by, and a reused one never does.
+
+        A connection coming back to the pool while the slot is awaited serves this delivery
+        instead (returned): the reserved pool slot and the rate's slot go back. A burst to a
+        destination with a connection rate waited its slots one by one while the first
+        connection was idle again after a few milliseconds."""
         try:
-            refusal = await rate.admit(self._rate_target, context)
+            reserved = await rate.reserve(self._rate_target, context)
+            if isinstance(reserved, Reply):
+                self._closed_one()
+                return reserved
+            handed = await self._wait_for_slot(reserved) if reserved else None
         except BaseException:
             self._closed_one()
             raise
-        if refusal is not None:
+        if handed is not None:
             self._closed_one()
-        return refusal
+            try:
+                await rate.give_back(self._rate_target)
+            except BaseException:  # cancelled: the connection goes on to the next delivery
+                self._release(handed)
+                raise
+        return handed
+
+    async def _wait_for_slot(self, seconds: float) -> SmtpSession | None:
+        """`seconds`, or less when a connection is given back meanwhile (_hand_over): then it."""
+        if (idle := self._take_idle()) is not None:  # given back while the slot was reserved
+            return idle
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[SmtpSession | None] = loop.create_future()
+        self._rate_waiters.append(waiter)
+        timer = loop.call_later(seconds, _resolve, waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and (session := waiter.result()) is not None:
+                self._release(session)  # handed over, then cancelled: the next one's
+            raise
+        finally:
+            timer.cancel()
+            if waiter in self._rate_waiters:
+                self._rate_waiters.remove(waiter)
 
     async def _acquire(self, *, reuse: bool) -> SmtpSession | None:
         """An idle connection, or None with a slot reserved for opening one.
@@ -349,7 +387,14 @@ class SmtpPool:
     def _hand_over(self, session: SmtpSession) -> bool:
         """Give a connection coming back to the delivery that has waited longest and may reuse it.
         Put in the idle list and woken, that delivery found it taken by one that asked after it
-        (a batch's next line asks at once) and waited again at the back of the line."""
+        (a batch's next line asks at once) and waited again at the back of the line. One waiting
+        for a connection rate's slot comes first: it gives back a pool slot and a rate slot."""
+        while self._rate_waiters:
+            waiter = self._rate_waiters.popleft()
+            if not waiter.done():
+                self._reused.inc()
+                waiter.set_result(session)
+                return True
         for waiter in self._waiters:
             if not waiter.done() and waiter not in self._fresh_only:
                 self._waiters.remove(waiter)
@@ -493,3 +538,8 @@ class _Outcome:
     def transaction(self) -> Transaction:
         replies = [r for r in self.results if r is not None]
         return Transaction(replies, self.data_sent, frozenset(self.in_doubt), self.security)
+
+
+def _resolve(waiter: "asyncio.Future[SmtpSession | None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
