@@ -198,7 +198,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_size = 0
-        self._message_ended = False  # in this data_received call: a message ended, and maybe a head began
+        self._head_tail = b""  # the head's last bytes so far: its end may straddle two reads
         self._waiting: Literal["head", "body"] | None = None  # what the current request still lacks
         self._since = 0.0  # head: its first byte; body: the last byte, or when reading resumed
         self._watchdog: asyncio.TimerHandle | None = None
@@ -228,18 +228,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._waiting == "body":
             self._since = self.loop.time()
-        self._message_ended = False
-        super().data_received(data)
-        # A head that began after a message ended in this same data: how much of the data
-        # it is, we cannot tell; it is counted from the next data on.
-        if self._waiting == "head" and not self._message_ended:
-            self._head_size += len(data)
+        else:
+            # In a head, or between messages (the data begins one): counted before the parser
+            # reads it, up to the head's end, so that the piece that completes a head counts too
+            # (counted after, it did not: a head one read, up to 256 KiB, over the limit was served).
+            tail = self._head_tail
+            seen = tail + data if tail else data
+            end = seen.find(b"\r\n\r\n")
+            bare = seen.find(b"\n\n", 0, end if end >= 0 else len(seen))  # bare LFs, before any CRLF end
+            if bare >= 0 or end >= 0:
+                self._head_size += max(0, (bare + 2 if bare >= 0 else end + 4) - len(tail))
+                self._head_tail = b""
+            else:
+                self._head_size += len(data)
+                self._head_tail = seen[-3:]
             if self._head_size > self.head_limit:
                 self._refuse(431, f"request headers over {self.head_limit} bytes", head=True)
+                return
+        # A head that begins after a message ended in this same data: how much of the data it
+        # is, we cannot tell; it is counted from the next data on.
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_size = 0
         if self._waiting is None:  # for the first request, the connection's own watch goes on
             self._watch("head")
 
@@ -255,7 +266,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(431, f"request trailers over {self.head_limit} bytes", head=False)
 
     def on_headers_complete(self) -> None:
-        self._head_size = 0
+        self._head_size, self._head_tail = 0, b""
         self.open_connections.idle.pop(self, None)
         # Every request's body is watched, also one whose head came while the previous
         # response was still going out (pipelined).
@@ -265,7 +276,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._unanswered.append(self.cycle)
 
     def on_message_complete(self) -> None:
-        self._message_ended = True
+        self._head_size, self._head_tail = 0, b""  # its trailers' count, and the next head's
         self._stop_watching()
         super().on_message_complete()
 

@@ -224,6 +224,26 @@ def test_an_endless_pipelined_header_is_cut_off_at_the_head_limit(tmp_path: Path
         assert_clean_log(served)
 
 
+def test_a_head_whose_last_piece_comes_in_one_read_is_held_to_the_limit(tmp_path: Path) -> None:
+    """The head just under the limit, then the rest of it (past the limit) in one read: the piece
+    that completes a head was never counted, so a head one socket read over the limit was served."""
+    from app.http_protocol import head_limit
+
+    limit = head_limit(100)  # the default max_recipients
+    line = b"X-Pad: " + b"a" * 990 + b"\r\n"
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + line * ((limit - 2000) // len(line))
+    rest = line * 60 + b"\r\n"
+    assert len(first) < limit < len(first) + len(rest)
+    with service(write_config(tmp_path)) as served, socket.create_connection(("127.0.0.1", port_of(served))) as sock:
+        sock.settimeout(5)
+        sock.sendall(first)
+        time.sleep(0.3)  # read and counted: under the limit
+        sock.sendall(rest)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+        assert_clean_log(served)
+
+
 def test_endless_trailers_after_a_chunked_body_are_cut_off(tmp_path: Path) -> None:
     """Review: trailers (header lines after a chunked body's last chunk) were appended to the
     running request's headers without any limit: 210 MB in 1.4 s, RSS +240 MB."""
