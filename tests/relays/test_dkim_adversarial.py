@@ -1,0 +1,215 @@
+"""DKIM signatures over awkward messages, verified as the receiver stores them: each message goes
+through a signing `static` relay into a real Postfix (BDAT on one listener, DATA on another) and
+what Postfix delivered is verified by OpenDKIM and by dkimpy, two implementations other than ours,
+against keys published in a real NSD (the fixtures of test_dkim.py).
+
+A signature that does not verify is a silent failure (the mail counts as unauthenticated), so
+every message here that mailrelay signs must verify at both."""
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from relays.dkim import DEFAULT_HEADERS, Identity, Signer, parse_key
+from schemas.delivery import DkimSignature
+from tests.conftest import context, envelope, opened
+from tests.relays.test_dkim import ZONE, Keys, keys, nameserver, opendkim  # noqa: F401 - fixtures
+from tests.servers.opendkim import OpenDkim
+from tests.servers.postfix import Postfix, postfix, queue_id
+
+HEAD = (
+    b"From: Alice <alice@dkim.test>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: hello\r\n"
+    b"Date: Mon, 30 Nov 2026 12:00:00 +0000\r\n"
+    b"Message-ID: <adv@dkim.test>\r\n"
+)
+BODY = b"Hello.\r\n"
+
+
+def _with(old: bytes, new: bytes) -> bytes:
+    """The usual message with one header line changed."""
+    assert old in HEAD
+    return HEAD.replace(old, new) + b"\r\n" + BODY
+
+
+#: Messages that must be signed and verify wherever they arrive.
+SIGNED: dict[str, bytes] = {
+    "plain": HEAD + b"\r\n" + BODY,
+    "fold-right-after-the-colon": _with(b"Subject: hello", b"Subject:\r\n hello\r\n\tagain"),
+    "several-folds-with-tabs": _with(b"Subject: hello", b"Subject: a\r\n\t\tb \r\n   c\t"),
+    "fold-line-of-blanks-only": _with(b"Subject: hello", b"Subject: hello\r\n \t"),
+    "trailing-blanks-in-a-value": _with(b"Subject: hello", b"Subject: hello  \t"),
+    "value-of-blanks-only": _with(b"Subject: hello", b"Subject: \t "),
+    "empty-value": _with(b"Subject: hello", b"Subject:"),
+    "tabs-inside-a-value": _with(b"Subject: hello", b"Subject:\thello\t\tthere"),
+    "names-in-odd-case": _with(b"From:", b"fROM:").replace(b"Subject:", b"SUBJECT:"),
+    "two-subjects": HEAD + b"Subject: second\r\n\r\n" + BODY,
+    "two-froms-oversigned": HEAD + b"From: other@dkim.test\r\n\r\n" + BODY,
+    "several-received": b"Received: by a\r\nReceived: by b\r\n" + HEAD + b"Received: by c\r\n\r\n" + BODY,
+    "no-subject-at-all": _with(b"Subject: hello\r\n", b""),
+    "lf-line-ends": (HEAD + b"\r\n" + BODY + b"second\r\n").replace(b"\r\n", b"\n"),
+    "lf-header-crlf-body": HEAD.replace(b"\r\n", b"\n") + b"\n" + BODY + b"second\r\n",
+    "crlf-header-lf-body": HEAD + b"\r\nfirst\nsecond\n",
+    "lf-separator-after-crlf-header": HEAD + b"\n" + BODY,
+    "empty-body": HEAD + b"\r\n",
+    "no-separator": HEAD,
+    "no-separator-no-final-line-end": HEAD.removesuffix(b"\r\n"),
+    "body-of-blank-lines": HEAD + b"\r\n\r\n\r\n\r\n",
+    "body-of-blank-and-white-lines": HEAD + b"\r\n \r\n\t\r\n  \r\n",
+    "body-without-final-line-end": HEAD + b"\r\nlast line",
+    "body-ending-in-blanks-without-line-end": HEAD + b"\r\nlast line \t",
+    "very-long-lines": HEAD + b"\r\n" + b"x" * 5000 + b"\r\n" + b"y " * 3000 + b"\r\n",
+    "trailing-blanks-in-the-body": HEAD + b"\r\na \t\r\nb\t \r\n  c  d  \r\n",
+    "8-bit-utf-8": _with(b"Subject: hello", "Subject: Grüße".encode()) + "Köln, Größe\r\n".encode(),
+    "lines-starting-with-dots": HEAD + b"\r\n.\r\n..two\r\n.x\r\n",
+    "from-domain-in-odd-case-with-a-dot": _with(b"alice@dkim.test", b"alice@DKIM.Test."),
+    "from-with-a-comment": _with(b"Alice <alice@dkim.test>", b"alice@dkim.test (Alice)"),
+    "from-comment-holding-an-address": _with(b"Alice <", b"Alice (x@evil.test) <"),
+    "from-quoted-local-part": _with(b"Alice <alice@dkim.test>", b'"alice smith"@dkim.test'),
+    "from-encoded-word": _with(b"Alice <", b"=?utf-8?q?Al=40ice?= <"),
+    "from-two-addresses": _with(b"Alice <alice@dkim.test>", b"alice@dkim.test, bob@other.test"),
+    "from-group": _with(b"Alice <alice@dkim.test>", b"Team: alice@dkim.test;"),
+    "from-group-angle": _with(b"Alice <alice@dkim.test>", b"Team: Alice <alice@dkim.test>;"),
+    "from-folded": _with(b"From: Alice <alice@dkim.test>", b"From:\r\n Alice\r\n\t<alice@dkim.test>"),
+    "from-8-bit-local-part": _with(b"alice@dkim.test", "ålice@dkim.test".encode()),
+    "blanks-before-a-colon": _with(b"Subject:", b"Subject \t:"),
+    "long-header-lines": _with(b"Subject: hello", b"Subject: " + b"w" * 3000 + b"\r\nX-Long: " + b"v " * 2000),
+    "control-characters-in-the-body": HEAD + b"\r\nform\x0cfeed \x0c\r\nvertical\x0btab \x0b\r\n",
+    "vertical-tab-in-an-unsigned-field": HEAD + b"X-Other: a\x0b\r\n\r\n" + BODY,
+}
+
+#: Messages that go out unsigned, with the reason: each one, signed, failed at a receiver.
+UNSIGNED: dict[str, tuple[bytes, str]] = {
+    # Postfix cuts a header line at a NUL (`Subject: h`), and OpenDKIM reads no signature on a
+    # message with a NUL in its body ("message not signed").
+    "nul-in-a-header": (_with(b"Subject: hello", b"Subject: h\x00i"), "a NUL byte"),
+    "nul-in-the-body": (HEAD + b"\r\na\x00b\r\n", "a NUL byte"),
+    # Postfix ends the header at a line whose name is not printable ASCII and puts an empty line
+    # before it: the field signed as a header field arrives as the body's first line.
+    "8-bit-field-name": (HEAD + "Ü-X: y\r\n\r\n".encode() + BODY, "a header line is not a field"),
+    "control-character-in-a-field-name": (HEAD + b"X-\x01: y\r\n\r\n" + BODY, "a header line is not a field"),
+    # OpenDKIM takes a vertical tab or form feed in a field for a blank (it compresses and strips
+    # them), dkimpy strips them at a value's ends only, RFC 6376 neither: no signature over them
+    # verifies at both.
+    "vertical-tab-ending-a-signed-value": (_with(b"Subject: hello", b"Subject: hello\x0b"), "vertical tab"),
+    "form-feed-inside-a-signed-value": (_with(b"Subject: hello", b"Subject: a \x0c b"), "vertical tab"),
+}
+
+
+@dataclass(frozen=True)
+class Arrived:
+    """What the relay said of the signature, and the message as Postfix delivered it."""
+
+    dkim: DkimSignature | None
+    stored: bytes
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Postfix]:
+    with postfix() as pf:
+        yield pf
+
+
+def _relay(port: int, key_file: str) -> str:
+    return (
+        f"relay:\n  out:\n    type: static\n    host: 127.0.0.1\n    port: {port}\n"
+        f"    dkim:\n      - {{domain: {ZONE}, selector: ed, key_file: {key_file}}}\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def arrived(server: Postfix, keys: Keys) -> dict[tuple[str, str], Arrived]:  # noqa: F811
+    """Every message of SIGNED through BDAT (`main`) and DATA (`nochunking`), sent at once."""
+
+    async def send_all() -> dict[tuple[str, str], Arrived]:
+        found = {}
+        for listener in ("main", "nochunking"):
+            async with opened(_relay(server.ports[listener], str(keys.ed))) as relays:
+                relay = relays["out"]
+                results = await asyncio.gather(
+                    *(relay.deliver(envelope("bob@example.net", message=m), context()) for m in SIGNED.values())
+                )
+            for name, (result,) in zip(SIGNED, results, strict=True):
+                assert result.status == "delivered", (name, result.reply)
+                found[name, listener] = Arrived(result.dkim, server.received(queue_id(result.reply.message)))
+        return found
+
+    return asyncio.run(send_all())
+
+
+def _dkimpy_verifies(message: bytes, keys: Keys) -> bool:  # noqa: F811
+    import dkim  # the test extra's
+
+    record = parse_key(keys.ed.read_bytes()).record().encode()
+
+    def txt(name: bytes, timeout: int = 5) -> bytes:
+        assert name == f"ed._domainkey.{ZONE}.".encode()
+        return record
+
+    return bool(dkim.verify(message, dnsfunc=txt))
+
+
+@pytest.mark.parametrize("listener", ["main", "nochunking"], ids=["bdat", "data"])
+@pytest.mark.parametrize("name", list(SIGNED))
+def test_the_signature_verifies_as_postfix_delivers_the_message(
+    arrived: dict[tuple[str, str], Arrived],
+    opendkim: OpenDkim,  # noqa: F811
+    keys: Keys,  # noqa: F811
+    name: str,
+    listener: str,
+) -> None:
+    got = arrived[name, listener]
+    assert got.dkim == DkimSignature(signed=True, domain=ZONE, selector="ed", algorithm="ed25519-sha256")
+    stored = got.stored  # LF line ends, as pipe(8) writes it
+    assert stored.startswith(b"DKIM-Signature:"), stored[:300]
+    verdict = opendkim.verify(stored)
+    assert verdict.passed, (verdict.line, stored)
+    assert _dkimpy_verifies(stored.replace(b"\n", b"\r\n"), keys), stored
+
+
+@pytest.fixture(scope="module")
+def unsigned(server: Postfix, keys: Keys) -> dict[str, tuple[bytes, DkimSignature | None]]:  # noqa: F811
+    """Every message of UNSIGNED through `main`: what the SMTP server got and the result's dkim."""
+
+    async def send_all() -> dict[str, tuple[bytes, DkimSignature | None]]:
+        async with opened(_relay(server.ports["main"], str(keys.ed))) as relays:
+            relay = relays["out"]
+            results = await asyncio.gather(
+                *(relay.deliver(envelope("bob@example.net", message=m), context()) for m, _ in UNSIGNED.values())
+            )
+        found = {}
+        for name, (result,) in zip(UNSIGNED, results, strict=True):
+            assert result.status == "delivered", (name, result.reply)
+            found[name] = (server.received(queue_id(result.reply.message)), result.dkim)
+        return found
+
+    return asyncio.run(send_all())
+
+
+@pytest.mark.parametrize("name", list(UNSIGNED))
+def test_a_message_no_signature_would_verify_on_goes_unsigned_and_says_why(
+    unsigned: dict[str, tuple[bytes, DkimSignature | None]], name: str
+) -> None:
+    stored, outcome = unsigned[name]
+    assert outcome is not None
+    assert not outcome.signed, outcome
+    assert (outcome.domain, outcome.selector) == (ZONE, "ed")
+    assert outcome.reason is not None
+    assert outcome.reason.startswith("cannot sign: "), outcome.reason
+    assert UNSIGNED[name][1] in outcome.reason, outcome.reason
+    assert b"DKIM-Signature:" not in stored
+
+
+def test_the_signer_refuses_nothing_it_can_sign() -> None:
+    """Signer.sign signs each message of SIGNED (a cheap check that runs without any server)."""
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    signer = Signer([Identity(ZONE, "ed", parse_key(pem), DEFAULT_HEADERS)])
+    for name, message in SIGNED.items():
+        assert signer.sign(message)[1].signed, name
