@@ -85,10 +85,9 @@ SIGNED: dict[str, bytes] = {
 
 #: Messages that go out unsigned, with the reason: each one, signed, failed at a receiver.
 UNSIGNED: dict[str, tuple[bytes, str]] = {
-    # Postfix cuts a header line at a NUL (`Subject: h`), and OpenDKIM reads no signature on a
-    # message with a NUL in its body ("message not signed").
-    "nul-in-a-header": (_with(b"Subject: hello", b"Subject: h\x00i"), "a NUL byte"),
-    "nul-in-the-body": (HEAD + b"\r\na\x00b\r\n", "a NUL byte"),
+    # Postfix cuts a header line at a NUL: `Subject: h\0i` arrives as `Subject: h`. (A NUL in the
+    # body arrives as it was sent; dkimpy verifies it, `opendkim -t` says "message not signed".)
+    "nul-in-a-signed-field": (_with(b"Subject: hello", b"Subject: h\x00i"), "a NUL byte"),
     # Postfix ends the header at a line whose name is not printable ASCII and puts an empty line
     # before it: the field signed as a header field arrives as the body's first line.
     "8-bit-field-name": (HEAD + "Ü-X: y\r\n\r\n".encode() + BODY, "a header line is not a field"),
