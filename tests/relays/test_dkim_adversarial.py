@@ -9,7 +9,9 @@ every message here that mailrelay signs must verify at both."""
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -17,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from relays.dkim import DEFAULT_HEADERS, Identity, Signer, parse_key
 from schemas.delivery import DkimSignature
 from tests.conftest import context, envelope, opened
-from tests.relays.test_dkim import ZONE, Keys, keys, nameserver, opendkim  # noqa: F401 - fixtures
+from tests.relays.test_dkim import ZONE, Keys, keys, nameserver, opendkim, signature_tags  # noqa: F401 - fixtures
+from tests.servers.mailrelay import service
 from tests.servers.opendkim import OpenDkim
 from tests.servers.postfix import Postfix, postfix, queue_id
 
@@ -81,6 +84,8 @@ SIGNED: dict[str, bytes] = {
     "long-header-lines": _with(b"Subject: hello", b"Subject: " + b"w" * 3000 + b"\r\nX-Long: " + b"v " * 2000),
     "control-characters-in-the-body": HEAD + b"\r\nform\x0cfeed \x0c\r\nvertical\x0btab \x0b\r\n",
     "vertical-tab-in-an-unsigned-field": HEAD + b"X-Other: a\x0b\r\n\r\n" + BODY,
+    "a-line-of-blanks-before-the-separator": HEAD + b" \r\n\r\n" + BODY,
+    "nul-in-an-unsigned-field": HEAD + b"X-Other: a\x00b\r\n\r\n" + BODY,
 }
 
 #: Messages that go out unsigned, with the reason: each one, signed, failed at a receiver.
@@ -212,3 +217,34 @@ def test_the_signer_refuses_nothing_it_can_sign() -> None:
     signer = Signer([Identity(ZONE, "ed", parse_key(pem), DEFAULT_HEADERS)])
     for name, message in SIGNED.items():
         assert signer.sign(message)[1].signed, name
+
+
+@pytest.mark.parametrize("listener", ["main", "nochunking"], ids=["bdat", "data"])
+def test_what_the_service_changes_before_sending_is_signed_too(
+    listener: str,
+    server: Postfix,
+    keys: Keys,  # noqa: F811
+    opendkim: OpenDkim,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Through `mailrelay serve` (HTTP in, BDAT or DATA out): add_missing_headers adds Date and Message-ID
+    before signing, so both are signed; LF line ends go out as CRLF, a line starting with a dot and
+    a last line without a line end as SMTP carries them, and the signature verifies as stored."""
+    config = tmp_path / "mailrelay.yaml"
+    config.write_text(_relay(server.ports[listener], str(keys.ed)) + "    add_missing_headers: true\n")
+    message = "From: Alice <alice@dkim.test>\nTo: bob@example.net\nSubject: completed\n\n.dot\nGrüße\nno line end"
+    request = {"sender": "alice@dkim.test", "recipients": ["bob@example.net"], "message": message}
+    with service(config) as running:
+        answer = httpx.post(f"{running.url}/relays/out/deliver", json=request, timeout=30).json()
+    assert answer["dkim"]["signed"] is True, answer
+    (recipient,) = answer["recipients"]
+    assert recipient["status"] == "delivered", answer
+    stored = server.received(queue_id(recipient["reply"]["message"]))
+    signed = signature_tags(stored.replace(b"\n", b"\r\n"))["h"].lower().split(":")
+    for name in (b"Date", b"Message-ID"):
+        assert b"\n" + name + b": " in stored, stored
+        assert name.decode().lower() in signed, signed
+    assert stored.endswith("\n.dot\nGrüße\nno line end\n".encode()), stored
+    verdict = opendkim.verify(stored)
+    assert verdict.passed, (verdict.line, stored)
+    assert _dkimpy_verifies(stored.replace(b"\n", b"\r\n"), keys), stored
