@@ -254,7 +254,7 @@ def _address_domain(value: bytes) -> str | None:
 _NOT_A_FIELD: Final = "cannot sign: a header line is not a field (name: value)"
 #: What a field name may hold (RFC 5322 2.2: printable ASCII but the colon), and the colon that
 #: joins the names (_Parsed). Postfix ends the header at a line whose name holds anything else
-#: and puts an empty line before it: a field signed as such arrives as the body's first line.
+#: and puts an empty line before it: the rest of the header arrives in the body.
 _NAME_BYTES: Final = bytes(range(33, 127))
 
 #: How a message's line ends are written, from three counts (see _Parsed): CRLF only, LF only,
