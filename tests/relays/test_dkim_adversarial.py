@@ -14,14 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relays.dkim import DEFAULT_HEADERS, Identity, Signer, parse_key
 from schemas.delivery import DkimSignature
 from tests.conftest import context, envelope, opened
 from tests.relays.test_dkim import ZONE, Keys, keys, nameserver, opendkim, signature_tags  # noqa: F401 - fixtures
 from tests.servers.mailrelay import service
-from tests.servers.opendkim import OpenDkim
+from tests.servers.nsd import nsd_server, txt_record
+from tests.servers.opendkim import OpenDkim, opendkim_verifier
 from tests.servers.postfix import Postfix, postfix, queue_id
 
 HEAD = (
@@ -249,3 +250,39 @@ def test_what_the_service_changes_before_sending_is_signed_too(
     verdict = opendkim.verify(stored)
     assert verdict.passed, (verdict.line, stored)
     assert _dkimpy_verifies(stored.replace(b"\n", b"\r\n"), keys), stored
+
+
+# --- line lengths: RFC 5322 2.1.1 allows 998 characters a line -----------------------------------------
+
+WIDE_ZONE = "wide.test"
+
+
+@pytest.fixture(scope="module")
+def wide_key() -> Iterator[tuple[Signer, bytes, OpenDkim]]:
+    """An RSA-6144 key (its b= is 1,024 characters) published in an NSD of its own, with its verifier."""
+    key = parse_key(
+        rsa.generate_private_key(public_exponent=65537, key_size=6144).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    record = key.record()
+    with nsd_server(WIDE_ZONE, txt_record("wide._domainkey", record)) as server, opendkim_verifier(server.address) as v:
+        yield Signer([Identity(WIDE_ZONE, "wide", key, DEFAULT_HEADERS)]), record.encode(), v
+
+
+def test_no_line_of_the_signature_is_longer_than_998_characters(wide_key: tuple[Signer, bytes, OpenDkim]) -> None:
+    """An RSA key over 4096 bits made a b= line over 998 characters, and 330 signed fields an h=
+    line as long: a receiver may refuse such a line or cut it. Both verify, folded."""
+    import dkim  # the test extra's
+
+    signer, record, verifier = wide_key
+    to = b"".join(b"To: r%d@example.net\r\n" % i for i in range(400))
+    message = HEAD.replace(b"alice@dkim.test", b"alice@wide.test") + to + b"\r\n" + BODY
+    signed, outcome = signer.sign(message)
+    assert outcome.signed, outcome
+    field = signed[: signed.index(b"From: ")]
+    assert max(len(line) for line in field.split(b"\r\n")) <= 998, [len(line) for line in field.split(b"\r\n")]
+    verdict = verifier.verify(signed)
+    assert verdict.passed, verdict.line
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
+    assert not dkim.verify(signed.replace(b"r399@", b"r398@"), dnsfunc=lambda name, timeout=5: record)
