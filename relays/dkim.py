@@ -131,6 +131,12 @@ def parse_key(data: bytes) -> SigningKey:
         raise KeyProblem(f"{kind} key: neither an RSA nor an Ed25519 private key")
     if key.key_size < 1024:
         raise KeyProblem(f"an RSA key of {key.key_size} bits; DKIM needs at least 1024 (RFC 8301), 2048 is usual")
+    if key.key_size > 4096:
+        # RFC 8301 3.2 asks verifiers for 1024 to 4096 bits only; OpenDKIM cannot use a larger key
+        # ("unable to apply public key"): every signature would fail there, silently.
+        raise KeyProblem(
+            f"an RSA key of {key.key_size} bits; verifiers need take no more than 4096 (RFC 8301), 2048 is usual"
+        )
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return SigningKey("rsa-sha256", key, spki, key.key_size)
 
@@ -362,10 +368,13 @@ class _Parsed:
         else:
             sep = b"\r\n" if self.ends == _CRLF else b"\n"
         body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(self.body, self.ends)).digest())
+        listed = b":".join(signed)
+        if len(listed) > _FOLD_AT:
+            listed = _folded(signed, sep)
         tags = identity.tags + b"%s\tt=%d; h=%s;%s\tbh=%s;%s\tb=" % (
             sep,
             int(time.time()) if now is None else now,
-            b":".join(signed),
+            listed,
             sep,
             body_hash,
             sep,
@@ -389,6 +398,25 @@ class _Parsed:
         if data.find(b"\0") >= 0:  # Postfix cuts a header line at a NUL (`Subject: a\0b` arrives as `Subject: a`)
             raise Unsignable("cannot sign: a NUL byte in a signed field (receivers cut the line at it)")
         return b"DKIM-Signature: " + tags + base64.b64encode(identity.key.sign(data)) + sep
+
+
+#: The longest h= value on one line: RFC 5322 2.1.1 allows 998 characters a line, and a receiver
+#: may refuse or cut a longer one (330 signed fields made one). Folded (RFC 6376 3.5 allows FWS
+#: around its colons) only past it. b= needs none: 684 characters with the largest key taken.
+_FOLD_AT: Final = 900
+
+
+def _folded(names: list[bytes], sep: bytes) -> bytes:
+    """h=: the names joined by colons, in lines of at most _FOLD_AT characters."""
+    lines: list[list[bytes]] = [[]]
+    length = 0
+    for name in names:
+        if length and length + len(name) + 1 > _FOLD_AT:
+            lines.append([])
+            length = 0
+        lines[-1].append(name)
+        length += len(name) + 1
+    return (b":" + sep + b"\t").join(b":".join(line) for line in lines)
 
 
 def _signed(identity: Identity) -> DkimSignature:
