@@ -135,7 +135,7 @@ def parse_key(data: bytes) -> SigningKey:
         # RFC 8301 3.2 asks verifiers for 1024 to 4096 bits only; OpenDKIM cannot use a larger key
         # ("unable to apply public key"): every signature would fail there, silently.
         raise KeyProblem(
-            f"an RSA key of {key.key_size} bits; verifiers need take no more than 4096 (RFC 8301), 2048 is usual"
+            f"an RSA key of {key.key_size} bits; verifiers are only required to take up to 4096 (RFC 8301), 2048 is usual"
         )
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return SigningKey("rsa-sha256", key, spki, key.key_size)

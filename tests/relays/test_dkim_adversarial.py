@@ -283,7 +283,7 @@ def test_an_rsa_key_over_4096_bits_is_refused_as_opendkim_cannot_use_it(
     assert outcome.signed, outcome
     verdict = verifier.verify(signed)
     assert verdict.line.endswith("failed: unable to apply public key"), verdict.line
-    with pytest.raises(KeyProblem, match="an RSA key of 6144 bits; verifiers need take no more than 4096"):
+    with pytest.raises(KeyProblem, match="an RSA key of 6144 bits; verifiers are only required to take up to 4096"):
         parse_key(pem)
 
 
