@@ -65,6 +65,10 @@ class KeyProblem(ValueError):
     """Why a private key cannot sign."""
 
 
+class Unsignable(ValueError):
+    """Why no signature over a message would verify at the receivers (the message goes unsigned)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SigningKey:
     """A private key, and its public half as DNS publishes it."""
@@ -127,6 +131,12 @@ def parse_key(data: bytes) -> SigningKey:
         raise KeyProblem(f"{kind} key: neither an RSA nor an Ed25519 private key")
     if key.key_size < 1024:
         raise KeyProblem(f"an RSA key of {key.key_size} bits; DKIM needs at least 1024 (RFC 8301), 2048 is usual")
+    if key.key_size > 4096:
+        # RFC 8301 3.2 asks verifiers for 1024 to 4096 bits only; OpenDKIM cannot use a larger key
+        # ("unable to apply public key"): every signature would fail there, silently.
+        raise KeyProblem(
+            f"an RSA key of {key.key_size} bits; verifiers are only required to take up to 4096 (RFC 8301), 2048 is usual"
+        )
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return SigningKey("rsa-sha256", key, spki, key.key_size)
 
@@ -224,6 +234,7 @@ def _address_domain(value: bytes) -> str | None:
         and value.find(b"(") < 0
         and value.find(b'"') < 0
         and value.find(b"\\") < 0
+        and value.find(b":") < 0  # a group (`Team: a@b;`): its ";" is no part of the domain
     ):
         # `Name <local@domain>` or `local@domain`: the domain is what follows the one "@" (the
         # email package's parser costs 30 us more, for the general case below).
@@ -247,6 +258,10 @@ def _address_domain(value: bytes) -> str | None:
 # instructions more than `some_bytes.find(x)` (callgrind), a dozen times a message; hence find().
 
 _NOT_A_FIELD: Final = "cannot sign: a header line is not a field (name: value)"
+#: What a field name may hold (RFC 5322 2.2: printable ASCII but the colon), and the colon that
+#: joins the names (_Parsed). Postfix ends the header at a line whose name holds anything else
+#: and puts an empty line before it: the rest of the header arrives in the body.
+_NAME_BYTES: Final = bytes(range(33, 127))
 
 #: How a message's line ends are written, from three counts (see _Parsed): CRLF only, LF only,
 #: or anything else (LF with several CRs before it, CRs outside line ends).
@@ -307,16 +322,21 @@ class _Parsed:
         for i, parts in folds.items():
             values[i] = b"".join(parts)
         joined = b":".join(names)  # no name holds a colon
-        if joined.find(b" ") >= 0 or joined.find(b"\t") >= 0:  # blanks before a colon, or inside a name
+        if joined.translate(None, _NAME_BYTES):  # blanks before a colon, or a byte no name may hold
             names = [name.rstrip(b" \t") for name in names]
-            if any(not name or name.find(b" ") >= 0 or name.find(b"\t") >= 0 for name in names):
+            if any(not name or name.translate(None, _NAME_BYTES) for name in names):
                 raise ValueError(_NOT_A_FIELD)
             joined = b":".join(names)
         self.names, self.values = joined.lower().split(b":"), values
 
-    def bare_cr(self) -> bool:
-        """A CR that is not part of a line end (an LF with the CRs right before it)."""
-        return self.ends == _MIXED and _BARE_CR.search(self.message) is not None
+    def refusal(self) -> str | None:
+        """Why no signature over this message would verify at the receivers, or None (see also
+        signature_field's Unsignable)."""
+        if self.ends == _MIXED and _BARE_CR.search(self.message) is not None:
+            # A CR that is not part of a line end (an LF with the CRs right before it): receivers
+            # read it differently (OpenDKIM drops it, dkimpy keeps it, Postfix 3.7 stores a space).
+            return "cannot sign: a CR outside a line end (receivers read it differently)"
+        return None
 
     def from_domain(self) -> str | None:
         try:
@@ -348,10 +368,13 @@ class _Parsed:
         else:
             sep = b"\r\n" if self.ends == _CRLF else b"\n"
         body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(self.body, self.ends)).digest())
+        listed = b":".join(signed)
+        if len(listed) > _FOLD_AT:
+            listed = _folded(signed, sep)
         tags = identity.tags + b"%s\tt=%d; h=%s;%s\tbh=%s;%s\tb=" % (
             sep,
             int(time.time()) if now is None else now,
-            b":".join(signed),
+            listed,
             sep,
             body_hash,
             sep,
@@ -366,7 +389,34 @@ class _Parsed:
         data = b"\r\n".join([*(names[i] + b":" + values[i].strip(b" \t") for i in picked), own])
         if data.find(b"\t") >= 0 or data.find(b"  ") >= 0:
             data = b"\r\n".join([*(names[i] + b":" + _WSP.sub(b" ", values[i]).strip(b" ") for i in picked), own])
+        # A vertical tab or form feed: OpenDKIM reads it as a blank (its DKIM_ISLWSP: compressed,
+        # stripped), dkimpy at a value's ends only (bytes.strip()), RFC 6376 3.4.2 nowhere.
+        if data.find(b"\x0b") >= 0 or data.find(b"\x0c") >= 0:
+            raise Unsignable(
+                "cannot sign: a vertical tab or form feed in a signed field (receivers read it differently)"
+            )
+        if data.find(b"\0") >= 0:  # Postfix cuts a header line at a NUL (`Subject: a\0b` arrives as `Subject: a`)
+            raise Unsignable("cannot sign: a NUL byte in a signed field (receivers cut the line at it)")
         return b"DKIM-Signature: " + tags + base64.b64encode(identity.key.sign(data)) + sep
+
+
+#: The longest h= value on one line: RFC 5322 2.1.1 allows 998 characters a line, and a receiver
+#: may refuse or cut a longer one (330 signed fields made one). Folded (RFC 6376 3.5 allows FWS
+#: around its colons) only past it. b= needs none: 684 characters with the largest key taken.
+_FOLD_AT: Final = 900
+
+
+def _folded(names: list[bytes], sep: bytes) -> bytes:
+    """h=: the names joined by colons, in lines of at most _FOLD_AT characters."""
+    lines: list[list[bytes]] = [[]]
+    length = 0
+    for name in names:
+        if length and length + len(name) + 1 > _FOLD_AT:
+            lines.append([])
+            length = 0
+        lines[-1].append(name)
+        length += len(name) + 1
+    return (b":" + sep + b"\t").join(b":".join(line) for line in lines)
 
 
 def _signed(identity: Identity) -> DkimSignature:
@@ -396,23 +446,19 @@ class Signer:
             reason = f"no signing identity for {domain}" if domain else "the message has no From: address"
             return message, DkimSignature(signed=False, reason=reason)
         identity, outcome = chosen
-        if parsed is None or parsed.bare_cr():
-            reason = (
-                _NOT_A_FIELD
-                if parsed is None
-                # Receivers read a CR outside a line end differently (OpenDKIM drops it, dkimpy keeps
-                # it, Postfix 3.7 stores a space): a signature over it would not verify.
-                else "cannot sign: a CR outside a line end (receivers read it differently)"
-            )
-            return message, DkimSignature(
-                signed=False, domain=identity.domain, selector=identity.selector, reason=reason
-            )
-        return parsed.signature_field(identity, None) + message, outcome
+        refused = _NOT_A_FIELD if parsed is None else parsed.refusal()
+        if parsed is not None and refused is None:
+            try:
+                return parsed.signature_field(identity, None) + message, outcome
+            except Unsignable as exc:
+                refused = str(exc)
+        return message, DkimSignature(signed=False, domain=identity.domain, selector=identity.selector, reason=refused)
 
 
 def signature_field(message: bytes, identity: Identity, now: int | None = None) -> bytes:
     """The DKIM-Signature field (relaxed/relaxed) to put on top of `message`, with its line end.
-    Raises ValueError when the header cannot be read."""
+    Raises ValueError when the header cannot be read (Unsignable: when receivers could not verify
+    a signature over a signed field; see also _Parsed.refusal)."""
     return _Parsed(message).signature_field(identity, now)
 
 
