@@ -6,16 +6,16 @@ may have is possibly_delivered; nothing sent is never in doubt."""
 
 import asyncio
 import select
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from relays.base import DeliveryContext
 from relays.smtp import session
+from schemas.delivery import RecipientResult
 from tests.conftest import context, envelope, opened
 from tests.relays.test_misbehaving_servers import relay
-from tests.relays.test_pipelining import take_bdat_group
+from tests.relays.test_pipelining import gone_after_the_first, take_bdat_group
 from tests.servers import postfix as postfix_server
 from tests.servers.raw import Conversation, RawServer, raw_server
 
@@ -44,6 +44,16 @@ def slow_context(hold: float) -> DeliveryContext:
     return DeliveryContext(asyncio.get_running_loop().time() + 60, record)
 
 
+async def one_after_the_other(
+    port: int, first: str, second: str, second_context: DeliveryContext | None = None
+) -> tuple[RecipientResult, RecipientResult]:
+    """Two deliveries, one recipient each, the second on the connection the first gave back."""
+    async with opened(relay(port, "command_timeout: 2")) as relays:
+        (one,) = await relays["out"].deliver(envelope(first), context())
+        (two,) = await relays["out"].deliver(envelope(second), second_context or context())
+    return one, two
+
+
 async def test_rcpt_replies_postfix_holds_until_the_message_is_processed_are_waited_for(
     slow_postfix: postfix_server.Postfix,
 ) -> None:
@@ -58,59 +68,27 @@ async def test_rcpt_replies_postfix_holds_until_the_message_is_processed_are_wai
     assert slow_postfix.received(postfix_server.queue_id(result.reply.message))
 
 
-async def test_a_pooled_connection_gone_while_the_progress_is_recorded_moves_to_a_new_one() -> None:
-    """The server closed the pooled connection while the progress record was awaited (before
-    anything was written): nothing went, so the delivery moves to a new connection, once; it
-    was answered possibly_delivered, a copy nobody sent."""
+@pytest.mark.parametrize("read_next", [False, True], ids=["gone-while-recording", "idle-past-join-within"])
+async def test_a_pooled_connection_stale_after_the_progress_record_moves_to_a_new_one(
+    read_next: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A progress record may take REDIS_TIMEOUT. The server closed the pooled connection meanwhile
+    (nothing was written: it was answered possibly_delivered, a copy nobody sent); or the connection
+    was silent past JOIN_WITHIN by then (judged when the message leaves, not before the record), so
+    the envelope goes first and a dead one is found at MAIL, before the message left (as
+    test_a_connection_idle_past_join_within_sends_the_envelope_first). Either way: a new
+    connection, once."""
+    if read_next:
+        monkeypatch.setattr(session, "JOIN_WITHIN", 0.3)
     connections: list[list[str]] = []
-
-    def server_side(conv: Conversation, server: RawServer) -> None:
-        lines, _ = take_bdat_group(conv, 1)
-        connections.append(lines)
-        conv.send("250 2.1.0 ok", "250 2.1.5 ok", f"250 2.0.0 queued as Q{len(connections)}")
-        if len(connections) == 1:
-            time.sleep(0.2)  # then gone, silently, while the next one records
-            return
-        conv.expect("QUIT", "221 bye")
-
-    with raw_server(server_side) as server:
-        async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
-            (second,) = await relays["out"].deliver(envelope("carol@example.net"), slow_context(0.6))
+    with raw_server(gone_after_the_first(connections, read_next=read_next)) as server:
+        first, second = await one_after_the_other(
+            server.port, "bob@example.net", "carol@example.net", slow_context(0.6)
+        )
     assert not server.errors, server.errors
     assert (first.status, second.status) == ("delivered", "delivered"), second.reply
     assert not second.possibly_delivered
     assert second.reply.message.endswith("queued as Q2")
-    assert len(connections) == 2
-
-
-async def test_a_connection_that_idled_past_join_within_while_the_progress_was_recorded_goes_in_two_steps(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """JOIN_WITHIN is judged when the message leaves, not before a progress record that may take
-    REDIS_TIMEOUT: a connection silent for longer goes envelope first, so a dead one is found at
-    MAIL, before the message left (as test_a_connection_idle_past_join_within_sends_the_envelope_first)."""
-    monkeypatch.setattr(session, "JOIN_WITHIN", 0.3)
-    connections: list[list[str]] = []
-
-    def server_side(conv: Conversation, server: RawServer) -> None:
-        seen: list[str] = []
-        connections.append(seen)
-        lines, _ = take_bdat_group(conv, 1)
-        seen += lines
-        conv.send("250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 queued")
-        if len(connections) == 1:
-            seen.append(conv.command())  # the next transaction's MAIL: then gone, as a dead connection
-            return
-        conv.expect("QUIT", "221 bye")
-
-    with raw_server(server_side) as server:
-        async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
-            (second,) = await relays["out"].deliver(envelope("bob@example.net"), slow_context(0.6))
-    assert not server.errors, server.errors
-    assert (first.status, second.status) == ("delivered", "delivered"), second.reply
-    assert not second.possibly_delivered
     assert len(connections) == 2
 
 
@@ -139,33 +117,23 @@ async def test_a_chunk_taken_after_a_refused_envelope_is_in_doubt(envelope_repli
     assert result.possibly_delivered, result.reply
 
 
-async def test_a_reply_beyond_the_group_in_the_same_read_leaves_the_final_in_doubt() -> None:
-    """Four replies to three commands, read at once: which one answered the message is unknown
-    (here the extra 250 came first and the chunk was refused). Never "delivered" then."""
+@pytest.mark.parametrize(
+    "replies",
+    [
+        # Four replies to three commands: the extra 250 came first and the chunk was refused.
+        pytest.param(b"250 2.1.0 ok\r\n250 2.1.0 again\r\n250 2.1.5 ok\r\n554 5.6.0 refused\r\n", id="one-more"),
+        # The group's replies, then the start of one more (a clean end right after the last one is
+        # no such thing: test_replies_split_byte_by_byte_and_an_end_right_after_the_last_still_deliver).
+        pytest.param(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 queued as P1\r\n250-2.0.0 and", id="part-of-one"),
+    ],
+)
+async def test_more_than_the_group_s_replies_in_the_same_read_leave_the_final_in_doubt(replies: bytes) -> None:
+    """Which reply answered the message is unknown: never "delivered" then. In one write, so that
+    it comes in one read (what comes later cannot be waited for: the replies stand then)."""
 
     def server_side(conv: Conversation, server: RawServer) -> None:
         take_bdat_group(conv, 1)
-        conv.send("250 2.1.0 ok", "250 2.1.0 ok again", "250 2.1.5 ok", "554 5.6.0 message refused")
-        conv.command()  # QUIT or the end
-
-    with raw_server(server_side) as server:
-        async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            (result,) = await relays["out"].deliver(envelope("bob@example.net"), context())
-    assert not server.errors, server.errors
-    assert result.status != "delivered", result.reply
-    assert result.possibly_delivered
-
-
-async def test_part_of_a_reply_after_the_group_then_the_end_leaves_the_final_in_doubt() -> None:
-    """The group's replies, then the start of one more and the end: the server is out of step, so
-    which reply answered the message is unknown (a clean end right after the last one is not:
-    test_replies_split_byte_by_byte_and_an_end_right_after_the_last_still_deliver)."""
-
-    def server_side(conv: Conversation, server: RawServer) -> None:
-        take_bdat_group(conv, 1)
-        # In one write, so that it comes in one read (later, the replies would stand: a client
-        # cannot wait for what may never come), then gone.
-        conv.sock.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.0.0 queued as P1\r\n250-2.0.0 and")
+        conv.sock.sendall(replies)  # then gone
 
     with raw_server(server_side) as server:
         async with opened(relay(server.port, "command_timeout: 2")) as relays:
@@ -223,9 +191,7 @@ async def test_a_pooled_connection_after_a_refused_group_is_reset_before_the_nex
         conv.expect("QUIT", "221 bye")
 
     with raw_server(server_side) as server:
-        async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            (ghost,) = await relays["out"].deliver(envelope("ghost@example.net"), context())
-            (bob,) = await relays["out"].deliver(envelope("bob@example.net"), context())
+        ghost, bob = await one_after_the_other(server.port, "ghost@example.net", "bob@example.net")
     assert not server.errors, server.errors
     assert (ghost.status, ghost.reply.code) == ("permanent_failure", 550)
     assert (bob.status, bob.reply.message) == ("delivered", "2.0.0 queued as R1"), bob.reply
@@ -284,9 +250,7 @@ async def test_a_421_to_mail_on_a_pooled_connection_moves_the_message_to_a_new_o
         conv.expect("QUIT", "221 bye")
 
     with raw_server(server_side) as server:
-        async with opened(relay(server.port, "command_timeout: 2")) as relays:
-            (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
-            (second,) = await relays["out"].deliver(envelope("carol@example.net"), context())
+        first, second = await one_after_the_other(server.port, "bob@example.net", "carol@example.net")
     assert not server.errors, server.errors
     assert (first.reply.message, second.reply.message) == ("2.0.0 queued as C1", "2.0.0 queued as C2")
     assert not second.possibly_delivered

@@ -5,6 +5,8 @@ that waited for each reply would stall until command_timeout.
 """
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -127,6 +129,28 @@ def take_bdat_group(conv: Conversation, recipients: int, *, greet: bool = True) 
     return lines, conv.stream.read(int(size))
 
 
+def gone_after_the_first(connections: list[list[str]], *, read_next: bool) -> Callable[[Conversation, RawServer], None]:
+    """A server that takes one joined group per connection and answers it (queued as Q<n>); its
+    first connection then goes without a word: after reading the next command (`read_next`, a
+    dead connection found at MAIL) or after 0.2 s."""
+
+    def server_side(conv: Conversation, server: RawServer) -> None:
+        seen: list[str] = []
+        connections.append(seen)
+        lines, _ = take_bdat_group(conv, 1)
+        seen += lines
+        conv.send("250 2.1.0 ok", "250 2.1.5 ok", f"250 2.0.0 queued as Q{len(connections)}")
+        if len(connections) == 1:
+            if read_next:
+                seen.append(conv.command())
+            else:
+                time.sleep(0.2)
+            return
+        conv.expect("QUIT", "221 bye")
+
+    return server_side
+
+
 async def test_a_small_message_goes_in_the_envelope_s_write_with_bdat() -> None:
     """MAIL, RCPT and BDAT LAST with the message in one group (RFC 3030): one round trip. The
     server answers nothing before it has the message: a client that waits for the RCPT replies
@@ -197,19 +221,8 @@ async def test_a_connection_idle_past_join_within_sends_the_envelope_first(monke
     before the message left, and the delivery moves to a new connection instead of ending in doubt."""
     monkeypatch.setattr(session, "JOIN_WITHIN", 0.2)
     connections: list[list[str]] = []
-
-    def server_side(conv: Conversation, server: RawServer) -> None:
-        seen: list[str] = []
-        connections.append(seen)
-        lines, _ = take_bdat_group(conv, 1)
-        seen += lines
-        conv.send("250 2.1.0 ok", "250 2.1.5 ok", "250 2.0.0 queued")
-        if len(connections) == 1:
-            seen.append(conv.command())  # the next transaction's MAIL, after the idle time: then gone
-            return
-        conv.expect("QUIT", "221 bye")
-
-    with raw_server(server_side) as server:
+    # The next transaction's MAIL, after the idle time: then gone.
+    with raw_server(gone_after_the_first(connections, read_next=True)) as server:
         async with opened(relay(server.port, "command_timeout: 2")) as relays:
             (first,) = await relays["out"].deliver(envelope("bob@example.net"), context())
             await asyncio.sleep(0.3)
