@@ -64,6 +64,10 @@ async def test_a_tarpit_destination_leaves_every_other_relay_at_full_speed(tmp_p
                     # The refusals come at once; the four others run into the tarpit for 4 s.
                     await asyncio.wait(attack, timeout=1.5)
                     assert slow.connections == 2
+                    # Now, not at the end: when the deadline cuts a connecting delivery, a waiting
+                    # one may take its slot while the tarpit (which never reads) still counts the
+                    # cut connection as open (3 "at once" in CI, once).
+                    at_once = slow.most_at_once
                     for path, body in (
                         ("/relays/discard/deliver", BODY),
                         ("/relays/healthy/deliver", BODY),
@@ -91,7 +95,7 @@ async def test_a_tarpit_destination_leaves_every_other_relay_at_full_speed(tmp_p
         assert (reply["code"], reply["enhanced_status"]) == (451, "4.4.5")
         assert f"waiting for 127.0.0.1:{slow.port}" in reply["message"]
     assert all(a.status_code == 503 for a in answers)
-    assert slow.most_at_once <= 2
+    assert at_once <= 2
 
 
 def relay_series(text: str, relay: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
