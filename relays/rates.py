@@ -54,7 +54,8 @@ logger = logging.getLogger("mailrelay")
 
 #: KEYS[1]: the hash of one limit set. ARGV[1]: the most microseconds the caller may wait;
 #: ARGV[2]: "1" to only read the state (nothing is taken). Then per limit: field, interval (us),
-#: burst (events at once), cost (events; negative gives them back, never beyond a full limit). Answers {allowed 0|1, wait us, remaining1, reset1 us, ...}.
+#: burst (events at once), cost (events; negative gives them back, never beyond a full limit).
+#: Answers {allowed 0|1, wait us, remaining1, reset1 us, ...}.
 _GCRA = """local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local maxwait = tonumber(ARGV[1])
