@@ -199,6 +199,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_size = 0
         self._head_tail = b""  # the head's last bytes so far: its end may straddle two reads
+        self._ended = False  # in this data_received call: a message ended
+        self._late_head = False  # ... and a head began after it, not complete in this data
         self._waiting: Literal["head", "body"] | None = None  # what the current request still lacks
         self._since = 0.0  # head: its first byte; body: the last byte, or when reading resumed
         self._watchdog: asyncio.TimerHandle | None = None
@@ -247,10 +249,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 return
         # A head that begins after a message ended in this same data: how much of the data it
         # is, we cannot tell; it is counted from the next data on.
+        self._ended = self._late_head = False
         super().data_received(data)
+        if self._late_head:
+            # Its end may straddle this data and the next: without this tail, the next data
+            # (the terminator's rest and a body) was counted whole as head, and a legitimate
+            # pipelined request with a body over the head limit got 431.
+            self._head_tail = data[-3:]
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._late_head = self._ended
         if self._waiting is None:  # for the first request, the connection's own watch goes on
             self._watch("head")
 
@@ -266,7 +275,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(431, f"request trailers over {self.head_limit} bytes", head=False)
 
     def on_headers_complete(self) -> None:
-        self._head_size, self._head_tail = 0, b""
+        self._head_size, self._head_tail, self._late_head = 0, b"", False
         self.open_connections.idle.pop(self, None)
         # Every request's body is watched, also one whose head came while the previous
         # response was still going out (pipelined).
@@ -277,6 +286,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._head_size, self._head_tail = 0, b""  # its trailers' count, and the next head's
+        self._ended, self._late_head = True, False
         self._stop_watching()
         super().on_message_complete()
 

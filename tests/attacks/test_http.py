@@ -6,6 +6,7 @@ import contextlib
 import json
 import re
 import resource
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -383,3 +384,32 @@ def test_connections_that_ask_for_an_upgrade_do_not_use_up_the_connection_limit(
         assert healthz_seconds(served) < 1
         assert metric(served, "mailrelay_connections_shed_total") == 0
         assert_clean_log(served)
+
+
+def test_a_pipelined_head_whose_end_straddles_two_reads_is_not_refused(tmp_path: Path) -> None:
+    """rv10: a head that began after a message ended in the same read kept no tail, so when its
+    blank line straddled that read and the next, the next read (the rest of the terminator plus
+    a body larger than the head limit) was counted whole as head: a legitimate request got 431."""
+    from app.http_protocol import head_limit
+
+    limit = head_limit(100)
+    body = b"a" * (limit + 10_000)
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with service(write_config(tmp_path)) as served, socket.create_connection(("127.0.0.1", port_of(served))) as sock:
+        sock.settimeout(2)
+        sock.sendall(first + second[:-1])  # the second head ends "\r\n\r": its last "\n" comes next
+        time.sleep(0.3)
+        # The service stopped while the rest is sent, so that it comes in one read, as it can.
+        served.process.send_signal(signal.SIGSTOP)
+        try:
+            sock.sendall(second[-1:] + body)
+            time.sleep(0.2)
+        finally:
+            served.process.send_signal(signal.SIGCONT)
+        answers = b""
+        with contextlib.suppress(OSError):
+            while answers.count(b"HTTP/1.1 ") < 2 and (chunk := sock.recv(65536)):
+                answers += chunk
+        assert answers.startswith(b"HTTP/1.1 200"), answers[:80]
+        assert b"HTTP/1.1 431" not in answers, answers[:400]
