@@ -26,14 +26,17 @@ class DeliveryContext:
     loop's thread only.
     """
 
-    __slots__ = ("_before_sending", "_sent", "deadline")
+    __slots__ = ("_before_sending", "_gate", "_sent", "deadline")
 
     def __init__(self, deadline: float, before_sending: Callable[[], Awaitable[None]] | None = None) -> None:
         self.deadline = deadline
         self._sent: set[str] = set()
         #: The service's own step before any data leaves (an idempotency claim records the
-        #: progress); awaited once, by the first `sending`. It never raises.
+        #: progress); awaited once, by the first `sending`. It raises only CancelledError.
         self._before_sending = before_sending
+        #: While that step runs, and after: done when it passed, cancelled when it stopped the
+        #: delivery. Every `sending` waits for it, so no data leaves before the record, or after a stop.
+        self._gate: asyncio.Future[None] | None = None
 
     async def sending(self, recipients: Iterable[str]) -> None:
         """The data is about to leave for these recipients: await this, then send.
@@ -43,12 +46,31 @@ class DeliveryContext:
         then the recipients count as `data_sent`. It raises only CancelledError, when the
         service stops the delivery before anything leaves (its idempotency claim was lost and
         a repeat took it over): handle it as a deadline cut at that point, sending nothing.
+        Concurrent callers (recipients or hosts sent to at once) all wait for that record.
         """
-        hook = self._before_sending
-        if hook is not None:
-            self._before_sending = None
-            await hook()
+        if self._gate is not None or self._before_sending is not None:
+            await self._before()
         self.data_sent(recipients)
+
+    async def _before(self) -> None:
+        # Relays send to several recipients or hosts at once (pipe, dovecot, mx): a second
+        # `sending` during the first one's store round trip went ahead and sent, and when the
+        # step then stopped the delivery, the service answered that nothing was sent.
+        gate = self._gate
+        if gate is None:
+            hook, self._before_sending = self._before_sending, None
+            assert hook is not None  # noqa: S101 - the caller checked
+            gate = self._gate = asyncio.get_running_loop().create_future()
+            try:
+                await hook()
+            except BaseException:
+                gate.cancel()
+                raise
+            gate.set_result(None)
+        elif not gate.done():
+            await asyncio.shield(gate)  # a caller's own cancellation leaves the others' gate alone
+        elif gate.cancelled():
+            raise asyncio.CancelledError
 
     def remaining(self) -> float:
         """Seconds until the deadline (negative once past it)."""

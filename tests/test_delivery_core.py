@@ -6,6 +6,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -463,6 +464,45 @@ async def test_a_claim_lost_before_the_data_left_sends_nothing(caplog: pytest.Lo
     assert ("claim_lost", "sending") in recorder.events
     again = await core.deliver(delivery(scripted(), envelope("bob@example.net"), key="k"))
     assert (again.status, again.replayed) == (200, True)
+
+
+async def test_a_claim_lost_while_recipients_go_at_once_sends_to_none(tmp_path: Path) -> None:
+    """`pipe` runs its recipients at once, each awaiting `sending` before its command starts. The
+    first records the progress in Redis; the second went ahead while that round trip ran (the hook
+    runs once), started its command, and the claim then found lost answered 409 "nothing was sent
+    here" (the route gives the quota back on it). Every recipient waits for the record: none sends."""
+    received = tmp_path / "received"
+    received.mkdir()
+    command = tmp_path / "deliver.sh"
+    command.write_text(f'#!/bin/sh\ncat > "{received}/$1"\n')
+    command.chmod(0o755)
+    with redis_instance() as redis:
+        settings = IdempotencySettings(backend="redis", redis_url=redis.url, lease=0.05)
+
+        class TakenOver(RedisStore):
+            async def sending(self, key: str, claim: idempotency.Claimed) -> bool:
+                time.sleep(0.2)  # noqa: ASYNC251 - the process stalls past the lease right before the data leaves
+                repeat = await self.claim(key, claim.fingerprint)  # another instance's repeat takes the key
+                assert isinstance(repeat, idempotency.Claimed)
+                assert repeat.taken_over
+                return await super().sending(key, claim)
+
+        store = TakenOver(settings)
+        recorder = Recorder()
+        core = make_core(recorder, store=store)
+        pipe = f"relay:\n  out:\n    type: pipe\n    args: ['{command}', '{{recipient}}']\n"
+        try:
+            async with opened(pipe) as relays:
+                with pytest.raises(Refused) as refused:
+                    await core.deliver(delivery(relays["out"], envelope("a@example.net", "b@example.net"), key="k"))
+                # The relay's other tasks end (a command started goes on to its end).
+                others = asyncio.all_tasks() - {asyncio.current_task()}
+                await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 10)
+        finally:
+            await store.aclose()
+    assert refused.value.status == 409
+    assert ("claim_lost", "sending") in recorder.events
+    assert sorted(p.name for p in received.iterdir()) == []
 
 
 async def test_shutdown_closes_the_relays_only_after_deliveries_finishing_in_the_background(
