@@ -454,6 +454,10 @@ class DeliveryCore:
                     async with timer:
                         await ended
                     results = task.result()
+                    if lease.lost:  # a relay whose tasks stopped at `sending` (mx's task group) returns
+                        raise self._claim_lost_before_sending(name)  # what it has: nothing left at all
+                except Refused:
+                    raise
                 except BaseException:
                     if timer.expired() and not task.done() and self._may_finish(name, envelope, context):
                         background = task
@@ -463,15 +467,7 @@ class DeliveryCore:
                         if not task.cancelled():
                             task.exception()  # retrieved: the relay was cut, its error does not matter
                         if lease.lost and not timer.expired():  # stopped before its data left (_Lease.sending)
-                            raise self._refuse_key(
-                                name,
-                                "key_in_use",
-                                "in_use",
-                                409,
-                                "a repeat of this request took its Idempotency-Key over while it ran (its claim "
-                                "lapsed); nothing was sent here: retry to get that one's result",
-                                1,
-                            ) from None
+                            raise self._claim_lost_before_sending(name) from None
                     raise
         except TimeoutError:
             if not timer.expired():
@@ -499,6 +495,17 @@ class DeliveryCore:
             self.finishing[finisher] = background
             finisher.add_done_callback(functools.partial(self._finished, lease))
         return answer
+
+    def _claim_lost_before_sending(self, name: str) -> Refused:
+        return self._refuse_key(
+            name,
+            "key_in_use",
+            "in_use",
+            409,
+            "a repeat of this request took its Idempotency-Key over while it ran (its claim "
+            "lapsed); nothing was sent here: retry to get that one's result",
+            1,
+        )
 
     def _finished(self, lease: _Lease, finisher: "asyncio.Task[None]") -> None:
         del self.finishing[finisher]

@@ -5,6 +5,7 @@ import json
 import logging
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from schemas.relay_options import CustomOptions
 from schemas.reply import Reply
 from tests.conftest import config_from, envelope, opened
 from tests.scripted import ScriptedRelay
+from tests.servers.dns import dns_server
+from tests.servers.process import free_port
 from tests.servers.redis import redis_instance
 from tests.servers.smtp import Script, smtp_server
 
@@ -466,6 +469,18 @@ async def test_a_claim_lost_before_the_data_left_sends_nothing(caplog: pytest.Lo
     assert (again.status, again.replayed) == (200, True)
 
 
+class TakenOver(RedisStore):
+    """Redis, with the process stalled past the lease right before the data leaves, and another
+    instance's repeat taking the lapsed key over then."""
+
+    async def sending(self, key: str, claim: idempotency.Claimed) -> bool:
+        time.sleep(0.2)  # noqa: ASYNC251 - the stall (no renewal)
+        repeat = await self.claim(key, claim.fingerprint)
+        assert isinstance(repeat, idempotency.Claimed)
+        assert repeat.taken_over
+        return await super().sending(key, claim)
+
+
 async def test_a_claim_lost_while_recipients_go_at_once_sends_to_none(tmp_path: Path) -> None:
     """`pipe` runs its recipients at once, each awaiting `sending` before its command starts. The
     first records the progress in Redis; the second went ahead while that round trip ran (the hook
@@ -477,17 +492,7 @@ async def test_a_claim_lost_while_recipients_go_at_once_sends_to_none(tmp_path: 
     command.write_text(f'#!/bin/sh\ncat > "{received}/$1"\n')
     command.chmod(0o755)
     with redis_instance() as redis:
-        settings = IdempotencySettings(backend="redis", redis_url=redis.url, lease=0.05)
-
-        class TakenOver(RedisStore):
-            async def sending(self, key: str, claim: idempotency.Claimed) -> bool:
-                time.sleep(0.2)  # noqa: ASYNC251 - the process stalls past the lease right before the data leaves
-                repeat = await self.claim(key, claim.fingerprint)  # another instance's repeat takes the key
-                assert isinstance(repeat, idempotency.Claimed)
-                assert repeat.taken_over
-                return await super().sending(key, claim)
-
-        store = TakenOver(settings)
+        store = TakenOver(IdempotencySettings(backend="redis", redis_url=redis.url, lease=0.05))
         recorder = Recorder()
         core = make_core(recorder, store=store)
         pipe = f"relay:\n  out:\n    type: pipe\n    args: ['{command}', '{{recipient}}']\n"
@@ -503,6 +508,32 @@ async def test_a_claim_lost_while_recipients_go_at_once_sends_to_none(tmp_path: 
     assert refused.value.status == 409
     assert ("claim_lost", "sending") in recorder.events
     assert sorted(p.name for p in received.iterdir()) == []
+
+
+async def test_a_claim_lost_while_domains_go_at_once_is_409_not_a_relay_error() -> None:
+    """`mx` sends to two domains at once in a task group, which swallows a task stopped by
+    `sending`: the relay returned no result for those recipients and the answer was a 500 (a
+    relay contract error) instead of the 409 of a claim lost before anything left."""
+    recorder = Recorder()
+    with ExitStack() as stack:
+        redis = stack.enter_context(redis_instance())
+        dns = stack.enter_context(dns_server())
+        port = free_port()
+        sinks = [stack.enter_context(smtp_server(host=host, port=port)) for host in ("127.0.0.4", "127.0.0.5")]
+        store = TakenOver(IdempotencySettings(backend="redis", redis_url=redis.url, lease=0.05))
+        core = make_core(recorder, store=store)
+        config = (
+            f"relay:\n  out:\n    type: mx\n    port: {port}\n    allow_internal_destinations: true\n"
+            f"mailrelay:\n  dns_nameservers: ['{dns.nameserver}']\n"
+        )
+        try:
+            async with opened(config) as relays:
+                with pytest.raises(Refused) as refused:
+                    await core.deliver(delivery(relays["out"], envelope("a@other.test", "b@third.test"), key="k"))
+        finally:
+            await store.aclose()
+    assert refused.value.status == 409
+    assert [sink.received for sink in sinks] == [[], []]
 
 
 async def test_shutdown_closes_the_relays_only_after_deliveries_finishing_in_the_background(
