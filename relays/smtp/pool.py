@@ -85,6 +85,7 @@ class SmtpPool:
         # Deliveries holding a slot while they wait for the connection rate's (_wait_for_slot).
         self._rate_waiters: deque[asyncio.Future[SmtpSession | None]] = deque()
         self._closing: set[asyncio.Task[None]] = set()
+        self._giving_back: set[asyncio.Task[None]] = set()  # rate slots of cancelled waits (_give_back_later)
         self._session_factory = session_factory
         self._closed = False
         # The relay's max_connection_rate, keyed like its max_message_rate (`rate_target`).
@@ -223,7 +224,7 @@ class SmtpPool:
     async def _rate_slot(self, rate: RelayRate, context: DeliveryContext) -> Reply | SmtpSession | None:
         """Wait for a new connection's slot under max_connection_rate (the pool slot, and its fleet
         lease, are already reserved: they are given back when the slot is refused or the wait is
-        cancelled). Here, not in _acquire: every way to a new connection (the first, a stale one's
+        cancelled, and so is the rate's slot of a cancelled wait). Here, not in _acquire: every way to a new connection (the first, a stale one's
         replacement, the next batch's after a 421) passes by, and a reused one never does.
 
         A connection coming back to the pool while the slot is awaited serves this delivery
@@ -232,12 +233,19 @@ class SmtpPool:
         connection was idle again after a few milliseconds."""
         try:
             reserved = await rate.reserve(self._rate_target, context)
-            if isinstance(reserved, Reply):
-                self._closed_one()
-                return reserved
-            handed = await self._wait_for_slot(reserved) if reserved else None
         except BaseException:
             self._closed_one()
+            raise
+        if isinstance(reserved, Reply):
+            self._closed_one()
+            return reserved
+        try:
+            handed = await self._wait_for_slot(reserved) if reserved else None
+        except BaseException:
+            # Cancelled (its client gone, a shutdown) before it opened anything: its rate slot goes back
+            # too. Kept, the next connection's slot was a whole interval further for nothing.
+            self._closed_one()
+            self._give_back_later(rate)
             raise
         if handed is not None:
             self._closed_one()
@@ -247,6 +255,12 @@ class SmtpPool:
                 self._release(handed)
                 raise
         return handed
+
+    def _give_back_later(self, rate: RelayRate) -> None:
+        """`rate.give_back` in a task of its own (a cancelled delivery does not wait for Redis); aclose waits for it."""
+        task = asyncio.get_running_loop().create_task(rate.give_back(self._rate_target))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def _wait_for_slot(self, seconds: float) -> SmtpSession | None:
         """`seconds`, or less when a connection is given back meanwhile (_hand_over): then it."""
@@ -496,8 +510,8 @@ class SmtpPool:
         self._idle_gauge.dec(len(idle))
         for session in idle:
             self._discard(session, quit=True)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._closing or self._giving_back:
+            await asyncio.gather(*self._closing, *self._giving_back, return_exceptions=True)
 
 
 def _too_many(reply: Reply) -> bool:
