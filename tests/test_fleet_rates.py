@@ -26,6 +26,7 @@ from tests.servers.arrivals import ArrivalSink, arrival_sink
 from tests.servers.mailrelay import Service, service
 from tests.servers.process import free_port
 from tests.servers.redis import RedisInstance, redis_instance, redis_server
+from tests.servers.smtp import Script, smtp_server
 
 # -- the notation ------------------------------------------------------------------------------
 
@@ -235,7 +236,7 @@ async def test_quota_given_back_returns_what_was_taken_and_never_more(redis_url:
 
 # -- three instances, one Redis, one sink ------------------------------------------------------
 
-SENDER, METERED, RETRYING = "s" * 32, "m" * 32, "r" * 32
+SENDER, METERED, RETRYING, CUT = "s" * 32, "m" * 32, "r" * 32, "c" * 32
 
 
 def _sha(key: str) -> str:
@@ -275,6 +276,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         stack.callback(close_redis)
         instance = first.enter_context(redis_instance(port=port))
         sink = stack.enter_context(arrival_sink())
+        slow = stack.enter_context(smtp_server(Script(data_delay=1.0)))  # replies a second after the "."
         config = directory / "mailrelay.yaml"
         config.write_text(
             f"""relay:
@@ -286,6 +288,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     max_rate_wait: 10
     concurrent_connections: 16
   quick: {{type: blackhole}}
+  slow: {{type: static, host: 127.0.0.1, port: {slow.port}}}
 mailrelay:
   fleet: {{redis_url: "{instance.url}", expected_instances: 3}}
   auth:
@@ -296,6 +299,9 @@ mailrelay:
         quota: {{messages: [5/m], recipients: [100/h]}}
       - name: retrying
         sha256: {_sha(RETRYING)}
+        quota: {{messages: [3/m]}}
+      - name: cut
+        sha256: {_sha(CUT)}
         quota: {{messages: [3/m]}}
 """
         )
@@ -430,6 +436,35 @@ def test_a_request_that_sends_nothing_gives_its_quota_back(fleet: Fleet) -> None
     )
     assert sorted(json.loads(line).get("status", 0) for line in batch.text.splitlines()) == [0, 200, 200]
     assert (post(4).status_code, post(5).status_code) == (200, 429)  # 3 messages sent: 1, 3 and 4
+
+
+def test_a_message_that_may_have_left_keeps_what_it_took_from_the_quota(fleet: Fleet) -> None:
+    """Cut by its deadline after the final "." (503, possibly delivered): charged, keyed or not. Its
+    repeats (409 while it finishes in the background, then the replay of its true outcome) take
+    nothing more, and give back nothing of what it took."""
+    url = fleet.services[1].url  # the idempotency store is each instance's own here
+
+    def post(key: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {CUT}", "X-Delivery-Timeout": "0.3"}
+        if key:
+            headers["Idempotency-Key"] = key
+        return httpx.post(f"{url}/relays/slow/deliver", json=_message(1), headers=headers, timeout=10)
+
+    def left(answer: httpx.Response) -> str:
+        return answer.headers["RateLimit"].split(";")[1]
+
+    cut = post("late-1")
+    assert (cut.status_code, left(cut)) == (503, "r=2")
+    assert [r["possibly_delivered"] for r in cut.json()["recipients"]] == [True]
+    running = post("late-1")  # the first finishes in the background: 409, nothing sent
+    assert (running.status_code, left(running)) == (409, "r=2")
+    plain = post()
+    assert (plain.status_code, left(plain)) == (503, "r=1")
+    assert [r["possibly_delivered"] for r in plain.json()["recipients"]] == [True]
+    end = time.monotonic() + 10
+    while (replay := post("late-1")).status_code == 409 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert (replay.status_code, replay.headers.get("Idempotent-Replayed"), left(replay)) == (200, "true", "r=1")
 
 
 def test_redis_stopped_local_limits_apply_and_shared_ones_resume(fleet: Fleet) -> None:
