@@ -203,10 +203,14 @@ class SharedLimits:
     def shared(self) -> bool:
         return self._client is not None
 
-    async def check(self, key: str, limits: Sequence[Limit], max_wait: float, *, peek: bool = False) -> Outcome:
+    async def check(
+        self, key: str, limits: Sequence[Limit], max_wait: float, *, peek: bool = False, shared: bool | None = None
+    ) -> Outcome:
         """Take one event of every limit in the set `key`, all or none: allowed when the caller
-        has to wait at most `max_wait` seconds for it (then it is reserved). `peek`: only read."""
-        if self._batch is not None:
+        has to wait at most `max_wait` seconds for it (then it is reserved). `peek`: only read.
+        `shared`: a give-back (negative costs) goes where the events were taken (the outcome's
+        `shared`): Redis (True; only read when it does not answer now) or the local limits (False)."""
+        if self._batch is not None and shared is not False:
             failed = self._failed_at
             now = time.monotonic()
             if failed is None or now - failed >= RETRY_AFTER_FAILURE:
@@ -224,6 +228,9 @@ class SharedLimits:
                             extra={"event": "fleet_limits_shared"},
                         )
                     return outcome
+            # Taken from the fleet's state, which does not answer: given to this instance's part, it
+            # would be a message more than the quota (the fleet's state keeps it until it refills).
+            peek = peek or shared is True
         local = [
             Limit(
                 limit.field,
@@ -369,6 +376,8 @@ class QuotaAnswer:
     allowed: bool
     retry_after: int
     headers: dict[str, str]
+    #: Decided by Redis (False: by this instance's part): where a give-back must go.
+    shared: bool = True
 
 
 #: The period words in policy names (`"messages-s"`, `"recipients-d"`).
@@ -409,16 +418,19 @@ class KeyQuotas:
         """The headers for an answer that took nothing (an error before the check)."""
         return await self._check(name, quota, 1, peek=True)
 
-    async def give_back(self, name: str, quota: KeyQuota, recipients: int) -> QuotaAnswer:
+    async def give_back(self, name: str, quota: KeyQuota, recipients: int, *, shared: bool) -> QuotaAnswer:
         """Returns what `take` took for a message that was not sent after all (a replay, a
-        refusal), and the headers of the quotas' state after it."""
-        return await self._check(name, quota, recipients, peek=False, sign=-1)
+        refusal) to where it took it (`shared`: its answer's), and the headers of the quotas'
+        state after it."""
+        return await self._check(name, quota, recipients, peek=False, sign=-1, shared=shared)
 
-    async def _check(self, name: str, quota: KeyQuota, recipients: int, *, peek: bool, sign: int = 1) -> QuotaAnswer:
+    async def _check(
+        self, name: str, quota: KeyQuota, recipients: int, *, peek: bool, sign: int = 1, shared: bool | None = None
+    ) -> QuotaAnswer:
         limits = self._limits(quota, max(1, recipients))
         if sign < 0:
             limits = [Limit(lim.field, lim.rate, lim.burst, -lim.cost) for lim in limits]
-        outcome = await self.limits.check(name, limits, 0.0, peek=peek)
+        outcome = await self.limits.check(name, limits, 0.0, peek=peek, shared=shared)
         if not outcome.shared:  # the local fallback: this instance's part of each quota
             limits = [
                 Limit(lim.field, lim.rate.divided(self.limits.instances), lim.rate.divided(self.limits.instances).limit)
@@ -431,4 +443,4 @@ class KeyQuotas:
         )
         headers = {"RateLimit-Policy": policy, "RateLimit": state}
         allowed = outcome.allowed or peek
-        return QuotaAnswer(allowed, 0 if allowed else max(1, math.ceil(outcome.wait)), headers)
+        return QuotaAnswer(allowed, 0 if allowed else max(1, math.ceil(outcome.wait)), headers, outcome.shared)

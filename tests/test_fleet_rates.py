@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from relays.base import DeliveryContext
-from relays.rates import KeyQuotas, Limit, RelayRate, SharedLimits
+from relays.rates import RETRY_AFTER_FAILURE, KeyQuotas, Limit, RelayRate, SharedLimits
 from schemas.config import FleetSettings, IdempotencySettings, KeyQuota, ServiceSettings
 from schemas.rate import Rate, parse_rate
 from tests.servers.arrivals import ArrivalSink, arrival_sink
@@ -223,15 +224,37 @@ async def test_quota_given_back_returns_what_was_taken_and_never_more(redis_url:
     quota = KeyQuota(messages=["2/m"], recipients=["100/h"])
     name = _key()
     try:
-        await quotas.take(name, quota, 3)
-        back = await quotas.give_back(name, quota, 3)
-        beyond = await quotas.give_back(name, quota, 3)  # never taken: nothing more than full
+        taken = await quotas.take(name, quota, 3)
+        assert taken.shared == (shared_by == "redis")
+        back = await quotas.give_back(name, quota, 3, shared=taken.shared)
+        beyond = await quotas.give_back(name, quota, 3, shared=taken.shared)  # never taken: nothing more than full
         two = [await quotas.take(name, quota, 1) for _ in range(3)]
     finally:
         await quotas.limits.aclose()
     assert back.headers["RateLimit"] == '"messages-m";r=2;t=0, "recipients-h";r=100;t=0'
     assert beyond.headers == back.headers
     assert [t.allowed for t in two] == [True, True, False]
+
+
+async def test_a_quota_is_given_back_where_it_was_taken(tmp_path: Path) -> None:
+    """A message taken from this instance's part while Redis did not answer, and not sent after all
+    (refused, a replay), was given back to Redis once it answered again: the fleet's quota got one
+    message more than it had lost, and the key sent 3 messages in a minute under 2/m."""
+    port, quota, name = free_port(), KeyQuota(messages=["2/m"]), _key()
+    aof = ("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))  # restarted on its data
+    quotas = KeyQuotas(_limits(f"redis://127.0.0.1:{port}/0", what="quota", instances=3))
+    try:
+        with redis_instance(*aof, port=port):
+            assert [(await quotas.take(name, quota, 1)).allowed for _ in range(2)] == [True, True]
+        local = await quotas.take(name, quota, 1)  # Redis stopped: this instance's part, 1/m
+        assert local.allowed
+        with redis_instance(*aof, port=port):
+            await asyncio.sleep(RETRY_AFTER_FAILURE)  # Redis is asked again
+            await quotas.give_back(name, quota, 1, shared=local.shared)
+            third = await quotas.take(name, quota, 1)
+    finally:
+        await quotas.limits.aclose()
+    assert not third.allowed
 
 
 # -- three instances, one Redis, one sink ------------------------------------------------------

@@ -32,6 +32,7 @@ from app.lifespan import Runtime, Services
 from app.problems import ProblemError, problem_doc
 from app.routes.relays import DEADLINE_HEADER, _deadline, quota_check, quota_give_back, with_quota_state
 from relays.base import Relay
+from relays.rates import QuotaAnswer
 from schemas.config import BatchSettings, ServiceSettings
 from schemas.delivery import DeliveryRequest, DeliveryResult, Envelope, check_address, request_model
 from schemas.problem import FieldError, Problem
@@ -365,6 +366,8 @@ class _Batch:
         self._lingering: asyncio.Future[None] | None = None
         #: The request and each worker: the runtime is left when none is left.
         self._holds = 1
+        #: What each line running took from the key's quotas (where it goes back, _not_sent).
+        self._quota_taken: dict[int, QuotaAnswer] = {}
 
     async def stream(self) -> AsyncIterator[bytes]:
         _batches_on[self.relay] += 1
@@ -467,17 +470,18 @@ class _Batch:
                         try:
                             answer = await core.deliver(delivery)
                         except Refused as refused:
-                            await self._not_sent(delivery)
+                            await self._not_sent(index, delivery)
                             self._refused(index, refused)
                         else:
                             if not answer.attempted:
-                                await self._not_sent(delivery)
+                                await self._not_sent(index, delivery)
                             self._answered(index, answer)
                 except Exception:  # a bug: this line's outcome is unknown, the batch goes on
                     logger.exception("a batch delivery failed (line %d)", index)
                     self._problem(index, 500, "internal error; the delivery outcome is unknown, see the service log")
                 finally:
                     holding.release()
+                    self._quota_taken.pop(index, None)
                     self.idle += 1
                 self._grow()  # another batch on the relay ended: a larger part (a smaller one: _take)
         except Exception:  # a bug: the lines this worker would have taken go to the others, if any
@@ -610,18 +614,18 @@ class _Batch:
         envelope, key = parsed
         if self.principal.quota is not None:  # each line takes its message from the key's quotas
             try:
-                await quota_check(self.runtime, self.principal, len(envelope.recipients))
+                self._quota_taken[index] = await quota_check(self.runtime, self.principal, len(envelope.recipients))
             except ProblemError as exc:
                 retry = (exc.headers or {}).get("Retry-After", "")
                 self._problem(index, exc.status, exc.detail, retry_after=int(retry) if retry.isdigit() else None)
                 return None
         return self._delivery(envelope, key)
 
-    async def _not_sent(self, delivery: Delivery) -> None:
+    async def _not_sent(self, index: int, delivery: Delivery) -> None:
         """The line's message was not sent (refused, a replay, a key in doubt): what it took from
         the key's quotas goes back."""
-        if self.principal.quota is not None:
-            await quota_give_back(self.runtime, self.principal, delivery.envelope)
+        if (taken := self._quota_taken.pop(index, None)) is not None:
+            await quota_give_back(self.runtime, self.principal, delivery.envelope, taken)
 
     def _answered(self, index: int, answer: Answer) -> None:
         parts = [b'{"index":%d,"status":%d' % (index, answer.status)]

@@ -18,6 +18,7 @@ from app.lifespan import Runtime, Services
 from app.metrics import QUOTA_REFUSALS
 from app.problems import PROBLEM_JSON, ProblemError, problem_doc, problem_for
 from relays.instruments import child
+from relays.rates import QuotaAnswer
 from schemas.delivery import COMPOSE_EXAMPLE, DeliveryResult, Envelope
 from schemas.problem import FieldError
 from schemas.relay_options import public_options
@@ -262,6 +263,7 @@ async def deliver(name: RelayName, request: Request) -> Response:
     holding = Holding(runtime.limiter.bodies)
     principal = None
     quota_headers: dict[str, str] | None = None
+    taken: QuotaAnswer | None = None
     try:
         principal = runtime.keyring.identify(request)
         relay = find_relay(name, runtime, principal)
@@ -277,17 +279,19 @@ async def deliver(name: RelayName, request: Request) -> Response:
             raise _problem(runtime.core.overloaded(name, str(exc))) from None
         _refuse_if_draining(services, name)  # the body may have taken a while
         if principal.quota is not None:  # before anything is sent: over the key's quota, 429
-            quota_headers = await quota_check(runtime, principal, len(envelope.recipients))
+            taken = await quota_check(runtime, principal, len(envelope.recipients))
+            quota_headers = taken.headers
         delivery = Delivery(name, relay, envelope, deadline, principal.name, key, is_raw_form(request))
         try:
             answer = await runtime.core.deliver(delivery)
         except Refused as refused:
             problem = _problem(refused)
-            if quota_headers is not None:  # nothing was sent: the message goes back to the quota
-                problem.headers = {**(problem.headers or {}), **await quota_give_back(runtime, principal, envelope)}
+            if taken is not None:  # nothing was sent: the message goes back to the quota
+                back = await quota_give_back(runtime, principal, envelope, taken)
+                problem.headers = {**(problem.headers or {}), **back}
             raise problem from None
-        if quota_headers is not None and not answer.attempted:
-            quota_headers = await quota_give_back(runtime, principal, envelope)
+        if taken is not None and not answer.attempted:
+            quota_headers = await quota_give_back(runtime, principal, envelope, taken)
         # The delivery's log line is handed to the OS before its answer goes out: a crash
         # cannot lose the line of an acknowledged delivery (app/logs.py, group-committed).
         await logs.written()
@@ -335,9 +339,9 @@ async def serve_deliver(name: str, scope: Scope, receive: Receive, send: Send) -
     await response(scope, receive, send)
 
 
-async def quota_check(runtime: Runtime, principal: Principal, recipients: int) -> dict[str, str]:
-    """Takes one message (to `recipients`) from the key's quotas and returns the RateLimit
-    headers; over a quota raises the 429 problem (with Retry-After), nothing taken."""
+async def quota_check(runtime: Runtime, principal: Principal, recipients: int) -> QuotaAnswer:
+    """Takes one message (to `recipients`) from the key's quotas and returns the answer (its
+    RateLimit headers); over a quota raises the 429 problem (with Retry-After), nothing taken."""
     assert principal.quota is not None  # noqa: S101 - callers check
     quotas = runtime.keyring.quotas(runtime.config.mailrelay)
     if (spec := quotas.never_fits(principal.quota, recipients)) is not None:
@@ -354,15 +358,18 @@ async def quota_check(runtime: Runtime, principal: Principal, recipients: int) -
             f"the API key {principal.name!r} is over its quota; retry after {answer.retry_after} s. Nothing was sent",
             headers={"Retry-After": str(answer.retry_after), **answer.headers},
         )
-    return answer.headers
+    return answer
 
 
-async def quota_give_back(runtime: Runtime, principal: Principal, envelope: Envelope) -> dict[str, str]:
-    """Gives back what quota_check took for a message that was not sent after all (the core
-    refused it, or answered a replay or a key in doubt); the RateLimit headers after it."""
+async def quota_give_back(
+    runtime: Runtime, principal: Principal, envelope: Envelope, taken: QuotaAnswer
+) -> dict[str, str]:
+    """Gives back what quota_check took (`taken`) for a message that was not sent after all (the
+    core refused it, or answered a replay or a key in doubt); the RateLimit headers after it."""
     assert principal.quota is not None  # noqa: S101 - callers check
     quotas = runtime.keyring.quotas(runtime.config.mailrelay)
-    return (await quotas.give_back(principal.name, principal.quota, len(envelope.recipients))).headers
+    count = len(envelope.recipients)
+    return (await quotas.give_back(principal.name, principal.quota, count, shared=taken.shared)).headers
 
 
 async def with_quota_state(problem: ProblemError, runtime: Runtime, principal: Principal) -> None:
