@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -315,31 +315,40 @@ class RelayRate:
         reserved = await self.reserve(target, context)
         if isinstance(reserved, Reply):
             return reserved
-        if reserved:
-            await asyncio.sleep(reserved)
+        if reserved.wait:
+            await asyncio.sleep(reserved.wait)
         return None
 
-    async def reserve(self, target: str, context: DeliveryContext) -> Reply | float:
-        """`admit` without its wait: the seconds until the slot reserved now (0 for a wait too
-        short to sleep), or the 451 reply (no slot taken)."""
+    async def reserve(self, target: str, context: DeliveryContext) -> "Reply | Slot":
+        """`admit` without its wait: the slot reserved now (its wait 0 when too short to sleep),
+        or the 451 reply (no slot taken)."""
         budget = min(self.max_wait, context.remaining())
         outcome = await self.limits.check(f"{self.relay}:{target}{self._suffix}", self._limit, budget)
         if not outcome.allowed:
             child(RATE_LIMITED, self.relay).inc()
             return self._refusal(self.spec, target, outcome.wait)
         if outcome.wait < _LEAST_SLEEP:
-            return 0.0
+            return Slot(0.0, outcome.shared)
         child(RATE_WAITS, self.relay).inc()
         child(RATE_WAIT_SECONDS, self.relay).inc(outcome.wait)
-        return outcome.wait
+        return Slot(outcome.wait, outcome.shared)
 
-    async def give_back(self, target: str) -> None:
-        """A slot `reserve` took and that was not used (the fleet's next one comes sooner)."""
+    async def give_back(self, target: str, *, shared: bool) -> None:
+        """A slot `reserve` took and that was not used (the fleet's next one comes sooner), to
+        where it was taken (its `shared`)."""
         back = (Limit(self._limit[0].field, self.rate, 1, -1),)
-        await self.limits.check(f"{self.relay}:{target}{self._suffix}", back, 0.0)
+        await self.limits.check(f"{self.relay}:{target}{self._suffix}", back, 0.0, shared=shared)
 
     async def aclose(self) -> None:
         await self.limits.aclose()
+
+
+class Slot(NamedTuple):
+    """A slot `RelayRate.reserve` took: `wait` seconds away; `shared`: in Redis (False: in this
+    instance's part, while Redis did not answer), where a give-back must go."""
+
+    wait: float
+    shared: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,10 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from relays.base import DeliveryContext
-from relays.rates import RETRY_AFTER_FAILURE, KeyQuotas, Limit, RelayRate, SharedLimits
+from relays.rates import RETRY_AFTER_FAILURE, KeyQuotas, Limit, RelayRate, SharedLimits, Slot
 from schemas.config import FleetSettings, IdempotencySettings, KeyQuota, ServiceSettings
 from schemas.rate import Rate, parse_rate
+from schemas.reply import Reply
 from tests.servers.arrivals import ArrivalSink, arrival_sink
 from tests.servers.mailrelay import Service, service
 from tests.servers.process import free_port
@@ -255,6 +256,31 @@ async def test_a_quota_is_given_back_where_it_was_taken(tmp_path: Path) -> None:
     finally:
         await quotas.limits.aclose()
     assert not third.allowed
+
+
+async def test_a_connection_slot_is_given_back_where_it_was_reserved(tmp_path: Path) -> None:
+    """The pool's rate slot given back (a connection came back meanwhile, or the wait was cut):
+    reserved from this instance's part while Redis did not answer and given back to Redis once it
+    answered, the fleet's rate let one more connection open than 2/m."""
+    port, target = free_port(), "smtp.example.net:25"
+    aof = ("--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path))  # restarted on its data
+    url = f"redis://127.0.0.1:{port}/0"
+    rate = RelayRate(_limits(url), "out", "2/m", 60, connections=True)
+    other = RelayRate(_limits(url), "out", "2/m", 0, connections=True)  # another instance: takes no wait
+    context = DeliveryContext(asyncio.get_running_loop().time() + 300)
+    try:
+        with redis_instance(*aof, port=port):
+            assert await rate.reserve(target, context) == Slot(0.0, shared=True)  # a connection opens
+        local = await rate.reserve(target, context)  # Redis stopped: this instance's part
+        assert local == Slot(0.0, shared=False)
+        with redis_instance(*aof, port=port):
+            await asyncio.sleep(RETRY_AFTER_FAILURE)  # Redis is asked again
+            await rate.give_back(target, shared=local.shared)  # not used: a connection came back
+            refused = await other.reserve(target, context)
+    finally:
+        await rate.limits.aclose()
+        await other.limits.aclose()
+    assert isinstance(refused, Reply)  # the next slot is 30 s after the first connection
 
 
 # -- three instances, one Redis, one sink ------------------------------------------------------

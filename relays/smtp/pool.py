@@ -240,25 +240,25 @@ class SmtpPool:
             self._closed_one()
             return reserved
         try:
-            handed = await self._wait_for_slot(reserved) if reserved else None
+            handed = await self._wait_for_slot(reserved.wait) if reserved.wait else None
         except BaseException:
             # Cancelled (its client gone, a shutdown) before it opened anything: its rate slot goes back
             # too. Kept, the next connection's slot was a whole interval further for nothing.
             self._closed_one()
-            self._give_back_later(rate)
+            self._give_back_later(rate, reserved.shared)
             raise
         if handed is not None:
             self._closed_one()
             try:
-                await rate.give_back(self._rate_target)
+                await rate.give_back(self._rate_target, shared=reserved.shared)
             except BaseException:  # cancelled: the connection goes on to the next delivery
                 self._release(handed)
                 raise
         return handed
 
-    def _give_back_later(self, rate: RelayRate) -> None:
+    def _give_back_later(self, rate: RelayRate, shared: bool) -> None:
         """`rate.give_back` in a task of its own (a cancelled delivery does not wait for Redis); aclose waits for it."""
-        task = asyncio.get_running_loop().create_task(rate.give_back(self._rate_target))
+        task = asyncio.get_running_loop().create_task(rate.give_back(self._rate_target, shared=shared))
         self._giving_back.add(task)
         task.add_done_callback(self._giving_back.discard)
 
