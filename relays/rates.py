@@ -300,6 +300,7 @@ class RelayRate:
         self._limit = (Limit("c" if connections else "m", self.rate),)
         self._suffix = ":conn" if connections else ""
         self._refusal = replies.connection_rate_limited if connections else replies.rate_limited
+        self._giving_back: set[asyncio.Task[None]] = set()
 
     @classmethod
     def for_relay(cls, settings: ServiceSettings, relay: str, spec: str, max_wait: float) -> "RelayRate":
@@ -316,7 +317,11 @@ class RelayRate:
         if isinstance(reserved, Reply):
             return reserved
         if reserved.wait:
-            await asyncio.sleep(reserved.wait)
+            try:
+                await asyncio.sleep(reserved.wait)
+            except BaseException:  # cut off (its deadline, its client gone) before it sent: the slot goes back
+                self.give_back_later(target, reserved.shared)
+                raise
         return None
 
     async def reserve(self, target: str, context: DeliveryContext) -> "Reply | Slot":
@@ -339,7 +344,20 @@ class RelayRate:
         back = (Limit(self._limit[0].field, self.rate, 1, -1),)
         await self.limits.check(f"{self.relay}:{target}{self._suffix}", back, 0.0, shared=shared)
 
+    def give_back_later(self, target: str, shared: bool) -> None:
+        """`give_back` in a task of its own: for a delivery cancelled while it waited, which does not
+        wait for Redis. Kept, the next slot was a whole interval further for nothing. `settled` waits for it."""
+        task = asyncio.get_running_loop().create_task(self.give_back(target, shared=shared))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def settled(self) -> None:
+        """The slots given back in the background are back."""
+        if self._giving_back:
+            await asyncio.gather(*self._giving_back, return_exceptions=True)
+
     async def aclose(self) -> None:
+        await self.settled()
         await self.limits.aclose()
 
 
@@ -372,9 +390,11 @@ class RelayRates:
         )
 
     async def aclose(self) -> None:
-        rate = self.message or self.connection
-        if rate is not None:
-            await rate.limits.aclose()
+        rates = [rate for rate in (self.message, self.connection) if rate is not None]
+        for rate in rates:
+            await rate.settled()
+        if rates:  # one SharedLimits for both
+            await rates[0].limits.aclose()
 
 
 @dataclass(frozen=True, slots=True)

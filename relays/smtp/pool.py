@@ -85,7 +85,6 @@ class SmtpPool:
         # Deliveries holding a slot while they wait for the connection rate's (_wait_for_slot).
         self._rate_waiters: deque[asyncio.Future[SmtpSession | None]] = deque()
         self._closing: set[asyncio.Task[None]] = set()
-        self._giving_back: set[asyncio.Task[None]] = set()  # rate slots of cancelled waits (_give_back_later)
         self._session_factory = session_factory
         self._closed = False
         # The relay's max_connection_rate, keyed like its max_message_rate (`rate_target`).
@@ -224,8 +223,9 @@ class SmtpPool:
     async def _rate_slot(self, rate: RelayRate, context: DeliveryContext) -> Reply | SmtpSession | None:
         """Wait for a new connection's slot under max_connection_rate (the pool slot, and its fleet
         lease, are already reserved: they are given back when the slot is refused or the wait is
-        cancelled, and so is the rate's slot of a cancelled wait). Here, not in _acquire: every way to a new connection (the first, a stale one's
-        replacement, the next batch's after a 421) passes by, and a reused one never does.
+        cancelled, and so is the rate's slot of a cancelled wait). Here, not in _acquire: every way
+        to a new connection (the first, a stale one's replacement, the next batch's after a 421)
+        passes by, and a reused one never does.
 
         A connection coming back to the pool while the slot is awaited serves this delivery
         instead (returned): the reserved pool slot and the rate's slot go back. A burst to a
@@ -242,10 +242,9 @@ class SmtpPool:
         try:
             handed = await self._wait_for_slot(reserved.wait) if reserved.wait else None
         except BaseException:
-            # Cancelled (its client gone, a shutdown) before it opened anything: its rate slot goes back
-            # too. Kept, the next connection's slot was a whole interval further for nothing.
+            # Cancelled (its client gone, a shutdown) before it opened anything: its rate slot goes back too.
             self._closed_one()
-            self._give_back_later(rate, reserved.shared)
+            rate.give_back_later(self._rate_target, reserved.shared)
             raise
         if handed is not None:
             self._closed_one()
@@ -255,12 +254,6 @@ class SmtpPool:
                 self._release(handed)
                 raise
         return handed
-
-    def _give_back_later(self, rate: RelayRate, shared: bool) -> None:
-        """`rate.give_back` in a task of its own (a cancelled delivery does not wait for Redis); aclose waits for it."""
-        task = asyncio.get_running_loop().create_task(rate.give_back(self._rate_target, shared=shared))
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
 
     async def _wait_for_slot(self, seconds: float) -> SmtpSession | None:
         """`seconds`, or less when a connection is given back meanwhile (_hand_over): then it."""
@@ -510,8 +503,8 @@ class SmtpPool:
         self._idle_gauge.dec(len(idle))
         for session in idle:
             self._discard(session, quit=True)
-        if self._closing or self._giving_back:
-            await asyncio.gather(*self._closing, *self._giving_back, return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _too_many(reply: Reply) -> bool:

@@ -4,6 +4,7 @@ and opening one more (the rate is there to open fewer connections, not to hold m
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -81,3 +82,27 @@ async def test_a_wait_for_a_connection_slot_cut_off_gives_the_rate_slot_back(red
     assert done.status == "delivered"
     assert third.status == "delivered", third.reply.message
     assert server.connection_count == 1
+
+
+async def test_a_wait_for_a_message_slot_cut_off_gives_the_slot_back() -> None:
+    """The same for `max_message_rate`: a delivery cut off while it waits for its message's slot sent
+    nothing, and the slot goes back; kept, the next message's slot was an interval further."""
+    with smtp_server() as server:
+        config = relay(server.port, "max_message_rate: 1/m", "max_rate_wait: 90")
+        async with opened(config) as relays:
+            out = relays["out"]
+            assert isinstance(out, StaticRelay)
+            (first,) = await out.deliver(envelope("a@example.net"), context())
+            waiting = asyncio.create_task(out.deliver(envelope("b@example.net"), context()))
+            await asyncio.sleep(0.1)  # waiting for its slot, 60 s away
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            # A deadline of 1 s: refused at once, and the reply says when the next slot is.
+            (third,) = await out.deliver(envelope("c@example.net"), context(1.0))
+    assert first.status == "delivered"
+    assert third.reply.code == 451
+    found = re.search(r"next slot in ([0-9.]+) s", third.reply.message)
+    assert found is not None, third.reply.message
+    assert float(found.group(1)) <= 60.0  # 120 when the cut wait kept its slot
+    assert len(server.received) == 1
