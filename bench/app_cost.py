@@ -6,7 +6,7 @@ receivers (smtp-sink, stunnel in front of it, redis-server) on CPU 1.
 
 Rows: `static` (JSON to smtp-sink), `tls` (STARTTLS to stunnel -> smtp-sink, the starttls row's
 receiver), `keyed` (static with a fresh Idempotency-Key each, Redis), `batch` (NDJSON, 100 lines per
-request). Prints, per row, the median over the rounds of the process's CPU per message (user and
+request), `dkim` (static, signed with an Ed25519 key made at start: the From: domain's identity). Prints, per row, the median over the rounds of the process's CPU per message (user and
 system) and of its context switches. No wrk and no HTTP parser: steadier than bench/run from one
 run to the next (about +-3 us here), so it tells where a row's extra cost lies; it is not the
 goals' measure (bench/run is). `--profile` also writes each row's cProfile to bench/.logs/.
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inprocess import post_scope
@@ -41,16 +43,18 @@ MESSAGE = "From: a@example.com\r\nTo: b@example.net\r\nSubject: x\r\n\r\n" + ("x
 BODY = json.dumps({"sender": "a@example.com", "recipients": ["b@example.net"], "message": MESSAGE}).encode()
 LINES = 100
 CALLERS = 8
-ROWS = ("static", "tls", "keyed", "batch")
+ROWS = ("static", "tls", "keyed", "batch", "dkim")
 PROFILES = Path(__file__).resolve().parent / ".logs"
 
 
-def config(sink: Sink, stunnel: StunnelReceiver, redis_port: int) -> str:
+def config(sink: Sink, stunnel: StunnelReceiver, redis_port: int, key_file: Path) -> str:
     relay = "    type: static\n    host: 127.0.0.1\n    port: {}\n    concurrent_connections: 8\n"
     return (
         f"mailrelay:\n  idempotency: {{backend: redis, redis_url: 'redis://127.0.0.1:{redis_port}/0'}}\n"
         f"relay:\n  static:\n{relay.format(sink.port)}  tls:\n{relay.format(stunnel.port)}"
         f"    tls: {{mode: starttls, ca_certs: '{stunnel.ca_file}'}}\n"
+        f"  dkim:\n{relay.format(sink.port)}"
+        f"    dkim:\n      - {{domain: example.com, selector: bench, key_file: '{key_file}'}}\n"
     )
 
 
@@ -59,7 +63,7 @@ class Caller:
 
     def __init__(self, app: Any, state: Any, row: str) -> None:
         self.app, self.row = app, row
-        relay = "tls" if row == "tls" else "static"
+        relay = row if row in ("tls", "dkim") else "static"
         if row == "batch":
             self.body = b"\n".join([BODY] * LINES) + b"\n"
             path, kind = f"/relays/{relay}/deliveries", b"application/x-ndjson"
@@ -167,7 +171,10 @@ if __name__ == "__main__":
         try:
             if pin.enabled:
                 os.sched_setaffinity(0, {0})
-            uvloop.run(main(arguments, config(sink, stunnel, redis_port)))
+            key_file = Path(directory) / "ed25519.key"
+            key = ed25519.Ed25519PrivateKey.generate()
+            key_file.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+            uvloop.run(main(arguments, config(sink, stunnel, redis_port, key_file)))
         finally:
             redis.terminate()
             stunnel.stop()
